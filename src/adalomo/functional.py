@@ -1,0 +1,270 @@
+"""The maths of the optimizers, one tensor at a time, shared by classic and fused modes.
+
+Small composable pieces (optax-style) and the three algorithms built from them:
+
+* ``update_second_moment_``: EMA of g^2 + eps1, factored over the last two dims (row/column means)
+  for tensors with >= 2 dims, full for 0-D/1-D tensors;
+* ``preconditioner`` / ``precondition``: u = g / sqrt(v_hat);
+* ``clip_by_rms``: u / max(1, RMS(u) / d) (the "grouped update normalisation");
+* ``param_scale``: max(eps2, RMS(p)) (AdaLomo's and Adafactor's relative step size);
+* ``apply_update_``: p <- p * (1 - lr_t * wd) - lr_t * u, computed in fp32, written back with
+  optional bf16 stochastic rounding, masked so that a non-finite gradient never touches ``p``.
+
+``adalomo_update_``, ``adafactor_update_`` and ``lomo_update_`` compose them. Everything stays on
+the device (no ``.item()``): step counts are CPU tensors, every scalar derived from the gradient is a
+0-d device tensor. Large 2-D tensors are processed in row blocks so that fp32 temporaries stay
+bounded (the gradient is read three times: statistics, RMS(u), write-back).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from . import kernels
+from .precision import write_back_
+
+__all__ = [
+    "BLOCK_NUMEL",
+    "init_factored_state",
+    "is_factored",
+    "rms",
+    "param_scale",
+    "beta2_at",
+    "relative_step_size",
+    "update_second_moment_",
+    "preconditioner",
+    "precondition",
+    "clip_by_rms",
+    "apply_update_",
+    "adalomo_update_",
+    "adafactor_update_",
+    "lomo_update_",
+]
+
+#: 2-D tensors with more elements than this are updated in row blocks of about this size.
+BLOCK_NUMEL = 1 << 24
+
+
+def is_factored(p: Tensor) -> bool:
+    return p.dim() >= 2
+
+
+def init_factored_state(p: Tensor) -> dict[str, Tensor]:
+    """fp32 second-moment state: rows+cols for >= 2-D tensors, a full copy for 0-D/1-D."""
+    kw = dict(dtype=torch.float32, device=p.device)
+    if is_factored(p):
+        return {"exp_avg_sq_row": torch.zeros(p.shape[:-1], **kw),
+                "exp_avg_sq_col": torch.zeros(p.shape[:-2] + p.shape[-1:], **kw)}
+    return {"exp_avg_sq": torch.zeros(p.shape, **kw)}
+
+
+def rms(x: Tensor) -> Tensor:
+    """Root mean square in fp32 without an fp32 copy of ``x``."""
+    n = max(x.numel(), 1)
+    return torch.linalg.vector_norm(x, dtype=torch.float32) / math.sqrt(n)
+
+
+def param_scale(p: Tensor, eps2: float) -> Tensor:
+    return rms(p).clamp_min(eps2)
+
+
+def beta2_at(step: float, decay_rate: float) -> float:
+    """beta2_t = 1 - t^decay_rate (0 at t = 1, so the first step sets the statistics)."""
+    return 1.0 - math.pow(step, decay_rate)
+
+
+def relative_step_size(step: float, warmup_init: bool, cap: float = 1e-2) -> float:
+    """Adafactor's rho_t = min(cap, 1/sqrt(t)), or min(1e-6 t, 1/sqrt(t)) with warm-up init."""
+    min_step = 1e-6 * step if warmup_init else cap
+    return min(min_step, 1.0 / math.sqrt(step))
+
+
+def _blocks(t: Tensor) -> Iterator[slice]:
+    """Row slices of a 2-D tensor bounding fp32 temporaries; the whole tensor otherwise."""
+    if t.dim() != 2 or t.numel() <= BLOCK_NUMEL:
+        yield slice(None)
+        return
+    rows = max(1, BLOCK_NUMEL // max(t.shape[1], 1))
+    for start in range(0, t.shape[0], rows):
+        yield slice(start, start + rows)
+
+
+def _fp32(g: Tensor, grad_scale: Tensor | float | None) -> Tensor:
+    g = g.float()
+    if grad_scale is not None:
+        g = g * grad_scale
+    return g
+
+
+def update_second_moment_(state: dict[str, Tensor], g: Tensor, *, beta2: float, eps1: float,
+                          grad_scale: Tensor | float | None = None) -> Tensor:
+    """EMA of U = g^2 + eps1 (row/col means, or full); returns a 0-d bool: were the stats finite?
+
+    When they are not (NaN/inf in ``g``), the state is left as it was.
+    """
+    if is_factored(g):
+        row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+        blocks = list(_blocks(g))
+        if len(blocks) == 1:
+            u = _fp32(g, grad_scale).square_().add_(eps1)
+            row_mean, col_mean = u.mean(-1), u.mean(-2)
+            del u
+        else:
+            row_mean = torch.empty_like(row)
+            col_sum = torch.zeros_like(col)
+            for b in blocks:
+                u = _fp32(g[b], grad_scale).square_().add_(eps1)
+                row_mean[b] = u.mean(-1)
+                col_sum += u.sum(-2)
+            col_mean = col_sum.div_(g.shape[-2])
+        ok = torch.isfinite(row_mean.sum() + col_mean.sum())
+        _masked_ema_(row, row_mean, beta2, ok)
+        _masked_ema_(col, col_mean, beta2, ok)
+        return ok
+    v = state["exp_avg_sq"]
+    u = _fp32(g, grad_scale).square_().add_(eps1)
+    ok = torch.isfinite(u.sum())
+    _masked_ema_(v, u, beta2, ok)
+    return ok
+
+
+def _masked_ema_(avg: Tensor, new: Tensor, beta2: float, ok: Tensor) -> None:
+    updated = avg * beta2 + new * (1.0 - beta2)
+    avg.copy_(torch.where(ok, updated, avg))
+
+
+def preconditioner(state: dict[str, Tensor]) -> tuple[Tensor, ...]:
+    """Factors whose broadcast product is 1/sqrt(v_hat).
+
+    Factored: v_hat = (row / mean(row)) x col, so the factors are rsqrt(row/mean(row))[..., :, None]
+    and rsqrt(col)[..., None, :]. Unfactored: rsqrt(v).
+    """
+    if "exp_avg_sq_row" in state:
+        row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+        r = (row / row.mean(-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+        c = col.unsqueeze(-2).rsqrt()
+        return r, c
+    return (state["exp_avg_sq"].rsqrt(),)
+
+
+def precondition(g: Tensor, factors: tuple[Tensor, ...], rows: slice = slice(None),
+                 grad_scale: Tensor | float | None = None) -> Tensor:
+    """u = g / sqrt(v_hat) in fp32 for the rows ``rows`` of a 2-D tensor (or all of it)."""
+    u = _fp32(g[rows] if rows != slice(None) else g, grad_scale)
+    if len(factors) == 2:
+        r, c = factors
+        return u.mul_(r[rows] if rows != slice(None) else r).mul_(c)
+    return u.mul_(factors[0])
+
+
+def clip_by_rms(sum_sq: Tensor, numel: int, threshold: float) -> Tensor:
+    """The factor 1 / max(1, RMS(u) / threshold), from the sum of squares of u."""
+    r = torch.sqrt(sum_sq / max(numel, 1))
+    return (r / threshold).clamp_min(1.0).reciprocal()
+
+
+def apply_update_(p: Tensor, u: Tensor, step_size: Tensor, weight_decay: float, ok: Tensor,
+                  stochastic_rounding: bool = False, generator: torch.Generator | None = None) -> None:
+    """p <- p * (1 - step_size * wd) - step_size * u in fp32, or p unchanged where ``ok`` is False."""
+    p32 = p.float()
+    new = p32 * (1.0 - step_size * weight_decay) if weight_decay != 0 else p32
+    new = torch.addcmul(new, u, -step_size)
+    new = torch.where(ok, new, p32)
+    write_back_(p, new, stochastic_rounding, generator)
+
+
+def _scaled_rms_update_(p: Tensor, g: Tensor, state: dict[str, Tensor], *, rho: float, eps: tuple[float, float],
+                        clip_threshold: float, beta2: float, weight_decay: float, scale_parameter: bool,
+                        beta1: float | None, grad_scale: Tensor | float | None, stochastic_rounding: bool,
+                        generator: torch.Generator | None) -> Tensor:
+    """The shared core of AdaLomo and Adafactor: factored second moment -> clip -> relative step."""
+    if kernels.use_triton(p, g):
+        return kernels.scaled_rms_update_(p, g, state, rho=rho, eps=eps, clip_threshold=clip_threshold,
+                                          beta2=beta2, weight_decay=weight_decay,
+                                          scale_parameter=scale_parameter, beta1=beta1, grad_scale=grad_scale,
+                                          stochastic_rounding=stochastic_rounding, generator=generator)
+    ok = update_second_moment_(state, g, beta2=beta2, eps1=eps[0], grad_scale=grad_scale)
+    factors = preconditioner(state)
+    blocks = list(_blocks(g))
+    if len(blocks) == 1:
+        u = precondition(g, factors, grad_scale=grad_scale)
+        sum_sq = u.square().sum()
+    else:
+        u = None
+        sum_sq = torch.zeros((), dtype=torch.float32, device=g.device)
+        for b in blocks:
+            sum_sq += precondition(g, factors, b, grad_scale).square_().sum()
+    clip = clip_by_rms(sum_sq, g.numel(), clip_threshold)
+    step_size = param_scale(p, eps[1]) * rho if scale_parameter else torch.full((), rho, device=p.device)
+    for b in blocks:
+        ub = (u if u is not None else precondition(g, factors, b, grad_scale)).mul_(clip)
+        if beta1 is not None:
+            m = state["exp_avg"] if b == slice(None) else state["exp_avg"][b]
+            m.copy_(torch.where(ok, m * beta1 + ub * (1.0 - beta1), m))
+            ub = m
+        apply_update_(p if b == slice(None) else p[b], ub, step_size, weight_decay, ok,
+                      stochastic_rounding, generator)
+    return ok
+
+
+def adalomo_update_(p: Tensor, g: Tensor, state: dict[str, Tensor], *, lr: float,
+                    eps: tuple[float, float] = (1e-30, 1e-3), clip_threshold: float = 1.0,
+                    decay_rate: float = -0.8, weight_decay: float = 0.0,
+                    grad_scale: Tensor | float | None = None, stochastic_rounding: bool = False,
+                    generator: torch.Generator | None = None) -> Tensor:
+    """One AdaLomo step on ``p`` (in place). ``state`` holds ``step`` and the second moment.
+
+    Returns a 0-d bool tensor: False when ``g`` was not finite and nothing was changed.
+    """
+    state["step"] += 1
+    beta2 = beta2_at(float(state["step"]), decay_rate)
+    return _scaled_rms_update_(p, g, state, rho=lr, eps=eps, clip_threshold=clip_threshold, beta2=beta2,
+                               weight_decay=weight_decay, scale_parameter=True, beta1=None,
+                               grad_scale=grad_scale, stochastic_rounding=stochastic_rounding,
+                               generator=generator)
+
+
+def adafactor_update_(p: Tensor, g: Tensor, state: dict[str, Tensor], *, lr: float, relative_step: bool,
+                      warmup_init: bool = False, scale_parameter: bool = True,
+                      eps: tuple[float, float] = (1e-30, 1e-3), clip_threshold: float = 1.0,
+                      decay_rate: float = -0.8, beta1: float | None = None, weight_decay: float = 0.0,
+                      grad_scale: Tensor | float | None = None, stochastic_rounding: bool = False,
+                      generator: torch.Generator | None = None) -> Tensor:
+    """One Adafactor step (Shazeer & Stern, transformers conventions) on ``p`` (in place).
+
+    With ``relative_step`` the step is rho_t = min(lr, 1/sqrt(t)) (``lr`` is the cap, 1e-2 by
+    default) or min(1e-6 t, 1/sqrt(t)) with ``warmup_init``; otherwise rho_t = lr. With
+    ``scale_parameter`` it is multiplied by max(eps2, RMS(p)). The first moment, when ``beta1`` is
+    set, is an EMA of the clipped update u (transformers keeps an EMA of the lr-scaled update).
+    """
+    state["step"] += 1
+    t = float(state["step"])
+    rho = relative_step_size(t, warmup_init, lr) if relative_step else lr
+    return _scaled_rms_update_(p, g, state, rho=rho, eps=eps, clip_threshold=clip_threshold,
+                               beta2=beta2_at(t, decay_rate), weight_decay=weight_decay,
+                               scale_parameter=scale_parameter, beta1=beta1, grad_scale=grad_scale,
+                               stochastic_rounding=stochastic_rounding, generator=generator)
+
+
+def lomo_update_(p: Tensor, g: Tensor, *, lr: float, weight_decay: float = 0.0,
+                 clip_grad_value: float | None = None, grad_scale: Tensor | float | None = None,
+                 stochastic_rounding: bool = False, generator: torch.Generator | None = None) -> Tensor:
+    """LOMO (fused SGD): p <- p * (1 - lr * wd) - lr * clamp(g, -c, c). Returns the finite flag."""
+    if kernels.use_triton(p, g):
+        return kernels.lomo_update_(p, g, lr=lr, weight_decay=weight_decay, clip_grad_value=clip_grad_value,
+                                    grad_scale=grad_scale, stochastic_rounding=stochastic_rounding,
+                                    generator=generator)
+    scaled_sum = g.sum(dtype=torch.float32)
+    ok = torch.isfinite(scaled_sum if grad_scale is None else scaled_sum * grad_scale)
+    step_size = torch.full((), lr, dtype=torch.float32, device=p.device)
+    for b in _blocks(g):
+        gb = _fp32(g if b == slice(None) else g[b], grad_scale)
+        if clip_grad_value is not None:
+            gb = gb.clamp_(-clip_grad_value, clip_grad_value)
+        apply_update_(p if b == slice(None) else p[b], gb, step_size, weight_decay, ok,
+                      stochastic_rounding, generator)
+    return ok

@@ -1,0 +1,372 @@
+"""The shared base of the optimizers: validation, eager state, classic step and fused hooks.
+
+Subclasses only validate their hyper-parameters, create their state and call one function of
+``adalomo.functional`` per tensor (``_update``). Everything about *when* that function runs lives
+here: after ``backward()`` in ``step()`` (classic) or inside ``backward()`` from a post-accumulate
+hook (fused), with the same code path so that both modes give bit-identical results.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+from collections.abc import Iterable
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..fused import BackwardTracker
+from ..precision import DynamicLossScaler, sr_generator
+
+__all__ = ["LowMemoryOptimizer"]
+
+_NONFINITE = ("warn", "raise", "count")
+
+
+def _check_number(name: str, value: Any, *, low: float | None = None, low_open: bool = False,
+                  high: float | None = None, high_open: bool = False, hint: str = "") -> None:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number, got a tensor of shape {tuple(value.shape)}")
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f"{name} must be a number, got {value!r}{hint}")
+    bad_low = low is not None and (value <= low if low_open else value < low)
+    bad_high = high is not None and (value >= high if high_open else value > high)
+    if bad_low or bad_high:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+        rule = " and ".join(x for x in (lo, hi) if x)
+        raise ValueError(f"{name} must be {rule}, got {value!r}{hint}")
+
+
+def check_eps(eps: Any) -> tuple[float, float]:
+    if not isinstance(eps, (tuple, list)) or len(eps) != 2:
+        raise ValueError(f"eps must be a pair (eps1, eps2), e.g. (1e-30, 1e-3), got {eps!r}")
+    for i, e in enumerate(eps):
+        _check_number(f"eps[{i}]", e, low=0.0)
+    return float(eps[0]), float(eps[1])
+
+
+class LowMemoryOptimizer(torch.optim.Optimizer):
+    """Base of AdaLomo, Lomo, Adafactor (and AdaPM): a real ``torch.optim.Optimizer``.
+
+    Modes
+        ``fused=False``: ``loss.backward(); opt.step(); opt.zero_grad()``.
+        ``fused=True``: each parameter is updated inside ``loss.backward()`` the moment its gradient is
+        accumulated, and the gradient is freed at once. ``step()``/``zero_grad()`` stay callable and do
+        no second update. One backward is one optimizer step: gradient accumulation over several
+        backwards is not possible in this mode (use ``fused=False``).
+
+    Robustness
+        ``nonfinite``: a tensor whose gradient has NaN/inf is never updated (the check runs on the
+        device); then ``"warn"`` (default) warns once per step, ``"raise"`` raises after the backward
+        (or step), ``"count"`` only counts (``opt.skipped_updates``) and never synchronises.
+        ``loss_scaler``: a :class:`~adalomo.precision.DynamicLossScaler` for fp16 training; scale the
+        loss with ``opt.scale_loss(loss)`` or use ``opt.fused_backward(loss)``.
+        ``clip_grad_norm``: global gradient-norm clipping; in fused mode it needs a first pass,
+        ``opt.grad_norm(loss)``, before the updating backward (as in ``lomo-optim``).
+    """
+
+    #: subclasses that keep no per-tensor maths state still keep ``step`` (it seeds stochastic rounding)
+    _uses_sr = True
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict], defaults: dict[str, Any], *, fused: bool,
+                 nonfinite: str = "warn", loss_scaler: DynamicLossScaler | None = None,
+                 clip_grad_norm: float | None = None, sr_seed: int = 0):
+        if nonfinite not in _NONFINITE:
+            raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
+        if clip_grad_norm is not None:
+            _check_number("clip_grad_norm", clip_grad_norm, low=0.0, low_open=True,
+                          hint=" (use None to disable clipping)")
+        if loss_scaler is not None and not isinstance(loss_scaler, DynamicLossScaler):
+            raise TypeError("loss_scaler must be an adalomo.DynamicLossScaler (torch's GradScaler cannot "
+                            "unscale gradients that are consumed inside backward)")
+        params = _param_list(params, type(self).__name__)
+        self._fused = bool(fused)
+        self.nonfinite = nonfinite
+        self.loss_scaler = loss_scaler
+        self.clip_grad_norm = clip_grad_norm
+        self.sr_seed = int(sr_seed)
+        self._handles: dict[int, Any] = {}
+        self._group_index: dict[int, int] = {}
+        self._param_index: dict[int, int] = {}
+        self._tracker = BackwardTracker(self._backward_end)
+        self._mode = "update"
+        self._norm_sq: Tensor | None = None
+        self._clip_coef: Tensor | None = None
+        self._grad_scale_cache: Tensor | None = None
+        self._ok_all: Tensor | None = None
+        self._skip_next = False
+        self.skipped_updates: Tensor | None = None
+        super().__init__(params, defaults)
+        if not any(p.requires_grad for g in self.param_groups for p in g["params"]):
+            raise ValueError(f"{type(self).__name__}: no trainable parameters (every tensor has "
+                             "requires_grad=False); unfreeze some parameters or pass the trainable ones")
+
+    # ------------------------------------------------------------------ wiring
+    @property
+    def fused(self) -> bool:
+        return self._fused
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        seen: set[int] = set()
+        for i, p in enumerate(params):
+            _check_param(p, i, type(self).__name__)
+            if id(p) in seen or id(p) in self._group_index:
+                raise ValueError(f"{type(self).__name__}: parameter {i} (shape {tuple(p.shape)}) is registered "
+                                 "twice; pass each tensor once (tied weights appear once in model.parameters())")
+            seen.add(id(p))
+        super().add_param_group({**param_group, "params": params})
+        group = self.param_groups[-1]
+        self._validate_group(group)
+        gi = len(self.param_groups) - 1
+        for p in group["params"]:
+            self._group_index[id(p)] = gi
+            self._param_index[id(p)] = len(self._param_index)
+            if p.requires_grad:
+                self.state[p] = self._init_state(p, group)
+                if self._fused:
+                    self._register_hook(p)
+
+    def _register_hook(self, p: Tensor) -> None:
+        owner = getattr(p, "_adalomo_fused_owner", None)
+        if owner is not None and owner() is not None and owner() is not self:
+            raise ValueError(f"{type(self).__name__}(fused=True): a parameter of shape {tuple(p.shape)} already "
+                             "belongs to another fused optimizer, which would update it a second time; call "
+                             "remove_hooks() on the old optimizer first")
+        p._adalomo_fused_owner = weakref.ref(self)
+        self._handles[id(p)] = p.register_post_accumulate_grad_hook(self._hook)
+
+    def remove_hooks(self) -> None:
+        """Detach the fused hooks; the optimizer then behaves as ``fused=False``."""
+        for h in self._handles.values():
+            h.remove()
+        self._handles.clear()
+        for g in self.param_groups:
+            for p in g["params"]:
+                if getattr(p, "_adalomo_fused_owner", None) is not None and p._adalomo_fused_owner() is self:
+                    p._adalomo_fused_owner = None
+        self._fused = False
+        self._tracker.reset()
+
+    # ------------------------------------------------------------ subclass API
+    def _validate_group(self, group: dict[str, Any]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+        return {"step": torch.tensor(0.0)}
+
+    def _update(self, p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Tensor],
+                grad_scale: Tensor | None, stochastic_rounding: bool,
+                generator: torch.Generator | None) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- updates
+    def _apply(self, p: Tensor, grad: Tensor) -> None:
+        if grad.is_sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients; use a dense "
+                               "embedding (nn.Embedding(sparse=False))")
+        if self.clip_grad_norm is not None and self._clip_coef is None:
+            raise RuntimeError(f"{type(self).__name__}: clip_grad_norm is set, so each step needs the global "
+                               "gradient norm first: call opt.grad_norm(loss) before the backward that "
+                               "updates (or opt.fused_backward(loss) after it); classic mode computes it in step()")
+        group = self.param_groups[self._group_index[id(p)]]
+        state = self.state[p]
+        sr = group.get("stochastic_rounding")
+        sr = (p.dtype == torch.bfloat16) if sr is None else (bool(sr) and p.dtype == torch.bfloat16)
+        gen = None
+        if sr:
+            step = int(state["step"]) if "step" in state else 0
+            seed = ((self.sr_seed * 1_000_003 + self._param_index[id(p)]) * 1_000_033 + step) % (1 << 62)
+            gen = sr_generator(p.device, seed)
+        ok = self._update(p, grad, group, state, self._grad_scale(p.device), sr, gen)
+        self._ok_all = ok if self._ok_all is None else self._ok_all & ok.to(self._ok_all.device)
+
+    def _grad_scale(self, device: torch.device) -> Tensor | None:
+        if self.loss_scaler is None and self._clip_coef is None:
+            return None
+        if self._grad_scale_cache is None or self._grad_scale_cache.device != device:
+            s = torch.ones((), dtype=torch.float32, device=device)
+            if self.loss_scaler is not None:
+                s = s * self.loss_scaler.inv_scale().to(device)
+            if self._clip_coef is not None:
+                s = s * self._clip_coef.to(device)
+            self._grad_scale_cache = s
+        return self._grad_scale_cache
+
+    def _hook(self, p: Tensor) -> None:
+        self._tracker.enter(p)
+        grad = p.grad
+        p.grad = None
+        if grad is None:
+            return
+        if self._mode == "norm":
+            n = torch.linalg.vector_norm(grad, dtype=torch.float32)
+            if self.loss_scaler is not None:
+                n = n * self.loss_scaler.inv_scale().to(n.device)
+            sq = n.square()
+            self._norm_sq = sq if self._norm_sq is None else self._norm_sq + sq.to(self._norm_sq.device)
+            return
+        self._apply(p, grad)
+
+    def _backward_end(self) -> None:
+        if self._mode == "norm":
+            return
+        self._finish_step()
+
+    def _finish_step(self) -> None:
+        ok_all, self._ok_all = self._ok_all, None
+        self._clip_coef = None
+        self._grad_scale_cache = None
+        if ok_all is None:
+            return
+        self._account(ok_all)
+
+    def _account(self, ok_all: Tensor) -> None:
+        bad = (~ok_all).to(torch.int64)
+        self.skipped_updates = bad if self.skipped_updates is None else self.skipped_updates + bad.to(
+            self.skipped_updates.device)
+        if self.loss_scaler is not None:
+            self.loss_scaler.record(ok_all.to(self.loss_scaler.found_inf.device))
+            self.loss_scaler.update()
+            return
+        if self.nonfinite == "count" or bool(ok_all):
+            return
+        msg = (f"{type(self).__name__}: a gradient contained NaN or inf; the tensors concerned were left "
+               "unchanged this step (weights stay finite). Lower the learning rate, check the loss, or use "
+               "bf16/fp32 (fp16 needs loss_scaler=adalomo.DynamicLossScaler()).")
+        if self.nonfinite == "raise":
+            raise FloatingPointError(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Classic mode: update every parameter that has a gradient. Fused mode: nothing to do."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self._fused:
+            return loss
+        if self.clip_grad_norm is not None:
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            if grads:
+                total = self._total_norm(grads)
+                self._clip_coef = (self.clip_grad_norm / (total + 1e-6)).clamp(max=1.0)
+        try:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        self._apply(p, p.grad)
+        finally:
+            self._finish_step()
+        return loss
+
+    def _total_norm(self, grads: list[Tensor]) -> Tensor:
+        dev = grads[0].device
+        norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32).to(dev) for g in grads])
+        total = torch.linalg.vector_norm(norms)
+        if self.loss_scaler is not None:
+            total = total * self.loss_scaler.inv_scale().to(dev)
+        return total
+
+    # ------------------------------------------------ lomo-optim compatible API
+    def scale_loss(self, loss: Tensor) -> Tensor:
+        """The loss to call ``backward()`` on: multiplied by the loss scale when fp16 scaling is on."""
+        return loss if self.loss_scaler is None else self.loss_scaler.scale_loss(loss)
+
+    def grad_norm(self, loss: Tensor) -> Tensor:
+        """First pass of two-pass fused training: the global gradient norm, without updating.
+
+        Runs ``backward(retain_graph=True)`` that only accumulates squared gradient norms (each gradient
+        is freed at once). Sets the clip coefficient for the next updating backward when
+        ``clip_grad_norm`` is set, and makes that backward skip the whole step, exactly, when the
+        norm is not finite. Returns the (unscaled) norm as a 0-d tensor.
+        """
+        if not self._fused:
+            raise RuntimeError(f"{type(self).__name__}.grad_norm(loss) is the first pass of fused mode; in "
+                               "classic mode set clip_grad_norm and call loss.backward(); opt.step()")
+        self._mode, self._norm_sq = "norm", None
+        try:
+            self.scale_loss(loss).backward(retain_graph=True)
+        finally:
+            self._mode = "update"
+        total = torch.zeros((), device=loss.device) if self._norm_sq is None else self._norm_sq.sqrt()
+        self._norm_sq = None
+        if self.clip_grad_norm is not None:
+            self._clip_coef = (self.clip_grad_norm / (total + 1e-6)).clamp(max=1.0)
+        self._skip_next = not bool(torch.isfinite(total))
+        return total
+
+    def fused_backward(self, loss: Tensor, lr: float | None = None) -> None:
+        """``lomo-optim``'s entry point: set ``lr`` on every group (if given), backward, update."""
+        if lr is not None:
+            _check_number("lr", lr, low=0.0)
+            for g in self.param_groups:
+                g["lr"] = lr
+        if self._skip_next:
+            self._skip_next = False
+            self._clip_coef = None
+            self._grad_scale_cache = None
+            ok = torch.zeros((), dtype=torch.bool, device=loss.device)
+            self._account(ok)
+            return
+        self.scale_loss(loss).backward()
+        self.step()
+        if not self._fused:
+            self.zero_grad(set_to_none=True)
+
+    # ---------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        if self.loss_scaler is not None:
+            sd["loss_scaler"] = self.loss_scaler.state_dict()
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        scaler = state_dict.pop("loss_scaler", None)
+        saved_state = state_dict["state"]
+        super().load_state_dict(state_dict)
+        # torch casts floating state to the parameter's dtype (bf16!); our statistics are fp32: restore them
+        ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for pid, p in zip(ids, params):
+            if pid not in saved_state or p not in self.state:
+                continue
+            for k, v in saved_state[pid].items():
+                if isinstance(v, Tensor) and k != "step" and self.state[p][k].dtype != v.dtype:
+                    self.state[p][k] = v.to(device=p.device, copy=True)
+        if scaler is not None and self.loss_scaler is not None:
+            self.loss_scaler.load_state_dict(scaler)
+
+
+def _param_list(params, name: str) -> list:
+    if isinstance(params, Tensor):
+        raise TypeError(f"{name}: params must be an iterable of tensors or dicts (e.g. model.parameters()), "
+                        "got a single Tensor; wrap it in a list")
+    params = list(params)
+    if not params:
+        raise ValueError(f"{name}: got an empty parameter list; pass model.parameters() of a model that has "
+                         "parameters")
+    return params
+
+
+def _check_param(p: Any, i: int, name: str) -> None:
+    if not isinstance(p, Tensor):
+        raise TypeError(f"{name}: parameter {i} is a {type(p).__name__}, not a tensor")
+    if not p.is_leaf:
+        raise ValueError(f"{name}: parameter {i} (shape {tuple(p.shape)}) is not a leaf tensor (it was computed "
+                         "from other tensors); pass the model's own parameters, e.g. model.parameters()")
+    if p.is_complex():
+        raise ValueError(f"{name}: parameter {i} is complex ({p.dtype}); only real floating-point parameters "
+                         "are supported (view complex weights as real with torch.view_as_real)")
+    if not p.is_floating_point():
+        raise ValueError(f"{name}: parameter {i} has dtype {p.dtype}; only floating-point parameters can be "
+                         "optimized")

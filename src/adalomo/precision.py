@@ -1,0 +1,112 @@
+"""Mixed precision pieces: bf16 stochastic rounding and a device-side dynamic loss scaler.
+
+Both avoid host synchronisation so that a fused-backward step never waits on the GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["stochastic_round_to_bf16", "write_back_", "DynamicLossScaler", "sr_generator"]
+
+_LOW16 = -65536  # 0xFFFF0000 as int32: keeps sign, exponent and the 7 bf16 mantissa bits
+
+
+def stochastic_round_to_bf16(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Round fp32 ``x`` to bf16 up or down with probability given by the dropped bits (unbiased).
+
+    Adds 16 random bits below the bf16 mantissa, then truncates: a value at fraction f between two
+    bf16 neighbours rounds up with probability f, so E[round(x)] = x. inf stays inf and NaN stays NaN.
+    """
+    if x.dtype != torch.float32:
+        x = x.float()
+    bits = x.contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
+    rounded = (bits + noise).bitwise_and_(_LOW16)
+    # NaN payloads may have lost their mantissa bits to the mask: keep NaN as NaN.
+    out = rounded.view(torch.float32)
+    out = torch.where(torch.isnan(x), x, out)
+    return out.to(torch.bfloat16)  # exact: the low 16 bits are zero
+
+
+def sr_generator(device: torch.device, seed: int) -> torch.Generator:
+    """A generator seeded from (optimizer seed, parameter, step): resumed runs draw the same bits."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
+    return g
+
+
+def write_back_(dst: torch.Tensor, value: torch.Tensor, stochastic_rounding: bool,
+                generator: torch.Generator | None = None) -> None:
+    """Store the fp32 ``value`` into ``dst`` (any float dtype); bf16 may round stochastically."""
+    if dst.dtype == torch.bfloat16 and stochastic_rounding:
+        dst.copy_(stochastic_round_to_bf16(value, generator))
+    else:
+        dst.copy_(value)
+
+
+class DynamicLossScaler:
+    """Loss scaling for fp16 in fused mode, kept on the device.
+
+    The optimizer multiplies each gradient by ``1/scale`` inside its hook and ORs a non-finite flag
+    into ``found_inf``; ``update()`` (called by the optimizer after each backward) halves the scale on
+    overflow and doubles it after ``growth_interval`` clean steps, with tensor ops only.
+    """
+
+    def __init__(self, init_scale: float = 2.0**16, growth_factor: float = 2.0, backoff_factor: float = 0.5,
+                 growth_interval: int = 2000, min_scale: float = 1.0, device: str | torch.device = "cpu"):
+        if init_scale <= 0 or growth_factor <= 1 or not 0 < backoff_factor < 1 or growth_interval < 1:
+            raise ValueError("DynamicLossScaler: need init_scale > 0, growth_factor > 1, "
+                             "0 < backoff_factor < 1 and growth_interval >= 1")
+        self.growth_factor = float(growth_factor)
+        self.backoff_factor = float(backoff_factor)
+        self.growth_interval = int(growth_interval)
+        self.min_scale = float(min_scale)
+        self._scale = torch.tensor(float(init_scale), dtype=torch.float32, device=device)
+        self._growth_tracker = torch.tensor(0, dtype=torch.int32, device=device)
+        self.found_inf = torch.zeros((), dtype=torch.bool, device=device)
+
+    def to(self, device) -> DynamicLossScaler:
+        self._scale = self._scale.to(device)
+        self._growth_tracker = self._growth_tracker.to(device)
+        self.found_inf = self.found_inf.to(device)
+        return self
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self._scale
+
+    def inv_scale(self) -> torch.Tensor:
+        return self._scale.reciprocal()
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        if self._scale.device != loss.device:
+            self.to(loss.device)
+        return loss * self._scale.to(loss.dtype)
+
+    def record(self, finite: torch.Tensor) -> None:
+        self.found_inf |= ~finite
+
+    def update(self) -> None:
+        """Back off on overflow, grow after a run of clean steps; resets ``found_inf``."""
+        inf = self.found_inf
+        grown = self._growth_tracker + 1
+        grow = grown >= self.growth_interval
+        new_scale = torch.where(inf, (self._scale * self.backoff_factor).clamp_min(self.min_scale),
+                                torch.where(grow, self._scale * self.growth_factor, self._scale))
+        self._scale.copy_(new_scale)
+        self._growth_tracker.copy_(torch.where(inf | grow, torch.zeros_like(grown), grown))
+        self.found_inf.zero_()
+
+    def state_dict(self) -> dict:
+        return {"scale": self._scale.clone(), "growth_tracker": self._growth_tracker.clone(),
+                "growth_factor": self.growth_factor, "backoff_factor": self.backoff_factor,
+                "growth_interval": self.growth_interval, "min_scale": self.min_scale}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self._scale.copy_(sd["scale"])
+        self._growth_tracker.copy_(sd["growth_tracker"])
+        self.growth_factor = sd["growth_factor"]
+        self.backoff_factor = sd["backoff_factor"]
+        self.growth_interval = sd["growth_interval"]
+        self.min_scale = sd["min_scale"]
