@@ -94,10 +94,10 @@ def _blocks(t: Tensor) -> Iterator[slice]:
 
 
 def _fp32(g: Tensor, grad_scale: Tensor | float | None) -> Tensor:
-    g = g.float()
+    """A fresh fp32 copy of ``g`` (times ``grad_scale``) that callers may modify in place."""
     if grad_scale is not None:
-        g = g * grad_scale
-    return g
+        return g.float() * grad_scale
+    return g.to(torch.float32, copy=True)
 
 
 def update_second_moment_(state: dict[str, Tensor], g: Tensor, *, beta2: float, eps1: float,

@@ -1,0 +1,71 @@
+"""bf16 stochastic rounding: unbiased, and it keeps pure-bf16 training close to fp32."""
+
+from __future__ import annotations
+
+import torch
+
+from adalomo import AdaLomo, Lomo
+from adalomo.precision import stochastic_round_to_bf16
+
+
+def test_stochastic_rounding_is_unbiased():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(64, generator=g)
+    lo = base.bfloat16().float()
+    # values strictly between two bf16 neighbours, at various fractions
+    spacing = (torch.nextafter(lo.bfloat16(), torch.tensor(float("inf")).bfloat16()).float() - lo).abs()
+    frac = torch.rand(64, generator=g)
+    x = lo + frac * spacing
+    n = 4000
+    samples = stochastic_round_to_bf16(x.expand(n, 64).contiguous(), g).float()
+    # every sample is one of the two neighbours
+    assert torch.all((samples == lo) | (samples == lo + spacing))
+    mean = samples.mean(0)
+    err = (mean - x).abs() / spacing
+    assert err.max() < 0.05  # 4000 draws: std of the mean fraction <= 0.008
+    # round-to-nearest is biased by up to half a spacing on the same inputs
+    rtn_err = (x.bfloat16().float() - x).abs() / spacing
+    assert rtn_err.max() > 0.3
+
+
+def test_stochastic_rounding_special_values():
+    x = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1.0, -2.5, 3.0e38])
+    y = stochastic_round_to_bf16(x, torch.Generator().manual_seed(0)).float()
+    assert y[0] == 0 and y[1] == 0 and y[2] == float("inf") and y[3] == -float("inf")
+    assert torch.isnan(y[4])
+    assert y[5] == 1.0 and y[6] == -2.5
+    assert torch.isfinite(y[7]) or y[7] == float("inf")
+
+
+def _train_regression(dtype, sr, steps=400, opt_cls=Lomo, lr=2e-3):
+    torch.manual_seed(0)
+    w_true = torch.randn(16, 16)
+    w = torch.nn.Parameter((torch.randn(16, 16) * 0.1 + 4.0).to(dtype))  # large weights: small relative updates
+    opt = opt_cls([w], lr=lr, stochastic_rounding=sr)
+    g = torch.Generator().manual_seed(1)
+    traj = []
+    for _ in range(steps):
+        x = torch.randn(32, 16, generator=g)
+        loss = ((x @ w.float().T - x @ w_true.T) ** 2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        traj.append(w.detach().float().clone())
+    return traj
+
+
+def test_bf16_with_stochastic_rounding_tracks_fp32_better():
+    ref = _train_regression(torch.float32, False)
+    rtn = _train_regression(torch.bfloat16, False)
+    sr = _train_regression(torch.bfloat16, True)
+    dist_rtn = (rtn[-1] - ref[-1]).norm() / ref[-1].norm()
+    dist_sr = (sr[-1] - ref[-1]).norm() / ref[-1].norm()
+    assert dist_sr < 0.5 * dist_rtn, (float(dist_sr), float(dist_rtn))
+
+
+def test_bf16_adalomo_defaults_to_stochastic_rounding_and_is_reproducible():
+    a = _train_regression(torch.bfloat16, None, steps=30, opt_cls=AdaLomo, lr=1e-3)
+    b = _train_regression(torch.bfloat16, None, steps=30, opt_cls=AdaLomo, lr=1e-3)
+    n = _train_regression(torch.bfloat16, False, steps=30, opt_cls=AdaLomo, lr=1e-3)
+    assert torch.equal(a[-1], b[-1])  # seeded per (parameter, step): runs repeat exactly
+    assert not torch.equal(a[-1], n[-1])  # and it is on by default for bf16
