@@ -14,18 +14,32 @@ Small composable pieces (optax-style) and the three algorithms built from them:
 the device (no ``.item()``): step counts are CPU tensors, every scalar derived from the gradient is a
 0-d device tensor. Large 2-D tensors are processed in row blocks so that fp32 temporaries stay
 bounded (the gradient is read three times: statistics, RMS(u), write-back).
+
+Sharded tensors (FSDP2): the update functions take an optional ``shard`` (an
+:class:`adalomo.distributed.ShardInfo`) when ``p``/``g``/``state`` are the *local* rows of a tensor sharded
+on dim 0. Row statistics stay local; column sums, mean(row), RMS(u), RMS(p) and the finite flag are
+reduced over the shard group (two batched all-reduces per tensor, on the device), so the result equals
+the single-process update of the full tensor. ``shard=None`` (the default) is the single-process path,
+unchanged; the optimizers pass ``shard`` implicitly through :func:`sharding` so that subclasses calling
+these functions need no change.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from . import kernels
 from .precision import write_back_
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .distributed import ShardInfo
 
 __all__ = [
     "BLOCK_NUMEL",
@@ -43,6 +57,8 @@ __all__ = [
     "adalomo_update_",
     "adafactor_update_",
     "lomo_update_",
+    "sharding",
+    "current_shard",
 ]
 
 #: 2-D tensors with more elements than this are updated in row blocks of about this size.
@@ -93,6 +109,39 @@ def _blocks(t: Tensor) -> Iterator[slice]:
         yield slice(start, start + rows)
 
 
+_AMBIENT = threading.local()
+
+
+@contextlib.contextmanager
+def sharding(shard: ShardInfo | None) -> Iterator[None]:
+    """Within the block, the whole-update functions (``adalomo_update_``, ``adafactor_update_``,
+    ``lomo_update_``) called without ``shard=`` use this one: the optimizers' glue for FSDP2 parameters.
+
+    The pieces (``update_second_moment_``, ``preconditioner``, ``clip_by_rms``, ``param_scale``) never
+    use it: a composition of pieces must pass ``shard=`` itself and reduce what it needs (see
+    :func:`current_shard`).
+    """
+    prev = getattr(_AMBIENT, "shard", None)
+    _AMBIENT.shard = shard
+    try:
+        yield
+    finally:
+        _AMBIENT.shard = prev
+
+
+def current_shard() -> ShardInfo | None:
+    """The :class:`~adalomo.distributed.ShardInfo` of the parameter being updated (None: not sharded)."""
+    return getattr(_AMBIENT, "shard", None)
+
+
+def _resolve_shard(shard: ShardInfo | None) -> ShardInfo | None:
+    if shard is None:
+        shard = getattr(_AMBIENT, "shard", None)
+    if shard is not None:
+        shard.used = True
+    return shard
+
+
 def _fp32(g: Tensor, grad_scale: Tensor | float | None) -> Tensor:
     """A fresh fp32 copy of ``g`` (times ``grad_scale``) that callers may modify in place."""
     if grad_scale is not None:
@@ -101,11 +150,15 @@ def _fp32(g: Tensor, grad_scale: Tensor | float | None) -> Tensor:
 
 
 def update_second_moment_(state: dict[str, Tensor], g: Tensor, *, beta2: float, eps1: float,
-                          grad_scale: Tensor | float | None = None) -> Tensor:
+                          grad_scale: Tensor | float | None = None, shard: ShardInfo | None = None) -> Tensor:
     """EMA of U = g^2 + eps1 (row/col means, or full); returns a 0-d bool: were the stats finite?
 
-    When they are not (NaN/inf in ``g``), the state is left as it was.
+    When they are not (NaN/inf in ``g``), the state is left as it was. With ``shard`` (local rows of a
+    dim-0-sharded tensor) the column means and the finite flag are global (one all-reduce); the row mean
+    that ``preconditioner`` needs is then global too: use ``_sharded_second_moment_``'s, or reduce it.
     """
+    if shard is not None:
+        return _sharded_second_moment_(state, g, beta2=beta2, eps1=eps1, grad_scale=grad_scale, shard=shard)[0]
     if is_factored(g):
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
         blocks = list(_blocks(g))
@@ -137,15 +190,17 @@ def _masked_ema_(avg: Tensor, new: Tensor, beta2: float, ok: Tensor) -> None:
     avg.copy_(torch.where(ok, updated, avg))
 
 
-def preconditioner(state: dict[str, Tensor]) -> tuple[Tensor, ...]:
+def preconditioner(state: dict[str, Tensor], row_mean: Tensor | None = None) -> tuple[Tensor, ...]:
     """Factors whose broadcast product is 1/sqrt(v_hat).
 
     Factored: v_hat = (row / mean(row)) x col, so the factors are rsqrt(row/mean(row))[..., :, None]
-    and rsqrt(col)[..., None, :]. Unfactored: rsqrt(v).
+    and rsqrt(col)[..., None, :]. Unfactored: rsqrt(v). ``row_mean`` replaces ``row.mean(-1)`` (the
+    global mean when ``row`` holds only some rows of a sharded 2-D tensor).
     """
     if "exp_avg_sq_row" in state:
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-        r = (row / row.mean(-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+        mean = row.mean(-1, keepdim=True) if row_mean is None else row_mean
+        r = (row / mean).rsqrt_().unsqueeze(-1)
         c = col.unsqueeze(-2).rsqrt()
         return r, c
     return (state["exp_avg_sq"].rsqrt(),)
@@ -180,8 +235,14 @@ def apply_update_(p: Tensor, u: Tensor, step_size: Tensor, weight_decay: float, 
 def _scaled_rms_update_(p: Tensor, g: Tensor, state: dict[str, Tensor], *, rho: float, eps: tuple[float, float],
                         clip_threshold: float, beta2: float, weight_decay: float, scale_parameter: bool,
                         beta1: float | None, grad_scale: Tensor | float | None, stochastic_rounding: bool,
-                        generator: torch.Generator | None) -> Tensor:
+                        generator: torch.Generator | None, shard: ShardInfo | None = None) -> Tensor:
     """The shared core of AdaLomo and Adafactor: factored second moment -> clip -> relative step."""
+    shard = _resolve_shard(shard)
+    if shard is not None:
+        return _sharded_scaled_rms_update_(p, g, state, rho=rho, eps=eps, clip_threshold=clip_threshold,
+                                           beta2=beta2, weight_decay=weight_decay, scale_parameter=scale_parameter,
+                                           beta1=beta1, grad_scale=grad_scale, stochastic_rounding=stochastic_rounding,
+                                           generator=generator, shard=shard)
     if kernels.use_triton(p, g):
         return kernels.scaled_rms_update_(p, g, state, rho=rho, eps=eps, clip_threshold=clip_threshold,
                                           beta2=beta2, weight_decay=weight_decay,
@@ -211,11 +272,103 @@ def _scaled_rms_update_(p: Tensor, g: Tensor, state: dict[str, Tensor], *, rho: 
     return ok
 
 
+# ----------------------------------------------------------------------------------- sharded (FSDP2)
+def _sharded_second_moment_(state: dict[str, Tensor], g: Tensor, *, beta2: float, eps1: float,
+                            grad_scale: Tensor | float | None, shard: ShardInfo,
+                            extra: tuple[Tensor, ...] = ()) -> tuple[Tensor, Tensor | None, list[Tensor]]:
+    """``update_second_moment_`` on the local rows of a dim-0-sharded tensor, in one all-reduce.
+
+    ``g`` and the state hold local rows (dim 0). For a 2-D tensor the column statistics reduce over the
+    sharded dim: their sums are all-reduced and divided by the global row count. For 1-D and >= 3-D
+    tensors every statistic is local. The non-finite count, the sums needed for the global mean of the
+    new row statistics (2-D) and the caller's ``extra`` partial sums ride in the same all-reduce.
+    Returns (ok, global mean of the new row statistics as a 0-d tensor or None, reduced ``extra``).
+    """
+    if not is_factored(g):
+        v = state["exp_avg_sq"]
+        u = _fp32(g, grad_scale).square_().add_(eps1)
+        bad = (~torch.isfinite(u.sum())).float()
+        out = shard.all_reduce_sum_([bad, *extra])
+        ok = out[0] == 0
+        _masked_ema_(v, u, beta2, ok)
+        return ok, None, out[1:]
+    row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+    blocks = list(_blocks(g))
+    if len(blocks) == 1:
+        u = _fp32(g, grad_scale).square_().add_(eps1)
+        row_mean, col_sum = u.mean(-1), u.sum(-2)
+        del u
+    else:
+        row_mean = torch.empty_like(row)
+        col_sum = torch.zeros_like(col)
+        for b in blocks:
+            u = _fp32(g[b], grad_scale).square_().add_(eps1)
+            row_mean[b] = u.mean(-1)
+            col_sum += u.sum(-2)
+    bad = (~torch.isfinite(row_mean.sum() + col_sum.sum())).float()
+    if g.dim() != 2:  # dim 0 is a batch dim of the factorisation: everything is local but the flag
+        out = shard.all_reduce_sum_([bad, *extra])
+        ok = out[0] == 0
+        _masked_ema_(row, row_mean, beta2, ok)
+        _masked_ema_(col, col_sum.div_(g.shape[-2]), beta2, ok)
+        return ok, None, out[1:]
+    row_new = row * beta2 + row_mean * (1.0 - beta2)
+    out = shard.all_reduce_sum_([col_sum, bad, row_new.sum(), row.sum(), *extra])
+    col_sum, bad, new_sum, old_sum = out[:4]
+    ok = bad == 0
+    m = shard.global_shape[0]
+    row.copy_(torch.where(ok, row_new, row))
+    _masked_ema_(col, col_sum / m, beta2, ok)
+    row_mean_global = torch.where(ok, new_sum, old_sum) / m
+    return ok, row_mean_global, out[4:]
+
+
+def _sharded_scaled_rms_update_(p: Tensor, g: Tensor, state: dict[str, Tensor], *, rho: float,
+                                eps: tuple[float, float], clip_threshold: float, beta2: float, weight_decay: float,
+                                scale_parameter: bool, beta1: float | None, grad_scale: Tensor | float | None,
+                                stochastic_rounding: bool, generator: torch.Generator | None,
+                                shard: ShardInfo) -> Tensor:
+    """``_scaled_rms_update_`` on the local rows of a dim-0-sharded tensor: two all-reduces.
+
+    1. [column sums | non-finite count | sums of the old and new row statistics | sum p^2];
+    2. [sum u^2]. Both are device tensors: no host synchronisation.
+    """
+    extra = (torch.linalg.vector_norm(p, dtype=torch.float32).square(),) if scale_parameter else ()
+    ok, row_mean, extra = _sharded_second_moment_(state, g, beta2=beta2, eps1=eps[0], grad_scale=grad_scale,
+                                                  shard=shard, extra=extra)
+    factors = preconditioner(state, row_mean)
+    blocks = list(_blocks(g))
+    if len(blocks) == 1:
+        u = precondition(g, factors, grad_scale=grad_scale)
+        sum_sq = u.square().sum()
+    else:
+        u = None
+        sum_sq = torch.zeros((), dtype=torch.float32, device=g.device)
+        for b in blocks:
+            sum_sq += precondition(g, factors, b, grad_scale).square_().sum()
+    (sum_sq,) = shard.all_reduce_sum_([sum_sq])
+    numel = shard.numel
+    clip = clip_by_rms(sum_sq, numel, clip_threshold)
+    if scale_parameter:
+        step_size = (extra[0].sqrt() / math.sqrt(max(numel, 1))).clamp_min(eps[1]) * rho
+    else:
+        step_size = torch.full((), rho, device=p.device)
+    for b in blocks:
+        ub = (u if u is not None else precondition(g, factors, b, grad_scale)).mul_(clip)
+        if beta1 is not None:
+            m = state["exp_avg"] if b == slice(None) else state["exp_avg"][b]
+            m.copy_(torch.where(ok, m * beta1 + ub * (1.0 - beta1), m))
+            ub = m
+        apply_update_(p if b == slice(None) else p[b], ub, step_size, weight_decay, ok,
+                      stochastic_rounding, generator)
+    return ok
+
+
 def adalomo_update_(p: Tensor, g: Tensor, state: dict[str, Tensor], *, lr: float,
                     eps: tuple[float, float] = (1e-30, 1e-3), clip_threshold: float = 1.0,
                     decay_rate: float = -0.8, weight_decay: float = 0.0,
                     grad_scale: Tensor | float | None = None, stochastic_rounding: bool = False,
-                    generator: torch.Generator | None = None) -> Tensor:
+                    generator: torch.Generator | None = None, shard: ShardInfo | None = None) -> Tensor:
     """One AdaLomo step on ``p`` (in place). ``state`` holds ``step`` and the second moment.
 
     Returns a 0-d bool tensor: False when ``g`` was not finite and nothing was changed.
@@ -225,7 +378,7 @@ def adalomo_update_(p: Tensor, g: Tensor, state: dict[str, Tensor], *, lr: float
     return _scaled_rms_update_(p, g, state, rho=lr, eps=eps, clip_threshold=clip_threshold, beta2=beta2,
                                weight_decay=weight_decay, scale_parameter=True, beta1=None,
                                grad_scale=grad_scale, stochastic_rounding=stochastic_rounding,
-                               generator=generator)
+                               generator=generator, shard=shard)
 
 
 def adafactor_update_(p: Tensor, g: Tensor, state: dict[str, Tensor], *, lr: float, relative_step: bool,
@@ -233,7 +386,7 @@ def adafactor_update_(p: Tensor, g: Tensor, state: dict[str, Tensor], *, lr: flo
                       eps: tuple[float, float] = (1e-30, 1e-3), clip_threshold: float = 1.0,
                       decay_rate: float = -0.8, beta1: float | None = None, weight_decay: float = 0.0,
                       grad_scale: Tensor | float | None = None, stochastic_rounding: bool = False,
-                      generator: torch.Generator | None = None) -> Tensor:
+                      generator: torch.Generator | None = None, shard: ShardInfo | None = None) -> Tensor:
     """One Adafactor step (Shazeer & Stern, transformers conventions) on ``p`` (in place).
 
     With ``relative_step`` the step is rho_t = min(lr, 1/sqrt(t)) (``lr`` is the cap, 1e-2 by
@@ -247,19 +400,26 @@ def adafactor_update_(p: Tensor, g: Tensor, state: dict[str, Tensor], *, lr: flo
     return _scaled_rms_update_(p, g, state, rho=rho, eps=eps, clip_threshold=clip_threshold,
                                beta2=beta2_at(t, decay_rate), weight_decay=weight_decay,
                                scale_parameter=scale_parameter, beta1=beta1, grad_scale=grad_scale,
-                               stochastic_rounding=stochastic_rounding, generator=generator)
+                               stochastic_rounding=stochastic_rounding, generator=generator, shard=shard)
 
 
 def lomo_update_(p: Tensor, g: Tensor, *, lr: float, weight_decay: float = 0.0,
                  clip_grad_value: float | None = None, grad_scale: Tensor | float | None = None,
-                 stochastic_rounding: bool = False, generator: torch.Generator | None = None) -> Tensor:
-    """LOMO (fused SGD): p <- p * (1 - lr * wd) - lr * clamp(g, -c, c). Returns the finite flag."""
-    if kernels.use_triton(p, g):
+                 stochastic_rounding: bool = False, generator: torch.Generator | None = None,
+                 shard: ShardInfo | None = None) -> Tensor:
+    """LOMO (fused SGD): p <- p * (1 - lr * wd) - lr * clamp(g, -c, c). Returns the finite flag.
+
+    With ``shard`` only the finite flag needs the other ranks (all of them skip together).
+    """
+    shard = _resolve_shard(shard)
+    if shard is None and kernels.use_triton(p, g):
         return kernels.lomo_update_(p, g, lr=lr, weight_decay=weight_decay, clip_grad_value=clip_grad_value,
                                     grad_scale=grad_scale, stochastic_rounding=stochastic_rounding,
                                     generator=generator)
     scaled_sum = g.sum(dtype=torch.float32)
     ok = torch.isfinite(scaled_sum if grad_scale is None else scaled_sum * grad_scale)
+    if shard is not None:
+        ok = shard.all_reduce_sum_([(~ok).float()])[0] == 0
     step_size = torch.full((), lr, dtype=torch.float32, device=p.device)
     for b in _blocks(g):
         gb = _fp32(g if b == slice(None) else g[b], grad_scale)

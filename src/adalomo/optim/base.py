@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import distributed as _dist
+from ..distributed import _optim as _dist_optim
 from ..fused import BackwardTracker
 from ..precision import DynamicLossScaler, sr_generator
 
@@ -69,14 +71,26 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         loss with ``opt.scale_loss(loss)`` or use ``opt.fused_backward(loss)``.
         ``clip_grad_norm``: global gradient-norm clipping; in fused mode it needs a first pass,
         ``opt.grad_norm(loss)``, before the updating backward (as in ``lomo-optim``).
+
+    Multi-GPU (see :mod:`adalomo.distributed`)
+        FSDP2 ``DTensor`` parameters (``Shard(0)``, HSDP) are updated exactly as the full tensor would be
+        in one process, in both modes; their state is stored as DTensors. Fused mode refuses plain
+        parameters in a multi-process run (DDP) unless ``allow_unsharded_distributed=True``.
     """
 
     #: subclasses that keep no per-tensor maths state still keep ``step`` (it seeds stochastic rounding)
     _uses_sr = True
+    #: FSDP2 (DTensor) parameters. False: a clear error at construction. True: ``_init_state`` gets the local
+    #: shard and ``_update`` local tensors, and must go through ``functional``'s whole-update functions
+    #: (checked at the first update) unless ``_sharding_aware`` says that the subclass reduces its statistics
+    #: itself (``functional.current_shard()``). See ``adalomo.distributed``.
+    _supports_sharding = True
+    _sharding_aware = False
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict], defaults: dict[str, Any], *, fused: bool,
                  nonfinite: str = "warn", loss_scaler: DynamicLossScaler | None = None,
-                 clip_grad_norm: float | None = None, sr_seed: int = 0):
+                 clip_grad_norm: float | None = None, sr_seed: int = 0,
+                 allow_unsharded_distributed: bool = False):
         if nonfinite not in _NONFINITE:
             raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
         if clip_grad_norm is not None:
@@ -102,6 +116,9 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         self._ok_all: Tensor | None = None
         self._skip_next = False
         self.skipped_updates: Tensor | None = None
+        self.allow_unsharded_distributed = bool(allow_unsharded_distributed)
+        self._shard_layouts: dict[int, Any] = {}  # id(p) -> distributed.ParamLayout, for DTensor parameters
+        self._norm_sq_groups: dict[Any, Tensor] = {}
         super().__init__(params, defaults)
         if not any(p.requires_grad for g in self.param_groups for p in g["params"]):
             raise ValueError(f"{type(self).__name__}: no trainable parameters (every tensor has "
@@ -130,7 +147,11 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
             self._group_index[id(p)] = gi
             self._param_index[id(p)] = len(self._param_index)
             if p.requires_grad:
-                self.state[p] = self._init_state(p, group)
+                if _dist.is_dtensor(p):
+                    layout = self._shard_layouts[id(p)] = _dist.param_layout(p)
+                    self.state[p] = _dist_optim.init_sharded_state(self, p, group, layout)
+                else:
+                    self.state[p] = self._init_state(p, group)
                 if self._fused:
                     self._register_hook(p)
 
@@ -180,12 +201,18 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         state = self.state[p]
         sr = group.get("stochastic_rounding")
         sr = (p.dtype == torch.bfloat16) if sr is None else (bool(sr) and p.dtype == torch.bfloat16)
+        layout = self._shard_layouts.get(id(p)) if self._shard_layouts else None
         gen = None
         if sr:
             step = int(state["step"]) if "step" in state else 0
             seed = ((self.sr_seed * 1_000_003 + self._param_index[id(p)]) * 1_000_033 + step) % (1 << 62)
+            if layout is not None and layout.row_offset:  # other shards draw other bits (replicas the same)
+                seed = (seed * 1_000_037 + layout.row_offset) % (1 << 62)
             gen = sr_generator(p.device, seed)
-        ok = self._update(p, grad, group, state, self._grad_scale(p.device), sr, gen)
+        if layout is None:
+            ok = self._update(p, grad, group, state, self._grad_scale(p.device), sr, gen)
+        else:
+            ok = _dist_optim.sharded_update(self, layout, p, grad, group, state, self._grad_scale(p.device), sr, gen)
         self._ok_all = ok if self._ok_all is None else self._ok_all & ok.to(self._ok_all.device)
 
     def _grad_scale(self, device: torch.device) -> Tensor | None:
@@ -201,16 +228,23 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         return self._grad_scale_cache
 
     def _hook(self, p: Tensor) -> None:
+        layout = self._shard_layouts.get(id(p)) if self._shard_layouts else None
+        if layout is None:
+            _dist_optim.check_unsharded(self, p)
         self._tracker.enter(p)
         grad = p.grad
         p.grad = None
         if grad is None:
             return
         if self._mode == "norm":
-            n = torch.linalg.vector_norm(grad, dtype=torch.float32)
+            n, grp = _dist_optim.local_norm(layout, grad)
             if self.loss_scaler is not None:
                 n = n * self.loss_scaler.inv_scale().to(n.device)
             sq = n.square()
+            if grp is not None:
+                prev = self._norm_sq_groups.get(grp)
+                self._norm_sq_groups[grp] = sq if prev is None else prev + sq.to(prev.device)
+                return
             self._norm_sq = sq if self._norm_sq is None else self._norm_sq + sq.to(self._norm_sq.device)
             return
         self._apply(p, grad)
@@ -269,6 +303,11 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         return loss
 
     def _total_norm(self, grads: list[Tensor]) -> Tensor:
+        if any(_dist.is_dtensor(g) for g in grads):
+            total = _dist_optim.global_norm(grads)
+            if self.loss_scaler is not None:
+                total = total * self.loss_scaler.inv_scale().to(total.device)
+            return total
         dev = grads[0].device
         norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32).to(dev) for g in grads])
         total = torch.linalg.vector_norm(norms)
@@ -293,11 +332,14 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"{type(self).__name__}.grad_norm(loss) is the first pass of fused mode; in "
                                "classic mode set clip_grad_norm and call loss.backward(); opt.step()")
         self._mode, self._norm_sq = "norm", None
+        self._norm_sq_groups = {}
         try:
             self.scale_loss(loss).backward(retain_graph=True)
         finally:
             self._mode = "update"
-        total = torch.zeros((), device=loss.device) if self._norm_sq is None else self._norm_sq.sqrt()
+        norm_sq = _dist_optim.reduce_sq_norms(self._norm_sq, self._norm_sq_groups)
+        self._norm_sq_groups = {}
+        total = torch.zeros((), device=loss.device) if norm_sq is None else norm_sq.sqrt()
         self._norm_sq = None
         if self.clip_grad_norm is not None:
             self._clip_coef = (self.clip_grad_norm / (total + 1e-6)).clamp(max=1.0)
@@ -343,6 +385,8 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
             for k, v in saved_state[pid].items():
                 if isinstance(v, Tensor) and k != "step" and self.state[p][k].dtype != v.dtype:
                     self.state[p][k] = v.to(device=p.device, copy=True)
+        if self._shard_layouts:
+            _dist_optim.conform_loaded_state(self)
         if scaler is not None and self.loss_scaler is not None:
             self.loss_scaler.load_state_dict(scaler)
 

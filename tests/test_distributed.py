@@ -1,0 +1,413 @@
+"""Multi-process tests (CPU, gloo, 2 processes): FSDP2 / HSDP / DDP / DCP against single-process runs.
+
+Each test spawns 2 processes with ``torch.multiprocessing`` (one spawn per test, several scenarios in it,
+to keep the suite CI-sized); the reference single-process run happens inside each worker on the full
+batch. FSDP2 on gloo averages gradients correctly only from torch 2.9 on, so everything is skipped below.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+from torch.torch_version import TorchVersion
+
+import adalomo
+from adalomo.distributed import UnshardedDistributedError, check_not_ddp, is_dtensor
+
+pytestmark = [
+    pytest.mark.skipif(TorchVersion(torch.__version__) < (2, 9),
+                       reason="FSDP2 on gloo averages gradients correctly only from torch 2.9"),
+    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed+gloo"),
+]
+
+WORLD = 2
+STEPS = 10
+BATCH = 4  # full batch; each of the 2 ranks gets 2 rows
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------------------------- model/data
+class Net(nn.Module):
+    """Odd shapes on purpose: 11- and 7-row matrices and a 3-row 3-D tensor (uneven over 2 ranks), a 1-row
+    matrix and a 1-element bias (rank 1 holds an empty shard), 1-D weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 8)
+        self.l1 = nn.Linear(8, 7)
+        self.w3 = nn.Parameter(torch.randn(3, 7, 5) * 0.3)
+        self.norm_w = nn.Parameter(torch.ones(5) + 0.1 * torch.randn(5))
+        self.l2 = nn.Linear(5, 6)
+        self.head = nn.Linear(6, 1)
+
+    def forward(self, x):
+        h = torch.tanh(self.l1(self.emb(x)))
+        h = torch.einsum("btd,kde->btke", h, self.w3).mean(2) * self.norm_w
+        return self.head(torch.tanh(self.l2(h))).sum(-1)  # not a view (FSDP2 warns on views)
+
+
+def make_model(seed: int = 0) -> Net:
+    torch.manual_seed(seed)
+    return Net()
+
+
+def batch(step: int, rank: int | None = None, bad: bool = False):
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randint(0, 11, (BATCH, 3), generator=g)
+    y = torch.randn(BATCH, 3, generator=g)
+    if bad:  # an inf target: every gradient non-finite on every rank
+        y[0, 0] = float("inf")
+    if rank is None:
+        return x, y
+    per = BATCH // WORLD
+    return x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
+
+
+def loss_fn(model, x, y):
+    return ((model(x) - y) ** 2).mean()
+
+
+def shard(model: Net, mesh=None) -> Net:
+    from torch.distributed.fsdp import fully_shard
+
+    for m in (model.l1, model.l2, model.head):
+        fully_shard(m, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def full_params(model) -> dict[str, torch.Tensor]:
+    return {n: (p.full_tensor() if is_dtensor(p) else p).detach().clone() for n, p in model.named_parameters()}
+
+
+# (name, factory(params), fused, two_pass_clipping)
+OPTS = {
+    "adalomo": (lambda ps, f: adalomo.AdaLomo(ps, lr=3e-2, weight_decay=0.1, fused=f), False),
+    "adafactor": (lambda ps, f: adalomo.Adafactor(ps, beta1=0.9, weight_decay=0.01, fused=f), False),
+    "adafactor_fixed_lr": (lambda ps, f: adalomo.Adafactor(ps, lr=1e-2, relative_step=False, scale_parameter=False,
+                                                           fused=f), False),
+    "lomo_clip": (lambda ps, f: adalomo.Lomo(ps, lr=5e-2, clip_grad_norm=0.5, fused=f), True),
+    "adalomo_clip": (lambda ps, f: adalomo.AdaLomo(ps, lr=3e-2, clip_grad_norm=0.5, fused=f), True),
+}
+
+
+def local(opt):
+    """The single-process reference run inside a worker: a plain model on every rank, on purpose."""
+    opt.allow_unsharded_distributed = True
+    return opt
+
+
+def train(model, opt, steps, rank=None, fused=True, two_pass=False, start=0, bad_steps=()):
+    for s in range(start, start + steps):
+        x, y = batch(s, rank, bad=s in bad_steps)
+        loss = loss_fn(model, x, y)
+        if fused:
+            if two_pass:
+                opt.grad_norm(loss)
+            loss.backward()
+        else:
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+
+def assert_close(a: dict, b: dict, what: str, exact: bool = False):
+    assert a.keys() == b.keys()
+    for n in a:
+        if exact:
+            assert torch.equal(a[n], b[n]), f"{what}: {n} differs (max {(a[n] - b[n]).abs().max():.3g})"
+        else:
+            torch.testing.assert_close(a[n], b[n], rtol=2e-5, atol=2e-6, msg=lambda m, n=n: f"{what}: {n}: {m}")
+
+
+# ----------------------------------------------------------------------------------------------- spawning
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, scenario: str, tmp: str):
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module")  # Linear on 3-D input returns a view
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        SCENARIOS[scenario](rank, tmp)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(scenario: str, tmp_path) -> None:
+    mp.spawn(_entry, args=(WORLD, _free_port(), scenario, str(tmp_path)), nprocs=WORLD, join=True)
+
+
+# ----------------------------------------------------------------------------------------------- scenarios
+def _scenario_fsdp_exact(rank: int, tmp: str):
+    from torch.distributed.tensor import Replicate, Shard
+
+    from adalomo import functional as F
+
+    _scenario_functional(rank)
+    for name, (factory, two_pass) in OPTS.items():
+        for fused in (True, False):
+            if name.startswith("adafactor_fixed") and not fused:
+                continue
+            ref = make_model()
+            ref_opt = local(factory(ref.parameters(), fused))
+            train(ref, ref_opt, STEPS, None, fused, two_pass)
+            model = shard(make_model())
+            opt = factory(model.parameters(), fused)
+            train(model, opt, STEPS, rank, fused, two_pass)
+            assert_close(full_params(model), full_params(ref), f"{name} fused={fused}")
+            assert int(opt.skipped_updates) == 0
+    # the state layout that torch.distributed.checkpoint needs
+    st = opt.state[model.l1.weight]
+    assert is_dtensor(st["exp_avg_sq_row"]) and st["exp_avg_sq_row"].shape == (7,)
+    assert st["exp_avg_sq_row"].placements == (Shard(0),)
+    assert st["exp_avg_sq_col"].placements == (Replicate(),) and st["exp_avg_sq_col"].shape == (8,)
+    assert st["exp_avg_sq_row"].to_local().shape == ((4,) if rank == 0 else (3,))
+    st3 = opt.state[model.w3]  # 3-D: both statistics follow dim 0
+    assert st3["exp_avg_sq_row"].placements == (Shard(0),) and st3["exp_avg_sq_row"].shape == (3, 7)
+    assert st3["exp_avg_sq_col"].placements == (Shard(0),) and st3["exp_avg_sq_col"].shape == (3, 5)
+    sb = opt.state[model.head.bias]
+    assert sb["exp_avg_sq"].placements == (Shard(0),) and sb["exp_avg_sq"].to_local().numel() == (1 - rank)
+    torch.testing.assert_close(st["exp_avg_sq_row"].full_tensor(), ref_opt.state[ref.l1.weight]["exp_avg_sq_row"])
+
+    # a subclass composing functional pieces (local statistics only) is refused, not silently wrong
+    class Piecewise(adalomo.LowMemoryOptimizer):
+        def __init__(self, params):
+            super().__init__(params, dict(lr=1e-2), fused=True)
+
+        def _validate_group(self, group):
+            pass
+
+        def _init_state(self, p, group):
+            return {"step": torch.tensor(0.0), **F.init_factored_state(p)}
+
+        def _update(self, p, grad, group, state, grad_scale, sr, gen):
+            ok = F.update_second_moment_(state, grad, beta2=0.9, eps1=1e-30)
+            F.apply_update_(p, F.precondition(grad, F.preconditioner(state)), torch.tensor(1e-2), 0.0, ok)
+            return ok
+
+    model = shard(make_model())
+    Piecewise(model.parameters())
+    with pytest.raises(NotImplementedError, match="does not support FSDP2-sharded parameters"):
+        train(model, None, 1, rank)
+
+    # non-finite gradient at step 3: every rank skips every tensor together, then training goes on exactly
+    ref = make_model()
+    ref_opt = local(adalomo.AdaLomo(ref.parameters(), lr=3e-2, fused=True, nonfinite="count"))
+    train(ref, ref_opt, 6, None, bad_steps=(3,))
+    model = shard(make_model())
+    opt = adalomo.AdaLomo(model.parameters(), lr=3e-2, fused=True, nonfinite="count")
+    train(model, opt, 6, rank, bad_steps=(3,))
+    assert int(opt.skipped_updates) == int(ref_opt.skipped_updates) == 1
+    assert_close(full_params(model), full_params(ref), "nonfinite skip")
+
+
+def _scenario_functional(rank: int):
+    """The functional API with an explicit ShardInfo: equal to the full-tensor update; a NaN/inf in one
+    rank's rows only makes every rank skip (the finite flag is global)."""
+    from adalomo import functional as F
+    from adalomo.distributed import ShardInfo
+
+    group = dist.group.WORLD
+    for shape, block_numel in [((7, 5), None), ((9,), None), ((3, 4, 6), None), ((1, 5), None), ((31, 6), 40)]:
+        if block_numel is not None:  # the row-block path of large matrices
+            F.BLOCK_NUMEL, saved_block = block_numel, F.BLOCK_NUMEL
+        g = torch.Generator().manual_seed(sum(shape))
+        p_full, grads = torch.randn(shape, generator=g), [torch.randn(shape, generator=g) for _ in range(3)]
+        rows = torch.chunk(torch.arange(shape[0]), WORLD)
+        mine = rows[rank] if rank < len(rows) else torch.arange(0)
+        sl = slice(int(mine[0]), int(mine[-1]) + 1) if len(mine) else slice(0, 0)
+        info = ShardInfo(group, torch.Size(shape), sl.start, sl.stop - sl.start)
+        for name in ("adalomo", "adafactor", "lomo"):
+            ref_p, p = p_full.clone(), p_full[sl].clone()
+            ref_st = {"step": torch.tensor(0.0), **F.init_factored_state(ref_p)}
+            st = {"step": torch.tensor(0.0), **F.init_factored_state(p)}
+            if F.is_factored(p):  # local state: rows local, columns whole
+                st["exp_avg_sq_row"] = ref_st["exp_avg_sq_row"][sl].clone()
+                st["exp_avg_sq_col"] = ref_st["exp_avg_sq_col"].clone() if p.dim() == 2 else \
+                    ref_st["exp_avg_sq_col"][sl].clone()
+            for i, gr in enumerate(grads):
+                gl = gr[sl].clone()
+                if i == 2 and rank == WORLD - 1 and gl.numel():
+                    gl.view(-1)[0] = float("nan")  # only the last rank sees it
+                if name == "adalomo":
+                    ok = F.adalomo_update_(p, gl, st, lr=1e-2, weight_decay=0.1, shard=info)
+                    ref_ok = F.adalomo_update_(ref_p, gr, ref_st, lr=1e-2, weight_decay=0.1) if i < 2 else None
+                elif name == "adafactor":
+                    ok = F.adafactor_update_(p, gl, st, lr=1e-2, relative_step=True, shard=info)
+                    ref_ok = F.adafactor_update_(ref_p, gr, ref_st, lr=1e-2, relative_step=True) if i < 2 else None
+                else:
+                    ok = F.lomo_update_(p, gl, lr=1e-2, weight_decay=0.1, shard=info)
+                    ref_ok = F.lomo_update_(ref_p, gr, lr=1e-2, weight_decay=0.1) if i < 2 else None
+                if i < 2:
+                    assert bool(ok) and bool(ref_ok)
+                    torch.testing.assert_close(p, ref_p[sl], rtol=1e-5, atol=1e-6)
+                elif shape[0] >= WORLD:
+                    assert not bool(ok), f"{name} {shape}: rank {rank} did not see the other rank's NaN"
+                    torch.testing.assert_close(p, ref_p[sl], rtol=1e-5, atol=1e-6)  # unchanged
+        if block_numel is not None:
+            F.BLOCK_NUMEL = saved_block
+
+
+def _scenario_dcp(rank: int, tmp: str):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        get_state_dict,
+        set_state_dict,
+    )
+
+    ck = os.path.join(tmp, "ckpt")
+    model = shard(make_model())
+    opt = adalomo.AdaLomo(model.parameters(), lr=3e-2, weight_decay=0.1, fused=True)
+    train(model, opt, 4, rank)
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=ck)
+    train(model, opt, 4, rank, start=4)
+    uninterrupted = full_params(model)
+    row = opt.state[model.l1.weight]["exp_avg_sq_row"].full_tensor()
+    # the gathered full optimizer state dict has the global shapes and values
+    full = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        torch.testing.assert_close(full["state"]["l1.weight"]["exp_avg_sq_row"], row, rtol=0, atol=0)
+        assert full["state"]["w3"]["exp_avg_sq_col"].shape == (3, 5)
+        assert full["state"]["head.bias"]["exp_avg_sq"].shape == (1,)
+
+    model2 = shard(make_model(seed=1))  # different weights: everything must come from the checkpoint
+    opt2 = adalomo.AdaLomo(model2.parameters(), lr=3e-2, weight_decay=0.1, fused=True)
+    msd, osd = get_state_dict(model2, opt2)
+    sd = {"model": msd, "optim": osd}
+    dcp.load(sd, checkpoint_id=ck)
+    set_state_dict(model2, opt2, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    assert float(opt2.state[model2.l1.weight]["step"]) == 4
+    assert is_dtensor(opt2.state[model2.l1.weight]["exp_avg_sq_row"])
+    train(model2, opt2, 4, rank, start=4)
+    assert_close(full_params(model2), uninterrupted, "DCP resume on 2 ranks", exact=True)
+    torch.testing.assert_close(opt2.state[model2.l1.weight]["exp_avg_sq_row"].full_tensor(), row, rtol=0, atol=0)
+
+    # a plain full state_dict (as an unsharded run saves) loads into the sharded optimizer too
+    ref = make_model()
+    ref_opt = local(adalomo.AdaLomo(ref.parameters(), lr=3e-2, weight_decay=0.1, fused=True))
+    train(ref, ref_opt, 4, None)
+    model3 = shard(make_model())
+    opt3 = adalomo.AdaLomo(model3.parameters(), lr=3e-2, weight_decay=0.1, fused=True)
+    train(model3, opt3, 4, rank)
+    opt3.load_state_dict(ref_opt.state_dict())
+    assert is_dtensor(opt3.state[model3.l1.weight]["exp_avg_sq_row"])
+    torch.testing.assert_close(opt3.state[model3.w3]["exp_avg_sq_col"].full_tensor(),
+                               ref_opt.state[ref.w3]["exp_avg_sq_col"])
+    if rank == 0:
+        torch.save(uninterrupted, os.path.join(tmp, "uninterrupted.pt"))
+
+
+def _scenario_dp(rank: int, tmp: str):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from adalomo.distributed import hsdp_mesh
+
+    ref = make_model()
+    ref_opt = local(adalomo.AdaLomo(ref.parameters(), lr=3e-2, weight_decay=0.1, fused=True))
+    train(ref, ref_opt, STEPS, None)
+    expected = full_params(ref)
+
+    # DDP + fused: a clear error at the first backward, and from check_not_ddp
+    ddp = DDP(make_model())
+    opt = adalomo.AdaLomo(ddp.parameters(), lr=3e-2, fused=True)
+    with pytest.raises(UnshardedDistributedError, match="DistributedDataParallel"):
+        check_not_ddp(ddp, opt)
+    x, y = batch(0, rank)
+    with pytest.raises(UnshardedDistributedError, match="HSDP"):
+        loss_fn(ddp, x, y).backward()
+    opt.remove_hooks()
+    check_not_ddp(ddp, adalomo.AdaLomo(make_model().parameters()))  # classic: fine
+
+    # DDP + classic: exact
+    ddp = DDP(make_model())
+    opt = adalomo.AdaLomo(ddp.parameters(), lr=3e-2, weight_decay=0.1)
+    train(ddp, opt, STEPS, rank, fused=False)
+    assert_close({n.removeprefix("module."): p for n, p in full_params(ddp).items()}, expected, "DDP classic")
+
+    # HSDP (replicate=2, shard=1): fused data parallelism with full replicas, exact
+    model = shard(make_model(), mesh=hsdp_mesh(WORLD, 1, "cpu"))
+    opt = adalomo.AdaLomo(model.parameters(), lr=3e-2, weight_decay=0.1, fused=True)
+    train(model, opt, STEPS, rank)
+    assert_close(full_params(model), expected, "HSDP (2, 1) fused")
+    assert model.l1.weight.to_local().shape == (7, 8)
+
+    # explicit opt-out for model-parallel setups where each rank owns its parameters
+    own = make_model(seed=10 + rank)
+    opt = adalomo.AdaLomo(own.parameters(), lr=3e-2, fused=True)
+    opt.allow_unsharded_distributed = True
+    train(own, opt, 1, rank)
+
+
+SCENARIOS = {"fsdp_exact": _scenario_fsdp_exact, "dcp": _scenario_dcp, "dp": _scenario_dp}
+
+
+# ----------------------------------------------------------------------------------------------- tests
+def test_fsdp2_fused_and_classic_match_single_process(tmp_path):
+    """AdaLomo/Adafactor/Lomo (fused and classic, incl. two-pass clipping) under FSDP2 over 10 steps equal
+    the single-process run; uneven and empty shards; DTensor state layout; a non-finite step is skipped on
+    every rank; the functional API with an explicit ShardInfo."""
+    spawn("fsdp_exact", tmp_path)
+
+
+def test_dcp_resume_exact_on_2_ranks_and_on_1(tmp_path):
+    """Save with DCP on 2 ranks, resume on 2 ranks: bit-identical to the uninterrupted run. Resume the same
+    checkpoint in a single process (a different number of ranks): equal to fp32 tolerance."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    spawn("dcp", tmp_path)
+    uninterrupted = torch.load(tmp_path / "uninterrupted.pt")
+    model = make_model(seed=1)
+    opt = adalomo.AdaLomo(model.parameters(), lr=3e-2, weight_decay=0.1, fused=True)
+    msd, osd = get_state_dict(model, opt)
+    sd = {"model": msd, "optim": osd}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process": it is
+        dcp.load(sd, checkpoint_id=str(tmp_path / "ckpt"))
+    set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    assert float(opt.state[model.l1.weight]["step"]) == 4
+    assert opt.state[model.l1.weight]["exp_avg_sq_row"].shape == (7,)
+    train(model, opt, 4, None, start=4)
+    assert_close(full_params(model), uninterrupted, "DCP resume on 1 rank")
+
+
+def test_ddp_refused_in_fused_mode_classic_and_hsdp_exact(tmp_path):
+    """DDP + fused raises a clear error; DDP + classic and HSDP (2, 1) + fused equal the single process."""
+    spawn("dp", tmp_path)
+
+
+def test_plain_tensors_unaffected_without_process_group():
+    """No process group: fused mode on plain tensors does not complain (single-process path)."""
+    model = make_model()
+    opt = adalomo.AdaLomo(model.parameters(), lr=3e-2, fused=True)
+    train(model, opt, 1)
+    assert not opt._shard_layouts
+
+
+def test_example_runs_under_torchrun(tmp_path):
+    """examples/fsdp_train.py on the CPU (gloo, 2 processes, tiny model, 3 steps)."""
+    pytest.importorskip("adalomo.experiments.models")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
+           str(ROOT / "examples" / "fsdp_train.py"), "--size", "tiny", "--steps", "3", "--batch-size", "2",
+           "--seq-len", "32", "--device", "cpu", "--dtype", "fp32", "--checkpoint-dir", str(tmp_path / "ck")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "step 3" in r.stdout, r.stdout[-3000:]
