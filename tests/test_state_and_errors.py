@@ -8,8 +8,8 @@ import warnings
 
 import pytest
 import torch
+from test_fused import TinyNet, _batches, _train
 from torch import nn
-from test_fused import TinyNet, _batches, _loss, _train
 
 from adalomo import Adafactor, AdaLomo, DynamicLossScaler, Lomo
 
