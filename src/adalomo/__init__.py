@@ -5,8 +5,9 @@ mode (each parameter updated the moment its gradient is ready, then the gradient
 """
 
 from .optim import Adafactor, AdaLomo, Lomo, LowMemoryOptimizer
+from .optim.adapm import AdaPM, SplitMomentum, adapm_param_groups
 from .precision import DynamicLossScaler
 
 __version__ = "0.1.0"
 
-__all__ = ["AdaLomo", "Adafactor", "Lomo", "LowMemoryOptimizer", "DynamicLossScaler", "__version__"]
+__all__ = ["AdaLomo", "Adafactor", "Lomo", "AdaPM", "adapm_param_groups", "SplitMomentum", "LowMemoryOptimizer", "DynamicLossScaler", "__version__"]

@@ -1,0 +1,548 @@
+"""AdaPM (Zhang, Liu & Fang, arXiv 2510.09103): Adam with partial momentum, per tensor "full", "low_rank" or "none".
+
+Our reading of the paper (its code is not public); docs/adapm.md says which parts are the paper's and
+which are ours. The momentum maths is in :mod:`adalomo.momentum`, the second moment in
+:mod:`adalomo.functional`; this module wires them, resolves the per-tensor momentum policy, builds
+parameter groups for Hugging Face / our models, and counts optimizer-state bytes::
+
+    python -m adalomo.optim.adapm --preset llama-7b --rank 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as F
+from .. import momentum as M
+from ..momentum import KINDS, SplitMomentum
+from ..precision import DynamicLossScaler
+from .base import LowMemoryOptimizer, _check_number
+
+__all__ = ["AdaPM", "SplitMomentum", "adapm_policy", "resolve_policy", "adapm_param_groups", "momentum_kinds",
+           "state_bytes", "adamw_state_bytes", "llama_shapes", "gpt2_shapes", "PRESETS"]
+
+Kind = str | SplitMomentum
+Policy = str | Mapping[str, Kind] | Callable[[str | None, Tensor], Kind]
+
+SECOND_MOMENTS = ("adam", "factored")
+BASIS_METHODS = ("randomized", "svd")
+#: the floor of RMS(p) in the relative step size (``relative_lr=True``), as AdaLomo's eps2
+PARAM_SCALE_EPS = 1e-3
+
+# --------------------------------------------------------------------------------------------- the policy
+
+_C = r"(?:^|\.)"  # start of a dotted name component
+#: The default "adapm" policy for matrices: first match wins, unmatched matrices keep full momentum.
+ADAPM_RULES: tuple[tuple[str, Kind], ...] = (
+    # embeddings (input, positional, output head): no momentum
+    (r"embed|" + _C + r"(?:wte|wpe|tok_emb|pos_emb|tok_embeddings|lm_head|embed_out)\.", "none"),
+    # attention output projection: no momentum
+    (r"(?:attn|attention)\.(?:c_proj|dense|o_proj|out_proj|wo)\.|" + _C + r"(?:o_proj|out_proj|wo)\.", "none"),
+    # value projection: full momentum
+    (_C + r"(?:v_proj|wv|value)\.", "full"),
+    # query and key projections: low-rank momentum
+    (_C + r"(?:q_proj|k_proj|wq|wk|query|key)\.", "low_rank"),
+    # fused QKV: GPT-2's Conv1D c_attn (in, 3*dim) and Phi-3's qkv_proj / MPT's Wqkv (3*dim, in) hold
+    # [Q | K | V] contiguously: split them (see _split_qkv); GPT-NeoX's query_key_value interleaves heads
+    (_C + r"c_attn\.", SplitMomentum(-1, ("low_rank", "low_rank", "full"))),
+    (_C + r"(?:qkv_proj|Wqkv)\.", SplitMomentum(0, ("low_rank", "low_rank", "full"))),
+    (_C + r"query_key_value\.", "low_rank"),
+    # MLP: low-rank momentum
+    (_C + r"(?:gate_proj|up_proj|down_proj|gate_up_proj|w1|w2|w3|c_fc|fc1|fc2|fc_in|fc_out|dense_h_to_4h|"
+     r"dense_4h_to_h)\.|mlp\.c_proj\.", "low_rank"),
+)
+_ADAPM_COMPILED = tuple((re.compile(p), k) for p, k in ADAPM_RULES)
+
+
+def adapm_policy(name: str | None, p: Tensor) -> Kind:
+    """The default policy (the paper's block policy as a third-party summary gives it, our name patterns).
+
+    0-D/1-D tensors (norm weights, biases): ``full``. Matrices: embeddings and the LM head ``none``;
+    attention output ``none``; value ``full``; query, key and MLP ``low_rank``; fused QKV split
+    (Q, K low-rank, V full); every other matrix ``full``. Unnamed tensors: ``full``.
+    """
+    if p.dim() < 2 or name is None:
+        return "full"
+    for rx, kind in _ADAPM_COMPILED:
+        if rx.search(name):
+            if isinstance(kind, SplitMomentum) and p.shape[kind.dim] % len(kind.kinds) != 0:
+                return "low_rank"
+            return kind
+    return "full"
+
+
+def _check_kind(kind: Any, where: str) -> Kind:
+    if isinstance(kind, str):
+        if kind in KINDS:
+            return kind
+    elif isinstance(kind, (tuple, list)) and len(kind) == 2 and isinstance(kind[1], (tuple, list)) and kind[1]:
+        dim, kinds = kind
+        if isinstance(dim, int) and not isinstance(dim, bool) and all(k in KINDS for k in kinds):
+            return SplitMomentum(dim, tuple(kinds))
+    raise ValueError(f"{where}: unknown momentum kind {kind!r}; choose one of 'full', 'low_rank', 'none', or "
+                     "SplitMomentum(dim, kinds) for equal chunks of a fused tensor")
+
+
+def resolve_policy(policy: Policy) -> Callable[[str | None, Tensor], Kind]:
+    """``policy`` as a function (name, tensor) -> kind.
+
+    ``"adapm"``: :func:`adapm_policy`. ``"full"`` / ``"low_rank"`` / ``"none"``: that kind for every
+    tensor. A mapping {regex: kind}: the first regex (in order) that ``re.search``-matches the name
+    wins, unmatched or unnamed tensors keep ``full`` (add ``".*"`` last to change that). A callable
+    (name, tensor) -> kind is used as is (``name`` is None for tensors passed without names).
+    """
+    if isinstance(policy, str):
+        if policy == "adapm":
+            return adapm_policy
+        kind = _check_kind(policy, "momentum_policy")
+        return lambda name, p: kind
+    if isinstance(policy, Mapping):
+        rules = []
+        for rx, kind in policy.items():
+            try:
+                rules.append((re.compile(rx), _check_kind(kind, f"momentum_policy[{rx!r}]")))
+            except (re.error, TypeError) as e:
+                raise ValueError(f"momentum_policy: bad regular expression {rx!r}: {e}") from None
+
+        def by_regex(name: str | None, p: Tensor) -> Kind:
+            if name is not None:
+                for rx, kind in rules:
+                    if rx.search(name):
+                        return kind
+            return "full"
+        return by_regex
+    if callable(policy):
+        return policy
+    raise ValueError(f"momentum_policy must be 'adapm', a kind ({', '.join(KINDS)}), a dict {{regex: kind}} or a "
+                     f"callable (name, param) -> kind; got {policy!r}")
+
+
+def _effective_kind(kind: Kind, shape: torch.Size, where: str) -> Kind:
+    """Low-rank (or split) momentum on a 0-D/1-D (or empty) tensor falls back to full; check split sizes."""
+    if len(shape) < 2 or math.prod(shape) == 0:
+        kinds = kind.kinds if isinstance(kind, SplitMomentum) else (kind,)
+        return "none" if all(k == "none" for k in kinds) else "full"
+    if isinstance(kind, SplitMomentum):
+        if not -len(shape) <= kind.dim < len(shape):
+            raise ValueError(f"{where}: SplitMomentum dim {kind.dim} is out of range for shape {tuple(shape)}")
+        n, k = shape[kind.dim], len(kind.kinds)
+        if n % k:
+            raise ValueError(f"{where}: SplitMomentum needs dim {kind.dim} (size {n}) divisible into {k} equal chunks")
+        if len(set(kind.kinds)) == 1:
+            return kind.kinds[0]
+    return kind
+
+
+def _chunk_shape(shape: torch.Size, kind: SplitMomentum) -> torch.Size:
+    s = list(shape)
+    s[kind.dim] //= len(kind.kinds)
+    return torch.Size(s)
+
+
+def momentum_kinds(named_params: Iterable[tuple[str, Tensor]], policy: Policy = "adapm") -> dict[str, Kind]:
+    """{name: effective kind} for ``model.named_parameters()`` (or (name, shape) pairs) under ``policy``."""
+    fn = resolve_policy(policy)
+    out = {}
+    for name, p in named_params:
+        if not isinstance(p, Tensor):
+            p = torch.empty(tuple(p), device="meta")
+        out[name] = _effective_kind(_check_kind(fn(name, p), f"momentum_policy({name!r})"), p.shape, name)
+    return out
+
+
+def adapm_param_groups(model: nn.Module, policy: Policy = "adapm", *, rank: int | float | None = None,
+                       weight_decay: float = 0.0,
+                       no_decay_names: Iterable[str] = ("bias", "norm", "ln_", "embed", "wte", "wpe", "tok_emb"),
+                       **group_options) -> list[dict[str, Any]]:
+    """Parameter groups for :class:`AdaPM`: one per (momentum kind, decay or not), with names.
+
+    Each group has ``params``, ``param_names``, ``momentum`` (the kind) and ``weight_decay``
+    (``weight_decay`` for matrices, 0 for 0-D/1-D tensors and names containing any of
+    ``no_decay_names``); ``rank`` and ``group_options`` (e.g. ``lr``) are copied into every group.
+    Frozen parameters are skipped; tied weights appear once (``named_parameters`` deduplicates).
+    """
+    _check_number("weight_decay", weight_decay, low=0.0)
+    no_decay_names = tuple(no_decay_names)
+    kinds = momentum_kinds(((n, p) for n, p in model.named_parameters() if p.requires_grad), policy)
+    groups: dict[tuple[str, bool], dict[str, Any]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = p.dim() >= 2 and not any(s in name for s in no_decay_names)
+        kind = kinds[name]
+        key = (repr(kind), decay)
+        if key not in groups:
+            g = {"params": [], "param_names": [], "momentum": kind,
+                 "weight_decay": weight_decay if decay else 0.0, **group_options}
+            if rank is not None:
+                g["rank"] = rank
+            groups[key] = g
+        groups[key]["params"].append(p)
+        groups[key]["param_names"].append(name)
+    return list(groups.values())
+
+
+# ------------------------------------------------------------------------------------------- the optimizer
+
+
+class AdaPM(LowMemoryOptimizer):
+    """AdaPM: Adam(W) whose first moment is, per tensor, full, low-rank with bias correction, or absent.
+
+    Per tensor with gradient g at step t (all maths in fp32, state fp32):
+
+    * momentum estimate m_hat (:mod:`adalomo.momentum`): ``full``: m = beta1 m + (1-beta1) g,
+      m_hat = m / (1 - beta1^t); ``none``: m_hat = g; ``low_rank``: m_hat = P M / (1 - beta1^t) + (g - P P^T g)
+      with an orthonormal basis P (rank ``rank``) refreshed from g at step 1 and every ``update_proj_gap``
+      steps and M = beta1 M + (1-beta1) P^T g. E[m_hat] = E[g] for stationary gradients.
+    * ``second_moment="adam"``: v = beta2 v + (1-beta2) g^2, u = m_hat / (sqrt(v / (1 - beta2^t)) + eps),
+      step size ``lr`` (with every tensor ``full`` this is exactly ``torch.optim.AdamW``).
+    * ``second_moment="factored"``: the AdaLomo/Adafactor factored v (row and column EMAs of g^2 + eps^2 for
+      matrices, full v for 0-D/1-D), bias-corrected, u = m_hat / sqrt(v_hat), then the update clipping
+      u /= max(1, RMS(u) / clip_threshold); step size ``lr``, or ``lr * max(1e-3, RMS(p))`` with
+      ``relative_lr=True`` (AdaLomo's relative step). With ``decay_rate`` (e.g. -0.8) beta2_t = 1 - t^decay_rate
+      replaces ``betas[1]`` and its bias correction, in both modes.
+    * p <- p (1 - step_size * weight_decay) - step_size * u (decoupled weight decay, AdamW style).
+
+    The momentum kind of each tensor: a group's ``momentum`` key if set (e.g. from
+    :func:`adapm_param_groups`), else ``momentum_policy`` applied to the tensor's name: pass
+    ``model.named_parameters()`` (or groups with ``param_names``) for name-based policies. Tensors without
+    names get what the policy says for ``name=None`` (``full`` for "adapm" and dict policies, with a warning).
+    ``low_rank`` (or a split) on a 0-D/1-D tensor means ``full``; tensors with more than two dims are
+    flattened to (shape[0], rest) for the low-rank maths.
+
+    ``rank``: an int (capped at min(m, n)) or a float in (0, 1], a fraction of min(m, n).
+    ``refresh_fill``: at a basis refresh, fill the part of the new subspace that the old one did not
+    cover with the current gradient (keeps the estimate unbiased across refreshes; see docs/adapm.md).
+    ``proj_method``: ``"randomized"`` (range finder, seeded from ``proj_seed``, the tensor and the step, so
+    that resumed runs are exact) or ``"svd"``. ``fused=True`` updates inside ``backward()`` (momentum,
+    basis refresh and all). See :class:`LowMemoryOptimizer` for ``fused``, ``nonfinite``, ``loss_scaler``,
+    ``clip_grad_norm``, ``stochastic_rounding``.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, rank: int | float = 64, update_proj_gap: int = 200,
+                 second_moment: str = "adam", momentum_policy: Policy = "adapm", fused: bool = False, *,
+                 proj_method: str = "randomized", clip_threshold: float | None = 1.0, relative_lr: bool = False,
+                 decay_rate: float | None = None, refresh_fill: bool = True, proj_seed: int = 0,
+                 clip_grad_norm: float | None = None,
+                 stochastic_rounding: bool | None = None, nonfinite: str = "warn",
+                 loss_scaler: DynamicLossScaler | None = None, sr_seed: int = 0):
+        self._policy = resolve_policy(momentum_policy)
+        self._policy_is_named = momentum_policy in ("adapm", adapm_policy) or isinstance(momentum_policy, Mapping)
+        self._kinds: dict[int, Kind] = {}
+        self._names: dict[int, str | None] = {}
+        self._warned_unnamed = False
+        self.proj_seed = int(proj_seed)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
+                        update_proj_gap=update_proj_gap, second_moment=second_moment, momentum=None,
+                        proj_method=proj_method, clip_threshold=clip_threshold, relative_lr=relative_lr,
+                        decay_rate=decay_rate, refresh_fill=refresh_fill, stochastic_rounding=stochastic_rounding)
+        super().__init__(params, defaults, fused=fused, nonfinite=nonfinite, loss_scaler=loss_scaler,
+                         clip_grad_norm=clip_grad_norm, sr_seed=sr_seed)
+
+    # -------------------------------------------------------------------------------- wiring
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        group = dict(param_group)
+        params = group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        if params and all(isinstance(x, tuple) and len(x) == 2 for x in params):  # named_parameters()
+            group["param_names"] = [n for n, _ in params]
+            params = [p for _, p in params]
+        elif any(isinstance(x, tuple) for x in params):
+            raise TypeError("AdaPM: params mixes (name, tensor) pairs and tensors; pass model.named_parameters(), "
+                            "model.parameters() or adapm_param_groups(model)")
+        group["params"] = params
+        names = group.get("param_names")
+        if names is not None and len(names) != len(params):
+            raise ValueError(f"AdaPM: a group has {len(params)} params but {len(names)} param_names")
+        for i, p in enumerate(params):
+            if isinstance(p, Tensor):
+                self._names[id(p)] = None if names is None else names[i]
+        super().add_param_group(group)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        _check_number("lr", group["lr"], low=0.0)
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), e.g. (0.9, 0.999), got {betas!r}")
+        _check_number("betas[0]", betas[0], low=0.0, high=1.0, high_open=True)
+        _check_number("betas[1]", betas[1], low=0.0, high=1.0, high_open=True)
+        group["betas"] = (float(betas[0]), float(betas[1]))
+        _check_number("eps", group["eps"], low=0.0)
+        _check_number("weight_decay", group["weight_decay"], low=0.0)
+        rank = group["rank"]
+        if isinstance(rank, bool) or not isinstance(rank, (int, float)) or not rank > 0 or (
+                isinstance(rank, float) and rank > 1):
+            raise ValueError(f"rank must be a positive int (capped at min(m, n)) or a fraction in (0, 1], "
+                             f"got {rank!r}")
+        gap = group["update_proj_gap"]
+        if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
+            raise ValueError(f"update_proj_gap must be an int >= 1 (steps between basis refreshes), got {gap!r}")
+        if group["second_moment"] not in SECOND_MOMENTS:
+            raise ValueError(f"second_moment must be one of {SECOND_MOMENTS}, got {group['second_moment']!r}")
+        if group["proj_method"] not in BASIS_METHODS:
+            raise ValueError(f"proj_method must be one of {BASIS_METHODS}, got {group['proj_method']!r}")
+        if group["clip_threshold"] is not None:
+            _check_number("clip_threshold", group["clip_threshold"], low=0.0, low_open=True,
+                          hint=" (use None to disable update clipping)")
+        if group["decay_rate"] is not None:
+            _check_number("decay_rate", group["decay_rate"], high=0.0, high_open=True,
+                          hint=" (beta2_t = 1 - t^decay_rate; the usual value is -0.8; None uses betas[1])")
+        if group["momentum"] is not None:  # stored as a plain str / tuple: checkpoints load with weights_only
+            kind = _check_kind(group["momentum"], "param group 'momentum'")
+            group["momentum"] = (kind.dim, tuple(kind.kinds)) if isinstance(kind, SplitMomentum) else kind
+        for p in group["params"]:
+            self._kinds[id(p)] = self._resolve(p, group)
+
+    def _resolve(self, p: Tensor, group: dict[str, Any]) -> Kind:
+        name = self._names.get(id(p))
+        where = f"AdaPM: parameter {name!r}" if name is not None else f"AdaPM: a parameter of shape {tuple(p.shape)}"
+        if group["momentum"] is not None:
+            kind = _check_kind(group["momentum"], "param group 'momentum'")
+        else:
+            if name is None and self._policy_is_named and not self._warned_unnamed:
+                self._warned_unnamed = True
+                warnings.warn("AdaPM: parameters were passed without names, so the momentum policy cannot tell "
+                              "blocks apart and they all keep full momentum (plain Adam memory); pass "
+                              "model.named_parameters() or adapm_param_groups(model)", UserWarning, stacklevel=5)
+            kind = _check_kind(self._policy(name, p), f"{where}: momentum_policy returned")
+        return _effective_kind(kind, p.shape, where)
+
+    @staticmethod
+    def _rank_for(shape: torch.Size, rank: int | float) -> int:
+        a, b = shape[0], math.prod(shape[1:])
+        if isinstance(rank, float):
+            return max(1, round(rank * min(a, b)))
+        return int(rank)
+
+    def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+        kind = self._kinds[id(p)]
+        state: dict[str, Tensor] = {"step": torch.tensor(0.0)}
+        if isinstance(kind, SplitMomentum):
+            cs = _chunk_shape(p.shape, kind)
+            for i, k in enumerate(kind.kinds):
+                state.update(M.init_momentum_state(k, cs, self._rank_for(cs, group["rank"]), p.device, f"{i}."))
+        else:
+            rank = self._rank_for(p.shape, group["rank"]) if kind == "low_rank" else 1
+            state.update(M.init_momentum_state(kind, p.shape, rank, p.device))
+        if group["second_moment"] == "factored":
+            state.update(F.init_factored_state(p))
+        else:
+            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        return state
+
+    def momentum_kind(self, p: Tensor) -> Kind:
+        """The momentum kind AdaPM uses for ``p``."""
+        return self._kinds[id(p)]
+
+    # ---------------------------------------------------------------------------------- maths
+    def _basis_fn(self, p: Tensor, group: dict[str, Any], step: int, chunk: int):
+        method = group["proj_method"]
+        if method == "svd":
+            return lambda g2, r, side: M.orthonormal_basis(g2, r, side, "svd")
+
+        def basis(g2, r, side):
+            seed = ((self.proj_seed * 1_000_003 + self._param_index[id(p)]) * 1_000_033 + step) * 31 + chunk
+            gen = torch.Generator(device=g2.device)
+            gen.manual_seed(seed % (1 << 62))
+            return M.orthonormal_basis(g2, r, side, "randomized", generator=gen)
+        return basis
+
+    def _update(self, p, grad, group, state, grad_scale, stochastic_rounding, generator):
+        state["step"] += 1
+        t = float(state["step"])
+        beta1, beta2 = group["betas"]
+        g = grad.float() if grad_scale is None else grad.float() * grad_scale  # read-only from here on
+        ok = torch.isfinite(g.sum())
+        kind = self._kinds[id(p)]
+        refresh = (int(t) - 1) % group["update_proj_gap"] == 0
+        if isinstance(kind, SplitMomentum):
+            parts = []
+            for i, (k, gc) in enumerate(zip(kind.kinds, g.chunk(len(kind.kinds), kind.dim))):
+                parts.append(M.momentum_estimate_(k, state, gc, beta1=beta1, step=t, ok=ok, refresh=refresh,
+                                                  basis=self._basis_fn(p, group, int(t), i),
+                                                  fill=group["refresh_fill"], prefix=f"{i}."))
+            m_hat = torch.cat(parts, kind.dim)
+        else:
+            m_hat = M.momentum_estimate_(kind, state, g, beta1=beta1, step=t, ok=ok, refresh=refresh,
+                                         basis=self._basis_fn(p, group, int(t), 0), fill=group["refresh_fill"])
+        if group["decay_rate"] is not None:
+            beta2, bc2 = F.beta2_at(t, group["decay_rate"]), 1.0
+        else:
+            bc2 = 1.0 - beta2 ** t
+        lr = group["lr"]
+        if group["second_moment"] == "adam":
+            v = state["exp_avg_sq"]
+            v.copy_(torch.where(ok, torch.lerp(g * g, v, beta2), v))
+            u = m_hat / (v / bc2).sqrt_().add_(group["eps"])
+            step_size = torch.full((), lr, dtype=torch.float32, device=p.device)
+        else:
+            ok = ok & F.update_second_moment_(state, g, beta2=beta2, eps1=group["eps"] ** 2)
+            u = m_hat
+            for f in F.preconditioner(state):
+                u = u * f
+            if bc2 != 1.0:
+                u.mul_(math.sqrt(bc2))
+            if group["clip_threshold"] is not None:
+                u.mul_(F.clip_by_rms(u.square().sum(), u.numel(), group["clip_threshold"]))
+            if group["relative_lr"]:
+                step_size = F.param_scale(p, PARAM_SCALE_EPS) * lr
+            else:
+                step_size = torch.full((), lr, dtype=torch.float32, device=p.device)
+        F.apply_update_(p, u, step_size, group["weight_decay"], ok, stochastic_rounding, generator)
+        return ok
+
+    # ---------------------------------------------------------------------------- checkpoints
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict["state"]
+        ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for pid, p in zip(ids, params):
+            if pid not in saved or p not in self.state:
+                continue
+            want = {k: tuple(v.shape) for k, v in self.state[p].items() if k != "step"}
+            got = {k: tuple(v.shape) for k, v in saved[pid].items() if k != "step" and isinstance(v, Tensor)}
+            if want != got:
+                name = self._names.get(id(p)) or f"of shape {tuple(p.shape)}"
+                raise ValueError(f"AdaPM.load_state_dict: the checkpoint's state for parameter {name} is {got}, "
+                                 f"this optimizer expects {want}: it was saved with another momentum policy, "
+                                 "rank or second_moment")
+        super().load_state_dict(state_dict)
+
+
+# --------------------------------------------------------------------------------------------- memory
+
+
+def _named_shapes(model) -> list[tuple[str, torch.Size]]:
+    if isinstance(model, nn.Module):
+        return [(n, p.shape) for n, p in model.named_parameters() if p.requires_grad]
+    return [(n, torch.Size(s.shape if isinstance(s, Tensor) else s)) for n, s in model]
+
+
+def state_bytes(model, policy: Policy = "adapm", rank: int | float = 64, second_moment: str = "adam",
+                bytes_per_value: int = 4) -> dict[str, Any]:
+    """Optimizer-state bytes of AdaPM for ``model`` (an ``nn.Module``, also on the meta device, or a list of
+    (name, shape)), without allocating anything; compare with :func:`adamw_state_bytes`.
+
+    Returns {"momentum", "second_moment", "total", "params", "by_kind": {kind: {"params", "momentum"}}}
+    in bytes (fp32 state; step counters not counted). ``low_rank`` counts the basis P and M:
+    r * (m + n) values per matrix.
+    """
+    if second_moment not in SECOND_MOMENTS:
+        raise ValueError(f"second_moment must be one of {SECOND_MOMENTS}, got {second_moment!r}")
+    fn = resolve_policy(policy)
+    mom = sec = nparams = 0
+    by_kind: dict[str, dict[str, int]] = {}
+    for name, shape in _named_shapes(model):
+        meta = torch.empty(shape, device="meta")
+        kind = _effective_kind(_check_kind(fn(name, meta), f"momentum_policy({name!r})"), shape, name)
+        n = math.prod(shape)
+        nparams += n
+        parts = ([(k, _chunk_shape(shape, kind)) for k in kind.kinds] if isinstance(kind, SplitMomentum)
+                 else [(kind, shape)])
+        for k, s in parts:
+            r = AdaPM._rank_for(s, rank) if k == "low_rank" else 1
+            vals = M.momentum_state_numel(k, s, r)
+            mom += vals
+            entry = by_kind.setdefault(k, {"params": 0, "momentum": 0})
+            entry["params"] += math.prod(s)
+            entry["momentum"] += vals * bytes_per_value
+        if second_moment == "factored" and len(shape) >= 2:
+            sec += math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1]
+        else:
+            sec += n
+    return {"momentum": mom * bytes_per_value, "second_moment": sec * bytes_per_value,
+            "total": (mom + sec) * bytes_per_value, "params": nparams, "by_kind": by_kind}
+
+
+def adamw_state_bytes(model, bytes_per_value: int = 4) -> dict[str, Any]:
+    """AdamW's fp32 exp_avg + exp_avg_sq for ``model`` (same input as :func:`state_bytes`)."""
+    n = sum(math.prod(s) for _, s in _named_shapes(model))
+    return {"momentum": n * bytes_per_value, "second_moment": n * bytes_per_value,
+            "total": 2 * n * bytes_per_value, "params": n}
+
+
+def llama_shapes(dim: int = 4096, n_layers: int = 32, ffn_dim: int = 11008, vocab_size: int = 32000,
+                 n_heads: int = 32, n_kv_heads: int | None = None, tie_embeddings: bool = False
+                 ) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of a Hugging Face LLaMA (``LlamaForCausalLM`` names), without building it."""
+    kv = dim // n_heads * (n_kv_heads or n_heads)
+    out = [("model.embed_tokens.weight", (vocab_size, dim))]
+    for i in range(n_layers):
+        pre = f"model.layers.{i}."
+        out += [(pre + "self_attn.q_proj.weight", (dim, dim)), (pre + "self_attn.k_proj.weight", (kv, dim)),
+                (pre + "self_attn.v_proj.weight", (kv, dim)), (pre + "self_attn.o_proj.weight", (dim, dim)),
+                (pre + "mlp.gate_proj.weight", (ffn_dim, dim)), (pre + "mlp.up_proj.weight", (ffn_dim, dim)),
+                (pre + "mlp.down_proj.weight", (dim, ffn_dim)),
+                (pre + "input_layernorm.weight", (dim,)), (pre + "post_attention_layernorm.weight", (dim,))]
+    out.append(("model.norm.weight", (dim,)))
+    if not tie_embeddings:
+        out.append(("lm_head.weight", (vocab_size, dim)))
+    return out
+
+
+def gpt2_shapes(dim: int = 768, n_layers: int = 12, vocab_size: int = 50257, n_positions: int = 1024
+                ) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of a Hugging Face GPT-2 (``GPT2LMHeadModel``; lm_head tied to wte)."""
+    out = [("transformer.wte.weight", (vocab_size, dim)), ("transformer.wpe.weight", (n_positions, dim))]
+    for i in range(n_layers):
+        pre = f"transformer.h.{i}."
+        out += [(pre + "ln_1.weight", (dim,)), (pre + "ln_1.bias", (dim,)),
+                (pre + "attn.c_attn.weight", (dim, 3 * dim)), (pre + "attn.c_attn.bias", (3 * dim,)),
+                (pre + "attn.c_proj.weight", (dim, dim)), (pre + "attn.c_proj.bias", (dim,)),
+                (pre + "ln_2.weight", (dim,)), (pre + "ln_2.bias", (dim,)),
+                (pre + "mlp.c_fc.weight", (dim, 4 * dim)), (pre + "mlp.c_fc.bias", (4 * dim,)),
+                (pre + "mlp.c_proj.weight", (4 * dim, dim)), (pre + "mlp.c_proj.bias", (dim,))]
+    out += [("transformer.ln_f.weight", (dim,)), ("transformer.ln_f.bias", (dim,))]
+    return out
+
+
+PRESETS: dict[str, Callable[[], list[tuple[str, tuple[int, ...]]]]] = {
+    "llama-60m": lambda: llama_shapes(512, 8, 1376, 32000, 8),
+    "llama-130m": lambda: llama_shapes(768, 12, 2048, 32000, 12),
+    "llama-350m": lambda: llama_shapes(1024, 24, 2736, 32000, 16),
+    "llama-1b": lambda: llama_shapes(2048, 24, 5461, 32000, 32),
+    "llama-7b": lambda: llama_shapes(4096, 32, 11008, 32000, 32),
+    "gpt2-125m": lambda: gpt2_shapes(768, 12),
+    "gpt2-1.5b": lambda: gpt2_shapes(1600, 48),
+}
+
+
+def memory_report(shapes, rank: int | float = 64, policy: Policy = "adapm") -> str:
+    """A text table: AdamW vs AdaPM (adam and factored second moments) optimizer-state bytes."""
+    base = adamw_state_bytes(shapes)
+    lines = [f"parameters: {base['params'] / 1e6:,.1f}M   rank: {rank}",
+             f"{'optimizer':<26}{'momentum':>12}{'2nd moment':>12}{'total':>12}{'momentum saved':>16}"
+             f"{'total saved':>13}"]
+
+    def row(label, d):
+        lines.append(f"{label:<26}{d['momentum'] / 2**30:>10.3f}Gi{d['second_moment'] / 2**30:>10.3f}Gi"
+                     f"{d['total'] / 2**30:>10.3f}Gi{1 - d['momentum'] / base['momentum']:>16.1%}"
+                     f"{1 - d['total'] / base['total']:>13.1%}")
+    row("adamw", base)
+    for sm in SECOND_MOMENTS:
+        row(f"adapm ({sm})", state_bytes(shapes, policy, rank, sm))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m adalomo.optim.adapm",
+                                 description="AdaPM optimizer-state memory vs AdamW (fp32 states, shapes only)")
+    ap.add_argument("--preset", default="llama-7b", choices=sorted(PRESETS))
+    ap.add_argument("--rank", default="64", help="int, or a fraction of min(m, n) such as 0.0625")
+    args = ap.parse_args(argv)
+    rank: int | float = float(args.rank) if "." in args.rank else int(args.rank)
+    print(f"{args.preset}: " + memory_report(PRESETS[args.preset](), rank))
+
+
+if __name__ == "__main__":
+    main()
