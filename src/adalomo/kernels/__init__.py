@@ -1,15 +1,205 @@
 """Fast paths for the per-tensor updates (Triton on CUDA); the torch code in ``functional`` is the fallback.
 
-``use_triton(*tensors)`` decides per call; the pure-torch path stays the reference on CPU.
+``use_triton(*tensors)`` decides per call:
+
+* ``ADALOMO_DISABLE_TRITON=1`` turns the kernels off everywhere (the torch path runs);
+* CUDA tensors (plain tensors or ``nn.Parameter``; not DTensor or other subclasses, not while
+  ``torch.compile`` traces) of dtype fp16/bf16/fp32 use the kernels when ``triton`` imports;
+* CPU tensors use them only with ``ADALOMO_TRITON_INTERPRET=1``: the kernels are then loaded through
+  Triton's interpreter (``TRITON_INTERPRET=1`` must also be set before anything imports triton; it is
+  set here when triton was not imported yet). This
+  is how the CPU test suite checks them (in a subprocess); it is slow, meant for tests only, and
+  ``TRITON_INTERPRET=1`` then stays set for the rest of the process.
+
+``import adalomo`` never imports triton: the kernels load on the first call that needs them. See
+``docs/kernels.md`` for the design and byte counts.
+
+Optional side stream (``update_stream`` / ``join_update_stream``): the optimizer can run each update
+on a second CUDA stream so that the memory-bound update overlaps the compute-bound backward; the
+gradient is kept alive for that stream with ``record_stream``.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
+from contextlib import contextmanager
+
 import torch
 
-__all__ = ["use_triton"]
+__all__ = ["use_triton", "scaled_rms_update_", "lomo_update_", "scaled_rms_update_many_", "lomo_update_many_",
+           "triton_available", "update_stream", "join_update_stream", "Seed"]
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_MAX_NUMEL = 1 << 31
+_MAX_STRIDE = 1 << 25
+_impl = None          # the loaded kernels module
+_impl_failed = False  # triton is missing or failed to import
+_impl_interpreted = False
+
+
+class Seed:
+    """What the kernels need of a ``torch.Generator`` for stochastic rounding: ``initial_seed()``.
+
+    Passing ``Seed(s)`` as ``generator`` saves creating a device generator per tensor and step.
+    """
+
+    __slots__ = ("seed",)
+
+    def __init__(self, seed: int):
+        self.seed = int(seed)
+
+    def initial_seed(self) -> int:
+        return self.seed
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0", "false", "False")
+
+
+def _load(interpret: bool):
+    """Import the kernels once; in interpreter mode when asked for (CPU tests)."""
+    global _impl, _impl_failed, _impl_interpreted
+    if _impl is not None or _impl_failed:
+        return _impl
+    try:
+        if interpret and not _flag("TRITON_INTERPRET"):
+            if "triton" in sys.modules:  # imported in compiled mode: its own jit helpers would not interpret
+                warnings.warn("adalomo: ADALOMO_TRITON_INTERPRET=1 needs TRITON_INTERPRET=1 set before triton is "
+                              "first imported; using the torch path", RuntimeWarning, stacklevel=3)
+                _impl_failed = True
+                return None
+            # Triton reads this when it (and each @triton.jit function) is first imported, and again at
+            # launch time: it stays set for the rest of the process (tests only).
+            os.environ["TRITON_INTERPRET"] = "1"
+        from . import _triton
+        _impl = _triton
+        _impl_interpreted = _flag("TRITON_INTERPRET")
+    except Exception:  # ImportError, or a triton too old/broken for these kernels: torch path
+        _impl_failed = True
+    return _impl
+
+
+def _require(t: torch.Tensor):
+    impl = _impl if _impl is not None else _load(t.device.type != "cuda")
+    if impl is None:
+        raise RuntimeError("adalomo.kernels: triton is not available (pip install triton); use the torch path")
+    return impl
+
+
+def triton_available() -> bool:
+    """True when the Triton kernels can be imported (on CPU: in interpreter mode only)."""
+    return _load(_flag("ADALOMO_TRITON_INTERPRET")) is not None
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
-    """True when a Triton kernel should run this update (not yet available: always False)."""
-    return False
+    """True when a Triton kernel should run this update (see the module docstring for the rules)."""
+    if not tensors or _flag("ADALOMO_DISABLE_TRITON"):
+        return False
+    dev = tensors[0].device
+    if dev.type == "cuda":
+        interpret = False
+    elif dev.type == "cpu" and _flag("ADALOMO_TRITON_INTERPRET"):
+        interpret = True
+    else:
+        return False
+    for t in tensors:
+        if type(t) not in _PLAIN or t.device != dev or t.dtype not in _DTYPES or not 0 < t.numel() < _MAX_NUMEL:
+            return False
+        if t.dim() and max(map(abs, t.stride())) >= _MAX_STRIDE:  # in-tile offsets are int32
+            return False
+    if torch.compiler.is_compiling():
+        return False
+    impl = _load(interpret)
+    if impl is None:
+        return False
+    return _impl_interpreted or not interpret
+
+
+def scaled_rms_update_(p, g, state, *, rho, eps, clip_threshold, beta2, weight_decay, scale_parameter, beta1,
+                       grad_scale, stochastic_rounding, generator, seed=None, ok_into=None):
+    """The AdaLomo/Adafactor core (``functional._scaled_rms_update_``) in Triton kernels.
+
+    ``state['step']`` was incremented by the caller. Returns a 0-d bool device tensor "the gradient was
+    finite"; when it is False, ``p`` and the state are left untouched. No host synchronisation.
+    Stochastic rounding draws from ``seed`` (an int) or, without it, from ``generator.initial_seed()``.
+    ``ok_into`` (optional 0-d bool tensor): the kernel also ANDs the flag into it (saves the caller an op).
+    """
+    return _require(p).scaled_rms_update_(p, g, state, rho=rho, eps=eps, clip_threshold=clip_threshold, beta2=beta2,
+                                          weight_decay=weight_decay, scale_parameter=scale_parameter, beta1=beta1,
+                                          grad_scale=grad_scale, stochastic_rounding=stochastic_rounding,
+                                          generator=generator, seed=seed, ok_into=ok_into)
+
+
+def lomo_update_(p, g, *, lr, weight_decay, clip_grad_value, grad_scale, stochastic_rounding, generator, seed=None,
+                 ok_into=None):
+    """LOMO's update (``functional.lomo_update_``) in Triton kernels; returns the finite flag (see above)."""
+    return _require(p).lomo_update_(p, g, lr=lr, weight_decay=weight_decay, clip_grad_value=clip_grad_value,
+                                    grad_scale=grad_scale, stochastic_rounding=stochastic_rounding,
+                                    generator=generator, seed=seed, ok_into=ok_into)
+
+
+def scaled_rms_update_many_(ps, gs, states, *, rhos, beta2s, eps, clip_threshold, weight_decay, scale_parameter,
+                            beta1, grad_scale, stochastic_rounding, seeds):
+    """``scaled_rms_update_`` over many tensors in a few grouped launches (the classic ``step()``).
+
+    Hyper-parameters are shared except ``rhos``, ``beta2s`` and ``seeds`` (one host number per tensor;
+    each ``state['step']`` already incremented). Check ``use_triton(*ps, *gs)`` first. Returns a 0-d bool
+    device tensor: every gradient was finite (a tensor whose gradient was not is left untouched).
+    """
+    return _require(ps[0]).scaled_rms_update_many_(ps, gs, states, rhos=rhos, beta2s=beta2s, eps=eps,
+                                                    clip_threshold=clip_threshold, weight_decay=weight_decay,
+                                                    scale_parameter=scale_parameter, beta1=beta1,
+                                                    grad_scale=grad_scale, stochastic_rounding=stochastic_rounding,
+                                                    seeds=seeds)
+
+
+def lomo_update_many_(ps, gs, *, lr, weight_decay, clip_grad_value, grad_scale, stochastic_rounding, seeds):
+    """``lomo_update_`` over many tensors in a few grouped launches; returns "every gradient was finite"."""
+    return _require(ps[0]).lomo_update_many_(ps, gs, lr=lr, weight_decay=weight_decay,
+                                             clip_grad_value=clip_grad_value, grad_scale=grad_scale,
+                                             stochastic_rounding=stochastic_rounding, seeds=seeds)
+
+
+# ------------------------------------------------------------------------------------ side stream
+_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+@contextmanager
+def update_stream(grad: torch.Tensor):
+    """Run the enclosed update on a per-device side stream, after the work queued so far.
+
+    ``grad`` (and anything else the update reads that was produced on the current stream) must be ready
+    when the current stream reaches this point; ``grad`` is recorded on the side stream so that its
+    memory is not reused before the update has read it. Outside CUDA this is a no-op. Results written
+    on the side stream (the parameter, the state, the returned flag) must be joined with
+    :func:`join_update_stream` before the current stream uses them.
+    """
+    if grad.device.type != "cuda":
+        yield
+        return
+    idx = grad.device.index if grad.device.index is not None else torch.cuda.current_device()
+    side = _STREAMS.get(idx)
+    if side is None:
+        side = _STREAMS[idx] = torch.cuda.Stream(device=idx)
+    main = torch.cuda.current_stream(idx)
+    side.wait_stream(main)
+    grad.record_stream(side)
+    with torch.cuda.stream(side):
+        yield
+
+
+def join_update_stream(device: torch.device | int | None = None) -> None:
+    """Make the current stream wait for every update queued on the side stream(s) (all devices by default)."""
+    if not _STREAMS:
+        return
+    if device is None:
+        idxs = list(_STREAMS)
+    else:
+        d = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+        idxs = [d.index if d.index is not None else torch.cuda.current_device()]
+    for idx in idxs:
+        if idx in _STREAMS:
+            torch.cuda.current_stream(idx).wait_stream(_STREAMS[idx])

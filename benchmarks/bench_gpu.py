@@ -1,0 +1,390 @@
+"""End-to-end step time and peak memory of full-parameter training on one GPU, one process per optimizer.
+
+    PYTHONPATH=src python3 benchmarks/bench_gpu.py --config 0.94b --out benchmarks/results/gpu_0.94b.json
+    PYTHONPATH=src python3 benchmarks/bench_gpu.py --config 6.7b --out benchmarks/results/gpu_6.7b.json
+    PYTHONPATH=src python3 benchmarks/bench_gpu.py --fit --out benchmarks/results/fit.json
+
+A LLaMA-style causal LM (transformers ``LlamaForCausalLM``, random init, built in bf16 on the GPU, sdpa
+attention), measured like ``../shared/bench/gpu_anchor_bench.py``: the *floor* is forward+backward with
+every gradient dropped in a post-accumulate hook as soon as it is ready; each row runs in its own process
+(memory figures are not contaminated); median step time after warm-up, peak allocated memory.
+
+Rows (``--only`` picks some): ``floor``; ours, for each of ``adalomo``/``adafactor``/``lomo``: ``*_fused``
+(Triton kernels from the fused hooks), ``*_classic`` (``step()`` after backward), and, emulating the base.py
+patches proposed in docs/kernels.md on the optimizer instance, ``*_fused_patched`` (no device Generator per
+tensor, finite flags reduced once per backward), ``*_fused_patched_side`` (plus updates on a side CUDA
+stream) and ``*_classic_mt`` (classic step through the grouped multi-tensor kernels);
+``adalomo_fused_torchpath`` (ADALOMO_DISABLE_TRITON=1); peers ``torch_adamw_fused`` (classic,
+``fused=True``), ``torch_adafactor`` (foreach), ``lomo_optim_adalomo``, ``lomo_optim_lomo`` (skipped with a
+note when ``lomo_optim`` is not installed).
+
+``--fit``: the largest model whose training step (batch 1x1024, gradient checkpointing, bf16) fits, with
+our fused AdaLomo and with torch AdamW (fused), on a ladder of LLaMA shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+DEV = os.environ.get("BENCH_DEVICE", "cuda")  # "cpu" only to dry-run the harness on a tiny config
+
+CONFIGS = {
+    "0.94b": dict(layers=16, hidden=2048, inter=5504, heads=16, batch=4, seq=1024, ckpt=False, warmup=3, steps=8),
+    "tiny": dict(layers=2, hidden=64, inter=96, heads=2, batch=2, seq=32, ckpt=True, warmup=1, steps=2, vocab=256),
+    "6.7b": dict(layers=32, hidden=4096, inter=11008, heads=32, batch=2, seq=1024, ckpt=True, warmup=2, steps=5),
+}
+FIT_LADDER = {  # name: (layers, hidden, inter, heads); batch 1 x 1024, checkpointing
+    "6.7b": (32, 4096, 11008, 32),
+    "10b": (40, 4608, 12288, 36),
+    "13b": (40, 5120, 13824, 40),
+    "20b": (48, 6144, 16384, 48),
+    "25b": (52, 6656, 17920, 52),
+    "30b": (60, 6656, 17920, 52),
+    "34b": (68, 6656, 17920, 52),
+}
+ROWS = ["floor", "adalomo_fused", "adalomo_fused_patched", "adalomo_fused_patched_side", "adalomo_classic",
+        "adalomo_classic_mt", "adafactor_fused", "adafactor_fused_patched", "adafactor_classic", "adafactor_classic_mt",
+        "lomo_fused", "lomo_fused_patched", "lomo_classic", "lomo_classic_mt", "torch_adamw_fused", "torch_adafactor",
+        "lomo_optim_adalomo", "lomo_optim_lomo", "adalomo_fused_torchpath"]
+
+
+# ------------------------------------------------------------------------------------------- child
+def _build(cfg):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    lc = LlamaConfig(vocab_size=cfg.get("vocab", 32000), hidden_size=cfg["hidden"], intermediate_size=cfg["inter"],
+                     num_hidden_layers=cfg["layers"], num_attention_heads=cfg["heads"],
+                     num_key_value_heads=cfg["heads"], max_position_embeddings=cfg["seq"], tie_word_embeddings=False)
+    lc._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(DEV):
+            model = LlamaForCausalLM(lc)
+    finally:
+        torch.set_default_dtype(prev)
+    if cfg["ckpt"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model
+
+
+def _loss(model, x):
+    import torch.nn.functional as F
+    logits = model(input_ids=x).logits
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), x[:, 1:].reshape(-1))
+
+
+def _side_stream(opt):
+    """Run each fused update on a side stream (what a ``side_stream=True`` option in base.py would do)."""
+    from adalomo import kernels
+    apply, finish = opt._apply, opt._finish_step
+
+    def _apply(p, grad):
+        with kernels.update_stream(grad):
+            apply(p, grad)
+
+    def _finish_step():
+        kernels.join_update_stream()
+        finish()
+
+    opt._apply, opt._finish_step = _apply, _finish_step
+
+
+# ---- the base.py patches proposed in docs/kernels.md, emulated on an optimizer instance
+def _sr_seed(opt, p, state) -> int:
+    step = int(state["step"]) if "step" in state else 0
+    return ((opt.sr_seed * 1_000_003 + opt._param_index[id(p)]) * 1_000_033 + step) % (1 << 62)
+
+
+def _sr_on(group, p) -> bool:
+    import torch
+    sr = group.get("stochastic_rounding")
+    return (p.dtype == torch.bfloat16) if sr is None else (bool(sr) and p.dtype == torch.bfloat16)
+
+
+def _patch_fused(opt):
+    """Fused hooks: a ``kernels.Seed`` instead of a device Generator per tensor, and the finite flags collected
+    in a list and reduced once per backward (instead of one ``&`` op per tensor)."""
+    import torch
+
+    from adalomo import kernels
+    from adalomo.precision import sr_generator
+    finish = opt._finish_step
+    oks = []
+
+    def _apply(p, grad):
+        group = opt.param_groups[opt._group_index[id(p)]]
+        state = opt.state[p]
+        sr = _sr_on(group, p)
+        gen = None
+        if sr:
+            seed = _sr_seed(opt, p, state)
+            gen = kernels.Seed(seed) if kernels.use_triton(p, grad) else sr_generator(p.device, seed)
+        oks.append(opt._update(p, grad, group, state, opt._grad_scale(p.device), sr, gen))
+
+    def _finish_step():
+        if oks:
+            opt._ok_all = torch.stack(oks).all() if len(oks) > 1 else oks[0]
+            oks.clear()
+        finish()
+
+    opt._apply, opt._finish_step = _apply, _finish_step
+
+
+def _patch_classic_mt(opt, kind: str):
+    """Classic ``step()`` through the grouped kernels (``kernels.*_update_many_``): a few launches per step."""
+    import torch
+
+    from adalomo import functional as F
+    from adalomo import kernels
+
+    @torch.no_grad()
+    def step(closure=None):
+        for group in opt.param_groups:
+            ps = [p for p in group["params"] if p.grad is not None]
+            gs = [p.grad for p in ps]
+            if not ps:
+                continue
+            if not kernels.use_triton(*ps, *gs) or group.get("clip_grad_value") is not None and kind == "adalomo":
+                for p in ps:
+                    opt._apply(p, p.grad)
+                continue
+            states = [opt.state[p] for p in ps]
+            sr = any(_sr_on(group, p) for p in ps)
+            seeds = [_sr_seed(opt, p, st) for p, st in zip(ps, states)]
+            for st in states:
+                st["step"] += 1
+            if kind == "lomo":
+                ok = kernels.lomo_update_many_(ps, gs, lr=group["lr"], weight_decay=group["weight_decay"],
+                                               clip_grad_value=group["clip_grad_value"], grad_scale=None,
+                                               stochastic_rounding=sr, seeds=seeds)
+            else:
+                ts = [float(st["step"]) for st in states]
+                beta2s = [F.beta2_at(t, group["decay_rate"]) for t in ts]
+                if kind == "adalomo":
+                    rhos, scale_parameter, beta1 = [group["lr"]] * len(ps), True, None
+                else:
+                    rhos = [F.relative_step_size(t, group["warmup_init"], group["lr"]) if group["relative_step"]
+                            else group["lr"] for t in ts]
+                    scale_parameter, beta1 = group["scale_parameter"], group["beta1"]
+                ok = kernels.scaled_rms_update_many_(ps, gs, states, rhos=rhos, beta2s=beta2s, eps=group["eps"],
+                                                     clip_threshold=group["clip_threshold"],
+                                                     weight_decay=group["weight_decay"],
+                                                     scale_parameter=scale_parameter, beta1=beta1, grad_scale=None,
+                                                     stochastic_rounding=sr, seeds=seeds)
+            opt._ok_all = ok if opt._ok_all is None else opt._ok_all & ok
+        opt._finish_step()
+
+    opt.step = step
+
+
+def child(row: str, cfg: dict) -> dict:
+    import torch
+    if row == "adalomo_fused_torchpath":
+        os.environ["ADALOMO_DISABLE_TRITON"] = "1"
+    cuda = DEV == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    model = _build(cfg)
+    params = list(model.parameters())
+    n_params = sum(p.numel() for p in params)
+    g = torch.Generator(device=DEV).manual_seed(1)
+    x = torch.randint(0, cfg.get("vocab", 32000), (cfg["batch"], cfg["seq"]), device=DEV, generator=g)
+    fused = "_fused" in row
+    opt = None
+    note = ""
+    if row == "floor":
+        for p in params:
+            p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+    elif row.startswith(("adalomo_", "adafactor_", "lomo_")) and not row.startswith("lomo_optim"):
+        import adalomo
+        from adalomo import kernels
+        kind = row.split("_")[0]
+        if kind == "adalomo":
+            opt = adalomo.AdaLomo(params, lr=1e-3, fused=fused)
+        elif kind == "adafactor":
+            opt = adalomo.Adafactor(params, fused=fused)
+        else:
+            opt = adalomo.Lomo(params, lr=1e-4, fused=fused)
+        if "_patched" in row:
+            _patch_fused(opt)
+        if row.endswith("_mt"):
+            _patch_classic_mt(opt, kind)
+        if row.endswith("_side"):
+            _side_stream(opt)
+        note = f"triton={kernels.use_triton(params[0], params[0])}"
+    elif row == "torch_adamw_fused":
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=cuda)
+    elif row == "torch_adafactor":
+        opt = torch.optim.Adafactor(params, lr=1e-2, foreach=True)
+    elif row.startswith("lomo_optim"):
+        try:
+            from lomo_optim import AdaLomo, Lomo
+        except ImportError:
+            return {"name": row, "skipped": "lomo_optim is not installed"}
+        opt = AdaLomo(model, lr=1e-3, loss_scale=None) if row.endswith("adalomo") else Lomo(model, lr=1e-4)
+    else:
+        raise ValueError(row)
+
+    def step():
+        loss = _loss(model, x)
+        if row.startswith("lomo_optim"):
+            opt.fused_backward(loss, 1e-3 if row.endswith("adalomo") else 1e-4)
+        else:
+            loss.backward()
+            if opt is not None and not fused:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        return loss
+
+    times, losses = [], []
+    for i in range(cfg["warmup"] + cfg["steps"]):
+        sync()
+        t0 = time.perf_counter()
+        loss = step()
+        sync()
+        t1 = time.perf_counter()
+        losses.append(float(loss.detach()))
+        if i >= cfg["warmup"]:
+            times.append(t1 - t0)
+    ms = statistics.median(times) * 1e3
+    out = {"name": row, "params_M": round(n_params / 1e6, 1), "step_ms": round(ms, 1),
+           "step_ms_min": round(min(times) * 1e3, 1),
+           "peak_GB": round(torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, 2),
+           "tokens_per_s": round(cfg["batch"] * cfg["seq"] / (ms / 1e3)), "loss_first": round(losses[0], 4),
+           "loss_last": round(losses[-1], 4)}
+    if note:
+        out["note"] = note
+    model = opt = step = None
+    gc.collect()
+    return out
+
+
+# ------------------------------------------------------------------------------------------ parent
+def _run_child(row: str, cfg: dict, timeout: int) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "src"), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", row, "--cfg", json.dumps(cfg)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"name": row, "error": f"timeout after {timeout} s"}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    err = (proc.stderr or proc.stdout).strip().splitlines()
+    oom = any("OutOfMemoryError" in ln or "out of memory" in ln for ln in err)
+    return {"name": row, "error": "out of memory" if oom else " | ".join(err[-3:])[-400:]}
+
+
+def _device() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30).stdout.strip()
+        return out or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def _versions() -> dict:
+    code = "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
+    try:
+        v = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout.split()
+        return dict(zip(("torch", "triton", "transformers"), v))
+    except Exception:
+        return {}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="0.94b", choices=sorted(CONFIGS))
+    ap.add_argument("--only", default=",".join(ROWS))
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--timeout", type=int, default=None, help="seconds per row")
+    ap.add_argument("--fit", action="store_true", help="largest model that fits: adalomo_fused vs torch_adamw_fused")
+    ap.add_argument("--fit-sizes", default=",".join(FIT_LADDER))
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--cfg", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.child:
+        try:
+            r = child(args.child, json.loads(args.cfg))
+        except Exception as e:  # the parent reports it
+            import traceback
+            traceback.print_exc()
+            oom = "out of memory" in repr(e).lower()
+            r = {"name": args.child, "error": "out of memory" if oom else repr(e)[:300]}
+        print("RESULT " + json.dumps(r), flush=True)
+        return
+
+    res = {"command": " ".join(["python3"] + sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+           "device": _device(), **_versions()}
+    print(res, flush=True)
+    if args.fit:
+        fits = []
+        for size in args.fit_sizes.split(","):
+            layers, hidden, inter, heads = FIT_LADDER[size]
+            cfg = dict(layers=layers, hidden=hidden, inter=inter, heads=heads, batch=1, seq=1024, ckpt=True,
+                       warmup=1, steps=2)
+            for row in ("adalomo_fused", "torch_adamw_fused"):
+                r = _run_child(row, cfg, args.timeout or 420)
+                r.update(size=size, fits="error" not in r)
+                fits.append(r)
+                print(json.dumps(r), flush=True)
+        res["fit"] = fits
+        print("\nlargest model that fits (batch 1x1024, gradient checkpointing, bf16):")
+        for row in ("adalomo_fused", "torch_adamw_fused"):
+            ok = [r for r in fits if r["name"] == row and r["fits"]]
+            best = max(ok, key=lambda r: r["params_M"]) if ok else None
+            what = f"{best['size']} ({best['params_M']}M params, peak {best['peak_GB']} GB)" if best else "none"
+            print(f"  {row:20s} {what}")
+    else:
+        cfg = dict(CONFIGS[args.config])
+        if args.steps:
+            cfg["steps"] = args.steps
+        if args.warmup is not None:
+            cfg["warmup"] = args.warmup
+        res["config"] = {"name": args.config, **cfg}
+        rows = []
+        for row in args.only.split(","):
+            r = _run_child(row, cfg, args.timeout or (300 if args.config == "0.94b" else 600))
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+        floor = next((r for r in rows if r["name"] == "floor" and "step_ms" in r), None)
+        for r in rows:
+            if floor and "step_ms" in r and floor["peak_GB"] > 0:
+                r["time_vs_floor"] = round(r["step_ms"] / floor["step_ms"], 3)
+                r["mem_vs_floor"] = round(r["peak_GB"] / floor["peak_GB"], 3)
+        res["rows"] = rows
+        print(f"\n{args.config}: batch {cfg['batch']}x{cfg['seq']}, ckpt={cfg['ckpt']}, median of {cfg['steps']} "
+              f"steps after {cfg['warmup']}; {res['device']}")
+        print(f"{'optimizer':26s} {'step ms':>8s} {'x floor':>8s} {'peak GB':>8s} {'x floor':>8s} {'tokens/s':>9s}")
+        for r in rows:
+            if "step_ms" in r:
+                print(f"{r['name']:26s} {r['step_ms']:8.1f} {r.get('time_vs_floor', float('nan')):8.3f} "
+                      f"{r['peak_GB']:8.2f} {r.get('mem_vs_floor', float('nan')):8.3f} {r['tokens_per_s']:9d}")
+            else:
+                print(f"{r['name']:26s} {r.get('skipped') or r.get('error')}")
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

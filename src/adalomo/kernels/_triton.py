@@ -1,0 +1,1409 @@
+"""Triton kernels for the per-tensor updates (imported lazily by ``adalomo.kernels``; needs ``triton``).
+
+Every tensor is seen as a batch of matrices ``[B, M, N]`` through its strides (rows = all but the last
+dim for the statistics; 0-D/1-D tensors are ``[1, 1, n]``), so non-contiguous gradients and parameters
+are read and written in place. Scalars derived from device data stay on the device: the host passes
+launch geometry from shapes and host floats from the CPU step counter (beta2, rho, lr, ...) only.
+Reductions are two-stage (per-program partials in an fp32 workspace, then a fixed-order sum), so the
+results are deterministic run to run.
+
+Factored AdaLomo/Adafactor update (``p.dim() >= 2``), four launches, three reads of ``g``:
+
+1. ``_fac_stats_kernel``     read g (and p): partial row/col sums of g^2 + eps1, partial sums of p^2
+2. ``_fac_finalize_kernel``  row/col EMAs into temporaries, partial sums for mean(row) and the finite test
+3. ``_fac_usq_kernel``       read g: partial sums of u^2, u = g * rsqrt(row/mean(row)) * rsqrt(col)
+4. ``_fac_write_kernel``     every program reduces the (few, L2-resident) partials to the finite flag,
+                             clip = 1/max(1, RMS(u)/d) and step = rho*max(eps2, RMS(p)) in the same fixed
+                             order; then reads g, p, writes p (stochastic rounding for bf16), commits
+                             row/col (and exp_avg) only when the flag is set
+
+(with very many partials, e.g. thousands of tiny matrices, a one-program ``_finish_kernel`` reduces them
+once instead). Unfactored (0-D/1-D): ``_vec_stats_kernel`` (EMA, finite test, u^2, p^2 in one pass) and
+``_vec_write_kernel``. LOMO: ``_sum_kernel`` (finite test) and ``_lomo_write_kernel``.
+
+Launch overhead matters more than anything else here (one update per parameter per step, from a
+Python hook): kernels take no runtime-specialised integers (``do_not_specialize``: alignment facts are
+passed as constexprs instead), so a compiled kernel depends only on the constexprs, the pointer dtypes
+and pointer alignment, and ``_Launcher`` calls the compiled kernel directly on later calls.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["scaled_rms_update_", "lomo_update_", "scaled_rms_update_many_", "lomo_update_many_", "CONFIG",
+           "bytes_moved"]
+
+#: launch geometry; ``benchmarks/bench_kernels.py`` reports per-kernel bandwidth for it
+CONFIG = {
+    "block_m": 32,       # rows of a tile
+    "block_n": 128,      # columns of a tile
+    "max_tm": 32,        # at most this many row groups: bounds the column partials (finalize reads TM x N)
+    "warps_stats": 4,
+    "warps_usq": 4,
+    "warps_write": 8,
+    "vec_block": 1024,   # elements per program of the 0-D/1-D kernels
+    "fin_block": 128,    # rows/cols per program of the finalize kernel
+    "fold_max": 8192,    # at most this many partials: reduced by every write program (else one finish kernel)
+    "fast_launch": True,  # call compiled kernels directly after their first launch
+}
+
+_SEED_MASK = (1 << 62) - 1
+_SEED_BIT = 1 << 62  # always an int64 seed: one compiled variant
+_I32 = 1 << 31
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ----------------------------------------------------------------------------------------- helpers
+@triton.jit
+def _tile_coords(pid, TM, TN):
+    j = pid % TN
+    t = pid // TN
+    i = t % TM
+    b = t // TM
+    return b, i, j
+
+
+@triton.jit
+def _a16(x):
+    """``x`` (a multiple of 16 by construction or by the ALIGN contract) with that fact visible to the compiler."""
+    return (x // 16) * 16
+
+
+@triton.jit
+def _and(mask, flag):
+    """``mask & flag`` for a block mask and an int8 scalar flag (bool scalars trip Triton's interpreter)."""
+    return (mask.to(tl.int8) & flag) != 0
+
+
+@triton.jit
+def _sum_parts(ws_ptr, off, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for k in range(0, n, BLOCK):
+        acc += tl.load(ws_ptr + off + k + offs, mask=k + offs < n, other=0.0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _scalars(ws_ptr, scale_ptr, n_fin, n_usq, n_psq, off_fin, off_usq, off_psq, numel_f, sqrt_numel, rho, eps2,
+             clip_threshold, FIN_SCALE: tl.constexpr, HAS_USQ: tl.constexpr, HAS_PSQ: tl.constexpr,
+             BLOCK: tl.constexpr):
+    """(finite flag as int8, clip factor, step size) from the partial sums, in a fixed order."""
+    fin = _sum_parts(ws_ptr, off_fin, n_fin, BLOCK)
+    if FIN_SCALE:
+        fin = fin * tl.load(scale_ptr).to(tl.float32)
+    ok = ((fin - fin) == 0.0).to(tl.int8)  # 0 for NaN and +-inf
+    clip = fin * 0.0 + 1.0
+    if HAS_USQ:
+        usq = _sum_parts(ws_ptr, off_usq, n_usq, BLOCK)
+        clip = 1.0 / tl.maximum(tl.sqrt_rn(usq / numel_f) / clip_threshold, 1.0)
+    step = fin * 0.0 + rho
+    if HAS_PSQ:
+        psq = _sum_parts(ws_ptr, off_psq, n_psq, BLOCK)
+        step = tl.maximum(tl.sqrt_rn(psq) / sqrt_numel, eps2) * rho
+    return ok, clip, step
+
+
+@triton.jit
+def _round_to_bf16(new, lin, seed):
+    """Stochastic rounding of fp32 ``new`` (exact after the cast): add 16 random bits, truncate."""
+    bits = new.to(tl.int32, bitcast=True)
+    noise = (tl.randint(seed, lin) & 0xFFFF).to(tl.int32)
+    rounded = ((bits + noise) & -65536).to(tl.float32, bitcast=True)
+    return tl.where(new != new, new, rounded)
+
+
+# ----------------------------------------------------------------------------------------- kernels
+_FAC_STATS_INTS = ["B", "M", "N", "TM", "TN", "rows_per_prog", "sg_b", "sg_m", "sg_n", "sp_b", "sp_m", "sp_n",
+                   "off_rowpart", "off_colpart", "off_psq"]
+
+
+@triton.jit
+def _fac_stats_body(pid, g_ptr, p_ptr, scale_ptr, ws_ptr,
+                      B, M, N, TM, TN, rows_per_prog, sg_b, sg_m, sg_n, sp_b, sp_m, sp_n,
+                      off_rowpart, off_colpart, off_psq, eps1,
+                      HAS_SCALE: tl.constexpr, SUM_P: tl.constexpr, ALIGN: tl.constexpr, G_UNIT: tl.constexpr,
+                      P_UNIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    if ALIGN:
+        N, sg_b, sg_m, sp_b, sp_m = _a16(N), _a16(sg_b), _a16(sg_m), _a16(sp_b), _a16(sp_m)
+    if G_UNIT:
+        sg_n = 1
+    if P_UNIT:
+        sp_n = 1
+    off_rowpart, off_colpart = _a16(off_rowpart), _a16(off_colpart)
+    b, i, j = _tile_coords(pid, TM, TN)
+    b64 = b.to(tl.int64)
+    cols = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr).to(tl.float32)
+    col_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    psq = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    r0 = i * rows_per_prog
+    g_base = g_ptr + b64 * sg_b + r0.to(tl.int64) * sg_m
+    p_base = p_ptr + b64 * sp_b + r0.to(tl.int64) * sp_m
+    rowpart = ws_ptr + off_rowpart + (j * B + b).to(tl.int64) * _a16(M + 15) + r0  # partial rows padded to 16
+    lrows = tl.arange(0, BLOCK_M)
+    g_offs = lrows[:, None] * sg_m + cols[None, :] * sg_n
+    p_offs = lrows[:, None] * sp_m + cols[None, :] * sp_n
+    for m0 in range(0, rows_per_prog, BLOCK_M):
+        rmask = r0 + m0 + lrows < M
+        mask = rmask[:, None] & cmask[None, :]
+        g = tl.load(g_base + m0 * sg_m + g_offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            g = g * scale
+        sq = tl.where(mask, g * g + eps1, 0.0)
+        tl.store(rowpart + m0 + lrows, tl.sum(sq, axis=1), mask=rmask)
+        col_acc += tl.sum(sq, axis=0)
+        if SUM_P:
+            pv = tl.load(p_base + m0 * sp_m + p_offs, mask=mask, other=0.0).to(tl.float32)
+            psq += pv * pv
+    tl.store(ws_ptr + off_colpart + (i * B + b).to(tl.int64) * _a16(N + 15) + cols, col_acc, mask=cmask)
+    if SUM_P:
+        tl.store(ws_ptr + off_psq + pid, tl.sum(tl.sum(psq, axis=1), axis=0))
+
+
+@triton.jit(do_not_specialize=_FAC_STATS_INTS)
+def _fac_stats_kernel(g_ptr, p_ptr, scale_ptr, ws_ptr,
+                      B, M, N, TM, TN, rows_per_prog, sg_b, sg_m, sg_n, sp_b, sp_m, sp_n,
+                      off_rowpart, off_colpart, off_psq, eps1,
+                      HAS_SCALE: tl.constexpr, SUM_P: tl.constexpr, ALIGN: tl.constexpr, G_UNIT: tl.constexpr,
+                      P_UNIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    _fac_stats_body(tl.program_id(0), g_ptr, p_ptr, scale_ptr, ws_ptr, B, M, N, TM, TN, rows_per_prog, sg_b, sg_m, sg_n,
+                    sp_b, sp_m, sp_n, off_rowpart, off_colpart, off_psq, eps1, HAS_SCALE, SUM_P, ALIGN, G_UNIT, P_UNIT,
+                    BLOCK_M, BLOCK_N)
+
+
+_FAC_FIN_INTS = ["B", "M", "N", "TM", "TN", "n_rp", "n_cp", "off_rowpart", "off_colpart", "off_newrow", "off_newcol",
+                 "off_rsum", "off_fin"]
+
+
+@triton.jit
+def _fac_finalize_body(pid, row_ptr, col_ptr, ws_ptr, B, M, N, TM, TN, n_rp, n_cp,
+                         off_rowpart, off_colpart, off_newrow, off_newcol, off_rsum, off_fin,
+                         beta2, one_minus_beta2,
+                         BLOCK: tl.constexpr, PB: tl.constexpr):
+    off_rowpart, off_colpart = _a16(off_rowpart), _a16(off_colpart)
+    off_newrow, off_newcol = _a16(off_newrow), _a16(off_newcol)
+    per_b = n_rp + n_cp
+    b = pid // per_b
+    k = pid % per_b
+    b64 = b.to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    parts = tl.arange(0, PB)
+    if k < n_rp:
+        idx = k * BLOCK + offs
+        mask = idx < M
+        Mp = _a16(M + 15)  # the partials' row stride: loads up to Mp are in bounds and vectorise
+        s = tl.zeros([PB, BLOCK], dtype=tl.float32)
+        for j0 in range(0, TN, PB):
+            jj = j0 + parts
+            ptrs = ws_ptr + off_rowpart + ((jj * B).to(tl.int64) + b64)[:, None] * Mp + idx[None, :]
+            s += tl.load(ptrs, mask=(jj < TN)[:, None] & (idx < Mp)[None, :], other=0.0)
+        mean = tl.sum(s, axis=0) / N
+        old = tl.load(row_ptr + b64 * M + idx, mask=mask, other=0.0)
+        new = old * beta2 + mean * one_minus_beta2
+        tl.store(ws_ptr + off_newrow + b64 * M + idx, new, mask=mask)
+        tl.store(ws_ptr + off_rsum + b * n_rp + k, tl.sum(tl.where(mask, new, 0.0), axis=0))
+        tl.store(ws_ptr + off_fin + pid, tl.sum(tl.where(mask, mean, 0.0), axis=0))
+    else:
+        idx = (k - n_rp) * BLOCK + offs
+        mask = idx < N
+        Np = _a16(N + 15)
+        s = tl.zeros([PB, BLOCK], dtype=tl.float32)
+        for i0 in range(0, TM, PB):
+            ii = i0 + parts
+            ptrs = ws_ptr + off_colpart + ((ii * B).to(tl.int64) + b64)[:, None] * Np + idx[None, :]
+            s += tl.load(ptrs, mask=(ii < TM)[:, None] & (idx < Np)[None, :], other=0.0)
+        mean = tl.sum(s, axis=0) / M
+        old = tl.load(col_ptr + b64 * N + idx, mask=mask, other=0.0)
+        new = old * beta2 + mean * one_minus_beta2
+        tl.store(ws_ptr + off_newcol + b64 * N + idx, new, mask=mask)
+        tl.store(ws_ptr + off_fin + pid, tl.sum(tl.where(mask, mean, 0.0), axis=0))
+
+
+@triton.jit(do_not_specialize=_FAC_FIN_INTS)
+def _fac_finalize_kernel(row_ptr, col_ptr, ws_ptr, B, M, N, TM, TN, n_rp, n_cp,
+                         off_rowpart, off_colpart, off_newrow, off_newcol, off_rsum, off_fin,
+                         beta2, one_minus_beta2,
+                         BLOCK: tl.constexpr, PB: tl.constexpr):
+    _fac_finalize_body(tl.program_id(0), row_ptr, col_ptr, ws_ptr, B, M, N, TM, TN, n_rp, n_cp, off_rowpart,
+                       off_colpart, off_newrow, off_newcol, off_rsum, off_fin, beta2, one_minus_beta2, BLOCK, PB)
+
+
+@triton.jit
+def _row_mean(ws_ptr, off_rsum, b, n_rp, M, RP_BLOCK: tl.constexpr):
+    rp = tl.arange(0, RP_BLOCK)
+    return tl.sum(tl.load(ws_ptr + off_rsum + b * n_rp + rp, mask=rp < n_rp, other=0.0), axis=0) / M
+
+
+_FAC_USQ_INTS = ["B", "M", "N", "TM", "TN", "rows_per_prog", "sg_b", "sg_m", "sg_n", "n_rp", "off_newrow",
+                 "off_newcol", "off_rsum", "off_usq"]
+
+
+@triton.jit
+def _fac_usq_body(pid, g_ptr, scale_ptr, ws_ptr, B, M, N, TM, TN, rows_per_prog, sg_b, sg_m, sg_n,
+                    n_rp, off_newrow, off_newcol, off_rsum, off_usq,
+                    HAS_SCALE: tl.constexpr, ALIGN: tl.constexpr, G_UNIT: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, RP_BLOCK: tl.constexpr):
+    if ALIGN:
+        N, sg_b, sg_m = _a16(N), _a16(sg_b), _a16(sg_m)
+    if G_UNIT:
+        sg_n = 1
+    off_newrow, off_newcol = _a16(off_newrow), _a16(off_newcol)
+    b, i, j = _tile_coords(pid, TM, TN)
+    b64 = b.to(tl.int64)
+    row_mean = _row_mean(ws_ptr, off_rsum, b, n_rp, M, RP_BLOCK)
+    cols = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    c = tl.rsqrt(tl.load(ws_ptr + off_newcol + b64 * N + cols, mask=cmask, other=1.0))
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr).to(tl.float32)
+    r0 = i * rows_per_prog
+    g_base = g_ptr + b64 * sg_b + r0.to(tl.int64) * sg_m
+    newrow = ws_ptr + off_newrow + b64 * M + r0
+    lrows = tl.arange(0, BLOCK_M)
+    g_offs = lrows[:, None] * sg_m + cols[None, :] * sg_n
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for m0 in range(0, rows_per_prog, BLOCK_M):
+        rmask = r0 + m0 + lrows < M
+        mask = rmask[:, None] & cmask[None, :]
+        g = tl.load(g_base + m0 * sg_m + g_offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            g = g * scale
+        r = tl.rsqrt(tl.load(newrow + m0 + lrows, mask=rmask, other=1.0) / row_mean)
+        u = g * r[:, None] * c[None, :]
+        acc += tl.where(mask, u * u, 0.0)
+    tl.store(ws_ptr + off_usq + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
+
+
+@triton.jit(do_not_specialize=_FAC_USQ_INTS)
+def _fac_usq_kernel(g_ptr, scale_ptr, ws_ptr, B, M, N, TM, TN, rows_per_prog, sg_b, sg_m, sg_n,
+                    n_rp, off_newrow, off_newcol, off_rsum, off_usq,
+                    HAS_SCALE: tl.constexpr, ALIGN: tl.constexpr, G_UNIT: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, RP_BLOCK: tl.constexpr):
+    _fac_usq_body(tl.program_id(0), g_ptr, scale_ptr, ws_ptr, B, M, N, TM, TN, rows_per_prog, sg_b, sg_m, sg_n, n_rp,
+                  off_newrow, off_newcol, off_rsum, off_usq, HAS_SCALE, ALIGN, G_UNIT, BLOCK_M, BLOCK_N, RP_BLOCK)
+
+
+_FINISH_INTS = ["n_fin", "n_usq", "n_psq", "off_fin", "off_usq", "off_psq", "off_scal"]
+
+
+@triton.jit
+def _finish_body(pid, ws_ptr, scale_ptr, ok_ptr, n_fin, n_usq, n_psq, off_fin, off_usq, off_psq, off_scal,
+                   numel_f, sqrt_numel, rho, eps2, clip_threshold,
+                   FIN_SCALE: tl.constexpr, HAS_USQ: tl.constexpr, HAS_PSQ: tl.constexpr, BLOCK: tl.constexpr):
+    ok, clip, step = _scalars(ws_ptr, scale_ptr, n_fin, n_usq, n_psq, off_fin, off_usq, off_psq, numel_f,
+                              sqrt_numel, rho, eps2, clip_threshold, FIN_SCALE, HAS_USQ, HAS_PSQ, BLOCK)
+    tl.store(ok_ptr, ok != 0)
+    tl.store(ws_ptr + off_scal, clip)
+    tl.store(ws_ptr + off_scal + 1, step)
+
+
+@triton.jit(do_not_specialize=_FINISH_INTS)
+def _finish_kernel(ws_ptr, scale_ptr, ok_ptr, n_fin, n_usq, n_psq, off_fin, off_usq, off_psq, off_scal,
+                   numel_f, sqrt_numel, rho, eps2, clip_threshold,
+                   FIN_SCALE: tl.constexpr, HAS_USQ: tl.constexpr, HAS_PSQ: tl.constexpr, BLOCK: tl.constexpr):
+    _finish_body(tl.program_id(0), ws_ptr, scale_ptr, ok_ptr, n_fin, n_usq, n_psq, off_fin, off_usq, off_psq, off_scal,
+                 numel_f, sqrt_numel, rho, eps2, clip_threshold, FIN_SCALE, HAS_USQ, HAS_PSQ, BLOCK)
+
+
+@triton.jit
+def _load_scalars(pid, ws_ptr, scale_ptr, ok_ptr, okacc_ptr, n_fin, n_usq, n_psq, off_fin, off_usq, off_psq, off_scal,
+                  numel_f, sqrt_numel, rho, eps2, clip_threshold, FOLD: tl.constexpr, FIN_SCALE: tl.constexpr,
+                  HAS_USQ: tl.constexpr, HAS_PSQ: tl.constexpr, HAS_OKACC: tl.constexpr):
+    """The write kernels' scalars: reduced here (FOLD; program 0 stores the flag) or loaded."""
+    if FOLD:
+        ok, clip, step = _scalars(ws_ptr, scale_ptr, n_fin, n_usq, n_psq, off_fin, off_usq, off_psq, numel_f,
+                                  sqrt_numel, rho, eps2, clip_threshold, FIN_SCALE, HAS_USQ, HAS_PSQ, 1024)
+        if pid == 0:
+            tl.store(ok_ptr, ok != 0)
+    else:
+        ok = tl.load(ok_ptr).to(tl.int8)
+        clip = tl.load(ws_ptr + off_scal)
+        step = tl.load(ws_ptr + off_scal + 1)
+        if not HAS_PSQ:
+            step = rho
+    if HAS_OKACC:
+        if pid == 0:
+            acc = tl.load(okacc_ptr).to(tl.int8)
+            tl.store(okacc_ptr, (acc & ok) != 0)
+    return ok, clip, step
+
+
+_FAC_WRITE_INTS = ["seed", "B", "M", "N", "TM", "TN", "rows_per_prog", "sg_b", "sg_m", "sg_n", "sp_b", "sp_m", "sp_n",
+                   "n_rp", "off_newrow", "off_newcol", "off_rsum", "off_scal", "n_fin", "n_usq", "n_psq", "off_fin",
+                   "off_usq", "off_psq"]
+
+
+@triton.jit
+def _fac_write_body(pid, g_ptr, p_ptr, scale_ptr, ws_ptr, row_ptr, col_ptr, m_ptr, ok_ptr, okacc_ptr, seed,
+                      B, M, N, TM, TN, rows_per_prog, sg_b, sg_m, sg_n, sp_b, sp_m, sp_n,
+                      n_rp, off_newrow, off_newcol, off_rsum, off_scal, n_fin, n_usq, n_psq, off_fin, off_usq,
+                      off_psq, numel_f, sqrt_numel, rho, eps2, clip_threshold, weight_decay, beta1, one_minus_beta1,
+                      HAS_SCALE: tl.constexpr, SCALE_PARAM: tl.constexpr, HAS_WD: tl.constexpr,
+                      HAS_M: tl.constexpr, SR: tl.constexpr, FOLD: tl.constexpr, HAS_OKACC: tl.constexpr,
+                      ALIGN: tl.constexpr, G_UNIT: tl.constexpr, P_UNIT: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP_BLOCK: tl.constexpr):
+    if ALIGN:
+        N, sg_b, sg_m, sp_b, sp_m = _a16(N), _a16(sg_b), _a16(sg_m), _a16(sp_b), _a16(sp_m)
+    if G_UNIT:
+        sg_n = 1
+    if P_UNIT:
+        sp_n = 1
+    off_newrow, off_newcol = _a16(off_newrow), _a16(off_newcol)
+    ok, clip, step = _load_scalars(pid, ws_ptr, scale_ptr, ok_ptr, okacc_ptr, n_fin, n_usq, n_psq, off_fin, off_usq,
+                                   off_psq, off_scal, numel_f, sqrt_numel, rho, eps2, clip_threshold, FOLD, False,
+                                   True, SCALE_PARAM, HAS_OKACC)
+    neg_step = -step
+    decay = 1.0 - step * weight_decay
+    b, i, j = _tile_coords(pid, TM, TN)
+    b64 = b.to(tl.int64)
+    row_mean = _row_mean(ws_ptr, off_rsum, b, n_rp, M, RP_BLOCK)
+    cols = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    new_col = tl.load(ws_ptr + off_newcol + b64 * N + cols, mask=cmask, other=1.0)
+    c = tl.rsqrt(new_col)
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr).to(tl.float32)
+    r0 = i * rows_per_prog
+    g_base = g_ptr + b64 * sg_b + r0.to(tl.int64) * sg_m
+    p_base = p_ptr + b64 * sp_b + r0.to(tl.int64) * sp_m
+    newrow = ws_ptr + off_newrow + b64 * M + r0
+    lin_base = (b64 * M + r0) * N
+    lrows = tl.arange(0, BLOCK_M)
+    g_offs = lrows[:, None] * sg_m + cols[None, :] * sg_n
+    p_offs = lrows[:, None] * sp_m + cols[None, :] * sp_n
+    lin_offs = lrows[:, None] * N + cols[None, :]
+    row_ok = ok & (j == 0).to(tl.int8)
+    for m0 in range(0, rows_per_prog, BLOCK_M):
+        rmask = r0 + m0 + lrows < M
+        mask = rmask[:, None] & cmask[None, :]
+        g = tl.load(g_base + m0 * sg_m + g_offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            g = g * scale
+        new_row = tl.load(newrow + m0 + lrows, mask=rmask, other=1.0)
+        r = tl.rsqrt(new_row / row_mean)
+        u = g * r[:, None] * c[None, :] * clip
+        if HAS_M:
+            m_ptrs = m_ptr + lin_base + m0 * N + lin_offs
+            m = tl.load(m_ptrs, mask=mask, other=0.0)
+            m = m * beta1 + u * one_minus_beta1
+            tl.store(m_ptrs, m, mask=_and(mask, ok))
+            u = m
+        p_ptrs = p_base + m0 * sp_m + p_offs
+        p = tl.load(p_ptrs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_WD:
+            new = p * decay
+        else:
+            new = p
+        new = new + u * neg_step
+        if SR:
+            new = _round_to_bf16(new, (lin_base + m0 * N + lin_offs).to(tl.int32), seed)
+        tl.store(p_ptrs, new.to(p_ptr.dtype.element_ty), mask=_and(mask, ok))
+        tl.store(row_ptr + b64 * M + r0 + m0 + lrows, new_row, mask=_and(rmask, row_ok))
+    tl.store(col_ptr + b64 * N + cols, new_col, mask=_and(cmask, ok & (i == 0).to(tl.int8)))
+
+
+@triton.jit(do_not_specialize=_FAC_WRITE_INTS)
+def _fac_write_kernel(g_ptr, p_ptr, scale_ptr, ws_ptr, row_ptr, col_ptr, m_ptr, ok_ptr, okacc_ptr, seed,
+                      B, M, N, TM, TN, rows_per_prog, sg_b, sg_m, sg_n, sp_b, sp_m, sp_n,
+                      n_rp, off_newrow, off_newcol, off_rsum, off_scal, n_fin, n_usq, n_psq, off_fin, off_usq,
+                      off_psq, numel_f, sqrt_numel, rho, eps2, clip_threshold, weight_decay, beta1, one_minus_beta1,
+                      HAS_SCALE: tl.constexpr, SCALE_PARAM: tl.constexpr, HAS_WD: tl.constexpr,
+                      HAS_M: tl.constexpr, SR: tl.constexpr, FOLD: tl.constexpr, HAS_OKACC: tl.constexpr,
+                      ALIGN: tl.constexpr, G_UNIT: tl.constexpr, P_UNIT: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP_BLOCK: tl.constexpr):
+    _fac_write_body(tl.program_id(0), g_ptr, p_ptr, scale_ptr, ws_ptr, row_ptr, col_ptr, m_ptr, ok_ptr, okacc_ptr, seed,
+                    B, M, N, TM, TN, rows_per_prog, sg_b, sg_m, sg_n, sp_b, sp_m, sp_n, n_rp, off_newrow, off_newcol,
+                    off_rsum, off_scal, n_fin, n_usq, n_psq, off_fin, off_usq, off_psq, numel_f, sqrt_numel, rho, eps2,
+                    clip_threshold, weight_decay, beta1, one_minus_beta1, HAS_SCALE, SCALE_PARAM, HAS_WD, HAS_M, SR,
+                    FOLD, HAS_OKACC, ALIGN, G_UNIT, P_UNIT, BLOCK_M, BLOCK_N, RP_BLOCK)
+
+
+_VEC_STATS_INTS = ["n", "sg", "sp", "off_newv", "off_fin", "off_usq", "off_psq"]
+
+
+@triton.jit
+def _vec_stats_body(pid, g_ptr, p_ptr, scale_ptr, v_ptr, ws_ptr, n, sg, sp,
+                      off_newv, off_fin, off_usq, off_psq, eps1, beta2, one_minus_beta2,
+                      HAS_SCALE: tl.constexpr, SUM_P: tl.constexpr, G_UNIT: tl.constexpr, P_UNIT: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    if G_UNIT:
+        sg = 1
+    if P_UNIT:
+        sp = 1
+    off_newv = _a16(off_newv)
+    idx = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < n
+    idx64 = idx.to(tl.int64)
+    g = tl.load(g_ptr + idx64 * sg, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        g = g * tl.load(scale_ptr).to(tl.float32)
+    sq = tl.where(mask, g * g + eps1, 0.0)
+    v = tl.load(v_ptr + idx64, mask=mask, other=1.0)
+    new_v = v * beta2 + sq * one_minus_beta2
+    tl.store(ws_ptr + off_newv + idx64, new_v, mask=mask)
+    u = g * tl.rsqrt(tl.where(mask, new_v, 1.0))
+    tl.store(ws_ptr + off_fin + pid, tl.sum(sq, axis=0))
+    tl.store(ws_ptr + off_usq + pid, tl.sum(tl.where(mask, u * u, 0.0), axis=0))
+    if SUM_P:
+        pv = tl.load(p_ptr + idx64 * sp, mask=mask, other=0.0).to(tl.float32)
+        tl.store(ws_ptr + off_psq + pid, tl.sum(pv * pv, axis=0))
+
+
+@triton.jit(do_not_specialize=_VEC_STATS_INTS)
+def _vec_stats_kernel(g_ptr, p_ptr, scale_ptr, v_ptr, ws_ptr, n, sg, sp,
+                      off_newv, off_fin, off_usq, off_psq, eps1, beta2, one_minus_beta2,
+                      HAS_SCALE: tl.constexpr, SUM_P: tl.constexpr, G_UNIT: tl.constexpr, P_UNIT: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    _vec_stats_body(tl.program_id(0), g_ptr, p_ptr, scale_ptr, v_ptr, ws_ptr, n, sg, sp, off_newv, off_fin, off_usq,
+                    off_psq, eps1, beta2, one_minus_beta2, HAS_SCALE, SUM_P, G_UNIT, P_UNIT, BLOCK)
+
+
+_VEC_WRITE_INTS = ["seed", "n", "sg", "sp", "off_newv", "off_scal", "n_fin", "n_usq", "n_psq", "off_fin", "off_usq",
+                   "off_psq"]
+
+
+@triton.jit
+def _vec_write_body(pid, g_ptr, p_ptr, scale_ptr, v_ptr, m_ptr, ok_ptr, okacc_ptr, ws_ptr, seed, n, sg, sp,
+                      off_newv, off_scal, n_fin, n_usq, n_psq, off_fin, off_usq, off_psq, numel_f, sqrt_numel,
+                      rho, eps2, clip_threshold, weight_decay, beta1, one_minus_beta1,
+                      HAS_SCALE: tl.constexpr, SCALE_PARAM: tl.constexpr, HAS_WD: tl.constexpr,
+                      HAS_M: tl.constexpr, SR: tl.constexpr, FOLD: tl.constexpr, HAS_OKACC: tl.constexpr,
+                      G_UNIT: tl.constexpr, P_UNIT: tl.constexpr, BLOCK: tl.constexpr):
+    if G_UNIT:
+        sg = 1
+    if P_UNIT:
+        sp = 1
+    off_newv = _a16(off_newv)
+    ok, clip, step = _load_scalars(pid, ws_ptr, scale_ptr, ok_ptr, okacc_ptr, n_fin, n_usq, n_psq, off_fin, off_usq,
+                                   off_psq, off_scal, numel_f, sqrt_numel, rho, eps2, clip_threshold, FOLD, False,
+                                   True, SCALE_PARAM, HAS_OKACC)
+    idx = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < n
+    idx64 = idx.to(tl.int64)
+    g = tl.load(g_ptr + idx64 * sg, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        g = g * tl.load(scale_ptr).to(tl.float32)
+    new_v = tl.load(ws_ptr + off_newv + idx64, mask=mask, other=1.0)
+    u = g * tl.rsqrt(new_v) * clip
+    if HAS_M:
+        m = tl.load(m_ptr + idx64, mask=mask, other=0.0)
+        m = m * beta1 + u * one_minus_beta1
+        tl.store(m_ptr + idx64, m, mask=_and(mask, ok))
+        u = m
+    p = tl.load(p_ptr + idx64 * sp, mask=mask, other=0.0).to(tl.float32)
+    if HAS_WD:
+        new = p * (1.0 - step * weight_decay)
+    else:
+        new = p
+    new = new + u * (-step)
+    if SR:
+        new = _round_to_bf16(new, idx, seed)
+    tl.store(p_ptr + idx64 * sp, new.to(p_ptr.dtype.element_ty), mask=_and(mask, ok))
+    tl.store(v_ptr + idx64, new_v, mask=_and(mask, ok))
+
+
+@triton.jit(do_not_specialize=_VEC_WRITE_INTS)
+def _vec_write_kernel(g_ptr, p_ptr, scale_ptr, v_ptr, m_ptr, ok_ptr, okacc_ptr, ws_ptr, seed, n, sg, sp,
+                      off_newv, off_scal, n_fin, n_usq, n_psq, off_fin, off_usq, off_psq, numel_f, sqrt_numel,
+                      rho, eps2, clip_threshold, weight_decay, beta1, one_minus_beta1,
+                      HAS_SCALE: tl.constexpr, SCALE_PARAM: tl.constexpr, HAS_WD: tl.constexpr,
+                      HAS_M: tl.constexpr, SR: tl.constexpr, FOLD: tl.constexpr, HAS_OKACC: tl.constexpr,
+                      G_UNIT: tl.constexpr, P_UNIT: tl.constexpr, BLOCK: tl.constexpr):
+    _vec_write_body(tl.program_id(0), g_ptr, p_ptr, scale_ptr, v_ptr, m_ptr, ok_ptr, okacc_ptr, ws_ptr, seed, n, sg, sp,
+                    off_newv, off_scal, n_fin, n_usq, n_psq, off_fin, off_usq, off_psq, numel_f, sqrt_numel, rho, eps2,
+                    clip_threshold, weight_decay, beta1, one_minus_beta1, HAS_SCALE, SCALE_PARAM, HAS_WD, HAS_M, SR,
+                    FOLD, HAS_OKACC, G_UNIT, P_UNIT, BLOCK)
+
+
+_SUM_INTS = ["M", "N", "TM", "TN", "rows_per_prog", "sg_b", "sg_m", "sg_n", "off_fin"]
+
+
+@triton.jit
+def _sum_body(pid, g_ptr, ws_ptr, M, N, TM, TN, rows_per_prog, sg_b, sg_m, sg_n, off_fin,
+                ALIGN: tl.constexpr, G_UNIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    if ALIGN:
+        N, sg_b, sg_m = _a16(N), _a16(sg_b), _a16(sg_m)
+    if G_UNIT:
+        sg_n = 1
+    b, i, j = _tile_coords(pid, TM, TN)
+    cols = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    r0 = i * rows_per_prog
+    g_base = g_ptr + b.to(tl.int64) * sg_b + r0.to(tl.int64) * sg_m
+    lrows = tl.arange(0, BLOCK_M)
+    g_offs = lrows[:, None] * sg_m + cols[None, :] * sg_n
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for m0 in range(0, rows_per_prog, BLOCK_M):
+        mask = (r0 + m0 + lrows < M)[:, None] & cmask[None, :]
+        acc += tl.load(g_base + m0 * sg_m + g_offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(ws_ptr + off_fin + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
+
+
+@triton.jit(do_not_specialize=_SUM_INTS)
+def _sum_kernel(g_ptr, ws_ptr, M, N, TM, TN, rows_per_prog, sg_b, sg_m, sg_n, off_fin,
+                ALIGN: tl.constexpr, G_UNIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    _sum_body(tl.program_id(0), g_ptr, ws_ptr, M, N, TM, TN, rows_per_prog, sg_b, sg_m, sg_n, off_fin, ALIGN, G_UNIT,
+              BLOCK_M, BLOCK_N)
+
+
+_LOMO_WRITE_INTS = ["seed", "M", "N", "TM", "TN", "rows_per_prog", "sg_b", "sg_m", "sg_n", "sp_b", "sp_m", "sp_n",
+                    "n_fin", "off_scal"]
+
+
+@triton.jit
+def _lomo_write_body(pid, g_ptr, p_ptr, scale_ptr, ws_ptr, ok_ptr, okacc_ptr, seed, M, N, TM, TN, rows_per_prog,
+                       sg_b, sg_m, sg_n, sp_b, sp_m, sp_n, n_fin, off_scal, lr, weight_decay, clip_value,
+                       HAS_SCALE: tl.constexpr, HAS_WD: tl.constexpr, HAS_CLIP: tl.constexpr, SR: tl.constexpr,
+                       FOLD: tl.constexpr, HAS_OKACC: tl.constexpr, ALIGN: tl.constexpr, G_UNIT: tl.constexpr,
+                       P_UNIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    if ALIGN:
+        N, sg_b, sg_m, sp_b, sp_m = _a16(N), _a16(sg_b), _a16(sg_m), _a16(sp_b), _a16(sp_m)
+    if G_UNIT:
+        sg_n = 1
+    if P_UNIT:
+        sp_n = 1
+    ok, clip, step = _load_scalars(pid, ws_ptr, scale_ptr, ok_ptr, okacc_ptr, n_fin, 0, 0, 0, 0, 0, off_scal, 1.0, 1.0,
+                                   0.0, 0.0, 1.0, FOLD, HAS_SCALE, False, False, HAS_OKACC)
+    b, i, j = _tile_coords(pid, TM, TN)
+    b64 = b.to(tl.int64)
+    decay = 1.0 - lr * weight_decay
+    cols = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr).to(tl.float32)
+    r0 = i * rows_per_prog
+    g_base = g_ptr + b64 * sg_b + r0.to(tl.int64) * sg_m
+    p_base = p_ptr + b64 * sp_b + r0.to(tl.int64) * sp_m
+    lin_base = (b64 * M + r0) * N
+    lrows = tl.arange(0, BLOCK_M)
+    g_offs = lrows[:, None] * sg_m + cols[None, :] * sg_n
+    p_offs = lrows[:, None] * sp_m + cols[None, :] * sp_n
+    for m0 in range(0, rows_per_prog, BLOCK_M):
+        mask = (r0 + m0 + lrows < M)[:, None] & cmask[None, :]
+        g = tl.load(g_base + m0 * sg_m + g_offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            g = g * scale
+        if HAS_CLIP:
+            g = tl.minimum(tl.maximum(g, -clip_value), clip_value)
+        p_ptrs = p_base + m0 * sp_m + p_offs
+        p = tl.load(p_ptrs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_WD:
+            new = p * decay
+        else:
+            new = p
+        new = new + g * (-lr)
+        if SR:
+            new = _round_to_bf16(new, (lin_base + m0 * N + lrows[:, None] * N + cols[None, :]).to(tl.int32), seed)
+        tl.store(p_ptrs, new.to(p_ptr.dtype.element_ty), mask=_and(mask, ok))
+
+
+@triton.jit(do_not_specialize=_LOMO_WRITE_INTS)
+def _lomo_write_kernel(g_ptr, p_ptr, scale_ptr, ws_ptr, ok_ptr, okacc_ptr, seed, M, N, TM, TN, rows_per_prog,
+                       sg_b, sg_m, sg_n, sp_b, sp_m, sp_n, n_fin, off_scal, lr, weight_decay, clip_value,
+                       HAS_SCALE: tl.constexpr, HAS_WD: tl.constexpr, HAS_CLIP: tl.constexpr, SR: tl.constexpr,
+                       FOLD: tl.constexpr, HAS_OKACC: tl.constexpr, ALIGN: tl.constexpr, G_UNIT: tl.constexpr,
+                       P_UNIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    _lomo_write_body(tl.program_id(0), g_ptr, p_ptr, scale_ptr, ws_ptr, ok_ptr, okacc_ptr, seed, M, N, TM, TN,
+                     rows_per_prog, sg_b, sg_m, sg_n, sp_b, sp_m, sp_n, n_fin, off_scal, lr, weight_decay, clip_value,
+                     HAS_SCALE, HAS_WD, HAS_CLIP, SR, FOLD, HAS_OKACC, ALIGN, G_UNIT, P_UNIT, BLOCK_M, BLOCK_N)
+
+
+# ------------------------------------------------------------------------------ grouped (multi-tensor)
+# Classic ``step()``: one launch per pass for a whole group of tensors (same dtypes and layout class).
+# Each tensor has a row of int64 metadata (pointers, geometry, strides, workspace offsets) and a row of
+# fp32 metadata (per-tensor step-dependent floats); ``pmap`` maps a program id to its tensor.
+_W = 40  # int64 metadata columns
+(_C_G, _C_P, _C_ROW, _C_COL, _C_M, _C_WS, _C_B, _C_M_, _C_N, _C_TM, _C_TN, _C_RPP, _C_SGB, _C_SGM, _C_SGN, _C_SPB,
+ _C_SPM, _C_SPN, _C_NRP, _C_NCP, _C_START, _C_FSTART, _C_SEED, _C_NFIN, _C_NUSQ, _C_NPSQ, _C_OROWPART, _C_OCOLPART,
+ _C_ONEWROW, _C_ONEWCOL, _C_ORSUM, _C_OFIN, _C_OUSQ, _C_OPSQ, _C_OSCAL, _C_NVEC) = (tl.constexpr(i) for i in range(36))
+_WF = 8  # fp32 metadata columns
+(_F_RHO, _F_BETA2, _F_OMB2, _F_NUMEL, _F_SQRTN) = (tl.constexpr(i) for i in range(5))
+_CW = tl.constexpr(_W)
+_CWF = tl.constexpr(_WF)
+
+
+@triton.jit
+def _mi(row, k):
+    """An int32 field of a metadata row."""
+    return tl.load(row + k).to(tl.int32)
+
+
+@triton.jit
+def _mp(row, k, DT: tl.constexpr, ALIGN: tl.constexpr):
+    """A pointer field of a metadata row (16-byte aligned when ALIGN)."""
+    ptr = tl.load(row + k).to(tl.pointer_type(DT))
+    if ALIGN:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def _g_fac_stats_kernel(meta_ptr, pmap_ptr, scale_ptr, eps1, G_DT: tl.constexpr, P_DT: tl.constexpr,
+                        HAS_SCALE: tl.constexpr, SUM_P: tl.constexpr, ALIGN: tl.constexpr, G_UNIT: tl.constexpr,
+                        P_UNIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    row = meta_ptr + tl.load(pmap_ptr + pid).to(tl.int64) * _CW
+    _fac_stats_body(pid - _mi(row, _C_START), _mp(row, _C_G, G_DT, ALIGN), _mp(row, _C_P, P_DT, ALIGN), scale_ptr,
+                    _mp(row, _C_WS, tl.float32, True), _mi(row, _C_B), _mi(row, _C_M_), _mi(row, _C_N),
+                    _mi(row, _C_TM), _mi(row, _C_TN), _mi(row, _C_RPP), _mi(row, _C_SGB), _mi(row, _C_SGM),
+                    _mi(row, _C_SGN), _mi(row, _C_SPB), _mi(row, _C_SPM), _mi(row, _C_SPN), _mi(row, _C_OROWPART),
+                    _mi(row, _C_OCOLPART), _mi(row, _C_OPSQ), eps1, HAS_SCALE, SUM_P, ALIGN, G_UNIT, P_UNIT,
+                    BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _g_fac_finalize_kernel(meta_ptr, fmeta_ptr, pmap_ptr, BLOCK: tl.constexpr, PB: tl.constexpr):
+    pid = tl.program_id(0)
+    t = tl.load(pmap_ptr + pid).to(tl.int64)
+    row = meta_ptr + t * _CW
+    frow = fmeta_ptr + t * _CWF
+    _fac_finalize_body(pid - _mi(row, _C_FSTART), _mp(row, _C_ROW, tl.float32, True),
+                       _mp(row, _C_COL, tl.float32, True), _mp(row, _C_WS, tl.float32, True), _mi(row, _C_B),
+                       _mi(row, _C_M_), _mi(row, _C_N), _mi(row, _C_TM), _mi(row, _C_TN), _mi(row, _C_NRP),
+                       _mi(row, _C_NCP), _mi(row, _C_OROWPART), _mi(row, _C_OCOLPART), _mi(row, _C_ONEWROW),
+                       _mi(row, _C_ONEWCOL), _mi(row, _C_ORSUM), _mi(row, _C_OFIN), tl.load(frow + _F_BETA2),
+                       tl.load(frow + _F_OMB2), BLOCK, PB)
+
+
+@triton.jit
+def _g_fac_usq_kernel(meta_ptr, pmap_ptr, scale_ptr, G_DT: tl.constexpr, HAS_SCALE: tl.constexpr,
+                      ALIGN: tl.constexpr, G_UNIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      RP_BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    row = meta_ptr + tl.load(pmap_ptr + pid).to(tl.int64) * _CW
+    _fac_usq_body(pid - _mi(row, _C_START), _mp(row, _C_G, G_DT, ALIGN), scale_ptr, _mp(row, _C_WS, tl.float32, True),
+                  _mi(row, _C_B), _mi(row, _C_M_), _mi(row, _C_N), _mi(row, _C_TM), _mi(row, _C_TN),
+                  _mi(row, _C_RPP), _mi(row, _C_SGB), _mi(row, _C_SGM), _mi(row, _C_SGN), _mi(row, _C_NRP),
+                  _mi(row, _C_ONEWROW), _mi(row, _C_ONEWCOL), _mi(row, _C_ORSUM), _mi(row, _C_OUSQ),
+                  HAS_SCALE, ALIGN, G_UNIT, BLOCK_M, BLOCK_N, RP_BLOCK)
+
+
+@triton.jit
+def _g_finish_kernel(meta_ptr, fmeta_ptr, scale_ptr, oks_ptr, eps2, clip_threshold, FIN_SCALE: tl.constexpr,
+                     HAS_USQ: tl.constexpr, HAS_PSQ: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    row = meta_ptr + t * _CW
+    frow = fmeta_ptr + t * _CWF
+    _finish_body(0, _mp(row, _C_WS, tl.float32, True), scale_ptr, oks_ptr + t, _mi(row, _C_NFIN), _mi(row, _C_NUSQ),
+                 _mi(row, _C_NPSQ), _mi(row, _C_OFIN), _mi(row, _C_OUSQ), _mi(row, _C_OPSQ), _mi(row, _C_OSCAL),
+                 tl.load(frow + _F_NUMEL), tl.load(frow + _F_SQRTN), tl.load(frow + _F_RHO), eps2, clip_threshold,
+                 FIN_SCALE, HAS_USQ, HAS_PSQ, BLOCK)
+
+
+@triton.jit
+def _g_fac_write_kernel(meta_ptr, fmeta_ptr, pmap_ptr, scale_ptr, oks_ptr, weight_decay, beta1, one_minus_beta1,
+                        G_DT: tl.constexpr, P_DT: tl.constexpr, HAS_SCALE: tl.constexpr, SCALE_PARAM: tl.constexpr,
+                        HAS_WD: tl.constexpr, HAS_M: tl.constexpr, SR: tl.constexpr, ALIGN: tl.constexpr,
+                        G_UNIT: tl.constexpr, P_UNIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        RP_BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    t = tl.load(pmap_ptr + pid).to(tl.int64)
+    row = meta_ptr + t * _CW
+    frow = fmeta_ptr + t * _CWF
+    ws = _mp(row, _C_WS, tl.float32, True)
+    _fac_write_body(pid - _mi(row, _C_START), _mp(row, _C_G, G_DT, ALIGN), _mp(row, _C_P, P_DT, ALIGN), scale_ptr, ws,
+                    _mp(row, _C_ROW, tl.float32, True), _mp(row, _C_COL, tl.float32, True),
+                    _mp(row, _C_M, tl.float32, True), oks_ptr + t, oks_ptr + t, tl.load(row + _C_SEED),
+                    _mi(row, _C_B), _mi(row, _C_M_), _mi(row, _C_N), _mi(row, _C_TM), _mi(row, _C_TN),
+                    _mi(row, _C_RPP), _mi(row, _C_SGB), _mi(row, _C_SGM), _mi(row, _C_SGN), _mi(row, _C_SPB),
+                    _mi(row, _C_SPM), _mi(row, _C_SPN), _mi(row, _C_NRP), _mi(row, _C_ONEWROW), _mi(row, _C_ONEWCOL),
+                    _mi(row, _C_ORSUM), _mi(row, _C_OSCAL), 0, 0, 0, 0, 0, 0, 1.0, 1.0, tl.load(frow + _F_RHO), 0.0,
+                    1.0, weight_decay, beta1, one_minus_beta1, HAS_SCALE, SCALE_PARAM, HAS_WD, HAS_M, SR, False, False,
+                    ALIGN, G_UNIT, P_UNIT, BLOCK_M, BLOCK_N, RP_BLOCK)
+
+
+@triton.jit
+def _g_vec_stats_kernel(meta_ptr, fmeta_ptr, pmap_ptr, scale_ptr, eps1, G_DT: tl.constexpr, P_DT: tl.constexpr,
+                        HAS_SCALE: tl.constexpr, SUM_P: tl.constexpr, G_UNIT: tl.constexpr, P_UNIT: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    t = tl.load(pmap_ptr + pid).to(tl.int64)
+    row = meta_ptr + t * _CW
+    frow = fmeta_ptr + t * _CWF
+    _vec_stats_body(pid - _mi(row, _C_START), _mp(row, _C_G, G_DT, False), _mp(row, _C_P, P_DT, False), scale_ptr,
+                    _mp(row, _C_ROW, tl.float32, True), _mp(row, _C_WS, tl.float32, True), _mi(row, _C_N),
+                    _mi(row, _C_SGN), _mi(row, _C_SPN), _mi(row, _C_ONEWROW), _mi(row, _C_OFIN), _mi(row, _C_OUSQ),
+                    _mi(row, _C_OPSQ), eps1, tl.load(frow + _F_BETA2), tl.load(frow + _F_OMB2), HAS_SCALE, SUM_P,
+                    G_UNIT, P_UNIT, BLOCK)
+
+
+@triton.jit
+def _g_vec_write_kernel(meta_ptr, fmeta_ptr, pmap_ptr, scale_ptr, oks_ptr, weight_decay, beta1, one_minus_beta1,
+                        G_DT: tl.constexpr, P_DT: tl.constexpr, HAS_SCALE: tl.constexpr, SCALE_PARAM: tl.constexpr,
+                        HAS_WD: tl.constexpr, HAS_M: tl.constexpr, SR: tl.constexpr, G_UNIT: tl.constexpr,
+                        P_UNIT: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    t = tl.load(pmap_ptr + pid).to(tl.int64)
+    row = meta_ptr + t * _CW
+    frow = fmeta_ptr + t * _CWF
+    _vec_write_body(pid - _mi(row, _C_START), _mp(row, _C_G, G_DT, False), _mp(row, _C_P, P_DT, False), scale_ptr,
+                    _mp(row, _C_ROW, tl.float32, True), _mp(row, _C_M, tl.float32, True), oks_ptr + t, oks_ptr + t,
+                    _mp(row, _C_WS, tl.float32, True), tl.load(row + _C_SEED), _mi(row, _C_N), _mi(row, _C_SGN),
+                    _mi(row, _C_SPN), _mi(row, _C_ONEWROW), _mi(row, _C_OSCAL), 0, 0, 0, 0, 0, 0, 1.0, 1.0,
+                    tl.load(frow + _F_RHO), 0.0, 1.0, weight_decay, beta1, one_minus_beta1, HAS_SCALE, SCALE_PARAM,
+                    HAS_WD, HAS_M, SR, False, False, G_UNIT, P_UNIT, BLOCK)
+
+
+@triton.jit
+def _g_sum_kernel(meta_ptr, pmap_ptr, G_DT: tl.constexpr, ALIGN: tl.constexpr, G_UNIT: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    row = meta_ptr + tl.load(pmap_ptr + pid).to(tl.int64) * _CW
+    _sum_body(pid - _mi(row, _C_START), _mp(row, _C_G, G_DT, ALIGN), _mp(row, _C_WS, tl.float32, True),
+              _mi(row, _C_M_), _mi(row, _C_N), _mi(row, _C_TM), _mi(row, _C_TN), _mi(row, _C_RPP), _mi(row, _C_SGB),
+              _mi(row, _C_SGM), _mi(row, _C_SGN), _mi(row, _C_OFIN), ALIGN, G_UNIT, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _g_lomo_write_kernel(meta_ptr, pmap_ptr, scale_ptr, oks_ptr, lr, weight_decay, clip_value, G_DT: tl.constexpr,
+                         P_DT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_WD: tl.constexpr, HAS_CLIP: tl.constexpr,
+                         SR: tl.constexpr, ALIGN: tl.constexpr, G_UNIT: tl.constexpr, P_UNIT: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    t = tl.load(pmap_ptr + pid).to(tl.int64)
+    row = meta_ptr + t * _CW
+    _lomo_write_body(pid - _mi(row, _C_START), _mp(row, _C_G, G_DT, ALIGN), _mp(row, _C_P, P_DT, ALIGN), scale_ptr,
+                     _mp(row, _C_WS, tl.float32, True), oks_ptr + t, oks_ptr + t, tl.load(row + _C_SEED),
+                     _mi(row, _C_M_), _mi(row, _C_N), _mi(row, _C_TM), _mi(row, _C_TN), _mi(row, _C_RPP),
+                     _mi(row, _C_SGB), _mi(row, _C_SGM), _mi(row, _C_SGN), _mi(row, _C_SPB), _mi(row, _C_SPM),
+                     _mi(row, _C_SPN), _mi(row, _C_NFIN), _mi(row, _C_OSCAL), lr, weight_decay, clip_value,
+                     HAS_SCALE, HAS_WD, HAS_CLIP, SR, False, False, ALIGN, G_UNIT, P_UNIT, BLOCK_M, BLOCK_N)
+
+
+# ------------------------------------------------------------------------------------------ launching
+def _fast_launch_supported() -> bool:
+    try:
+        major, minor = (int(x) for x in triton.__version__.split(".")[:2])
+        from triton import knobs  # noqa: F401  (3.4+)
+    except Exception:
+        return False
+    return (major, minor) >= (3, 4)
+
+
+_FAST = _fast_launch_supported() and os.environ.get("ADALOMO_FAST_LAUNCH", "1") not in ("0", "false", "False")
+
+
+class _Launcher:
+    """``fn[grid](*args, **consts)``, but after the first launch of a variant the compiled kernel is called
+    directly. A variant is keyed by the constexprs, num_warps, the device and the dtype and 16-byte
+    alignment of every tensor argument: with ``do_not_specialize`` on every integer argument (all of them
+    fit in int32: ``use_triton`` refuses larger tensors; the seed is always int64) that is all Triton
+    specialises on. ``ADALOMO_FAST_LAUNCH=0`` (or ``CONFIG["fast_launch"] = False``) turns this off."""
+
+    def __init__(self, fn, const_names: tuple[str, ...]):
+        names = list(fn.arg_names)
+        assert tuple(names[-len(const_names):]) == const_names, (fn.__name__, const_names)
+        self.fn = fn
+        self.const_names = const_names
+        self.n_ptr = sum(1 for n in names if n.endswith("_ptr"))
+        assert all(n.endswith("_ptr") for n in names[:self.n_ptr]), fn.__name__
+        self.cache: dict = {}
+
+    def __call__(self, grid: int, args: tuple, consts: tuple, num_warps: int, stream, device: int,
+                 interpreted: bool, rkey: tuple | None = None) -> None:
+        global _FAST
+        key = None
+        if _FAST and stream is not None and CONFIG["fast_launch"]:
+            if rkey is not None:  # the caller vouches for dtype and alignment of every pointer (see _run_key)
+                key = (consts, num_warps) + rkey
+            else:
+                key = (consts, num_warps, device) + tuple((a.dtype, a.data_ptr() % 16 == 0)
+                                                          for a in args[:self.n_ptr])
+            k = self.cache.get(key)
+            if k is not None:
+                try:
+                    k.run(grid, 1, 1, stream, k.function, k.packed_metadata, None, None, None, *args, *consts)
+                    return
+                except (TypeError, AttributeError, ValueError, SystemError):  # another Triton: its own launch path
+                    _FAST = False
+                    key = None
+        k = self.fn[(grid,)](*args, **dict(zip(self.const_names, consts)), num_warps=num_warps)
+        if key is not None and k is not None and _direct_call_ok(k, len(args) + len(consts), self.n_ptr):
+            self.cache[key] = k
+
+
+def _direct_call_ok(k, n_args: int, n_ptr: int) -> bool:
+    """The compiled kernel takes all declared parameters in order (pointers first) and no launch hook is
+    installed (the direct call passes none): what ``JITFunction.run`` itself passes in Triton >= 3.3."""
+    try:
+        from triton import knobs
+        for h in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook):
+            if h is not None and getattr(h, "calls", True):  # an empty HookChain is the default, not a hook
+                return False
+        names = list(k.src.fn.arg_names)
+        sig = k.src.signature
+        ptrs = [n for n in names if str(sig.get(n, "")).startswith("*")]
+        return len(names) == n_args and ptrs == names[:n_ptr] and callable(k.run)
+    except Exception:
+        return False
+
+
+def _consts(fn, *names):
+    return _Launcher(fn, names)
+
+
+_STATS = _consts(_fac_stats_kernel, "HAS_SCALE", "SUM_P", "ALIGN", "G_UNIT", "P_UNIT", "BLOCK_M", "BLOCK_N")
+_FINALIZE = _consts(_fac_finalize_kernel, "BLOCK", "PB")
+_USQ = _consts(_fac_usq_kernel, "HAS_SCALE", "ALIGN", "G_UNIT", "BLOCK_M", "BLOCK_N", "RP_BLOCK")
+_FINISH = _consts(_finish_kernel, "FIN_SCALE", "HAS_USQ", "HAS_PSQ", "BLOCK")
+_WRITE = _consts(_fac_write_kernel, "HAS_SCALE", "SCALE_PARAM", "HAS_WD", "HAS_M", "SR", "FOLD", "HAS_OKACC",
+                 "ALIGN", "G_UNIT", "P_UNIT", "BLOCK_M", "BLOCK_N", "RP_BLOCK")
+_VSTATS = _consts(_vec_stats_kernel, "HAS_SCALE", "SUM_P", "G_UNIT", "P_UNIT", "BLOCK")
+_VWRITE = _consts(_vec_write_kernel, "HAS_SCALE", "SCALE_PARAM", "HAS_WD", "HAS_M", "SR", "FOLD", "HAS_OKACC",
+                  "G_UNIT", "P_UNIT", "BLOCK")
+_SUM = _consts(_sum_kernel, "ALIGN", "G_UNIT", "BLOCK_M", "BLOCK_N")
+_LWRITE = _consts(_lomo_write_kernel, "HAS_SCALE", "HAS_WD", "HAS_CLIP", "SR", "FOLD", "HAS_OKACC", "ALIGN",
+                  "G_UNIT", "P_UNIT", "BLOCK_M", "BLOCK_N")
+
+
+# ------------------------------------------------------------------------------------------ host side
+def _strides3(t: torch.Tensor) -> tuple[int, int, int] | None:
+    """Strides of ``t`` seen as [B, M, N] (0-D/1-D: [1, 1, n]); None when the leading dims don't merge."""
+    d = t.dim()
+    s = t.stride()
+    if d == 2:
+        return 0, s[0], s[1]
+    if d == 1:
+        return 0, 0, s[0]
+    if d == 0:
+        return 0, 0, 1
+    sh = t.shape
+    lead = [(sh[k], s[k]) for k in range(d - 2) if sh[k] != 1]
+    for (_, s_outer), (n_inner, s_inner) in zip(lead, lead[1:]):
+        if s_outer != s_inner * n_inner:
+            return None
+    return (lead[-1][1] if lead else 0), s[-2], s[-1]
+
+
+def _shape3(t: torch.Tensor) -> tuple[int, int, int]:
+    d = t.dim()
+    if d < 2:
+        return 1, 1, max(t.numel(), 1)
+    m, n = t.shape[-2], t.shape[-1]
+    return t.numel() // (m * n), m, n
+
+
+_GEOM: dict = {}
+
+
+def _fin_block(M: int, N: int) -> int:
+    return max(CONFIG["fin_block"], _next_pow2(_cdiv(max(M, N), 1024)))
+
+
+def _geometry(B: int, M: int, N: int, kind: str, grouped_fb: int = 0) -> dict:
+    """Tiling and workspace layout (fp32 offsets, 16-aligned) for one [B, M, N] shape; cached.
+
+    ``grouped_fb`` > 0: the tile sizes of a grouped launch (the CONFIG blocks for every shape, that
+    finalize block)."""
+    key = (B, M, N, kind, grouped_fb, CONFIG["block_m"], CONFIG["block_n"], CONFIG["max_tm"], CONFIG["vec_block"],
+           CONFIG["fin_block"], CONFIG["fold_max"])
+    geo = _GEOM.get(key)
+    if geo is not None:
+        return geo
+    if grouped_fb:
+        bn, bm = CONFIG["block_n"], CONFIG["block_m"]
+    else:
+        bn = min(CONFIG["block_n"], max(16, _next_pow2(N)))
+        bm = min(CONFIG["block_m"], _next_pow2(M))
+    m_tiles = _cdiv(M, bm)
+    per = _cdiv(m_tiles, min(m_tiles, CONFIG["max_tm"]))
+    rows_per_prog = per * bm
+    TM, TN = _cdiv(M, rows_per_prog), _cdiv(N, bn)
+    n_prog = B * TM * TN
+    geo = dict(BLOCK_M=bm, BLOCK_N=bn, TM=TM, TN=TN, rows_per_prog=rows_per_prog, n_prog=n_prog)
+    if kind == "fac":
+        fb = grouped_fb or _fin_block(M, N)
+        n_rp, n_cp = _cdiv(M, fb), _cdiv(N, fb)
+        n_fin = B * (n_rp + n_cp)
+        geo.update(FIN_BLOCK=fb, PB=max(1, min(32, 4096 // fb)), n_rp=n_rp, n_cp=n_cp,
+                   RP_BLOCK=max(2, _next_pow2(n_rp)), n_fin=n_fin, n_usq=n_prog, n_psq=n_prog,
+                   fold=n_fin + 2 * n_prog <= CONFIG["fold_max"])
+        mp, np_ = _cdiv(M, 16) * 16, _cdiv(N, 16) * 16  # partial rows padded to 16 floats
+        sizes = dict(rowpart=TN * B * mp, colpart=TM * B * np_, newrow=B * M, newcol=B * N, rsum=B * n_rp,
+                     fin=n_fin, usq=n_prog, psq=n_prog, scal=2)
+    elif kind == "vec":
+        vb = CONFIG["vec_block"]
+        nv = _cdiv(B * M * N, vb)
+        geo.update(VEC_BLOCK=vb, n_vec=nv, n_fin=nv, n_usq=nv, n_psq=nv, fold=3 * nv <= CONFIG["fold_max"])
+        sizes = dict(newv=B * M * N, fin=nv, usq=nv, psq=nv, scal=2)
+    else:  # lomo
+        geo.update(n_fin=n_prog, fold=n_prog <= CONFIG["fold_max"])
+        sizes = dict(fin=n_prog, scal=2)
+    off = 0
+    for name, size in sizes.items():
+        geo["off_" + name] = off
+        off += _cdiv(size, 16) * 16
+    geo["ws_numel"] = off
+    _GEOM[key] = geo
+    return geo
+
+
+def _seed(stochastic_rounding: bool, generator, seed: int | None) -> int:
+    if not stochastic_rounding:
+        return _SEED_BIT
+    if seed is None:
+        seed = generator.initial_seed() if generator is not None else int(torch.randint(0, 1 << 62, (1,)))
+    return (int(seed) & _SEED_MASK) | _SEED_BIT
+
+
+def _scale_arg(grad_scale, ref: torch.Tensor):
+    if grad_scale is None:
+        return False, ref
+    if not isinstance(grad_scale, torch.Tensor):
+        grad_scale = torch.full((), float(grad_scale), dtype=torch.float32, device=ref.device)
+    return True, grad_scale
+
+
+def _contig_state(state: dict, key: str, copies: list) -> torch.Tensor:
+    t = state[key]
+    if t.is_contiguous() and t.dtype == torch.float32:
+        return t
+    t = t.float().contiguous()
+    copies.append((key, t))
+    return t
+
+
+def _raw_stream(device: int) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+if hasattr(torch._C, "_cuda_getCurrentRawStream"):
+    _raw_stream = torch._C._cuda_getCurrentRawStream  # noqa: F811  (the same, without a Stream object)
+
+
+class _Ctx:
+    """Per-call launch context: device index, raw stream, interpreter or not."""
+    __slots__ = ("device", "stream", "interpreted")
+
+    def __init__(self, t: torch.Tensor):
+        from . import _impl_interpreted
+        self.interpreted = _impl_interpreted or t.device.type != "cuda"
+        if self.interpreted:
+            self.device, self.stream = -1, None
+        else:
+            self.device = t.device.index
+            self.stream = _raw_stream(self.device)
+
+
+def _run_key(ctx, g, p, scale, ok_into, *fp32_state) -> tuple | None:
+    """One launch-cache key for all kernels of an update: everything Triton specialises on besides the
+    constexprs. The other pointer arguments are fresh allocations (workspace, flag: aligned) or fp32 state;
+    None (each launch computes its own key) when one of those is not 16-byte aligned."""
+    if ctx.stream is None:
+        return None
+    for t in (scale, ok_into, *fp32_state):
+        if t is not None and t.data_ptr() % 16:
+            return None
+    return ("rk", ctx.device, g.dtype, g.data_ptr() % 16 == 0, p.dtype, p.data_ptr() % 16 == 0, scale.dtype,
+            None if ok_into is None else ok_into.dtype)
+
+
+def _prepare(p, g):
+    """Strided [B, M, N] views of g and p (copies only when leading dims cannot be merged)."""
+    sg = _strides3(g)
+    if sg is None:
+        g = g.contiguous()
+        sg = _strides3(g)
+    p_work = p
+    sp = _strides3(p)
+    if sp is None:
+        p_work = p.contiguous()
+        sp = _strides3(p_work)
+    return g, sg, p_work, sp
+
+
+def _align(N: int, sg, sp) -> tuple[bool, bool, bool]:
+    g_unit, p_unit = sg[2] == 1, sp[2] == 1
+    align = g_unit and p_unit and N % 16 == 0 and sg[0] % 16 == 0 and sg[1] % 16 == 0 and sp[0] % 16 == 0 \
+        and sp[1] % 16 == 0
+    return align, g_unit, p_unit
+
+
+def scaled_rms_update_(p, g, state, *, rho, eps, clip_threshold, beta2, weight_decay, scale_parameter, beta1,
+                       grad_scale, stochastic_rounding, generator, seed=None, ok_into=None):
+    """Triton version of ``functional._scaled_rms_update_``; returns the 0-d bool "gradient was finite"."""
+    ctx = _Ctx(p)
+    if ctx.device >= 0 and ctx.device != torch.cuda.current_device():
+        with torch.cuda.device(ctx.device):
+            return scaled_rms_update_(p, g, state, rho=rho, eps=eps, clip_threshold=clip_threshold, beta2=beta2,
+                                      weight_decay=weight_decay, scale_parameter=scale_parameter, beta1=beta1,
+                                      grad_scale=grad_scale, stochastic_rounding=stochastic_rounding,
+                                      generator=generator, seed=seed, ok_into=ok_into)
+    g, sg, p_work, sp = _prepare(p, g)
+    B, M, N = _shape3(p)
+    dev = p.device
+    has_scale, scale = _scale_arg(grad_scale, p)
+    sr = bool(stochastic_rounding) and p.dtype == torch.bfloat16
+    sd = _seed(sr, generator, seed)
+    has_m = beta1 is not None
+    copies: list = []
+    m_t = _contig_state(state, "exp_avg", copies) if has_m else None
+    ok = torch.empty((), dtype=torch.bool, device=dev)
+    okacc = ok if ok_into is None else ok_into
+    beta2, omb2 = float(beta2), 1.0 - float(beta2)
+    b1, omb1 = (float(beta1), 1.0 - float(beta1)) if has_m else (0.0, 1.0)
+    numel = B * M * N
+    sp_flag = bool(scale_parameter)
+    hw = weight_decay != 0
+    scal = (float(numel), math.sqrt(numel), float(rho), float(eps[1]), float(clip_threshold))
+    if p.dim() >= 2:
+        row = _contig_state(state, "exp_avg_sq_row", copies)
+        col = _contig_state(state, "exp_avg_sq_col", copies)
+        run = (ctx.stream, ctx.device, ctx.interpreted, _run_key(ctx, g, p_work, scale, ok_into, row, col, m_t))
+        geo = _geometry(B, M, N, "fac")
+        ws = torch.empty(geo["ws_numel"], dtype=torch.float32, device=dev)
+        if m_t is None:
+            m_t = ws
+        align, g_unit, p_unit = _align(N, sg, sp)
+        TM, TN, rpp, n = geo["TM"], geo["TN"], geo["rows_per_prog"], geo["n_prog"]
+        bm, bn, fold = geo["BLOCK_M"], geo["BLOCK_N"], geo["fold"]
+        _STATS(n, (g, p_work, scale, ws, B, M, N, TM, TN, rpp, *sg, *sp, geo["off_rowpart"], geo["off_colpart"],
+                   geo["off_psq"], float(eps[0])),
+               (has_scale, sp_flag, align, g_unit, p_unit, bm, bn), CONFIG["warps_stats"], *run)
+        _FINALIZE(B * (geo["n_rp"] + geo["n_cp"]),
+                  (row, col, ws, B, M, N, TM, TN, geo["n_rp"], geo["n_cp"], geo["off_rowpart"], geo["off_colpart"],
+                   geo["off_newrow"], geo["off_newcol"], geo["off_rsum"], geo["off_fin"], beta2, omb2),
+                  (geo["FIN_BLOCK"], geo["PB"]), 4, *run)
+        _USQ(n, (g, scale, ws, B, M, N, TM, TN, rpp, *sg, geo["n_rp"], geo["off_newrow"], geo["off_newcol"],
+                 geo["off_rsum"], geo["off_usq"]),
+             (has_scale, align, g_unit, bm, bn, geo["RP_BLOCK"]), CONFIG["warps_usq"], *run)
+        fin = (geo["n_fin"], geo["n_usq"], geo["n_psq"], geo["off_fin"], geo["off_usq"], geo["off_psq"])
+        if not fold:
+            _FINISH(1, (ws, scale, ok, *fin, geo["off_scal"], *scal), (False, True, sp_flag, 1024), 4, *run)
+        _WRITE(n, (g, p_work, scale, ws, row, col, m_t, ok, okacc, sd, B, M, N, TM, TN, rpp, *sg, *sp,
+                   geo["n_rp"], geo["off_newrow"], geo["off_newcol"], geo["off_rsum"], geo["off_scal"], *fin, *scal,
+                   float(weight_decay), b1, omb1),
+               (has_scale, sp_flag, hw, has_m, sr, fold, ok_into is not None, align, g_unit, p_unit, bm, bn,
+                geo["RP_BLOCK"]), CONFIG["warps_write"], *run)
+    else:
+        v = _contig_state(state, "exp_avg_sq", copies)
+        run = (ctx.stream, ctx.device, ctx.interpreted, _run_key(ctx, g, p_work, scale, ok_into, v, m_t))
+        geo = _geometry(B, M, N, "vec")
+        ws = torch.empty(geo["ws_numel"], dtype=torch.float32, device=dev)
+        if m_t is None:
+            m_t = ws
+        nv, vb, fold = geo["n_vec"], geo["VEC_BLOCK"], geo["fold"]
+        g_unit, p_unit = sg[2] == 1, sp[2] == 1
+        _VSTATS(nv, (g, p_work, scale, v, ws, numel, sg[2], sp[2], geo["off_newv"], geo["off_fin"], geo["off_usq"],
+                     geo["off_psq"], float(eps[0]), beta2, omb2),
+                (has_scale, sp_flag, g_unit, p_unit, vb), 4, *run)
+        fin = (nv, nv, nv, geo["off_fin"], geo["off_usq"], geo["off_psq"])
+        if not fold:
+            _FINISH(1, (ws, scale, ok, *fin, geo["off_scal"], *scal), (False, True, sp_flag, 1024), 4, *run)
+        _VWRITE(nv, (g, p_work, scale, v, m_t, ok, okacc, ws, sd, numel, sg[2], sp[2], geo["off_newv"],
+                     geo["off_scal"], *fin, *scal, float(weight_decay), b1, omb1),
+                (has_scale, sp_flag, hw, has_m, sr, fold, ok_into is not None, g_unit, p_unit, vb), 4, *run)
+    for key, t in copies:
+        state[key].copy_(t)
+    if p_work is not p:
+        p.copy_(p_work)
+    torch.autograd.graph.increment_version(p)
+    return ok
+
+
+def lomo_update_(p, g, *, lr, weight_decay, clip_grad_value, grad_scale, stochastic_rounding, generator, seed=None,
+                 ok_into=None):
+    """Triton version of ``functional.lomo_update_`` (two reads of ``g``); returns the finite flag."""
+    ctx = _Ctx(p)
+    if ctx.device >= 0 and ctx.device != torch.cuda.current_device():
+        with torch.cuda.device(ctx.device):
+            return lomo_update_(p, g, lr=lr, weight_decay=weight_decay, clip_grad_value=clip_grad_value,
+                                grad_scale=grad_scale, stochastic_rounding=stochastic_rounding, generator=generator,
+                                seed=seed, ok_into=ok_into)
+    g, sg, p_work, sp = _prepare(p, g)
+    B, M, N = _shape3(p)
+    dev = p.device
+    has_scale, scale = _scale_arg(grad_scale, p)
+    sr = bool(stochastic_rounding) and p.dtype == torch.bfloat16
+    sd = _seed(sr, generator, seed)
+    geo = _geometry(B, M, N, "lomo")
+    ws = torch.empty(geo["ws_numel"], dtype=torch.float32, device=dev)
+    ok = torch.empty((), dtype=torch.bool, device=dev)
+    okacc = ok if ok_into is None else ok_into
+    run = (ctx.stream, ctx.device, ctx.interpreted, _run_key(ctx, g, p_work, scale, ok_into))
+    align, g_unit, p_unit = _align(N, sg, sp)
+    TM, TN, rpp, n = geo["TM"], geo["TN"], geo["rows_per_prog"], geo["n_prog"]
+    bm, bn, fold = geo["BLOCK_M"], geo["BLOCK_N"], geo["fold"]
+    _SUM(n, (g, ws, M, N, TM, TN, rpp, *sg, geo["off_fin"]), (align, g_unit, bm, bn), CONFIG["warps_usq"], *run)
+    if not fold:
+        _FINISH(1, (ws, scale, ok, n, 0, 0, geo["off_fin"], 0, 0, geo["off_scal"], 1.0, 1.0, 0.0, 0.0, 1.0),
+                (has_scale, False, False, 1024), 4, *run)
+    clip = clip_grad_value is not None
+    _LWRITE(n, (g, p_work, scale, ws, ok, okacc, sd, M, N, TM, TN, rpp, *sg, *sp, n, geo["off_scal"], float(lr),
+                float(weight_decay), float(clip_grad_value) if clip else 0.0),
+            (has_scale, weight_decay != 0, clip, sr, fold, ok_into is not None, align, g_unit, p_unit, bm, bn),
+            CONFIG["warps_write"], *run)
+    if p_work is not p:
+        p.copy_(p_work)
+    torch.autograd.graph.increment_version(p)
+    return ok
+
+
+def bytes_moved(p: torch.Tensor, g: torch.Tensor, kind: str, *, scale_parameter: bool = True,
+                beta1: bool = False) -> dict[str, int]:
+    """Device-memory bytes each kernel must move for one update (the floor each kernel is timed against).
+
+    Workspace traffic (partials: ~numel/32 fp32 values, mostly L2-resident) is not counted.
+    """
+    n = p.numel()
+    eg, ep = g.element_size(), p.element_size()
+    if kind == "lomo":
+        return {"sum": n * eg, "write": n * (eg + 2 * ep)}
+    m = 8 * n if beta1 else 0
+    if p.dim() >= 2:
+        return {"stats": n * (eg + (ep if scale_parameter else 0)), "usq": n * eg,
+                "write": n * (eg + 2 * ep) + m}
+    return {"stats": n * (eg + 8 + (ep if scale_parameter else 0)), "write": n * (eg + 2 * ep + 12) + m}
+
+
+# ------------------------------------------------------------------------------- grouped host side
+_TL_DT = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_G_STATS = _consts(_g_fac_stats_kernel, "G_DT", "P_DT", "HAS_SCALE", "SUM_P", "ALIGN", "G_UNIT", "P_UNIT", "BLOCK_M",
+                   "BLOCK_N")
+_G_FINALIZE = _consts(_g_fac_finalize_kernel, "BLOCK", "PB")
+_G_USQ = _consts(_g_fac_usq_kernel, "G_DT", "HAS_SCALE", "ALIGN", "G_UNIT", "BLOCK_M", "BLOCK_N", "RP_BLOCK")
+_G_FINISH = _consts(_g_finish_kernel, "FIN_SCALE", "HAS_USQ", "HAS_PSQ", "BLOCK")
+_G_WRITE = _consts(_g_fac_write_kernel, "G_DT", "P_DT", "HAS_SCALE", "SCALE_PARAM", "HAS_WD", "HAS_M", "SR", "ALIGN",
+                   "G_UNIT", "P_UNIT", "BLOCK_M", "BLOCK_N", "RP_BLOCK")
+_G_VSTATS = _consts(_g_vec_stats_kernel, "G_DT", "P_DT", "HAS_SCALE", "SUM_P", "G_UNIT", "P_UNIT", "BLOCK")
+_G_VWRITE = _consts(_g_vec_write_kernel, "G_DT", "P_DT", "HAS_SCALE", "SCALE_PARAM", "HAS_WD", "HAS_M", "SR",
+                    "G_UNIT", "P_UNIT", "BLOCK")
+_G_SUM = _consts(_g_sum_kernel, "G_DT", "ALIGN", "G_UNIT", "BLOCK_M", "BLOCK_N")
+_G_LWRITE = _consts(_g_lomo_write_kernel, "G_DT", "P_DT", "HAS_SCALE", "HAS_WD", "HAS_CLIP", "SR", "ALIGN", "G_UNIT",
+                    "P_UNIT", "BLOCK_M", "BLOCK_N")
+_PMAPS: dict = {}
+
+
+def _pmap(counts: tuple[int, ...], dev: torch.device) -> torch.Tensor:
+    """program id -> tensor index (int32), for a grouped launch; cached per device and group layout."""
+    key = (dev, counts)
+    m = _PMAPS.get(key)
+    if m is None:
+        m = torch.repeat_interleave(torch.arange(len(counts), dtype=torch.int32),
+                                    torch.tensor(counts, dtype=torch.int64)).to(dev)
+        if len(_PMAPS) > 256:
+            _PMAPS.clear()
+        _PMAPS[key] = m
+    return m
+
+
+def _to_device(values: list, dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
+    t = torch.tensor(values, dtype=dtype)
+    if dev.type == "cuda":
+        t = t.pin_memory().to(dev, non_blocking=True)  # no host sync; the host buffer lives until the copy ran
+    return t
+
+
+def _aligned(*ts) -> bool:
+    return all(t.data_ptr() % 16 == 0 for t in ts)
+
+
+def _classify(p, g):
+    """(key, g, sg, sp) for a grouped launch, or None when this tensor needs the per-tensor path."""
+    sg = _strides3(g)
+    sp = _strides3(p)
+    if sg is None or sp is None:
+        return None
+    B, M, N = _shape3(p)
+    align, g_unit, p_unit = _align(N, sg, sp)
+    align = align and _aligned(g, p)
+    return (p.dim() >= 2, p.dtype, g.dtype, align, g_unit, p_unit), sg, sp, (B, M, N)
+
+
+def _state_ok(*ts) -> bool:
+    return all(t.is_contiguous() and t.dtype == torch.float32 and t.data_ptr() % 16 == 0 for t in ts)
+
+
+def scaled_rms_update_many_(ps, gs, states, *, rhos, beta2s, eps, clip_threshold, weight_decay, scale_parameter,
+                            beta1, grad_scale, stochastic_rounding, seeds):
+    """``scaled_rms_update_`` for many tensors with a handful of launches (classic ``step()``).
+
+    ``rhos``, ``beta2s``, ``seeds``: one per tensor (host numbers). Tensors are grouped by dtypes and
+    layout class; each group runs the five passes as five grouped launches. Returns a 0-d bool device
+    tensor: every gradient was finite (tensors whose gradient was not are left untouched, each on its own).
+    """
+    if not ps:
+        return None
+    dev = ps[0].device
+    ctx = _Ctx(ps[0])
+    if ctx.device >= 0 and ctx.device != torch.cuda.current_device():
+        with torch.cuda.device(ctx.device):
+            return scaled_rms_update_many_(ps, gs, states, rhos=rhos, beta2s=beta2s, eps=eps,
+                                           clip_threshold=clip_threshold, weight_decay=weight_decay,
+                                           scale_parameter=scale_parameter, beta1=beta1, grad_scale=grad_scale,
+                                           stochastic_rounding=stochastic_rounding, seeds=seeds)
+    run = (ctx.stream, ctx.device, ctx.interpreted)
+    has_scale, scale = _scale_arg(grad_scale, ps[0])
+    has_m = beta1 is not None
+    b1, omb1 = (float(beta1), 1.0 - float(beta1)) if has_m else (0.0, 1.0)
+    sp_flag, hw = bool(scale_parameter), weight_decay != 0
+    groups: dict = {}
+    flags = []
+    for i, (p, g, st) in enumerate(zip(ps, gs, states)):
+        c = _classify(p, g)
+        fac = p.dim() >= 2
+        sts = (st["exp_avg_sq_row"], st["exp_avg_sq_col"]) if fac else (st["exp_avg_sq"],)
+        if has_m:
+            sts = sts + (st["exp_avg"],)
+        if c is None or not _state_ok(*sts):
+            flags.append(scaled_rms_update_(p, g, st, rho=rhos[i], eps=eps, clip_threshold=clip_threshold,
+                                            beta2=beta2s[i], weight_decay=weight_decay, scale_parameter=scale_parameter,
+                                            beta1=beta1, grad_scale=grad_scale,
+                                            stochastic_rounding=stochastic_rounding, generator=None, seed=seeds[i]))
+            continue
+        groups.setdefault(c[0], []).append((i, p, g, sts, c[1], c[2], c[3]))
+    for (fac, pdt, gdt, align, g_unit, p_unit), items in groups.items():
+        sr = bool(stochastic_rounding) and pdt == torch.bfloat16
+        n_t = len(items)
+        fb = max(_fin_block(M, N) for *_, (B, M, N) in items) if fac else 0
+        geos = [_geometry(B, M, N, "fac" if fac else "vec", fb) for *_, (B, M, N) in items]
+        ws_total, starts, fstarts, counts, fcounts = 0, [], [], [], []
+        prog, fprog = 0, 0
+        for geo, (*_, (B, _m, _n)) in zip(geos, items):
+            n = geo["n_prog"] if fac else geo["n_vec"]
+            starts.append(prog)
+            counts.append(n)
+            prog += n
+            if fac:
+                nf = B * (geo["n_rp"] + geo["n_cp"])
+                fstarts.append(fprog)
+                fcounts.append(nf)
+                fprog += nf
+        ws_offs = []
+        for geo in geos:
+            ws_offs.append(ws_total)
+            ws_total += geo["ws_numel"]
+        ws = torch.empty(max(ws_total, 16), dtype=torch.float32, device=dev)
+        base = ws.data_ptr()
+        meta, fmeta = [], []
+        for k, ((i, p, g, sts, sg, sp, (B, M, N)), geo) in enumerate(zip(items, geos)):
+            numel = B * M * N
+            seed = _seed(sr, None, seeds[i] if seeds is not None else 0)
+            m_ptr = sts[-1].data_ptr() if has_m else base
+            if fac:
+                row = [g.data_ptr(), p.data_ptr(), sts[0].data_ptr(), sts[1].data_ptr(), m_ptr, base + 4 * ws_offs[k],
+                       B, M, N, geo["TM"], geo["TN"], geo["rows_per_prog"], *sg, *sp, geo["n_rp"], geo["n_cp"],
+                       starts[k], fstarts[k], seed, geo["n_fin"], geo["n_usq"], geo["n_psq"], geo["off_rowpart"],
+                       geo["off_colpart"], geo["off_newrow"], geo["off_newcol"], geo["off_rsum"], geo["off_fin"],
+                       geo["off_usq"], geo["off_psq"], geo["off_scal"], 0]
+            else:
+                nv = geo["n_vec"]
+                row = [g.data_ptr(), p.data_ptr(), sts[0].data_ptr(), 0, m_ptr, base + 4 * ws_offs[k],
+                       1, 1, numel, 0, 0, 0, 0, 0, sg[2], 0, 0, sp[2], 0, 0, starts[k], 0, seed, nv, nv, nv,
+                       0, 0, geo["off_newv"], 0, 0, geo["off_fin"], geo["off_usq"], geo["off_psq"], geo["off_scal"], nv]
+            meta.extend(row + [0] * (_W - len(row)))
+            beta2 = float(beta2s[i])
+            fmeta.extend([float(rhos[i]), beta2, 1.0 - beta2, float(numel), math.sqrt(numel), 0.0, 0.0, 0.0])
+        meta_t = _to_device(meta, torch.int64, dev)
+        fmeta_t = _to_device(fmeta, torch.float32, dev)
+        oks = torch.empty(n_t, dtype=torch.bool, device=dev)
+        pm = _pmap(tuple(counts), dev)
+        gd, pd = _TL_DT[gdt], _TL_DT[pdt]
+        bm, bn = CONFIG["block_m"], CONFIG["block_n"]
+        if fac:
+            rp_block = max(g_["RP_BLOCK"] for g_ in geos)
+            _G_STATS(prog, (meta_t, pm, scale, float(eps[0])),
+                     (gd, pd, has_scale, sp_flag, align, g_unit, p_unit, bm, bn), CONFIG["warps_stats"], *run)
+            _G_FINALIZE(fprog, (meta_t, fmeta_t, _pmap(tuple(fcounts), dev)), (fb, max(1, min(32, 4096 // fb))), 4,
+                        *run)
+            _G_USQ(prog, (meta_t, pm, scale), (gd, has_scale, align, g_unit, bm, bn, rp_block), CONFIG["warps_usq"],
+                   *run)
+            _G_FINISH(n_t, (meta_t, fmeta_t, scale, oks, float(eps[1]), float(clip_threshold)),
+                      (False, True, sp_flag, 1024), 4, *run)
+            _G_WRITE(prog, (meta_t, fmeta_t, pm, scale, oks, float(weight_decay), b1, omb1),
+                     (gd, pd, has_scale, sp_flag, hw, has_m, sr, align, g_unit, p_unit, bm, bn, rp_block),
+                     CONFIG["warps_write"], *run)
+        else:
+            vb = CONFIG["vec_block"]
+            _G_VSTATS(prog, (meta_t, fmeta_t, pm, scale, float(eps[0])),
+                      (gd, pd, has_scale, sp_flag, g_unit, p_unit, vb), 4, *run)
+            _G_FINISH(n_t, (meta_t, fmeta_t, scale, oks, float(eps[1]), float(clip_threshold)),
+                      (False, True, sp_flag, 1024), 4, *run)
+            _G_VWRITE(prog, (meta_t, fmeta_t, pm, scale, oks, float(weight_decay), b1, omb1),
+                      (gd, pd, has_scale, sp_flag, hw, has_m, sr, g_unit, p_unit, vb), 4, *run)
+        flags.append(oks)
+        for _, p, *_ in items:
+            torch.autograd.graph.increment_version(p)
+    return _all(flags)
+
+
+def lomo_update_many_(ps, gs, *, lr, weight_decay, clip_grad_value, grad_scale, stochastic_rounding, seeds):
+    """``lomo_update_`` for many tensors with three launches per group; returns "every gradient was finite"."""
+    if not ps:
+        return None
+    dev = ps[0].device
+    ctx = _Ctx(ps[0])
+    if ctx.device >= 0 and ctx.device != torch.cuda.current_device():
+        with torch.cuda.device(ctx.device):
+            return lomo_update_many_(ps, gs, lr=lr, weight_decay=weight_decay, clip_grad_value=clip_grad_value,
+                                     grad_scale=grad_scale, stochastic_rounding=stochastic_rounding, seeds=seeds)
+    run = (ctx.stream, ctx.device, ctx.interpreted)
+    has_scale, scale = _scale_arg(grad_scale, ps[0])
+    clip = clip_grad_value is not None
+    groups: dict = {}
+    flags = []
+    for i, (p, g) in enumerate(zip(ps, gs)):
+        c = _classify(p, g)
+        if c is None:
+            flags.append(lomo_update_(p, g, lr=lr, weight_decay=weight_decay, clip_grad_value=clip_grad_value,
+                                      grad_scale=grad_scale, stochastic_rounding=stochastic_rounding, generator=None,
+                                      seed=seeds[i] if seeds is not None else None))
+            continue
+        key = (c[0][1], c[0][2]) + c[0][3:]
+        groups.setdefault(key, []).append((i, p, g, c[1], c[2], c[3]))
+    for (pdt, gdt, align, g_unit, p_unit), items in groups.items():
+        sr = bool(stochastic_rounding) and pdt == torch.bfloat16
+        geos = [_geometry(B, M, N, "lomo", 1) for *_, (B, M, N) in items]
+        ws_total, prog, counts, meta = 0, 0, [], []
+        ws_offs = []
+        for geo in geos:
+            ws_offs.append(ws_total)
+            ws_total += geo["ws_numel"]
+        ws = torch.empty(max(ws_total, 16), dtype=torch.float32, device=dev)
+        base = ws.data_ptr()
+        for k, ((i, p, g, sg, sp, (B, M, N)), geo) in enumerate(zip(items, geos)):
+            seed = _seed(sr, None, seeds[i] if seeds is not None else 0)
+            n = geo["n_prog"]
+            row = [g.data_ptr(), p.data_ptr(), 0, 0, 0, base + 4 * ws_offs[k], B, M, N, geo["TM"], geo["TN"],
+                   geo["rows_per_prog"], *sg, *sp, 0, 0, prog, 0, seed, n, 0, 0, 0, 0, 0, 0, 0, geo["off_fin"], 0,
+                   0, geo["off_scal"], 0]
+            meta.extend(row + [0] * (_W - len(row)))
+            counts.append(n)
+            prog += n
+        n_t = len(items)
+        meta_t = _to_device(meta, torch.int64, dev)
+        oks = torch.empty(n_t, dtype=torch.bool, device=dev)
+        pm = _pmap(tuple(counts), dev)
+        gd, pd = _TL_DT[gdt], _TL_DT[pdt]
+        bm, bn = CONFIG["block_m"], CONFIG["block_n"]
+        _G_SUM(prog, (meta_t, pm), (gd, align, g_unit, bm, bn), CONFIG["warps_usq"], *run)
+        _G_FINISH(n_t, (meta_t, ws, scale, oks, 0.0, 1.0), (has_scale, False, False, 1024), 4, *run)  # no floats
+        cv = float(clip_grad_value) if clip else 0.0
+        _G_LWRITE(prog, (meta_t, pm, scale, oks, float(lr), float(weight_decay), cv),
+                  (gd, pd, has_scale, weight_decay != 0, clip, sr, align, g_unit, p_unit, bm, bn),
+                  CONFIG["warps_write"], *run)
+        flags.append(oks)
+        for _, p, *_ in items:
+            torch.autograd.graph.increment_version(p)
+    return _all(flags)
+
+
+def _all(flags: list) -> torch.Tensor:
+    flat = [f.reshape(-1) for f in flags]
+    return (flat[0] if len(flat) == 1 else torch.cat(flat)).all()
