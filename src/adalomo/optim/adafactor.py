@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
+from .. import kernels
 from ..precision import DynamicLossScaler
 from .base import LowMemoryOptimizer, _check_number, check_eps
 
@@ -75,3 +76,13 @@ class Adafactor(LowMemoryOptimizer):
                                    decay_rate=group["decay_rate"], beta1=group["beta1"],
                                    weight_decay=group["weight_decay"], grad_scale=grad_scale,
                                    stochastic_rounding=stochastic_rounding, generator=generator)
+
+    def _update_many(self, ps, grads, group):
+        states, seeds, steps, sr = self._begin_many(ps, group)
+        rhos = [F.relative_step_size(t, group["warmup_init"], group["lr"]) if group["relative_step"] else group["lr"]
+                for t in steps]
+        return kernels.scaled_rms_update_many_(
+            ps, grads, states, rhos=rhos, beta2s=[F.beta2_at(t, group["decay_rate"]) for t in steps],
+            eps=group["eps"], clip_threshold=group["clip_threshold"], weight_decay=group["weight_decay"],
+            scale_parameter=group["scale_parameter"], beta1=group["beta1"], grad_scale=self._grad_scale(ps[0].device),
+            stochastic_rounding=sr, seeds=seeds)

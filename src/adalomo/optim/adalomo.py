@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
+from .. import kernels
 from ..precision import DynamicLossScaler
 from .base import LowMemoryOptimizer, _check_number, check_eps
 
@@ -62,6 +63,17 @@ class AdaLomo(LowMemoryOptimizer):
                                  clip_threshold=group["clip_threshold"], decay_rate=group["decay_rate"],
                                  weight_decay=group["weight_decay"], grad_scale=grad_scale,
                                  stochastic_rounding=stochastic_rounding, generator=generator)
+
+
+    def _update_many(self, ps, grads, group):
+        if group["clip_grad_value"] is not None:
+            return None
+        states, seeds, steps, sr = self._begin_many(ps, group)
+        return kernels.scaled_rms_update_many_(
+            ps, grads, states, rhos=[group["lr"]] * len(ps), beta2s=[F.beta2_at(t, group["decay_rate"]) for t in steps],
+            eps=group["eps"], clip_threshold=group["clip_threshold"], weight_decay=group["weight_decay"],
+            scale_parameter=True, beta1=None, grad_scale=self._grad_scale(ps[0].device), stochastic_rounding=sr,
+            seeds=seeds)
 
 
 def _clamped(grad: Tensor, value: float, grad_scale: Tensor | None) -> Tensor:

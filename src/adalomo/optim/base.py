@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import distributed as _dist
+from .. import kernels
 from ..distributed import _optim as _dist_optim
 from ..fused import BackwardTracker
 from ..precision import DynamicLossScaler, sr_generator
@@ -113,7 +114,7 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         self._norm_sq: Tensor | None = None
         self._clip_coef: Tensor | None = None
         self._grad_scale_cache: Tensor | None = None
-        self._ok_all: Tensor | None = None
+        self._oks: list[Tensor] = []
         self._skip_next = False
         self.skipped_updates: Tensor | None = None
         self.allow_unsharded_distributed = bool(allow_unsharded_distributed)
@@ -188,6 +189,19 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
                 generator: torch.Generator | None) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _update_many(self, ps: list[Tensor], grads: list[Tensor], group: dict[str, Any]) -> Tensor | None:
+        """Classic mode on CUDA: update a whole group with grouped kernels; None = not supported here."""
+        return None
+
+    def _begin_many(self, ps: list[Tensor], group: dict[str, Any]) -> tuple[list, list[int], list[float], bool]:
+        """For ``_update_many``: states, SR seeds (taken before the step count moves), new step counts, SR."""
+        states = [self.state[p] for p in ps]
+        seeds = [self._sr_seed(p, st) for p, st in zip(ps, states)]
+        for st in states:
+            st["step"] += 1
+        sr = any(self._sr_enabled(group, p) for p in ps)
+        return states, seeds, [float(st["step"]) for st in states], sr
+
     # ---------------------------------------------------------------- updates
     def _apply(self, p: Tensor, grad: Tensor) -> None:
         if grad.is_sparse:
@@ -199,21 +213,28 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
                                "updates (or opt.fused_backward(loss) after it); classic mode computes it in step()")
         group = self.param_groups[self._group_index[id(p)]]
         state = self.state[p]
-        sr = group.get("stochastic_rounding")
-        sr = (p.dtype == torch.bfloat16) if sr is None else (bool(sr) and p.dtype == torch.bfloat16)
+        sr = self._sr_enabled(group, p)
         layout = self._shard_layouts.get(id(p)) if self._shard_layouts else None
         gen = None
         if sr:
-            step = int(state["step"]) if "step" in state else 0
-            seed = ((self.sr_seed * 1_000_003 + self._param_index[id(p)]) * 1_000_033 + step) % (1 << 62)
+            seed = self._sr_seed(p, state)
             if layout is not None and layout.row_offset:  # other shards draw other bits (replicas the same)
                 seed = (seed * 1_000_037 + layout.row_offset) % (1 << 62)
-            gen = sr_generator(p.device, seed)
+            gen = kernels.Seed(seed) if layout is None and kernels.use_triton(p, grad) else sr_generator(p.device, seed)
         if layout is None:
             ok = self._update(p, grad, group, state, self._grad_scale(p.device), sr, gen)
         else:
             ok = _dist_optim.sharded_update(self, layout, p, grad, group, state, self._grad_scale(p.device), sr, gen)
-        self._ok_all = ok if self._ok_all is None else self._ok_all & ok.to(self._ok_all.device)
+        self._oks.append(ok)
+
+    def _sr_seed(self, p: Tensor, state: dict[str, Tensor]) -> int:
+        """Stochastic-rounding seed from (optimizer seed, parameter index, step): resumes draw the same bits."""
+        step = int(state["step"]) if "step" in state else 0
+        return ((self.sr_seed * 1_000_003 + self._param_index[id(p)]) * 1_000_033 + step) % (1 << 62)
+
+    def _sr_enabled(self, group: dict[str, Any], p: Tensor) -> bool:
+        sr = group.get("stochastic_rounding")
+        return (p.dtype == torch.bfloat16) if sr is None else (bool(sr) and p.dtype == torch.bfloat16)
 
     def _grad_scale(self, device: torch.device) -> Tensor | None:
         if self.loss_scaler is None and self._clip_coef is None:
@@ -255,7 +276,12 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         self._finish_step()
 
     def _finish_step(self) -> None:
-        ok_all, self._ok_all = self._ok_all, None
+        kernels.join_update_stream()
+        oks, self._oks = self._oks, []
+        ok_all = None
+        if oks:
+            dev = oks[0].device
+            ok_all = oks[0] if len(oks) == 1 else torch.stack([o.to(dev) for o in oks]).all()
         self._clip_coef = None
         self._grad_scale_cache = None
         if ok_all is None:
@@ -295,9 +321,16 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
                 self._clip_coef = (self.clip_grad_norm / (total + 1e-6)).clamp(max=1.0)
         try:
             for group in self.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        self._apply(p, p.grad)
+                ps = [p for p in group["params"] if p.grad is not None]
+                if not ps:
+                    continue
+                if ps and not self._shard_layouts and kernels.use_triton(*ps, *(p.grad for p in ps)):
+                    ok = self._update_many(ps, [p.grad for p in ps], group)
+                    if ok is not None:  # a few launches for the whole group
+                        self._oks.append(ok)
+                        continue
+                for p in ps:
+                    self._apply(p, p.grad)
         finally:
             self._finish_step()
         return loss

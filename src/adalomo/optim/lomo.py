@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import functional as F
+from .. import kernels
 from ..precision import DynamicLossScaler
 from .base import LowMemoryOptimizer, _check_number
 
@@ -40,3 +41,10 @@ class Lomo(LowMemoryOptimizer):
         return F.lomo_update_(p, grad, lr=group["lr"], weight_decay=group["weight_decay"],
                               clip_grad_value=group["clip_grad_value"], grad_scale=grad_scale,
                               stochastic_rounding=stochastic_rounding, generator=generator)
+
+    def _update_many(self, ps, grads, group):
+        _, seeds, _, sr = self._begin_many(ps, group)
+        return kernels.lomo_update_many_(ps, grads, lr=group["lr"], weight_decay=group["weight_decay"],
+                                         clip_grad_value=group["clip_grad_value"],
+                                         grad_scale=self._grad_scale(ps[0].device), stochastic_rounding=sr,
+                                         seeds=seeds)
