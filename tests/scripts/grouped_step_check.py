@@ -21,7 +21,9 @@ for name, mk in {"adalomo": lambda ps: adalomo.AdaLomo(ps, lr=1e-2, weight_decay
         m = copy.deepcopy(base)
         opt = mk(m.parameters())
         for _ in range(3):
-            m(x).square().mean().backward(); opt.step(); opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
         outs.append([p.detach().clone() for p in m.parameters()])
     err = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(*outs))
     print(name, "grouped vs torch max rel err", err)
