@@ -203,7 +203,7 @@ def child(row: str, cfg: dict) -> dict:
     n_params = sum(p.numel() for p in params)
     g = torch.Generator(device=DEV).manual_seed(1)
     x = torch.randint(0, cfg.get("vocab", 32000), (cfg["batch"], cfg["seq"]), device=DEV, generator=g)
-    fused = "_fused" in row
+    fused = "_fused" in row and not row.startswith("torch_")  # torch_adamw_fused is a classic step()
     opt = None
     note = ""
     if row == "floor":
