@@ -149,6 +149,21 @@ def _fp32(g: Tensor, grad_scale: Tensor | float | None) -> Tensor:
     return g.to(torch.float32, copy=True)
 
 
+def _row_means_col_sums(g: Tensor, eps1: float, grad_scale: Tensor | float | None) -> tuple[Tensor, Tensor]:
+    """Row means and column sums of U = g^2 + eps1 over the last two dims, in row blocks for large tensors."""
+    blocks = list(_blocks(g))
+    if len(blocks) == 1:
+        u = _fp32(g, grad_scale).square_().add_(eps1)
+        return u.mean(-1), u.sum(-2)
+    row_mean = torch.empty(g.shape[:-1], dtype=torch.float32, device=g.device)
+    col_sum = torch.zeros(g.shape[:-2] + g.shape[-1:], dtype=torch.float32, device=g.device)
+    for b in blocks:
+        u = _fp32(g[b], grad_scale).square_().add_(eps1)
+        row_mean[b] = u.mean(-1)
+        col_sum += u.sum(-2)
+    return row_mean, col_sum
+
+
 def update_second_moment_(state: dict[str, Tensor], g: Tensor, *, beta2: float, eps1: float,
                           grad_scale: Tensor | float | None = None, shard: ShardInfo | None = None) -> Tensor:
     """EMA of U = g^2 + eps1 (row/col means, or full); returns a 0-d bool: were the stats finite?
@@ -161,19 +176,8 @@ def update_second_moment_(state: dict[str, Tensor], g: Tensor, *, beta2: float, 
         return _sharded_second_moment_(state, g, beta2=beta2, eps1=eps1, grad_scale=grad_scale, shard=shard)[0]
     if is_factored(g):
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-        blocks = list(_blocks(g))
-        if len(blocks) == 1:
-            u = _fp32(g, grad_scale).square_().add_(eps1)
-            row_mean, col_mean = u.mean(-1), u.mean(-2)
-            del u
-        else:
-            row_mean = torch.empty_like(row)
-            col_sum = torch.zeros_like(col)
-            for b in blocks:
-                u = _fp32(g[b], grad_scale).square_().add_(eps1)
-                row_mean[b] = u.mean(-1)
-                col_sum += u.sum(-2)
-            col_mean = col_sum.div_(g.shape[-2])
+        row_mean, col_sum = _row_means_col_sums(g, eps1, grad_scale)
+        col_mean = col_sum.div_(g.shape[-2])
         ok = torch.isfinite(row_mean.sum() + col_mean.sum())
         _masked_ema_(row, row_mean, beta2, ok)
         _masked_ema_(col, col_mean, beta2, ok)
@@ -293,18 +297,7 @@ def _sharded_second_moment_(state: dict[str, Tensor], g: Tensor, *, beta2: float
         _masked_ema_(v, u, beta2, ok)
         return ok, None, out[1:]
     row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-    blocks = list(_blocks(g))
-    if len(blocks) == 1:
-        u = _fp32(g, grad_scale).square_().add_(eps1)
-        row_mean, col_sum = u.mean(-1), u.sum(-2)
-        del u
-    else:
-        row_mean = torch.empty_like(row)
-        col_sum = torch.zeros_like(col)
-        for b in blocks:
-            u = _fp32(g[b], grad_scale).square_().add_(eps1)
-            row_mean[b] = u.mean(-1)
-            col_sum += u.sum(-2)
+    row_mean, col_sum = _row_means_col_sums(g, eps1, grad_scale)
     bad = (~torch.isfinite(row_mean.sum() + col_sum.sum())).float()
     if g.dim() != 2:  # dim 0 is a batch dim of the factorisation: everything is local but the flag
         out = shard.all_reduce_sum_([bad, *extra])
