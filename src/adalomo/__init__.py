@@ -10,4 +10,7 @@ from .precision import DynamicLossScaler
 
 __version__ = "0.1.0"
 
-__all__ = ["AdaLomo", "Adafactor", "Lomo", "AdaPM", "adapm_param_groups", "SplitMomentum", "LowMemoryOptimizer", "DynamicLossScaler", "__version__"]
+__all__ = [
+    "AdaLomo", "Adafactor", "Lomo", "AdaPM", "adapm_param_groups", "SplitMomentum", "LowMemoryOptimizer",
+    "DynamicLossScaler", "__version__",
+]
