@@ -240,3 +240,14 @@ def test_fused_and_classic_follow_the_same_trajectory(tmp_path):
     a, b = runs["adalomo"]["loss_curve"]["loss"], runs["adalomo-classic"]["loss_curve"]["loss"]
     assert a == pytest.approx(b, rel=1e-4)
     assert runs["adalomo@0.01"]["lr"] == 0.01 and runs["adalomo@0.01"]["loss_curve"]["loss"][0] == a[0]
+
+
+def test_adapm_entries_run_when_available(tmp_path):
+    import adalomo
+
+    if not hasattr(adalomo, "AdaPM"):
+        pytest.skip("adalomo.AdaPM not in this version")
+    cfg = ExperimentConfig(task="gpt-lm", optimizers="adapm,adapm-factored", max_steps=2, quiet=True,
+                           out=str(tmp_path), data_limit=LIMIT, **TINY["gpt-lm"])
+    runs = run_experiment(cfg, log=lambda *a: None)["runs"]
+    assert runs["adapm"]["fused"] and math.isfinite(runs["adapm-factored"]["final_train_loss"])

@@ -127,7 +127,7 @@ def _sgd(params, lr, task, weight_decay=None):
 # (and Adafactor's, with scale_parameter=True) lr is RELATIVE to the weight RMS: the step is lr * RMS(W), so
 # from-scratch training (RMS(W) ~ 0.02-0.1) wants lr ~1e-2..1e-1, fine-tuning a pretrained model 1e-3..5e-4.
 _ADALOMO_LR = {"lstm-lm": 3e-2, "seq2seq": 3e-2, "gpt-lm": 3e-2}
-_SGD_LR = {"lstm-lm": 10.0, "seq2seq": 0.5, "gpt-lm": 0.3}
+_SGD_LR = {"lstm-lm": 10.0, "seq2seq": 0.5, "gpt-lm": 0.05}  # gpt-lm: a guess (0.3 diverged at 1B in bf16)
 _ADAM_LR = {"lstm-lm": 1e-2, "seq2seq": 1e-3, "gpt-lm": 6e-4}
 
 register_optimizer("adalomo", _make_adalomo(True), _ADALOMO_LR, True,
