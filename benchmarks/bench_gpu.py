@@ -10,13 +10,12 @@ every gradient dropped in a post-accumulate hook as soon as it is ready; each ro
 (memory figures are not contaminated); median step time after warm-up, peak allocated memory.
 
 Rows (``--only`` picks some): ``floor``; ours, for each of ``adalomo``/``adafactor``/``lomo``: ``*_fused``
-(Triton kernels from the fused hooks), ``*_classic`` (``step()`` after backward), and, emulating the base.py
-patches proposed in docs/kernels.md on the optimizer instance, ``*_fused_patched`` (no device Generator per
-tensor, finite flags reduced once per backward), ``*_fused_patched_side`` (plus updates on a side CUDA
-stream) and ``*_classic_mt`` (classic step through the grouped multi-tensor kernels);
-``adalomo_fused_torchpath`` (ADALOMO_DISABLE_TRITON=1); peers ``torch_adamw_fused`` (classic,
-``fused=True``), ``torch_adafactor`` (foreach), ``lomo_optim_adalomo``, ``lomo_optim_lomo`` (skipped with a
-note when ``lomo_optim`` is not installed).
+(fused hooks, gradients bucketed into the grouped Triton kernels, default ``bucket_cap_mb``), ``*_classic``
+(``step()`` after backward, grouped kernels); variants of a fused row by suffix: ``_b{MB}`` sets
+``bucket_cap_mb`` (``_b0``: one update per tensor), ``_side`` runs the updates on a side CUDA stream
+(e.g. ``adalomo_fused_b0_side``); ``adalomo_fused_torchpath`` (ADALOMO_DISABLE_TRITON=1);
+peers ``torch_adamw_fused`` (classic, ``fused=True``), ``torch_adafactor`` (foreach), ``lomo_optim_adalomo``,
+``lomo_optim_lomo`` (skipped with a note when ``lomo_optim`` is not installed).
 
 ``--fit``: the largest model whose training step (batch 1x1024, gradient checkpointing, bf16) fits, with
 our fused AdaLomo and with torch AdamW (fused), on a ladder of LLaMA shapes.
@@ -39,9 +38,9 @@ ROOT = os.path.dirname(HERE)
 DEV = os.environ.get("BENCH_DEVICE", "cuda")  # "cpu" only to dry-run the harness on a tiny config
 
 CONFIGS = {
-    "0.94b": dict(layers=16, hidden=2048, inter=5504, heads=16, batch=4, seq=1024, ckpt=False, warmup=3, steps=8),
+    "0.94b": dict(layers=16, hidden=2048, inter=5504, heads=16, batch=4, seq=1024, ckpt=False, warmup=3, steps=20),
     "tiny": dict(layers=2, hidden=64, inter=96, heads=2, batch=2, seq=32, ckpt=True, warmup=1, steps=2, vocab=256),
-    "6.7b": dict(layers=32, hidden=4096, inter=11008, heads=32, batch=2, seq=1024, ckpt=True, warmup=2, steps=5),
+    "6.7b": dict(layers=32, hidden=4096, inter=11008, heads=32, batch=2, seq=1024, ckpt=True, warmup=2, steps=8),
 }
 FIT_LADDER = {  # name: (layers, hidden, inter, heads); batch 1 x 1024, checkpointing
     "6.7b": (32, 4096, 11008, 32),
@@ -52,10 +51,9 @@ FIT_LADDER = {  # name: (layers, hidden, inter, heads); batch 1 x 1024, checkpoi
     "30b": (60, 6656, 17920, 52),
     "34b": (68, 6656, 17920, 52),
 }
-ROWS = ["floor", "adalomo_fused", "adalomo_fused_patched", "adalomo_fused_patched_side", "adalomo_classic",
-        "adalomo_classic_mt", "adafactor_fused", "adafactor_fused_patched", "adafactor_classic", "adafactor_classic_mt",
-        "lomo_fused", "lomo_fused_patched", "lomo_classic", "lomo_classic_mt", "torch_adamw_fused", "torch_adafactor",
-        "lomo_optim_adalomo", "lomo_optim_lomo", "adalomo_fused_torchpath"]
+ROWS = ["floor", "adalomo_fused", "adalomo_fused_b0", "adalomo_fused_side", "adalomo_classic", "adafactor_fused",
+        "adafactor_classic", "lomo_fused", "lomo_classic", "torch_adamw_fused", "torch_adafactor", "lomo_optim_adalomo",
+        "lomo_optim_lomo", "adalomo_fused_torchpath"]
 
 
 # ------------------------------------------------------------------------------------------- child
@@ -86,110 +84,6 @@ def _loss(model, x):
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), x[:, 1:].reshape(-1))
 
 
-def _side_stream(opt):
-    """Run each fused update on a side stream (what a ``side_stream=True`` option in base.py would do)."""
-    from adalomo import kernels
-    apply, finish = opt._apply, opt._finish_step
-
-    def _apply(p, grad):
-        with kernels.update_stream(grad):
-            apply(p, grad)
-
-    def _finish_step():
-        kernels.join_update_stream()
-        finish()
-
-    opt._apply, opt._finish_step = _apply, _finish_step
-
-
-# ---- the base.py patches proposed in docs/kernels.md, emulated on an optimizer instance
-def _sr_seed(opt, p, state) -> int:
-    step = int(state["step"]) if "step" in state else 0
-    return ((opt.sr_seed * 1_000_003 + opt._param_index[id(p)]) * 1_000_033 + step) % (1 << 62)
-
-
-def _sr_on(group, p) -> bool:
-    import torch
-    sr = group.get("stochastic_rounding")
-    return (p.dtype == torch.bfloat16) if sr is None else (bool(sr) and p.dtype == torch.bfloat16)
-
-
-def _patch_fused(opt):
-    """Fused hooks: a ``kernels.Seed`` instead of a device Generator per tensor, and the finite flags collected
-    in a list and reduced once per backward (instead of one ``&`` op per tensor)."""
-    import torch
-
-    from adalomo import kernels
-    from adalomo.precision import sr_generator
-    finish = opt._finish_step
-    oks = []
-
-    def _apply(p, grad):
-        group = opt.param_groups[opt._group_index[id(p)]]
-        state = opt.state[p]
-        sr = _sr_on(group, p)
-        gen = None
-        if sr:
-            seed = _sr_seed(opt, p, state)
-            gen = kernels.Seed(seed) if kernels.use_triton(p, grad) else sr_generator(p.device, seed)
-        oks.append(opt._update(p, grad, group, state, opt._grad_scale(p.device), sr, gen))
-
-    def _finish_step():
-        if oks:
-            opt._ok_all = torch.stack(oks).all() if len(oks) > 1 else oks[0]
-            oks.clear()
-        finish()
-
-    opt._apply, opt._finish_step = _apply, _finish_step
-
-
-def _patch_classic_mt(opt, kind: str):
-    """Classic ``step()`` through the grouped kernels (``kernels.*_update_many_``): a few launches per step."""
-    import torch
-
-    from adalomo import functional as F
-    from adalomo import kernels
-
-    @torch.no_grad()
-    def step(closure=None):
-        for group in opt.param_groups:
-            ps = [p for p in group["params"] if p.grad is not None]
-            gs = [p.grad for p in ps]
-            if not ps:
-                continue
-            if not kernels.use_triton(*ps, *gs) or group.get("clip_grad_value") is not None and kind == "adalomo":
-                for p in ps:
-                    opt._apply(p, p.grad)
-                continue
-            states = [opt.state[p] for p in ps]
-            sr = any(_sr_on(group, p) for p in ps)
-            seeds = [_sr_seed(opt, p, st) for p, st in zip(ps, states)]
-            for st in states:
-                st["step"] += 1
-            if kind == "lomo":
-                ok = kernels.lomo_update_many_(ps, gs, lr=group["lr"], weight_decay=group["weight_decay"],
-                                               clip_grad_value=group["clip_grad_value"], grad_scale=None,
-                                               stochastic_rounding=sr, seeds=seeds)
-            else:
-                ts = [float(st["step"]) for st in states]
-                beta2s = [F.beta2_at(t, group["decay_rate"]) for t in ts]
-                if kind == "adalomo":
-                    rhos, scale_parameter, beta1 = [group["lr"]] * len(ps), True, None
-                else:
-                    rhos = [F.relative_step_size(t, group["warmup_init"], group["lr"]) if group["relative_step"]
-                            else group["lr"] for t in ts]
-                    scale_parameter, beta1 = group["scale_parameter"], group["beta1"]
-                ok = kernels.scaled_rms_update_many_(ps, gs, states, rhos=rhos, beta2s=beta2s, eps=group["eps"],
-                                                     clip_threshold=group["clip_threshold"],
-                                                     weight_decay=group["weight_decay"],
-                                                     scale_parameter=scale_parameter, beta1=beta1, grad_scale=None,
-                                                     stochastic_rounding=sr, seeds=seeds)
-            opt._ok_all = ok if opt._ok_all is None else opt._ok_all & ok
-        opt._finish_step()
-
-    opt.step = step
-
-
 def child(row: str, cfg: dict) -> dict:
     import torch
     if row == "adalomo_fused_torchpath":
@@ -212,20 +106,19 @@ def child(row: str, cfg: dict) -> dict:
     elif row.startswith(("adalomo_", "adafactor_", "lomo_")) and not row.startswith("lomo_optim"):
         import adalomo
         from adalomo import kernels
-        kind = row.split("_")[0]
+        kind, *opts = row.split("_")
+        kw = dict(fused=fused, side_stream="side" in opts)
+        for o in opts:
+            if o[:1] == "b" and o[1:].isdigit():
+                kw["bucket_cap_mb"] = float(o[1:])
         if kind == "adalomo":
-            opt = adalomo.AdaLomo(params, lr=1e-3, fused=fused)
+            opt = adalomo.AdaLomo(params, lr=1e-3, **kw)
         elif kind == "adafactor":
-            opt = adalomo.Adafactor(params, fused=fused)
+            opt = adalomo.Adafactor(params, **kw)
         else:
-            opt = adalomo.Lomo(params, lr=1e-4, fused=fused)
-        if "_patched" in row:
-            _patch_fused(opt)
-        if row.endswith("_mt"):
-            _patch_classic_mt(opt, kind)
-        if row.endswith("_side"):
-            _side_stream(opt)
-        note = f"triton={kernels.use_triton(params[0], params[0])}"
+            opt = adalomo.Lomo(params, lr=1e-4, **kw)
+        note = f"triton={kernels.use_triton(params[0], params[0])}, bucket_cap_mb={opt.bucket_cap_mb}, " \
+               f"side_stream={opt.side_stream}"
     elif row == "torch_adamw_fused":
         opt = torch.optim.AdamW(params, lr=1e-4, fused=cuda)
     elif row == "torch_adafactor":

@@ -251,3 +251,25 @@ def test_adapm_entries_run_when_available(tmp_path):
                            out=str(tmp_path), data_limit=LIMIT, **TINY["gpt-lm"])
     runs = run_experiment(cfg, log=lambda *a: None)["runs"]
     assert runs["adapm"]["fused"] and math.isfinite(runs["adapm-factored"]["final_train_loss"])
+
+
+def test_merge_results_of_split_runs(tmp_path):
+    """An experiment split over two invocations (same settings) joins into one report; other settings refuse."""
+    from adalomo.experiments import report
+
+    kw = dict(task="gpt-lm", max_steps=2, quiet=True, data_limit=LIMIT, **TINY["gpt-lm"])
+    a = run_experiment(ExperimentConfig(optimizers="adalomo", out=str(tmp_path / "a"), **kw), log=lambda *x: None)
+    b = run_experiment(ExperimentConfig(optimizers="adam", out=str(tmp_path / "b"), **kw), log=lambda *x: None)
+    merged = report.merge_results([a, b], ["a", "b"], ["a note"])
+    assert list(merged["runs"]) == ["adalomo", "adam"]
+    assert merged["runs"]["adam"]["loss_curve"] == b["runs"]["adam"]["loss_curve"]
+    assert merged["notes"][-1] == "a note" and any("adam" in n for n in merged["notes"])
+    paths = report.write_all(merged, tmp_path / "m")
+    md = Path(paths["md"]).read_text()
+    assert "| adalomo (fused) |" in md and "| adam |" in md and "- a note" in md
+    other = run_experiment(ExperimentConfig(optimizers="sgd", out=str(tmp_path / "c"), **{**kw, "seq_len": 16}),
+                           log=lambda *x: None)
+    with pytest.raises(ValueError, match="seq_len"):
+        report.merge_results([a, other])
+    with pytest.raises(ValueError, match="twice"):
+        report.merge_results([a, a])

@@ -260,6 +260,64 @@ def check_optimizer_fused(device: str) -> None:
         _close(out["triton"], out["torch"], 1e-5, f"{name}: parameters after 3 steps")
 
 
+def check_fused_buckets(device: str) -> None:
+    """Fused mode's gradient buckets: bit-identical to classic mode's grouped step() and within
+    rounding of per-tensor fused updates, with several flushes per backward (bf16 with SR and fp32)."""
+    from adalomo import Adafactor, AdaLomo, Lomo
+
+    makers = {"adalomo": lambda ps, **kw: AdaLomo(ps, lr=1e-2, weight_decay=0.01, **kw),
+              "adafactor": lambda ps, **kw: Adafactor(ps, beta1=0.9, **kw),
+              "lomo": lambda ps, **kw: Lomo(ps, lr=1e-2, clip_grad_value=0.5, **kw)}
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(6, 13, generator=gen).to(device) for _ in range(3)]
+    for dtype in (torch.float32, torch.bfloat16):
+        cap = 175 * torch.tensor([], dtype=dtype).element_size() / 2**20  # two flushes per backward here
+        modes = {"classic": dict(fused=False), "bucketed": dict(fused=True, bucket_cap_mb=cap),
+                 "side": dict(fused=True, bucket_cap_mb=cap, side_stream=True),
+                 "per_tensor": dict(fused=True, bucket_cap_mb=0)}
+        for name, make in makers.items():
+            out, flushes = {}, {}
+            for mode, kw in modes.items():
+                torch.manual_seed(0)
+                m = torch.nn.Sequential(torch.nn.Linear(13, 17), torch.nn.LayerNorm(17), torch.nn.Linear(17, 9),
+                                        torch.nn.Tanh(), torch.nn.Linear(9, 5)).to(device, dtype)
+                opt = make(m.parameters(), **kw)
+                sizes = []
+
+                def flush(gi, orig=opt._flush, opt=opt, sizes=sizes):
+                    sizes.append(opt._pending_bytes.get(gi, 0))
+                    orig(gi)
+                opt._flush = flush
+                for x in xs:
+                    m(x.to(dtype)).float().square().mean().backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                out[mode] = torch.cat([p.detach().float().flatten() for p in m.parameters()])
+                flushes[mode] = [s for s in sizes if s]
+            what = f"{name} {dtype}"
+            assert len(flushes["bucketed"]) >= 2 * len(xs), f"{what}: expected several flushes, got {flushes}"
+            biggest = max(p.numel() for p in m.parameters()) * torch.tensor([], dtype=dtype).element_size()
+            assert max(flushes["bucketed"]) < cap * 2**20 + biggest, f"{what}: a bucket held too much"
+            assert torch.equal(out["bucketed"], out["classic"]), f"{what}: bucketed fused != classic grouped step"
+            assert torch.equal(out["side"], out["bucketed"]), f"{what}: side stream changed the result"
+            _close(out["per_tensor"], out["classic"], 1e-5 if dtype == torch.float32 else 2e-2,
+                   f"{what}: per-tensor fused vs grouped")
+
+
+def check_torch_path_optimizer_on_kernel_device(device: str) -> None:
+    """AdaPM has no kernels: on a device where they run, its bf16 updates take the torch path with the
+    seed the base hands out (this once crashed on CUDA)."""
+    from adalomo import AdaPM
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.Linear(12, 3)).to(device, torch.bfloat16)
+    before = [p.detach().clone() for p in m.parameters()]
+    opt = AdaPM(m.named_parameters(), lr=1e-2, rank=2, second_moment="factored", fused=True)
+    for _ in range(2):
+        m(torch.randn(5, 8, device=device, dtype=torch.bfloat16)).float().square().mean().backward()
+    assert all(not torch.equal(a, b) for a, b in zip(before, m.parameters())), "AdaPM did not update"
+    assert opt.skipped_updates is None or int(opt.skipped_updates) == 0
+
+
 class _NoCtx:
     def __enter__(self):
         return None
@@ -392,6 +450,8 @@ CASES: dict[str, Callable[[str], None]] = {
     "sr_bf16_lomo": lambda d: check_stochastic_rounding(d, lomo=True),
     "optimizers_end_to_end": check_optimizer_fused,
     "unfolded_and_accumulate": check_unfolded_and_accumulate,
+    "fused_buckets": check_fused_buckets,
+    "adapm_bf16_torch_path": check_torch_path_optimizer_on_kernel_device,
     "many_scaled": check_many,
     "many_lomo": lambda d: check_many(d, lomo=True),
 }

@@ -69,3 +69,17 @@ def test_bf16_adalomo_defaults_to_stochastic_rounding_and_is_reproducible():
     n = _train_regression(torch.bfloat16, False, steps=30, opt_cls=AdaLomo, lr=1e-3)
     assert torch.equal(a[-1], b[-1])  # seeded per (parameter, step): runs repeat exactly
     assert not torch.equal(a[-1], n[-1])  # and it is on by default for bf16
+
+
+def test_write_back_accepts_a_kernel_seed():
+    """The optimizers hand a ``kernels.Seed`` to updates that end up on the torch path (e.g. AdaPM on CUDA)."""
+    from adalomo import kernels
+    from adalomo.precision import sr_generator, write_back_
+
+    value = torch.randn(33, 17) * 1e-2
+    a, b = torch.empty(33, 17, dtype=torch.bfloat16), torch.empty(33, 17, dtype=torch.bfloat16)
+    write_back_(a, value, True, kernels.Seed(12345))
+    write_back_(b, value, True, sr_generator(torch.device("cpu"), 12345))
+    assert torch.equal(a, b)
+    write_back_(b, value, True, kernels.Seed(54321))
+    assert not torch.equal(a, b), "another seed must draw other rounding bits"

@@ -77,6 +77,8 @@ def test_state_is_created_eagerly():
     (dict(clip_threshold=0.0), "clip_threshold"),
     (dict(weight_decay=-0.1), "weight_decay"),
     (dict(nonfinite="ignore"), "nonfinite"),
+    (dict(bucket_cap_mb=-1.0), "bucket_cap_mb"),
+    (dict(bucket_cap_mb=None), "bucket_cap_mb"),
 ])
 def test_bad_hyper_parameters(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -20,6 +20,8 @@ def stochastic_round_to_bf16(x: torch.Tensor, generator: torch.Generator | None 
     """
     if x.dtype != torch.float32:
         x = x.float()
+    if generator is not None and not isinstance(generator, torch.Generator):  # a kernels.Seed: same seed, torch bits
+        generator = sr_generator(x.device, generator.initial_seed())
     bits = x.contiguous().view(torch.int32)
     noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
     rounded = (bits + noise).bitwise_and_(_LOW16)

@@ -93,6 +93,8 @@ def write_markdown(results: dict, path: Path, plots=()) -> Path:
         desc = ", ".join(f"{k}={v}" for k, v in model.items() if k not in ("type", "n_params"))
         lines.append(f"- model: {model.get('type')} with {model.get('n_params', 0):,} parameters ({desc})")
     lines.append(f"- created {results.get('created')}")
+    for note in results.get("notes", []):
+        lines.append(f"- {note}")
     lines += ["", markdown_table(results), ""]
     lines += [
         "- train loss: mean training cross-entropy over the last "
@@ -213,6 +215,39 @@ def plot_memory(results: dict, path: Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
+
+
+_FREE_SETTINGS = {"optimizers", "lr", "out", "quiet", "log_every"}
+
+
+def merge_results(parts: list[dict], sources: list[str] | None = None, notes: list[str] = ()) -> dict:
+    """One experiment from the runs of several outputs of identical settings (e.g. split by a time limit).
+
+    Every run starts from the same seed, weights and data order, so runs of the same configuration are
+    comparable. Raises ValueError when task, corpus, model or any setting other than the optimizer list and
+    the output directory differ, or when a run label repeats. Each source command is kept in the notes.
+    """
+    sources = list(sources or [f"part {i}" for i in range(len(parts))])
+    first = parts[0]
+    base = {k: v for k, v in first["config"].items() if k not in _FREE_SETTINGS}
+    merged = {**first, "runs": {}, "command": "", "notes": list(first.get("notes", []))}
+    for src, r in zip(sources, parts):
+        cfg = {k: v for k, v in r["config"].items() if k not in _FREE_SETTINGS}
+        diff = sorted(k for k in set(cfg) | set(base) if cfg.get(k) != base.get(k))
+        if r["task"] != first["task"] or r["corpus"] != first["corpus"]:
+            diff = diff or ["task/corpus"]
+        if r.get("model") and first.get("model") and r["model"] != first["model"]:
+            diff.append("model")
+        if diff:
+            raise ValueError(f"cannot merge {src} with {sources[0]}: they differ in {', '.join(diff)}")
+        for label, run in r["runs"].items():
+            if label in merged["runs"]:
+                raise ValueError(f"cannot merge: run {label!r} appears twice")
+            merged["runs"][label] = run
+        merged["notes"].append(f"runs {', '.join(r['runs'])} from `{r.get('command') or '?'}` "
+                               f"({r.get('created')}, {r['environment'].get('device_name')})")
+    merged["notes"] += list(notes)
+    return merged
 
 
 def write_all(results: dict, out: Path) -> dict:

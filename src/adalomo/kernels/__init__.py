@@ -168,25 +168,27 @@ _STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
 @contextmanager
-def update_stream(grad: torch.Tensor):
+def update_stream(*grads: torch.Tensor):
     """Run the enclosed update on a per-device side stream, after the work queued so far.
 
-    ``grad`` (and anything else the update reads that was produced on the current stream) must be ready
-    when the current stream reaches this point; ``grad`` is recorded on the side stream so that its
+    ``grads`` (and anything else the update reads that was produced on the current stream) must be ready
+    when the current stream reaches this point; each is recorded on the side stream so that its
     memory is not reused before the update has read it. Outside CUDA this is a no-op. Results written
     on the side stream (the parameter, the state, the returned flag) must be joined with
     :func:`join_update_stream` before the current stream uses them.
     """
-    if grad.device.type != "cuda":
+    if not grads or grads[0].device.type != "cuda":
         yield
         return
+    grad = grads[0]
     idx = grad.device.index if grad.device.index is not None else torch.cuda.current_device()
     side = _STREAMS.get(idx)
     if side is None:
         side = _STREAMS[idx] = torch.cuda.Stream(device=idx)
     main = torch.cuda.current_stream(idx)
     side.wait_stream(main)
-    grad.record_stream(side)
+    for g in grads:
+        g.record_stream(side)
     with torch.cuda.stream(side):
         yield
 

@@ -10,7 +10,7 @@ from torch import Tensor
 from .. import functional as F
 from .. import kernels
 from ..precision import DynamicLossScaler
-from .base import LowMemoryOptimizer, _check_number, check_eps
+from .base import DEFAULT_BUCKET_CAP_MB, LowMemoryOptimizer, _check_number, check_eps
 
 __all__ = ["Adafactor"]
 
@@ -38,7 +38,8 @@ class Adafactor(LowMemoryOptimizer):
                  weight_decay: float = 0.0, scale_parameter: bool = True, relative_step: bool = True,
                  warmup_init: bool = False, fused: bool = False, *, clip_grad_norm: float | None = None,
                  stochastic_rounding: bool | None = None, nonfinite: str = "warn",
-                 loss_scaler: DynamicLossScaler | None = None, sr_seed: int = 0):
+                 loss_scaler: DynamicLossScaler | None = None, sr_seed: int = 0,
+                 bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB, side_stream: bool = False):
         if lr is not None and relative_step:
             raise ValueError("Adafactor: cannot combine a manual lr with relative_step=True; pass "
                              "relative_step=False to use lr (and usually scale_parameter=False, warmup_init=False)")
@@ -51,7 +52,8 @@ class Adafactor(LowMemoryOptimizer):
                         scale_parameter=scale_parameter, relative_step=relative_step,
                         warmup_init=warmup_init, stochastic_rounding=stochastic_rounding)
         super().__init__(params, defaults, fused=fused, nonfinite=nonfinite, loss_scaler=loss_scaler,
-                         clip_grad_norm=clip_grad_norm, sr_seed=sr_seed)
+                         clip_grad_norm=clip_grad_norm, sr_seed=sr_seed,
+                         bucket_cap_mb=bucket_cap_mb, side_stream=side_stream)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         _check_number("lr", group["lr"], low=0.0)

@@ -10,7 +10,7 @@ from torch import Tensor
 from .. import functional as F
 from .. import kernels
 from ..precision import DynamicLossScaler
-from .base import LowMemoryOptimizer, _check_number, check_eps
+from .base import DEFAULT_BUCKET_CAP_MB, LowMemoryOptimizer, _check_number, check_eps
 
 __all__ = ["AdaLomo"]
 
@@ -34,12 +34,14 @@ class AdaLomo(LowMemoryOptimizer):
                  clip_threshold: float = 1.0, decay_rate: float = -0.8, weight_decay: float = 0.0,
                  fused: bool = False, *, clip_grad_norm: float | None = None,
                  clip_grad_value: float | None = None, stochastic_rounding: bool | None = None,
-                 nonfinite: str = "warn", loss_scaler: DynamicLossScaler | None = None, sr_seed: int = 0):
+                 nonfinite: str = "warn", loss_scaler: DynamicLossScaler | None = None, sr_seed: int = 0,
+                 bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB, side_stream: bool = False):
         defaults = dict(lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate,
                         weight_decay=weight_decay, clip_grad_value=clip_grad_value,
                         stochastic_rounding=stochastic_rounding)
         super().__init__(params, defaults, fused=fused, nonfinite=nonfinite, loss_scaler=loss_scaler,
-                         clip_grad_norm=clip_grad_norm, sr_seed=sr_seed)
+                         clip_grad_norm=clip_grad_norm, sr_seed=sr_seed,
+                         bucket_cap_mb=bucket_cap_mb, side_stream=side_stream)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         _check_number("lr", group["lr"], low=0.0, hint=" (AdaLomo's lr is relative to the weight RMS: "

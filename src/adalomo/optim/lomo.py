@@ -7,7 +7,7 @@ from typing import Any
 from .. import functional as F
 from .. import kernels
 from ..precision import DynamicLossScaler
-from .base import LowMemoryOptimizer, _check_number
+from .base import DEFAULT_BUCKET_CAP_MB, LowMemoryOptimizer, _check_number
 
 __all__ = ["Lomo"]
 
@@ -23,11 +23,13 @@ class Lomo(LowMemoryOptimizer):
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.0, clip_grad_value: float | None = None,
                  fused: bool = False, *, clip_grad_norm: float | None = None,
                  stochastic_rounding: bool | None = None, nonfinite: str = "warn",
-                 loss_scaler: DynamicLossScaler | None = None, sr_seed: int = 0):
+                 loss_scaler: DynamicLossScaler | None = None, sr_seed: int = 0,
+                 bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB, side_stream: bool = False):
         defaults = dict(lr=lr, weight_decay=weight_decay, clip_grad_value=clip_grad_value,
                         stochastic_rounding=stochastic_rounding)
         super().__init__(params, defaults, fused=fused, nonfinite=nonfinite, loss_scaler=loss_scaler,
-                         clip_grad_norm=clip_grad_norm, sr_seed=sr_seed)
+                         clip_grad_norm=clip_grad_norm, sr_seed=sr_seed,
+                         bucket_cap_mb=bucket_cap_mb, side_stream=side_stream)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         _check_number("lr", group["lr"], low=0.0)

@@ -1,0 +1,82 @@
+"""Where a training step's time goes: torch.profiler over a few steps of one optimizer row of bench_gpu.py.
+
+    PYTHONPATH=src python3 benchmarks/profile_step.py --row adalomo_fused --config 0.94b
+
+Prints the host-side ops that take the most time, the GPU busy time against the wall time of the step
+(idle GPU = the host is the bottleneck), and how often the host waited for the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_gpu  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--row", default="adalomo_fused")
+    ap.add_argument("--config", default="0.94b", choices=sorted(bench_gpu.CONFIGS))
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = bench_gpu.CONFIGS[args.config]
+    model = bench_gpu._build(cfg)
+    params = list(model.parameters())
+    x = torch.randint(0, cfg.get("vocab", 32000), (cfg["batch"], cfg["seq"]), device="cuda")
+    import adalomo
+    kind, *opts = args.row.split("_")
+    fused = "fused" in opts
+    if kind == "floor":
+        for p in params:
+            p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+        opt = None
+    else:
+        kw = dict(fused=fused, side_stream="side" in opts)
+        for o in opts:
+            if o[:1] == "b" and o[1:].isdigit():
+                kw["bucket_cap_mb"] = float(o[1:])
+        opt = {"adalomo": lambda: adalomo.AdaLomo(params, lr=1e-3, **kw),
+               "lomo": lambda: adalomo.Lomo(params, lr=1e-4, **kw)}[kind]()
+
+    def step():
+        bench_gpu._loss(model, x).backward()
+        if opt is not None and not fused:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / args.steps
+    ka = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in ka if e.self_device_time_total) / args.steps
+    waits = {e.key: e.count // args.steps for e in ka
+             if any(s in e.key for s in ("Synchronize", "cudaMemcpy", "cudaHostAlloc", "cudaMalloc"))}
+    opt_us = sum(e.self_device_time_total for e in ka if "_kernel" in e.key and "_g_" in e.key or
+                 e.key.startswith(("_fac", "_vec", "_finish", "_lomo", "_sum", "_g_"))) / args.steps
+    summary = {"row": args.row, "config": args.config, "wall_ms": round(wall * 1e3, 2),
+               "gpu_busy_ms": round(gpu_us / 1e3, 2), "optimizer_kernels_ms": round(opt_us / 1e3, 2),
+               "host_waits_per_step": waits}
+    print(ka.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60))
+    print("SUMMARY " + json.dumps(summary), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({**summary, "table": ka.table(sort_by="self_cpu_time_total", row_limit=40)}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
