@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -149,18 +149,33 @@ def _fp32(g: Tensor, grad_scale: Tensor | float | None) -> Tensor:
     return g.to(torch.float32, copy=True)
 
 
+def _square(g: Tensor, grad_scale: Tensor | float | None) -> Tensor:
+    """(g * grad_scale)^2 in fp32, a fresh tensor (one pass for fp32 gradients)."""
+    if grad_scale is None and g.dtype == torch.float32:
+        return g.square()
+    return _fp32(g, grad_scale).square_()
+
+
+def _sum_sq(u: Tensor) -> Tensor:
+    """sum(u^2) as a 0-d fp32 tensor, in one pass without a temporary."""
+    return torch.linalg.vector_norm(u, dtype=torch.float32).square()
+
+
 def _row_means_col_sums(g: Tensor, eps1: float, grad_scale: Tensor | float | None) -> tuple[Tensor, Tensor]:
-    """Row means and column sums of U = g^2 + eps1 over the last two dims, in row blocks for large tensors."""
+    """Row means and column sums of U = g^2 + eps1 over the last two dims, in row blocks for large tensors.
+
+    eps1 is added to the (small) reductions, not to every element: sum(g^2 + eps1) = sum(g^2) + n eps1.
+    """
     blocks = list(_blocks(g))
     if len(blocks) == 1:
-        u = _fp32(g, grad_scale).square_().add_(eps1)
-        return u.mean(-1), u.sum(-2)
+        sq = _square(g, grad_scale)
+        return sq.mean(-1).add_(eps1), sq.sum(-2).add_(eps1 * g.shape[-2])
     row_mean = torch.empty(g.shape[:-1], dtype=torch.float32, device=g.device)
-    col_sum = torch.zeros(g.shape[:-2] + g.shape[-1:], dtype=torch.float32, device=g.device)
+    col_sum = torch.full(g.shape[:-2] + g.shape[-1:], eps1 * g.shape[-2], dtype=torch.float32, device=g.device)
     for b in blocks:
-        u = _fp32(g[b], grad_scale).square_().add_(eps1)
-        row_mean[b] = u.mean(-1)
-        col_sum += u.sum(-2)
+        sq = _square(g[b], grad_scale)
+        row_mean[b] = sq.mean(-1).add_(eps1)
+        col_sum += sq.sum(-2)
     return row_mean, col_sum
 
 
@@ -183,7 +198,7 @@ def update_second_moment_(state: dict[str, Tensor], g: Tensor, *, beta2: float, 
         _masked_ema_(col, col_mean, beta2, ok)
         return ok
     v = state["exp_avg_sq"]
-    u = _fp32(g, grad_scale).square_().add_(eps1)
+    u = _square(g, grad_scale).add_(eps1)
     ok = torch.isfinite(u.sum())
     _masked_ema_(v, u, beta2, ok)
     return ok
@@ -213,11 +228,13 @@ def preconditioner(state: dict[str, Tensor], row_mean: Tensor | None = None) -> 
 def precondition(g: Tensor, factors: tuple[Tensor, ...], rows: slice = slice(None),
                  grad_scale: Tensor | float | None = None) -> Tensor:
     """u = g / sqrt(v_hat) in fp32 for the rows ``rows`` of a 2-D tensor (or all of it)."""
-    u = _fp32(g[rows] if rows != slice(None) else g, grad_scale)
-    if len(factors) == 2:
-        r, c = factors
-        return u.mul_(r[rows] if rows != slice(None) else r).mul_(c)
-    return u.mul_(factors[0])
+    g = g[rows] if rows != slice(None) else g
+    first = factors[0][rows] if len(factors) == 2 and rows != slice(None) else factors[0]
+    if grad_scale is not None:
+        first = first * grad_scale  # a row (or v-sized) factor, cheaper than scaling g
+    # fp32 g: one multiply into a fresh tensor; bf16/fp16: an fp32 copy first (mixed-dtype multiplies are slow)
+    u = torch.mul(g, first) if g.dtype == torch.float32 else g.float().mul_(first)
+    return u.mul_(factors[1]) if len(factors) == 2 else u
 
 
 def clip_by_rms(sum_sq: Tensor, numel: int, threshold: float) -> Tensor:
@@ -227,11 +244,28 @@ def clip_by_rms(sum_sq: Tensor, numel: int, threshold: float) -> Tensor:
 
 
 def apply_update_(p: Tensor, u: Tensor, step_size: Tensor, weight_decay: float, ok: Tensor,
-                  stochastic_rounding: bool = False, generator: torch.Generator | None = None) -> None:
-    """p <- p * (1 - step_size * wd) - step_size * u in fp32, or p unchanged where ``ok`` is False."""
+                  stochastic_rounding: bool = False, generator: torch.Generator | None = None,
+                  u_scale: Tensor | None = None) -> None:
+    """p <- p * (1 - step_size * wd) - step_size * u_scale * u in fp32, or p unchanged if ``ok`` is False.
+
+    ``u_scale`` (0-d, e.g. the RMS clip factor) folds into the step instead of costing a pass over ``u``.
+    On CPU the flag is read on the host (no device to wait for): a skipped update costs nothing and the
+    arithmetic runs in place; on accelerators it stays a device-side select (no synchronisation).
+    """
+    coef = -step_size if u_scale is None else -(step_size * u_scale)
+    if p.device.type == "cpu":
+        if not bool(ok):
+            return
+        p32 = p if p.dtype == torch.float32 else p.float()  # updated in place: p itself, or a copy
+        if weight_decay != 0:
+            p32.mul_(1.0 - step_size * weight_decay)
+        p32.addcmul_(u, coef)
+        if p32 is not p:
+            write_back_(p, p32, stochastic_rounding, generator)
+        return
     p32 = p.float()
     new = p32 * (1.0 - step_size * weight_decay) if weight_decay != 0 else p32
-    new = torch.addcmul(new, u, -step_size)
+    new = torch.addcmul(new, u, coef)
     new = torch.where(ok, new, p32)
     write_back_(p, new, stochastic_rounding, generator)
 
@@ -253,27 +287,44 @@ def _scaled_rms_update_(p: Tensor, g: Tensor, state: dict[str, Tensor], *, rho: 
                                           scale_parameter=scale_parameter, beta1=beta1, grad_scale=grad_scale,
                                           stochastic_rounding=stochastic_rounding, generator=generator)
     ok = update_second_moment_(state, g, beta2=beta2, eps1=eps[0], grad_scale=grad_scale)
-    factors = preconditioner(state)
+    step_size = param_scale(p, eps[1]) * rho if scale_parameter else torch.full((), rho, device=p.device)
+    _clip_and_apply_(p, g, state, preconditioner(state), ok, step_size, numel=g.numel(),
+                     clip_threshold=clip_threshold, weight_decay=weight_decay, beta1=beta1, grad_scale=grad_scale,
+                     stochastic_rounding=stochastic_rounding, generator=generator)
+    return ok
+
+
+def _clip_and_apply_(p: Tensor, g: Tensor, state: dict[str, Tensor], factors: tuple[Tensor, ...], ok: Tensor,
+                     step_size: Tensor, *, numel: int, clip_threshold: float,
+                     weight_decay: float, beta1: float | None, grad_scale: Tensor | float | None,
+                     stochastic_rounding: bool, generator: torch.Generator | None,
+                     reduce_sum_sq: Callable[[Tensor], Tensor] | None = None) -> None:
+    """u = precondition(g); clip by RMS(u) (over ``numel`` elements: the whole tensor, all shards);
+    optional first moment; apply. One precondition pass per row block when u does not fit at once.
+
+    ``reduce_sum_sq`` sums sum(u^2) over the shards (FSDP2).
+    """
     blocks = list(_blocks(g))
     if len(blocks) == 1:
         u = precondition(g, factors, grad_scale=grad_scale)
-        sum_sq = u.square().sum()
+        sum_sq = _sum_sq(u)
     else:
         u = None
         sum_sq = torch.zeros((), dtype=torch.float32, device=g.device)
         for b in blocks:
-            sum_sq += precondition(g, factors, b, grad_scale).square_().sum()
-    clip = clip_by_rms(sum_sq, g.numel(), clip_threshold)
-    step_size = param_scale(p, eps[1]) * rho if scale_parameter else torch.full((), rho, device=p.device)
+            sum_sq += _sum_sq(precondition(g, factors, b, grad_scale))
+    if reduce_sum_sq is not None:
+        sum_sq = reduce_sum_sq(sum_sq)
+    clip = clip_by_rms(sum_sq, numel, clip_threshold)
     for b in blocks:
-        ub = (u if u is not None else precondition(g, factors, b, grad_scale)).mul_(clip)
-        if beta1 is not None:
+        ub = u if u is not None else precondition(g, factors, b, grad_scale)
+        u_scale = clip
+        if beta1 is not None:  # the first moment averages the clipped update
             m = state["exp_avg"] if b == slice(None) else state["exp_avg"][b]
-            m.copy_(torch.where(ok, m * beta1 + ub * (1.0 - beta1), m))
-            ub = m
+            m.copy_(torch.where(ok, m * beta1 + ub.mul_(clip) * (1.0 - beta1), m))
+            ub, u_scale = m, None
         apply_update_(p if b == slice(None) else p[b], ub, step_size, weight_decay, ok,
-                      stochastic_rounding, generator)
-    return ok
+                      stochastic_rounding, generator, u_scale=u_scale)
 
 
 # ----------------------------------------------------------------------------------- sharded (FSDP2)
@@ -290,7 +341,7 @@ def _sharded_second_moment_(state: dict[str, Tensor], g: Tensor, *, beta2: float
     """
     if not is_factored(g):
         v = state["exp_avg_sq"]
-        u = _fp32(g, grad_scale).square_().add_(eps1)
+        u = _square(g, grad_scale).add_(eps1)
         bad = (~torch.isfinite(u.sum())).float()
         out = shard.all_reduce_sum_([bad, *extra])
         ok = out[0] == 0
@@ -329,31 +380,15 @@ def _sharded_scaled_rms_update_(p: Tensor, g: Tensor, state: dict[str, Tensor], 
     extra = (torch.linalg.vector_norm(p, dtype=torch.float32).square(),) if scale_parameter else ()
     ok, row_mean, extra = _sharded_second_moment_(state, g, beta2=beta2, eps1=eps[0], grad_scale=grad_scale,
                                                   shard=shard, extra=extra)
-    factors = preconditioner(state, row_mean)
-    blocks = list(_blocks(g))
-    if len(blocks) == 1:
-        u = precondition(g, factors, grad_scale=grad_scale)
-        sum_sq = u.square().sum()
-    else:
-        u = None
-        sum_sq = torch.zeros((), dtype=torch.float32, device=g.device)
-        for b in blocks:
-            sum_sq += precondition(g, factors, b, grad_scale).square_().sum()
-    (sum_sq,) = shard.all_reduce_sum_([sum_sq])
     numel = shard.numel
-    clip = clip_by_rms(sum_sq, numel, clip_threshold)
     if scale_parameter:
         step_size = (extra[0].sqrt() / math.sqrt(max(numel, 1))).clamp_min(eps[1]) * rho
     else:
         step_size = torch.full((), rho, device=p.device)
-    for b in blocks:
-        ub = (u if u is not None else precondition(g, factors, b, grad_scale)).mul_(clip)
-        if beta1 is not None:
-            m = state["exp_avg"] if b == slice(None) else state["exp_avg"][b]
-            m.copy_(torch.where(ok, m * beta1 + ub * (1.0 - beta1), m))
-            ub = m
-        apply_update_(p if b == slice(None) else p[b], ub, step_size, weight_decay, ok,
-                      stochastic_rounding, generator)
+    _clip_and_apply_(p, g, state, preconditioner(state, row_mean), ok, step_size, numel=numel,
+                     clip_threshold=clip_threshold, weight_decay=weight_decay, beta1=beta1, grad_scale=grad_scale,
+                     stochastic_rounding=stochastic_rounding, generator=generator,
+                     reduce_sum_sq=lambda x: shard.all_reduce_sum_([x])[0])
     return ok
 
 
@@ -415,7 +450,9 @@ def lomo_update_(p: Tensor, g: Tensor, *, lr: float, weight_decay: float = 0.0,
         ok = shard.all_reduce_sum_([(~ok).float()])[0] == 0
     step_size = torch.full((), lr, dtype=torch.float32, device=p.device)
     for b in _blocks(g):
-        gb = _fp32(g if b == slice(None) else g[b], grad_scale)
+        gb = g if b == slice(None) else g[b]
+        if gb.dtype != torch.float32 or grad_scale is not None or clip_grad_value is not None:
+            gb = _fp32(gb, grad_scale)  # a copy only when it must change (apply_update_ only reads it)
         if clip_grad_value is not None:
             gb = gb.clamp_(-clip_grad_value, clip_grad_value)
         apply_update_(p if b == slice(None) else p[b], gb, step_size, weight_decay, ok,
