@@ -1253,94 +1253,156 @@ def scaled_rms_update_many_(ps, gs, states, *, rhos, beta2s, eps, clip_threshold
     has_m = beta1 is not None
     b1, omb1 = (float(beta1), 1.0 - float(beta1)) if has_m else (0.0, 1.0)
     sp_flag, hw = bool(scale_parameter), weight_decay != 0
-    groups: dict = {}
+    plan = _scaled_plan(ps, gs, states, has_m, dev)
     flags = []
-    for i, (p, g, st) in enumerate(zip(ps, gs, states)):
-        c = _classify(p, g)
-        fac = p.dim() >= 2
-        sts = (st["exp_avg_sq_row"], st["exp_avg_sq_col"]) if fac else (st["exp_avg_sq"],)
-        if has_m:
-            sts = sts + (st["exp_avg"],)
-        if c is None or not _state_ok(*sts):
-            flags.append(scaled_rms_update_(p, g, st, rho=rhos[i], eps=eps, clip_threshold=clip_threshold,
-                                            beta2=beta2s[i], weight_decay=weight_decay, scale_parameter=scale_parameter,
-                                            beta1=beta1, grad_scale=grad_scale,
-                                            stochastic_rounding=stochastic_rounding, generator=None, seed=seeds[i]))
-            continue
-        groups.setdefault(c[0], []).append((i, p, g, sts, c[1], c[2], c[3]))
-    for (fac, pdt, gdt, align, g_unit, p_unit), items in groups.items():
+    for i in plan.single:
+        flags.append(scaled_rms_update_(ps[i], gs[i], states[i], rho=rhos[i], eps=eps, clip_threshold=clip_threshold,
+                                        beta2=beta2s[i], weight_decay=weight_decay, scale_parameter=scale_parameter,
+                                        beta1=beta1, grad_scale=grad_scale, stochastic_rounding=stochastic_rounding,
+                                        generator=None, seed=seeds[i]))
+    for gp in plan.groups:
+        fac, (pdt, gdt, align, g_unit, p_unit) = gp.fac, gp.layout
         sr = bool(stochastic_rounding) and pdt == torch.bfloat16
-        n_t = len(items)
-        fb = max(_fin_block(M, N) for *_, (B, M, N) in items) if fac else 0
-        geos = [_geometry(B, M, N, "fac" if fac else "vec", fb) for *_, (B, M, N) in items]
-        ws_total, starts, fstarts, counts, fcounts = 0, [], [], [], []
-        prog, fprog = 0, 0
-        for geo, (*_, (B, _m, _n)) in zip(geos, items):
-            n = geo["n_prog"] if fac else geo["n_vec"]
-            starts.append(prog)
-            counts.append(n)
-            prog += n
-            if fac:
-                nf = B * (geo["n_rp"] + geo["n_cp"])
-                fstarts.append(fprog)
-                fcounts.append(nf)
-                fprog += nf
-        ws_offs = []
-        for geo in geos:
-            ws_offs.append(ws_total)
-            ws_total += geo["ws_numel"]
-        ws = torch.empty(max(ws_total, 16), dtype=torch.float32, device=dev)
-        base = ws.data_ptr()
-        meta, fmeta = [], []
-        for k, ((i, p, g, sts, sg, sp, (B, M, N)), geo) in enumerate(zip(items, geos)):
-            numel = B * M * N
-            seed = _seed(sr, None, seeds[i] if seeds is not None else 0)
-            m_ptr = sts[-1].data_ptr() if has_m else base
-            if fac:
-                row = [g.data_ptr(), p.data_ptr(), sts[0].data_ptr(), sts[1].data_ptr(), m_ptr, base + 4 * ws_offs[k],
-                       B, M, N, geo["TM"], geo["TN"], geo["rows_per_prog"], *sg, *sp, geo["n_rp"], geo["n_cp"],
-                       starts[k], fstarts[k], seed, geo["n_fin"], geo["n_usq"], geo["n_psq"], geo["off_rowpart"],
-                       geo["off_colpart"], geo["off_newrow"], geo["off_newcol"], geo["off_rsum"], geo["off_fin"],
-                       geo["off_usq"], geo["off_psq"], geo["off_scal"], 0]
-            else:
-                nv = geo["n_vec"]
-                row = [g.data_ptr(), p.data_ptr(), sts[0].data_ptr(), 0, m_ptr, base + 4 * ws_offs[k],
-                       1, 1, numel, 0, 0, 0, 0, 0, sg[2], 0, 0, sp[2], 0, 0, starts[k], 0, seed, nv, nv, nv,
-                       0, 0, geo["off_newv"], 0, 0, geo["off_fin"], geo["off_usq"], geo["off_psq"], geo["off_scal"], nv]
-            meta.extend(row + [0] * (_W - len(row)))
-            beta2 = float(beta2s[i])
-            fmeta.extend([float(rhos[i]), beta2, 1.0 - beta2, float(numel), math.sqrt(numel), 0.0, 0.0, 0.0])
-        meta_t = _to_device(meta, torch.int64, dev)
-        fmeta_t = _to_device(fmeta, torch.float32, dev)
+        ws = torch.empty(max(gp.ws_total, 16), dtype=torch.float32, device=dev)
+        meta, fmeta = gp.fill(ws.data_ptr(), [gs[i].data_ptr() for i in gp.idx],
+                              [_seed(sr, None, seeds[i] if seeds is not None else 0) for i in gp.idx], has_m,
+                              [rhos[i] for i in gp.idx], [beta2s[i] for i in gp.idx])
+        meta_t, fmeta_t = _tensor_to_device(meta, dev), _tensor_to_device(fmeta, dev)
+        n_t = len(gp.idx)
         oks = torch.empty(n_t, dtype=torch.bool, device=dev)
-        pm = _pmap(tuple(counts), dev)
+        pm = gp.pmap
         gd, pd = _TL_DT[gdt], _TL_DT[pdt]
         bm, bn = CONFIG["block_m"], CONFIG["block_n"]
         if fac:
-            rp_block = max(g_["RP_BLOCK"] for g_ in geos)
-            _G_STATS(prog, (meta_t, pm, scale, float(eps[0])),
+            fb, rp_block = gp.fb, gp.rp_block
+            _G_STATS(gp.prog, (meta_t, pm, scale, float(eps[0])),
                      (gd, pd, has_scale, sp_flag, align, g_unit, p_unit, bm, bn), CONFIG["warps_stats"], *run)
-            _G_FINALIZE(fprog, (meta_t, fmeta_t, _pmap(tuple(fcounts), dev)), (fb, max(1, min(32, 4096 // fb))), 4,
-                        *run)
-            _G_USQ(prog, (meta_t, pm, scale), (gd, has_scale, align, g_unit, bm, bn, rp_block), CONFIG["warps_usq"],
+            _G_FINALIZE(gp.fprog, (meta_t, fmeta_t, gp.fpmap), (fb, max(1, min(32, 4096 // fb))), 4, *run)
+            _G_USQ(gp.prog, (meta_t, pm, scale), (gd, has_scale, align, g_unit, bm, bn, rp_block), CONFIG["warps_usq"],
                    *run)
             _G_FINISH(n_t, (meta_t, fmeta_t, scale, oks, float(eps[1]), float(clip_threshold)),
                       (False, True, sp_flag, 1024), 4, *run)
-            _G_WRITE(prog, (meta_t, fmeta_t, pm, scale, oks, float(weight_decay), b1, omb1),
+            _G_WRITE(gp.prog, (meta_t, fmeta_t, pm, scale, oks, float(weight_decay), b1, omb1),
                      (gd, pd, has_scale, sp_flag, hw, has_m, sr, align, g_unit, p_unit, bm, bn, rp_block),
                      CONFIG["warps_write"], *run)
         else:
             vb = CONFIG["vec_block"]
-            _G_VSTATS(prog, (meta_t, fmeta_t, pm, scale, float(eps[0])),
+            _G_VSTATS(gp.prog, (meta_t, fmeta_t, pm, scale, float(eps[0])),
                       (gd, pd, has_scale, sp_flag, g_unit, p_unit, vb), 4, *run)
             _G_FINISH(n_t, (meta_t, fmeta_t, scale, oks, float(eps[1]), float(clip_threshold)),
                       (False, True, sp_flag, 1024), 4, *run)
-            _G_VWRITE(prog, (meta_t, fmeta_t, pm, scale, oks, float(weight_decay), b1, omb1),
+            _G_VWRITE(gp.prog, (meta_t, fmeta_t, pm, scale, oks, float(weight_decay), b1, omb1),
                       (gd, pd, has_scale, sp_flag, hw, has_m, sr, g_unit, p_unit, vb), 4, *run)
         flags.append(oks)
-        for _, p, *_ in items:
-            torch.autograd.graph.increment_version(p)
+        for i in gp.idx:
+            torch.autograd.graph.increment_version(ps[i])
     return _all(flags)
+
+
+# The launch plan of a grouped update: which tensors go together, their geometry and the static part of their
+# metadata rows. It depends only on the tensors' identities, layouts and state buffers, which are the same
+# step after step (fused mode flushes the same buckets every backward), so it is cached; each call then only
+# writes the gradient pointers, the workspace base, the seeds and the step-dependent floats.
+_PLANS: dict = {}
+_COL_G, _COL_M, _COL_WS, _COL_SEED = 0, 4, 5, 22
+
+
+class _GroupPlan:
+    __slots__ = ("fac", "layout", "idx", "prog", "fprog", "fb", "rp_block", "ws_total", "meta0", "fmeta0", "pmap",
+                 "fpmap")
+
+    def fill(self, base: int, g_ptrs: list, seeds: list, has_m: bool, rhos: list, beta2s: list):
+        """The metadata of one call: the static rows with this call's pointers, seeds and floats (host lists
+        and one tensor each: cheaper than tensor ops for the few rows of a bucket)."""
+        meta, fmeta = self.meta0[:], self.fmeta0[:]
+        for k in range(len(g_ptrs)):
+            o = k * _W
+            meta[o + _COL_G] = g_ptrs[k]
+            meta[o + _COL_WS] += base
+            if not has_m:
+                meta[o + _COL_M] = base  # not read: any valid pointer
+            meta[o + _COL_SEED] = seeds[k]
+            f = k * _WF
+            beta2 = float(beta2s[k])
+            fmeta[f], fmeta[f + 1], fmeta[f + 2] = float(rhos[k]), beta2, 1.0 - beta2
+        return torch.tensor(meta, dtype=torch.int64), torch.tensor(fmeta, dtype=torch.float32)
+
+
+class _Plan:
+    __slots__ = ("single", "groups")
+
+
+def _scaled_states(st: dict, fac: bool, has_m: bool) -> tuple:
+    sts = (st["exp_avg_sq_row"], st["exp_avg_sq_col"]) if fac else (st["exp_avg_sq"],)
+    return sts + (st["exp_avg"],) if has_m else sts
+
+
+def _scaled_plan(ps, gs, states, has_m: bool, dev) -> _Plan:
+    key = (has_m, dev, tuple(CONFIG.values()), tuple(
+        (id(p), p.data_ptr(), p.shape, p.stride(), p.dtype, g.dtype, g.stride(), g.data_ptr() % 16 == 0,
+         *(t.data_ptr() for t in _scaled_states(st, p.dim() >= 2, has_m)))
+        for p, g, st in zip(ps, gs, states)))
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) > 1024:
+            _PLANS.clear()
+        plan = _PLANS[key] = _build_scaled_plan(ps, gs, states, has_m, dev)
+    return plan
+
+
+def _build_scaled_plan(ps, gs, states, has_m: bool, dev) -> _Plan:
+    plan = _Plan()
+    plan.single, plan.groups = [], []
+    groups: dict = {}
+    for i, (p, g, st) in enumerate(zip(ps, gs, states)):
+        c = _classify(p, g)
+        sts = _scaled_states(st, p.dim() >= 2, has_m)
+        if c is None or not _state_ok(*sts):
+            plan.single.append(i)
+            continue
+        groups.setdefault(c[0], []).append((i, p, g, sts, c[1], c[2], c[3]))
+    for (fac, pdt, gdt, align, g_unit, p_unit), items in groups.items():
+        gp = _GroupPlan()
+        gp.fac, gp.layout, gp.idx = fac, (pdt, gdt, align, g_unit, p_unit), [it[0] for it in items]
+        fb = max(_fin_block(M, N) for *_, (B, M, N) in items) if fac else 0
+        geos = [_geometry(B, M, N, "fac" if fac else "vec", fb) for *_, (B, M, N) in items]
+        prog, fprog, counts, fcounts, rows, frows, ws_total = 0, 0, [], [], [], [], 0
+        for (_, p, _, sts, sg, sp, (B, M, N)), geo in zip(items, geos):
+            numel, ws_off = B * M * N, ws_total
+            ws_total += geo["ws_numel"]
+            m_ptr = sts[-1].data_ptr() if has_m else 0
+            if fac:
+                nf = B * (geo["n_rp"] + geo["n_cp"])
+                row = [0, p.data_ptr(), sts[0].data_ptr(), sts[1].data_ptr(), m_ptr, 4 * ws_off,
+                       B, M, N, geo["TM"], geo["TN"], geo["rows_per_prog"], *sg, *sp, geo["n_rp"], geo["n_cp"],
+                       prog, fprog, 0, geo["n_fin"], geo["n_usq"], geo["n_psq"], geo["off_rowpart"],
+                       geo["off_colpart"], geo["off_newrow"], geo["off_newcol"], geo["off_rsum"], geo["off_fin"],
+                       geo["off_usq"], geo["off_psq"], geo["off_scal"], 0]
+                n = geo["n_prog"]
+                fcounts.append(nf)
+                fprog += nf
+            else:
+                n = geo["n_vec"]
+                row = [0, p.data_ptr(), sts[0].data_ptr(), 0, m_ptr, 4 * ws_off,
+                       1, 1, numel, 0, 0, 0, 0, 0, sg[2], 0, 0, sp[2], 0, 0, prog, 0, 0, n, n, n,
+                       0, 0, geo["off_newv"], 0, 0, geo["off_fin"], geo["off_usq"], geo["off_psq"], geo["off_scal"], n]
+            rows.extend(row + [0] * (_W - len(row)))
+            frows.extend([0.0, 0.0, 0.0, float(numel), math.sqrt(numel), 0.0, 0.0, 0.0])
+            counts.append(n)
+            prog += n
+        gp.prog, gp.fprog, gp.fb, gp.ws_total = prog, fprog, fb, ws_total
+        gp.rp_block = max(g_["RP_BLOCK"] for g_ in geos) if fac else 0
+        gp.meta0, gp.fmeta0 = rows, frows  # flat host lists, _W and _WF values per tensor
+        gp.pmap = _pmap(tuple(counts), dev)
+        gp.fpmap = _pmap(tuple(fcounts), dev) if fac else None
+        plan.groups.append(gp)
+    return plan
+
+
+def _tensor_to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    if dev.type == "cuda":
+        t = t.pin_memory().to(dev, non_blocking=True)  # no host sync; the pinned buffer lives until the copy ran
+    return t
 
 
 def lomo_update_many_(ps, gs, *, lr, weight_decay, clip_grad_value, grad_scale, stochastic_rounding, seeds):
