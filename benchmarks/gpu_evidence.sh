@@ -2,7 +2,10 @@
 # The GPU evidence behind the README's tables, in stages that each fit one 10-minute device call.
 #   bash benchmarks/gpu_evidence.sh STAGE OUTDIR DATADIR
 # DATADIR holds wikitext-2/{train,valid,test}.txt (on the device machine: a carried, git-ignored copy).
-# Each step has its own time limit (and stages c/d pack OUTDIR into OUTDIR.tgz after each step) so that a slow one cannot take the others' results with it.
+# Each step has its own time limit, so that a slow one cannot take the others' results with it; stages c-f pack OUTDIR into one tarball after each step (PACK_TO, default
+# OUTDIR.tgz): a device call returns at most 8 files. Stages a-c ran on 2026-11-23 (benchmarks/results/h100_*);
+# d-f are the runs still to make. With the lomo-optim wheel carried in .whl (git-ignored), prefix the command:
+#   pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site;
 set -u
 stage=$1; out=$2; data=${3:-}
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
@@ -48,15 +51,33 @@ bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(
       --eval-every 200
     pack
     ;;
-  d)  # the 6.7B table and the 80 GB fit ladder
+  d)  # the 6.7B table and the 80 GB fit ladder (lomo_optim rows need the carried .whl: see bench_gpu.py)
     timeout 330 python3 benchmarks/bench_gpu.py --config 6.7b --out "$out/bench_6.7b.json" --only \
       floor,adalomo_fused,adalomo_classic,adafactor_fused,lomo_fused,torch_adamw_fused,torch_adafactor,lomo_optim_adalomo \
       > "$out/bench_6.7b.log" 2>&1
     echo "bench 6.7b rc=$?"; tail -n 12 "$out/bench_6.7b.log"
+    pack
     timeout 240 python3 benchmarks/bench_gpu.py --fit --fit-sizes 10b,20b,30b,34b --out "$out/fit.json" \
       > "$out/fit.log" 2>&1
     echo "fit rc=$?"; tail -n 5 "$out/fit.log"
     pack
     ;;
-  *) echo "unknown stage $stage (a, b, c)"; exit 2 ;;
+  e)  # runs still missing after stage c: 1B lomo, the long AdaPM leg, lr sweeps of the baselines at 125M
+    gpt gpt_lm_1b_lomo 110 --size 1b --optimizers lomo --max-steps 300 --batch-size 16 --seq-len 512
+    pack
+    gpt gpt_lm_125m_long_adapm 170 --size 125m --optimizers adapm --max-steps 800 --batch-size 16 --seq-len 512 \
+      --eval-every 200
+    pack
+    gpt gpt_lm_125m_sweep 200 --size 125m --optimizers adamw@3e-4,adamw@1.2e-3,adamw@2.4e-3,lomo@0.2,lomo@0.5 \
+      --max-steps 400 --batch-size 16 --seq-len 512
+    pack
+    ;;
+  f)  # the 0.94B table again with the cached launch plans (fused rows), and the peers in the same run
+    timeout 300 python3 benchmarks/bench_gpu.py --config 0.94b --out "$out/bench_0.94b.json" --only \
+      floor,adalomo_fused,adalomo_fused_b256,adalomo_classic,lomo_fused,torch_adamw_fused,torch_adafactor,lomo_optim_adalomo \
+      > "$out/bench_0.94b.log" 2>&1
+    echo "bench rc=$?"; tail -n 12 "$out/bench_0.94b.log"
+    pack
+    ;;
+  *) echo "unknown stage $stage (a-f)"; exit 2 ;;
 esac
