@@ -2,8 +2,8 @@
 # The GPU evidence behind the README's tables, in stages that each fit one 10-minute device call.
 #   bash benchmarks/gpu_evidence.sh STAGE OUTDIR DATADIR
 # DATADIR holds wikitext-2/{train,valid,test}.txt (on the device machine: a carried, git-ignored copy).
-# Each step has its own time limit, so that a slow one cannot take the others' results with it; stages c-f pack OUTDIR into one tarball after each step (PACK_TO, default
-# OUTDIR.tgz): a device call returns at most 8 files. Stages a-c ran on 2026-11-23 (benchmarks/results/h100_*);
+# Each step has its own time limit, so that a slow one cannot take the others' results with it; stages c-f
+# pack OUTDIR into one tarball after each step (PACK_TO, default OUTDIR.tgz): a device call returns 8 files at most. Stages a-c ran on 2026-11-23 (benchmarks/results/h100_*);
 # d-f are the runs still to make. With the lomo-optim wheel carried in .whl (git-ignored), prefix the command:
 #   pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site;
 set -u
