@@ -52,6 +52,7 @@ __all__ = [
     "update_second_moment_",
     "preconditioner",
     "precondition",
+    "sum_of_squares",
     "clip_by_rms",
     "apply_update_",
     "adalomo_update_",
@@ -156,8 +157,8 @@ def _square(g: Tensor, grad_scale: Tensor | float | None) -> Tensor:
     return _fp32(g, grad_scale).square_()
 
 
-def _sum_sq(u: Tensor) -> Tensor:
-    """sum(u^2) as a 0-d fp32 tensor, in one pass without a temporary."""
+def sum_of_squares(u: Tensor) -> Tensor:
+    """sum(u^2) as a 0-d fp32 tensor, in one pass without a temporary (the input of ``clip_by_rms``)."""
     return torch.linalg.vector_norm(u, dtype=torch.float32).square()
 
 
@@ -307,12 +308,12 @@ def _clip_and_apply_(p: Tensor, g: Tensor, state: dict[str, Tensor], factors: tu
     blocks = list(_blocks(g))
     if len(blocks) == 1:
         u = precondition(g, factors, grad_scale=grad_scale)
-        sum_sq = _sum_sq(u)
+        sum_sq = sum_of_squares(u)
     else:
         u = None
         sum_sq = torch.zeros((), dtype=torch.float32, device=g.device)
         for b in blocks:
-            sum_sq += _sum_sq(precondition(g, factors, b, grad_scale))
+            sum_sq += sum_of_squares(precondition(g, factors, b, grad_scale))
     if reduce_sum_sq is not None:
         sum_sq = reduce_sum_sq(sum_sq)
     clip = clip_by_rms(sum_sq, numel, clip_threshold)

@@ -379,7 +379,7 @@ class AdaPM(LowMemoryOptimizer):
             beta2, bc2 = F.beta2_at(t, group["decay_rate"]), 1.0
         else:
             bc2 = 1.0 - beta2 ** t
-        lr = group["lr"]
+        lr, u_scale = group["lr"], None
         if group["second_moment"] == "adam":
             v = state["exp_avg_sq"]
             v.copy_(torch.where(ok, torch.lerp(g * g, v, beta2), v))
@@ -387,18 +387,19 @@ class AdaPM(LowMemoryOptimizer):
             step_size = torch.full((), lr, dtype=torch.float32, device=p.device)
         else:
             ok = ok & F.update_second_moment_(state, g, beta2=beta2, eps1=group["eps"] ** 2)
-            u = m_hat
-            for f in F.preconditioner(state):
-                u = u * f
+            factors = F.preconditioner(state)
+            u = m_hat * factors[0]  # m_hat may be the state itself: the first multiply makes a new tensor
+            for f in factors[1:]:
+                u.mul_(f)
             if bc2 != 1.0:
                 u.mul_(math.sqrt(bc2))
-            if group["clip_threshold"] is not None:
-                u.mul_(F.clip_by_rms(u.square().sum(), u.numel(), group["clip_threshold"]))
+            if group["clip_threshold"] is not None:  # folded into the step: no pass over u
+                u_scale = F.clip_by_rms(F.sum_of_squares(u), u.numel(), group["clip_threshold"])
             if group["relative_lr"]:
                 step_size = F.param_scale(p, PARAM_SCALE_EPS) * lr
             else:
                 step_size = torch.full((), lr, dtype=torch.float32, device=p.device)
-        F.apply_update_(p, u, step_size, group["weight_decay"], ok, stochastic_rounding, generator)
+        F.apply_update_(p, u, step_size, group["weight_decay"], ok, stochastic_rounding, generator, u_scale=u_scale)
         return ok
 
     # ---------------------------------------------------------------------------- checkpoints
