@@ -215,10 +215,10 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         """For ``_update_many``: states, SR seeds (taken before the step count moves), new step counts, SR."""
         states = [self.state[p] for p in ps]
         seeds = [self._sr_seed(p, st) for p, st in zip(ps, states)]
-        for st in states:
-            st["step"] += 1
+        counters = [st["step"] for st in states]
+        torch._foreach_add_(counters, 1.0)  # one call for the bucket (the counters are 0-d CPU tensors)
         sr = any(self._sr_enabled(group, p) for p in ps)
-        return states, seeds, [float(st["step"]) for st in states], sr
+        return states, seeds, [float(c) for c in counters], sr
 
     # ---------------------------------------------------------------- updates
     def _check_grad(self, grad: Tensor) -> None:
