@@ -252,3 +252,32 @@ def test_fused_backward_sets_lr_like_lomo_optim():
     opt.fused_backward(_loss(model, _batches(1)[0]), lr=0.0)
     assert all(g["lr"] == 0.0 for g in opt.param_groups)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+class _Boom(torch.autograd.Function):
+    """Identity whose backward raises: a backward that fails after some hooks have fired."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        raise RuntimeError("boom")
+
+
+def test_a_failed_backward_does_not_stall_later_steps():
+    """The end-of-backward callback of a backward that raised never runs; the next backward must still end
+    its step (accounting, bucket flushes) and must not apply gradients queued by the failed one."""
+    torch.manual_seed(0)
+    lin1, lin2 = nn.Linear(4, 6), nn.Linear(6, 3)
+    opt = AdaLomo([*lin1.parameters(), *lin2.parameters()], lr=1e-2, fused=True, nonfinite="count")
+    x = torch.randn(5, 4)
+    with pytest.raises(RuntimeError, match="boom"):
+        lin2(_Boom.apply(lin1(x))).sum().backward()  # lin2's hooks fire, then the backward dies
+    opt._pending[0] = [(lin1.weight, torch.full_like(lin1.weight, 1e3))]  # as if queued by the failed backward
+    before = lin1.weight.detach().clone()
+    lin2(lin1(x)).sum().mul(float("nan")).backward()  # non-finite: nothing changes, the step is counted
+    assert opt.skipped_updates is not None and int(opt.skipped_updates) == 1, "the step did not end"
+    assert torch.equal(lin1.weight, before), "a gradient queued by the failed backward was applied"
+    assert not opt._pending

@@ -52,6 +52,9 @@ def _graph_task_id() -> int:
 class BackwardTracker:
     """Per-backward bookkeeping for fused hooks.
 
+    A backward that raised never reaches its end callback: the next outer backward forgets it
+    (``on_abandoned``) instead of waiting for it forever.
+
     Autograd graph-task ids grow monotonically and a nested (reentrant) backward gets a larger id than
     the backward that contains it. A parameter fired twice within one user backward if it fired
 
@@ -60,8 +63,9 @@ class BackwardTracker:
     * in two nested tasks of the outer task that is running now.
     """
 
-    def __init__(self, on_backward_end: Callable[[], None]):
+    def __init__(self, on_backward_end: Callable[[], None], on_abandoned: Callable[[], None] | None = None):
         self._on_end = on_backward_end
+        self._on_abandoned = on_abandoned
         self._active: set[int] = set()
         self._outer_of: dict[int, int] = {}
         self._nested_of: dict[int, int] = {}
@@ -82,6 +86,10 @@ class BackwardTracker:
             self._double_firing(p)
         self._outer_of[key] = tid
         if tid not in self._active:
+            if self._active:  # an outer backward that raised before its end: its callback will never run
+                self._active.clear()
+                if self._on_abandoned is not None:
+                    self._on_abandoned()
             self._active.add(tid)
             torch.autograd.Variable._execution_engine.queue_callback(lambda: self._end(tid))
 

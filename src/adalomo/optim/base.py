@@ -127,7 +127,7 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         self._handles: dict[int, Any] = {}
         self._group_index: dict[int, int] = {}
         self._param_index: dict[int, int] = {}
-        self._tracker = BackwardTracker(self._backward_end)
+        self._tracker = BackwardTracker(self._backward_end, self._backward_abandoned)
         self._mode = "update"
         self._norm_sq: Tensor | None = None
         self._clip_coef: Tensor | None = None
@@ -323,6 +323,11 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
                     self._apply(p, g)
             else:
                 self._oks.append(ok)
+
+    def _backward_abandoned(self) -> None:
+        """A backward raised midway: drop the gradients it queued (those tensors keep their values)."""
+        self._pending.clear()
+        self._pending_bytes.clear()
 
     def _backward_end(self) -> None:
         if self._mode == "norm":
