@@ -195,6 +195,31 @@ def test_nan_gradients_never_reach_the_weights(name, fused):
         opt.step()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_warn_mode_never_waits_for_the_gpu(dtype):
+    """A fused step on CUDA (kernels, buckets, finite flags, "warn") makes no host synchronisation; the
+    warning for a NaN step arrives once its flag has reached the host, at the latest in state_dict()."""
+    torch.manual_seed(0)
+    m = Poison().to("cuda", dtype)
+    opt = AdaLomo(m.parameters(), lr=1e-2, fused=True)
+    x = torch.randn(3, 4, device="cuda", dtype=dtype)
+    m(x).float().sum().backward()  # warm-up: kernel compilation, allocator
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for poison in (False, True, False):
+                m(x, poison=poison).float().sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        opt.state_dict()
+    nan_warnings = [w for w in caught if str(w.message).startswith("AdaLomo: a gradient contained NaN or inf")]
+    assert len(nan_warnings) == 1, [str(w.message) for w in caught]  # one step had NaN: one warning
+    assert int(opt.skipped_updates) == 1 and all(torch.isfinite(p).all() for p in m.parameters())
+
+
 def test_nonfinite_raise_and_count():
     m = Poison()
     opt = AdaLomo(m.parameters(), fused=True, nonfinite="raise")

@@ -69,8 +69,10 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
 
     Robustness
         ``nonfinite``: a tensor whose gradient has NaN/inf is never updated (the check runs on the
-        device); then ``"warn"`` (default) warns once per step, ``"raise"`` raises after the backward
-        (or step), ``"count"`` only counts (``opt.skipped_updates``) and never synchronises.
+        device); then ``"warn"`` (default) warns once per such step without synchronising (on a GPU the
+        warning comes when the flag has reached the host: at a later step, at the latest in
+        ``state_dict()``), ``"raise"`` raises after the backward (or step; this waits for the device),
+        ``"count"`` only counts (``opt.skipped_updates``, a device tensor).
         ``loss_scaler``: a :class:`~adalomo.precision.DynamicLossScaler` for fp16 training; scale the
         loss with ``opt.scale_loss(loss)`` or use ``opt.fused_backward(loss)``.
         ``clip_grad_norm``: global gradient-norm clipping; in fused mode it needs a first pass,
@@ -133,6 +135,7 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         self._clip_coef: Tensor | None = None
         self._grad_scale_cache: Tensor | None = None
         self._oks: list[Tensor] = []
+        self._flags_in_flight: list[tuple[Tensor, Any]] = []  # "warn" mode: (host flag, CUDA event or None)
         self._skip_next = False
         self.skipped_updates: Tensor | None = None
         self.allow_unsharded_distributed = bool(allow_unsharded_distributed)
@@ -357,14 +360,29 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
             self.loss_scaler.record(ok_all.to(self.loss_scaler.found_inf.device))
             self.loss_scaler.update()
             return
-        if self.nonfinite == "count" or bool(ok_all):
+        if self.nonfinite == "count":
             return
-        msg = (f"{type(self).__name__}: a gradient contained NaN or inf; the tensors concerned were left "
-               "unchanged this step (weights stay finite). Lower the learning rate, check the loss, or use "
-               "bf16/fp32 (fp16 needs loss_scaler=adalomo.DynamicLossScaler()).")
         if self.nonfinite == "raise":
-            raise FloatingPointError(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            if not bool(ok_all):
+                raise FloatingPointError(self._nonfinite_message())
+            return
+        self._flags_in_flight.append(_host_copy(ok_all))  # "warn": read when it has arrived, never wait
+        self._warn_nonfinite(block=False)
+
+    def _warn_nonfinite(self, block: bool) -> None:
+        """Warn for each finished step whose finite flag was False; ``block`` waits for the ones in flight."""
+        flights = self._flags_in_flight
+        while flights and (block or len(flights) > 64 or flights[0][1] is None or flights[0][1].query()):
+            flag, event = flights.pop(0)
+            if event is not None:
+                event.synchronize()
+            if not bool(flag):
+                warnings.warn(self._nonfinite_message(), RuntimeWarning, stacklevel=3)
+
+    def _nonfinite_message(self) -> str:
+        return (f"{type(self).__name__}: a gradient contained NaN or inf; the tensors concerned were left "
+                "unchanged that step (weights stay finite). Lower the learning rate, check the loss, or use "
+                "bf16/fp32 (fp16 needs loss_scaler=adalomo.DynamicLossScaler()).")
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -460,6 +478,7 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
 
     # ---------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
+        self._warn_nonfinite(block=True)  # a checkpoint does not hide a warning still in flight
         sd = super().state_dict()
         if self.loss_scaler is not None:
             sd["loss_scaler"] = self.loss_scaler.state_dict()
@@ -483,6 +502,17 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
             _dist_optim.conform_loaded_state(self)
         if scaler is not None and self.loss_scaler is not None:
             self.loss_scaler.load_state_dict(scaler)
+
+
+def _host_copy(flag: Tensor) -> tuple[Tensor, Any]:
+    """A host copy of a 0-d device flag without waiting for it: (pinned tensor, CUDA event), or (flag, None)."""
+    if flag.device.type != "cuda":
+        return flag.cpu(), None
+    host = torch.empty((), dtype=flag.dtype, pin_memory=True)
+    host.copy_(flag, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
 
 
 def _param_list(params, name: str) -> list:
