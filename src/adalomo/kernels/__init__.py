@@ -28,8 +28,8 @@ from contextlib import contextmanager
 
 import torch
 
-__all__ = ["use_triton", "scaled_rms_update_", "lomo_update_", "scaled_rms_update_many_", "lomo_update_many_",
-           "triton_available", "update_stream", "join_update_stream", "Seed"]
+__all__ = ["use_triton", "gradient_fits", "scaled_rms_update_", "lomo_update_", "scaled_rms_update_many_",
+           "lomo_update_many_", "triton_available", "update_stream", "join_update_stream", "Seed"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -116,6 +116,13 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     if impl is None:
         return False
     return _impl_interpreted or not interpret
+
+
+def gradient_fits(g: torch.Tensor, p: torch.Tensor) -> bool:
+    """``use_triton``'s per-tensor rules for a gradient ``g`` of a parameter ``p`` that passed them already
+    (the environment, import and compile checks are not repeated: the fused hooks' fast path)."""
+    return (type(g) in _PLAIN and g.dtype in _DTYPES and g.device == p.device and 0 < g.numel() < _MAX_NUMEL
+            and not (g.dim() and max(map(abs, g.stride())) >= _MAX_STRIDE))
 
 
 def scaled_rms_update_(p, g, state, *, rho, eps, clip_threshold, beta2, weight_decay, scale_parameter, beta1,

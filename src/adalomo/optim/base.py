@@ -83,7 +83,8 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         updated together by the grouped kernels once the queue holds this many MiB (and at the end of
         backward), like DDP's gradient buckets: a few launches instead of four per tensor, for at most
         this much extra gradient memory. ``0`` updates each tensor on its own. Results are the same as
-        classic mode's grouped ``step()``.
+        classic mode's grouped ``step()``. Whether a parameter can use the kernels (device, dtype,
+        ``ADALOMO_DISABLE_TRITON``) is decided at its first gradient.
         ``side_stream``: run those updates on a second CUDA stream so that the memory-bound update
         overlaps the compute-bound backward (joined before ``backward()`` returns).
 
@@ -122,6 +123,8 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         self.side_stream = bool(side_stream)
         self._pending: dict[int, list[tuple[Tensor, Tensor]]] = {}  # group index -> queued (param, grad)
         self._pending_bytes: dict[int, int] = {}
+        self._param_fits: dict[int, bool] = {}  # id(p) -> kernels.use_triton(p), read at p's first gradient
+        self._ddp_checked = False  # the plain-tensor-under-DDP check, once per backward
         self.nonfinite = nonfinite
         self.loss_scaler = loss_scaler
         self.clip_grad_norm = clip_grad_norm
@@ -274,8 +277,9 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
 
     def _hook(self, p: Tensor) -> None:
         layout = self._shard_layouts.get(id(p)) if self._shard_layouts else None
-        if layout is None:
+        if layout is None and not self._ddp_checked:
             _dist_optim.check_unsharded(self, p)
+            self._ddp_checked = True
         self._tracker.enter(p)
         grad = p.grad
         p.grad = None
@@ -292,7 +296,7 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
                 return
             self._norm_sq = sq if self._norm_sq is None else self._norm_sq + sq.to(self._norm_sq.device)
             return
-        if layout is None and self._bucketed and kernels.use_triton(p, grad):
+        if layout is None and self._bucketed and self._kernels_fit(p, grad):
             self._check_grad(grad)
             gi = self._group_index[id(p)]
             queue = self._pending.setdefault(gi, [])
@@ -306,6 +310,13 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
                 self._apply(p, grad)
         else:
             self._apply(p, grad)
+
+    def _kernels_fit(self, p: Tensor, grad: Tensor) -> bool:
+        """``kernels.use_triton(p, grad)``, with the parameter's part decided once, at its first gradient."""
+        fits = self._param_fits.get(id(p))
+        if fits is None:
+            fits = self._param_fits[id(p)] = kernels.use_triton(p)
+        return fits and kernels.gradient_fits(grad, p) and not torch.compiler.is_compiling()
 
     @property
     def _bucketed(self) -> bool:
@@ -331,6 +342,7 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         """A backward raised midway: drop the gradients it queued (those tensors keep their values)."""
         self._pending.clear()
         self._pending_bytes.clear()
+        self._ddp_checked = False
 
     def _backward_end(self) -> None:
         if self._mode == "norm":
@@ -338,6 +350,7 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         self._finish_step()
 
     def _finish_step(self) -> None:
+        self._ddp_checked = False
         for gi in list(self._pending):
             self._flush(gi)
         kernels.join_update_stream()
