@@ -1203,13 +1203,6 @@ def _pmap(counts: tuple[int, ...], dev: torch.device) -> torch.Tensor:
     return m
 
 
-def _to_device(values: list, dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
-    t = torch.tensor(values, dtype=dtype)
-    if dev.type == "cuda":
-        t = t.pin_memory().to(dev, non_blocking=True)  # no host sync; the host buffer lives until the copy ran
-    return t
-
-
 def _aligned(*ts) -> bool:
     return all(t.data_ptr() % 16 == 0 for t in ts)
 
@@ -1267,7 +1260,7 @@ def scaled_rms_update_many_(ps, gs, states, *, rhos, beta2s, eps, clip_threshold
         meta, fmeta = gp.fill(ws.data_ptr(), [gs[i].data_ptr() for i in gp.idx],
                               [_seed(sr, None, seeds[i] if seeds is not None else 0) for i in gp.idx], has_m,
                               [rhos[i] for i in gp.idx], [beta2s[i] for i in gp.idx])
-        meta_t, fmeta_t = _tensor_to_device(meta, dev), _tensor_to_device(fmeta, dev)
+        meta_t, fmeta_t = _to_device(meta, dev), _to_device(fmeta, dev)
         n_t = len(gp.idx)
         oks = torch.empty(n_t, dtype=torch.bool, device=dev)
         pm = gp.pmap
@@ -1311,10 +1304,11 @@ class _GroupPlan:
     __slots__ = ("fac", "layout", "idx", "prog", "fprog", "fb", "rp_block", "ws_total", "meta0", "fmeta0", "pmap",
                  "fpmap")
 
-    def fill(self, base: int, g_ptrs: list, seeds: list, has_m: bool, rhos: list, beta2s: list):
+    def fill(self, base: int, g_ptrs: list, seeds: list, has_m: bool, rhos: list | None = None,
+             beta2s: list | None = None):
         """The metadata of one call: the static rows with this call's pointers, seeds and floats (host lists
-        and one tensor each: cheaper than tensor ops for the few rows of a bucket)."""
-        meta, fmeta = self.meta0[:], self.fmeta0[:]
+        and one tensor each: cheaper than tensor ops for the few rows of a bucket). No floats for LOMO."""
+        meta = self.meta0[:]
         for k in range(len(g_ptrs)):
             o = k * _W
             meta[o + _COL_G] = g_ptrs[k]
@@ -1322,6 +1316,10 @@ class _GroupPlan:
             if not has_m:
                 meta[o + _COL_M] = base  # not read: any valid pointer
             meta[o + _COL_SEED] = seeds[k]
+        if rhos is None:
+            return torch.tensor(meta, dtype=torch.int64), None
+        fmeta = self.fmeta0[:]
+        for k in range(len(g_ptrs)):
             f = k * _WF
             beta2 = float(beta2s[k])
             fmeta[f], fmeta[f + 1], fmeta[f + 2] = float(rhos[k]), beta2, 1.0 - beta2
@@ -1399,7 +1397,7 @@ def _build_scaled_plan(ps, gs, states, has_m: bool, dev) -> _Plan:
     return plan
 
 
-def _tensor_to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+def _to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
     if dev.type == "cuda":
         t = t.pin_memory().to(dev, non_blocking=True)  # no host sync; the pinned buffer lives until the copy ran
     return t
@@ -1418,52 +1416,71 @@ def lomo_update_many_(ps, gs, *, lr, weight_decay, clip_grad_value, grad_scale, 
     run = (ctx.stream, ctx.device, ctx.interpreted)
     has_scale, scale = _scale_arg(grad_scale, ps[0])
     clip = clip_grad_value is not None
-    groups: dict = {}
+    plan = _lomo_plan(ps, gs, dev)
     flags = []
-    for i, (p, g) in enumerate(zip(ps, gs)):
-        c = _classify(p, g)
-        if c is None:
-            flags.append(lomo_update_(p, g, lr=lr, weight_decay=weight_decay, clip_grad_value=clip_grad_value,
-                                      grad_scale=grad_scale, stochastic_rounding=stochastic_rounding, generator=None,
-                                      seed=seeds[i] if seeds is not None else None))
-            continue
-        key = (c[0][1], c[0][2]) + c[0][3:]
-        groups.setdefault(key, []).append((i, p, g, c[1], c[2], c[3]))
-    for (pdt, gdt, align, g_unit, p_unit), items in groups.items():
+    for i in plan.single:
+        flags.append(lomo_update_(ps[i], gs[i], lr=lr, weight_decay=weight_decay, clip_grad_value=clip_grad_value,
+                                  grad_scale=grad_scale, stochastic_rounding=stochastic_rounding, generator=None,
+                                  seed=seeds[i] if seeds is not None else None))
+    for gp in plan.groups:
+        pdt, gdt, align, g_unit, p_unit = gp.layout
         sr = bool(stochastic_rounding) and pdt == torch.bfloat16
-        geos = [_geometry(B, M, N, "lomo", 1) for *_, (B, M, N) in items]
-        ws_total, prog, counts, meta = 0, 0, [], []
-        ws_offs = []
-        for geo in geos:
-            ws_offs.append(ws_total)
-            ws_total += geo["ws_numel"]
-        ws = torch.empty(max(ws_total, 16), dtype=torch.float32, device=dev)
-        base = ws.data_ptr()
-        for k, ((i, p, g, sg, sp, (B, M, N)), geo) in enumerate(zip(items, geos)):
-            seed = _seed(sr, None, seeds[i] if seeds is not None else 0)
-            n = geo["n_prog"]
-            row = [g.data_ptr(), p.data_ptr(), 0, 0, 0, base + 4 * ws_offs[k], B, M, N, geo["TM"], geo["TN"],
-                   geo["rows_per_prog"], *sg, *sp, 0, 0, prog, 0, seed, n, 0, 0, 0, 0, 0, 0, 0, geo["off_fin"], 0,
-                   0, geo["off_scal"], 0]
-            meta.extend(row + [0] * (_W - len(row)))
-            counts.append(n)
-            prog += n
-        n_t = len(items)
-        meta_t = _to_device(meta, torch.int64, dev)
+        ws = torch.empty(max(gp.ws_total, 16), dtype=torch.float32, device=dev)
+        meta, _ = gp.fill(ws.data_ptr(), [gs[i].data_ptr() for i in gp.idx],
+                          [_seed(sr, None, seeds[i] if seeds is not None else 0) for i in gp.idx], False)
+        meta_t = _to_device(meta, dev)
+        n_t = len(gp.idx)
         oks = torch.empty(n_t, dtype=torch.bool, device=dev)
-        pm = _pmap(tuple(counts), dev)
         gd, pd = _TL_DT[gdt], _TL_DT[pdt]
         bm, bn = CONFIG["block_m"], CONFIG["block_n"]
-        _G_SUM(prog, (meta_t, pm), (gd, align, g_unit, bm, bn), CONFIG["warps_usq"], *run)
+        _G_SUM(gp.prog, (meta_t, gp.pmap), (gd, align, g_unit, bm, bn), CONFIG["warps_usq"], *run)
         _G_FINISH(n_t, (meta_t, ws, scale, oks, 0.0, 1.0), (has_scale, False, False, 1024), 4, *run)  # no floats
         cv = float(clip_grad_value) if clip else 0.0
-        _G_LWRITE(prog, (meta_t, pm, scale, oks, float(lr), float(weight_decay), cv),
+        _G_LWRITE(gp.prog, (meta_t, gp.pmap, scale, oks, float(lr), float(weight_decay), cv),
                   (gd, pd, has_scale, weight_decay != 0, clip, sr, align, g_unit, p_unit, bm, bn),
                   CONFIG["warps_write"], *run)
         flags.append(oks)
-        for _, p, *_ in items:
-            torch.autograd.graph.increment_version(p)
+        for i in gp.idx:
+            torch.autograd.graph.increment_version(ps[i])
     return _all(flags)
+
+
+def _lomo_plan(ps, gs, dev) -> _Plan:
+    key = ("lomo", dev, tuple(CONFIG.values()), tuple(
+        (id(p), p.data_ptr(), p.shape, p.stride(), p.dtype, g.dtype, g.stride(), g.data_ptr() % 16 == 0)
+        for p, g in zip(ps, gs)))
+    plan = _PLANS.get(key)
+    if plan is not None:
+        return plan
+    if len(_PLANS) > 1024:
+        _PLANS.clear()
+    plan = _PLANS[key] = _Plan()
+    plan.single, plan.groups = [], []
+    groups: dict = {}
+    for i, (p, g) in enumerate(zip(ps, gs)):
+        c = _classify(p, g)
+        if c is None:
+            plan.single.append(i)
+            continue
+        groups.setdefault(c[0][1:], []).append((i, p, c[1], c[2], c[3]))
+    for layout, items in groups.items():
+        gp = _GroupPlan()
+        gp.fac, gp.layout, gp.idx, gp.fmeta0, gp.fpmap = False, layout, [it[0] for it in items], None, None
+        prog, counts, rows, ws_total = 0, [], [], 0
+        for _, p, sg, sp, (B, M, N) in items:
+            geo = _geometry(B, M, N, "lomo", 1)
+            n = geo["n_prog"]
+            row = [0, p.data_ptr(), 0, 0, 0, 4 * ws_total, B, M, N, geo["TM"], geo["TN"],
+                   geo["rows_per_prog"], *sg, *sp, 0, 0, prog, 0, 0, n, 0, 0, 0, 0, 0, 0, 0, geo["off_fin"], 0,
+                   0, geo["off_scal"], 0]
+            rows.extend(row + [0] * (_W - len(row)))
+            ws_total += geo["ws_numel"]
+            counts.append(n)
+            prog += n
+        gp.prog, gp.fprog, gp.fb, gp.rp_block, gp.ws_total, gp.meta0 = prog, 0, 0, 0, ws_total, rows
+        gp.pmap = _pmap(tuple(counts), dev)
+        plan.groups.append(gp)
+    return plan
 
 
 def _all(flags: list) -> torch.Tensor:
