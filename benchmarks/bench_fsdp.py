@@ -38,8 +38,9 @@ EXTRA_SIZES = {
     "13b": dict(dim=5120, n_layers=40, n_heads=40, ffn_dim=13824),    # LLaMA-13B: 13.0B
     "30b": dict(dim=6656, n_layers=60, n_heads=52, ffn_dim=17920),    # LLaMA-30B: 32.5B
     "70b": dict(dim=8192, n_layers=80, n_heads=64, ffn_dim=28672),    # LLaMA-2-70B without GQA: ~78B
+    "100b": dict(dim=8192, n_layers=104, n_heads=64, ffn_dim=28672),  # the 70B shape, 104 layers: ~101B
 }
-MAX_LADDER = ["1b", "3b", "7b", "13b", "30b", "70b"]
+MAX_LADDER = ["1b", "3b", "7b", "13b", "30b", "70b", "100b"]
 
 
 def gpt_config(size: str, seq_len: int, ac: bool):
@@ -106,6 +107,17 @@ def worker(args) -> None:
     if cuda:
         torch.cuda.synchronize(device)
     dt = time.perf_counter() - t0
+    if args.profile_out and cuda:  # a few more steps under torch.profiler; rank 0 writes the op table
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for s in range(3):
+                one_step(args.warmup + args.steps + s)
+            torch.cuda.synchronize(device)
+        if rank == 0:
+            ka = prof.key_averages()
+            Path(args.profile_out).write_text(
+                ka.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70) + "\n"
+                + ka.table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=70))
     stats = torch.tensor([dt, torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0,
                           torch.cuda.max_memory_reserved(device) / 2**30 if cuda else 0.0],
                          dtype=torch.float64, device=device)
@@ -127,15 +139,17 @@ def run_one(args, size: str, optimizer: str, gpus: int) -> dict:
                __file__, "--worker", "--size", size, "--optimizer", optimizer, "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
                "--device", args.device, "--dtype", args.dtype, "--adamw-dtype", args.adamw_dtype,
-               "--json-out", out] + (["--no-ac"] if args.no_ac else [])
+               "--json-out", out] + (["--no-ac"] if args.no_ac else []) + (
+                   ["--profile-out", f"{args.profile_out}.{size}.{optimizer}.x{gpus}.txt"] if args.profile_out else [])
         t0 = time.time()
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
         if os.path.exists(out):
             res = json.loads(Path(out).read_text())
         else:
             oom = "OutOfMemoryError" in r.stderr or "CUDA out of memory" in r.stderr
+            rank0 = [ln for ln in (r.stderr + r.stdout).splitlines() if ln.startswith("[rank0]:")]
             res = dict(size=size, optimizer=optimizer, gpus=gpus, status="oom" if oom else "failed",
-                       error=(r.stderr or r.stdout)[-2000:])
+                       error="\n".join(rank0[-40:])[-4000:] or (r.stderr or r.stdout)[-2000:])
         res["wall_s"] = round(time.time() - t0, 1)
     print(f"  {size:>5} {optimizer:>8} x{gpus}: {res['status']}"
           + (f" {res['tokens_per_s_per_gpu']:.0f} tok/s/GPU, {res['peak_alloc_gib']:.1f} GiB"
@@ -169,15 +183,16 @@ def driver(args) -> None:
     optims = args.optimizers.split(",")
     results = []
     if args.find_max:
+        ladder = args.sizes.split(",") if args.sizes else MAX_LADDER
         for opt in optims:
             for n in gpus:
-                for size in MAX_LADDER:
+                for size in ladder:
                     res = run_one(args, size, opt, n)
                     results.append(res)
                     if res["status"] != "ok":
                         break
     else:
-        for size in args.sizes.split(","):
+        for size in (args.sizes or "1b").split(","):
             for opt in optims:
                 for n in gpus:
                     results.append(run_one(args, size, opt, n))
@@ -201,9 +216,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json-out", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--profile-out", default=None, help="worker: profile 3 extra steps, rank 0 writes the table here")
     ap.add_argument("--size", default="1b", help=argparse.SUPPRESS)
     ap.add_argument("--optimizer", default="adalomo", help=argparse.SUPPRESS)
-    ap.add_argument("--sizes", default="1b")
+    ap.add_argument("--sizes", default=None, help="sizes to run (default 1b); with --find-max the ladder to climb")
     ap.add_argument("--optimizers", default="adalomo,adamw")
     ap.add_argument("--gpus", default="1,2", help="comma-separated process counts (GPUs)")
     ap.add_argument("--find-max", action="store_true", help=f"grow the model ({', '.join(MAX_LADDER)}) until OOM")

@@ -18,7 +18,8 @@ peers ``torch_adamw_fused`` (classic, ``fused=True``), ``torch_adafactor`` (fore
 ``lomo_optim_lomo`` (skipped with a note when ``lomo_optim`` is not installed).
 
 ``--fit``: the largest model whose training step (batch 1x1024, gradient checkpointing, bf16) fits, with
-our fused AdaLomo and with torch AdamW (fused), on a ladder of LLaMA shapes.
+our fused AdaLomo and with torch AdamW (fused), on a ladder of LLaMA shapes; ``--cap-gb 80`` caps the allocator
+(``torch.cuda.set_per_process_memory_fraction``) to answer "on an 80 GB GPU" from a larger one.
 """
 
 from __future__ import annotations
@@ -92,6 +93,10 @@ def child(row: str, cfg: dict) -> dict:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+        cap = float(os.environ.get("BENCH_CAP_GB", "0"))
+        if cap:  # emulate a smaller GPU (the 80 GB fit ladder on a 141 GB H200): the allocator refuses beyond it
+            total = torch.cuda.get_device_properties(0).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap * 1e9 / total))
     model = _build(cfg)
     params = list(model.parameters())
     n_params = sum(p.numel() for p in params)
@@ -209,6 +214,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=None, help="seconds per row")
     ap.add_argument("--fit", action="store_true", help="largest model that fits: adalomo_fused vs torch_adamw_fused")
     ap.add_argument("--fit-sizes", default=",".join(FIT_LADDER))
+    ap.add_argument("--cap-gb", type=float, default=None,
+                    help="cap each child's CUDA allocator at this many GB (1e9 bytes), e.g. 80 on a 141 GB H200")
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--cfg", default=None, help=argparse.SUPPRESS)
@@ -225,8 +232,10 @@ def main() -> None:
         print("RESULT " + json.dumps(r), flush=True)
         return
 
+    if args.cap_gb:
+        os.environ["BENCH_CAP_GB"] = str(args.cap_gb)
     res = {"command": " ".join(["python3"] + sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-           "device": _device(), **_versions()}
+           "device": _device(), "cap_GB": args.cap_gb, **_versions()}
     print(res, flush=True)
     if args.fit:
         fits = []

@@ -79,5 +79,44 @@ bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(
     echo "bench rc=$?"; tail -n 12 "$out/bench_0.94b.log"
     pack
     ;;
-  *) echo "unknown stage $stage (a-f)"; exit 2 ;;
+  g)  # 2 GPUs (nvidia-h200-x2): FSDP2 exactness on NCCL, then throughput/memory per GPU at 1B and 7B on 1 and 2 GPUs
+    [ -f benchmarks/debug_lomo_clip.py ] && timeout 90 python3 benchmarks/debug_lomo_clip.py > "$out/debug_lomo.log" 2>&1
+    tail -n 30 "$out/debug_lomo.log" | grep -v "^  warn\|Warning"
+    timeout 150 python3 -m torch.distributed.run --standalone --nproc-per-node=2 benchmarks/fsdp_exactness.py --steps 10 \
+      --out "$out/fsdp_exactness.json" > "$out/fsdp_exactness.log" 2>&1
+    echo "exactness rc=$?"; grep -v Warning "$out/fsdp_exactness.log" | tail -n 10
+    pack
+    timeout 200 python3 benchmarks/bench_fsdp.py --sizes 1b --gpus 1,2 --optimizers adalomo,adamw --timeout 90 \
+      --out "$out/fsdp_1b.json" > "$out/fsdp_1b.log" 2>&1
+    echo "fsdp 1b rc=$?"; tail -n 7 "$out/fsdp_1b.log"
+    pack
+    timeout 240 python3 benchmarks/bench_fsdp.py --sizes 7b --gpus 1,2 --optimizers adalomo,adamw --steps 8 \
+      --warmup 2 --timeout 110 --out "$out/fsdp_7b.json" > "$out/fsdp_7b.log" 2>&1
+    echo "fsdp 7b rc=$?"; tail -n 7 "$out/fsdp_7b.log"
+    pack
+    ;;
+  h)  # 2 GPUs: the largest model that trains under FSDP2 on 2 GPUs (batch 1x2048 per GPU, checkpointing)
+    timeout 330 python3 benchmarks/bench_fsdp.py --find-max --gpus 2 --optimizers adalomo,adamw \
+      --sizes 13b,30b,70b,100b --batch-size 1 --steps 3 --warmup 1 --timeout 120 \
+      --out "$out/fsdp_max.json" > "$out/fsdp_max.log" 2>&1
+    echo "fsdp max rc=$?"; tail -n 9 "$out/fsdp_max.log"
+    pack
+    ;;
+  i)  # 2 GPUs: GPU0 the gpt-lm runs still missing (1B Lomo memory, the 800-step AdaPM leg with its AdamW twin);
+      # GPU1 LOMO kernel diagnostics; then both GPUs: a profile of the FSDP2 step on 2 GPUs
+    ( export CUDA_VISIBLE_DEVICES=0
+      gpt gpt_lm_1b_lomo 130 --size 1b --optimizers lomo --max-steps 300 --batch-size 16 --seq-len 512; pack
+      gpt gpt_lm_125m_long 260 --size 125m --optimizers adamw,adapm --max-steps 800 --batch-size 16 --seq-len 512 \
+        --eval-every 200; pack ) & p0=$!
+    ( export CUDA_VISIBLE_DEVICES=1
+      timeout 60 python3 benchmarks/debug_lomo_clip.py > "$out/debug_lomo.log" 2>&1
+      ADALOMO_FAST_LAUNCH=0 timeout 60 python3 benchmarks/debug_lomo_clip.py > "$out/debug_lomo_slow.log" 2>&1 ) & p1=$!
+    wait $p1; head -n 40 "$out/debug_lomo.log"; grep -c "ok kernel False" "$out/debug_lomo_slow.log"
+    wait $p0
+    timeout 120 python3 benchmarks/bench_fsdp.py --sizes 1b --gpus 2 --optimizers adalomo --steps 5 --warmup 3 \
+      --profile-out "$out/prof" --out "$out/fsdp_prof.json" > "$out/fsdp_prof.log" 2>&1
+    echo "fsdp profile rc=$?"; tail -n 3 "$out/fsdp_prof.log"; head -c 5000 "$out"/prof.*.txt
+    pack
+    ;;
+  *) echo "unknown stage $stage (a-i)"; exit 2 ;;
 esac

@@ -84,7 +84,15 @@ def build_model(cfg: GPTConfig, device: torch.device, dtype: torch.dtype, mesh=N
     """GPT built on the meta device, ``fully_shard`` per block and at the root, then materialised shard by
     shard (no rank ever holds the full model). bf16 compute with fp32 gradient reduction on GPU."""
     with torch.device("meta"):
-        model = GPT(cfg).to(dtype)
+        model = GPT(replace(cfg, grad_checkpointing=False)).to(dtype)
+    if cfg.grad_checkpointing:
+        # checkpoint *inside* each FSDP unit (as torchtitan does): FSDP2's hooks (all-gather, input casts) then
+        # run outside the recomputed region; checkpointing the FSDP module itself fails on CUDA with a
+        # metadata mismatch at recomputation
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+        for i, block in enumerate(model.layers):
+            model.layers[i] = checkpoint_wrapper(block)
     mp = None
     if device.type == "cuda":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
