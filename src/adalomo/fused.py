@@ -49,6 +49,9 @@ def _graph_task_id() -> int:
     return int(torch._C._current_graph_task_id())
 
 
+_current_graph_task_id = torch._C._current_graph_task_id  # an int already; bound once (once per hook)
+
+
 class BackwardTracker:
     """Per-backward bookkeeping for fused hooks.
 
@@ -71,8 +74,16 @@ class BackwardTracker:
         self._nested_of: dict[int, int] = {}
 
     def enter(self, p: torch.Tensor) -> None:
-        tid = _graph_task_id()
+        tid = _current_graph_task_id()
         key = id(p)
+        if tid in self._active:
+            # the running outer backward, already registered (the common case: every hook after the first one
+            # of a backward): it is not a nested task, so the stack walk of in_reentrant_backward is not needed
+            prev_nested = self._nested_of.get(key)
+            if self._outer_of.get(key) == tid or (prev_nested is not None and prev_nested > tid):
+                self._double_firing(p)
+            self._outer_of[key] = tid
+            return
         if in_reentrant_backward():
             running = max(self._active) if self._active else None
             prev_outer, prev_nested = self._outer_of.get(key), self._nested_of.get(key)

@@ -121,8 +121,30 @@ def use_triton(*tensors: torch.Tensor) -> bool:
 def gradient_fits(g: torch.Tensor, p: torch.Tensor) -> bool:
     """``use_triton``'s per-tensor rules for a gradient ``g`` of a parameter ``p`` that passed them already
     (the environment, import and compile checks are not repeated: the fused hooks' fast path)."""
-    return (type(g) in _PLAIN and g.dtype in _DTYPES and g.device == p.device and 0 < g.numel() < _MAX_NUMEL
-            and not (g.dim() and max(map(abs, g.stride())) >= _MAX_STRIDE))
+    if type(g) not in _PLAIN or g.dtype not in _DTYPES or g.device != p.device or not 0 < g.numel() < _MAX_NUMEL:
+        return False
+    return not g.dim() or max(g.stride()) < _MAX_STRIDE  # strides are never negative in torch
+
+
+def _inc_many_supported() -> bool:
+    try:
+        t = torch.zeros(1)
+        v = t._version
+        torch.autograd.graph.increment_version([t, t])
+        return t._version == v + 2
+    except Exception:  # torch < 2.5: one tensor per call
+        return False
+
+
+if _inc_many_supported():
+    def bump_versions(ts: list[torch.Tensor]) -> None:
+        """``torch.autograd.graph.increment_version`` for a list of tensors, in one call where torch allows it
+        (the tensors were modified in place behind autograd's back: kernels, writes through a NumPy view)."""
+        torch.autograd.graph.increment_version(ts)
+else:  # pragma: no cover - old torch
+    def bump_versions(ts: list[torch.Tensor]) -> None:
+        for t in ts:
+            torch.autograd.graph.increment_version(t)
 
 
 def scaled_rms_update_(p, g, state, *, rho, eps, clip_threshold, beta2, weight_decay, scale_parameter, beta1,

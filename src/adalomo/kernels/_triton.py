@@ -29,12 +29,19 @@ and pointer alignment, and ``_Launcher`` calls the compiled kernel directly on l
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
+import struct
+import sys
 
 import torch
 import triton
 import triton.language as tl
+
+from . import bump_versions as _bump
+
+_PKG = sys.modules[__package__]  # adalomo.kernels: its _impl_interpreted is set once the kernels loaded
 
 __all__ = ["scaled_rms_update_", "lomo_update_", "scaled_rms_update_many_", "lomo_update_many_", "CONFIG",
            "bytes_moved"]
@@ -992,8 +999,7 @@ class _Ctx:
     __slots__ = ("device", "stream", "interpreted")
 
     def __init__(self, t: torch.Tensor):
-        from . import _impl_interpreted
-        self.interpreted = _impl_interpreted or t.device.type != "cuda"
+        self.interpreted = _PKG._impl_interpreted or t.device.type != "cuda"
         if self.interpreted:
             self.device, self.stream = -1, None
         else:
@@ -1241,7 +1247,6 @@ def scaled_rms_update_many_(ps, gs, states, *, rhos, beta2s, eps, clip_threshold
                                            clip_threshold=clip_threshold, weight_decay=weight_decay,
                                            scale_parameter=scale_parameter, beta1=beta1, grad_scale=grad_scale,
                                            stochastic_rounding=stochastic_rounding, seeds=seeds)
-    run = (ctx.stream, ctx.device, ctx.interpreted)
     has_scale, scale = _scale_arg(grad_scale, ps[0])
     has_m = beta1 is not None
     b1, omb1 = (float(beta1), 1.0 - float(beta1)) if has_m else (0.0, 1.0)
@@ -1253,81 +1258,154 @@ def scaled_rms_update_many_(ps, gs, states, *, rhos, beta2s, eps, clip_threshold
                                         beta2=beta2s[i], weight_decay=weight_decay, scale_parameter=scale_parameter,
                                         beta1=beta1, grad_scale=grad_scale, stochastic_rounding=stochastic_rounding,
                                         generator=None, seed=seeds[i]))
-    for gp in plan.groups:
+    if not plan.groups:
+        return _all(flags)
+    bufs, ws = _upload(plan, ctx, dev, gs, seeds, stochastic_rounding, rhos, beta2s)  # ws: read through meta
+    run = (ctx.stream, ctx.device, ctx.interpreted, _grouped_key(ctx, scale))
+    eps1, eps2, ct, wd = float(eps[0]), float(eps[1]), float(clip_threshold), float(weight_decay)
+    bm, bn = CONFIG["block_m"], CONFIG["block_n"]
+    for gp, (meta_t, fmeta_t, oks) in zip(plan.groups, bufs.views):
         fac, (pdt, gdt, align, g_unit, p_unit) = gp.fac, gp.layout
         sr = bool(stochastic_rounding) and pdt == torch.bfloat16
-        ws = torch.empty(max(gp.ws_total, 16), dtype=torch.float32, device=dev)
-        meta, fmeta = gp.fill(ws.data_ptr(), [gs[i].data_ptr() for i in gp.idx],
-                              [_seed(sr, None, seeds[i] if seeds is not None else 0) for i in gp.idx], has_m,
-                              [rhos[i] for i in gp.idx], [beta2s[i] for i in gp.idx])
-        meta_t, fmeta_t = _to_device(meta, dev), _to_device(fmeta, dev)
         n_t = len(gp.idx)
-        oks = torch.empty(n_t, dtype=torch.bool, device=dev)
         pm = gp.pmap
         gd, pd = _TL_DT[gdt], _TL_DT[pdt]
-        bm, bn = CONFIG["block_m"], CONFIG["block_n"]
         if fac:
             fb, rp_block = gp.fb, gp.rp_block
-            _G_STATS(gp.prog, (meta_t, pm, scale, float(eps[0])),
-                     (gd, pd, has_scale, sp_flag, align, g_unit, p_unit, bm, bn), CONFIG["warps_stats"], *run)
+            _G_STATS(gp.prog, (meta_t, pm, scale, eps1), (gd, pd, has_scale, sp_flag, align, g_unit, p_unit, bm, bn),
+                     CONFIG["warps_stats"], *run)
             _G_FINALIZE(gp.fprog, (meta_t, fmeta_t, gp.fpmap), (fb, max(1, min(32, 4096 // fb))), 4, *run)
             _G_USQ(gp.prog, (meta_t, pm, scale), (gd, has_scale, align, g_unit, bm, bn, rp_block), CONFIG["warps_usq"],
                    *run)
-            _G_FINISH(n_t, (meta_t, fmeta_t, scale, oks, float(eps[1]), float(clip_threshold)),
-                      (False, True, sp_flag, 1024), 4, *run)
-            _G_WRITE(gp.prog, (meta_t, fmeta_t, pm, scale, oks, float(weight_decay), b1, omb1),
+            _G_FINISH(n_t, (meta_t, fmeta_t, scale, oks, eps2, ct), (False, True, sp_flag, 1024), 4, *run)
+            _G_WRITE(gp.prog, (meta_t, fmeta_t, pm, scale, oks, wd, b1, omb1),
                      (gd, pd, has_scale, sp_flag, hw, has_m, sr, align, g_unit, p_unit, bm, bn, rp_block),
                      CONFIG["warps_write"], *run)
         else:
             vb = CONFIG["vec_block"]
-            _G_VSTATS(gp.prog, (meta_t, fmeta_t, pm, scale, float(eps[0])),
-                      (gd, pd, has_scale, sp_flag, g_unit, p_unit, vb), 4, *run)
-            _G_FINISH(n_t, (meta_t, fmeta_t, scale, oks, float(eps[1]), float(clip_threshold)),
-                      (False, True, sp_flag, 1024), 4, *run)
-            _G_VWRITE(gp.prog, (meta_t, fmeta_t, pm, scale, oks, float(weight_decay), b1, omb1),
+            _G_VSTATS(gp.prog, (meta_t, fmeta_t, pm, scale, eps1), (gd, pd, has_scale, sp_flag, g_unit, p_unit, vb), 4,
+                      *run)
+            _G_FINISH(n_t, (meta_t, fmeta_t, scale, oks, eps2, ct), (False, True, sp_flag, 1024), 4, *run)
+            _G_VWRITE(gp.prog, (meta_t, fmeta_t, pm, scale, oks, wd, b1, omb1),
                       (gd, pd, has_scale, sp_flag, hw, has_m, sr, g_unit, p_unit, vb), 4, *run)
-        flags.append(oks)
-        for i in gp.idx:
-            torch.autograd.graph.increment_version(ps[i])
+    _bump(ps if not plan.single else [ps[i] for gp in plan.groups for i in gp.idx])
+    flags.append(bufs.oks_all)
     return _all(flags)
 
 
 # The launch plan of a grouped update: which tensors go together, their geometry and the static part of their
 # metadata rows. It depends only on the tensors' identities, layouts and state buffers, which are the same
 # step after step (fused mode flushes the same buckets every backward), so it is cached; each call then only
-# writes the gradient pointers, the workspace base, the seeds and the step-dependent floats.
+# writes the gradient pointers, the workspace base, the seeds and the step-dependent floats into the plan's
+# packed host template, copies it to the device in one piece (one pinned buffer, one copy for all groups) and
+# launches. The device copy of the metadata and the finite flags live in a small device buffer that the plan
+# keeps per stream: a call reuses it after the previous call on the same stream, so stream order protects it
+# (a call on another stream, e.g. ``side_stream``, gets its own). The workspace is allocated per call (one for
+# all groups): it scales with the tensors, and caching it for every bucket would cost real memory.
 _PLANS: dict = {}
-_COL_G, _COL_M, _COL_WS, _COL_SEED = 0, 4, 5, 22
+_COL_SEED = 22
+_ROW_BYTES, _FROW_BYTES = 8 * _W, 4 * _WF
+_S6 = struct.Struct("<6q")  # G, P, ROW, COL, M, WS: the first six int64 columns
+_SQ = struct.Struct("<q")
+_S3F = struct.Struct("<3f")  # RHO, BETA2, 1 - BETA2
+
 
 
 class _GroupPlan:
-    __slots__ = ("fac", "layout", "idx", "prog", "fprog", "fb", "rp_block", "ws_total", "meta0", "fmeta0", "pmap",
-                 "fpmap")
-
-    def fill(self, base: int, g_ptrs: list, seeds: list, has_m: bool, rhos: list | None = None,
-             beta2s: list | None = None):
-        """The metadata of one call: the static rows with this call's pointers, seeds and floats (host lists
-        and one tensor each: cheaper than tensor ops for the few rows of a bucket). No floats for LOMO."""
-        meta = self.meta0[:]
-        for k in range(len(g_ptrs)):
-            o = k * _W
-            meta[o + _COL_G] = g_ptrs[k]
-            meta[o + _COL_WS] += base
-            if not has_m:
-                meta[o + _COL_M] = base  # not read: any valid pointer
-            meta[o + _COL_SEED] = seeds[k]
-        if rhos is None:
-            return torch.tensor(meta, dtype=torch.int64), None
-        fmeta = self.fmeta0[:]
-        for k in range(len(g_ptrs)):
-            f = k * _WF
-            beta2 = float(beta2s[k])
-            fmeta[f], fmeta[f + 1], fmeta[f + 2] = float(rhos[k]), beta2, 1.0 - beta2
-        return torch.tensor(meta, dtype=torch.int64), torch.tensor(fmeta, dtype=torch.float32)
+    __slots__ = ("fac", "layout", "idx", "prog", "fprog", "fb", "rp_block", "ws_total", "pmap", "fpmap", "statics",
+                 "moff", "foff", "ooff")
 
 
 class _Plan:
-    __slots__ = ("single", "groups")
+    __slots__ = ("single", "groups", "ws_total", "meta_bytes", "oks_bytes", "tmpl", "tmpl_c", "bufs")
+
+
+class _Bufs:
+    """A plan's device buffer on one stream: the metadata (uploaded each call) and the finite flags."""
+    __slots__ = ("meta_region", "views", "oks_all")
+
+
+def _layout(plan: _Plan, metas: list, fmetas: list | None) -> None:
+    """Byte layout of the packed metadata (per group: int64 rows, then fp32 rows; 16-byte aligned), the flags
+    after it, and the host template holding the static columns. ``metas``/``fmetas``: flat lists per group."""
+    off, ooff, ws = 0, 0, 0
+    for gp in plan.groups:
+        n = len(gp.idx)
+        gp.moff = off
+        off += n * _ROW_BYTES
+        gp.foff = off
+        if fmetas is not None:
+            off += n * _FROW_BYTES
+        gp.ooff = ooff
+        ooff += _cdiv(n, 16) * 16
+        gp.statics = [(p, r, c, m, 4 * ws + w) for (p, r, c, m, w) in gp.statics]  # WS offsets within the call's ws
+        ws += gp.ws_total
+    plan.ws_total = max(ws, 16)
+    plan.meta_bytes, plan.oks_bytes = off, ooff
+    tmpl = bytearray(off)
+    for k, gp in enumerate(plan.groups):
+        struct.pack_into(f"<{len(metas[k])}q", tmpl, gp.moff, *metas[k])
+        if fmetas is not None:
+            struct.pack_into(f"<{len(fmetas[k])}f", tmpl, gp.foff, *fmetas[k])
+    plan.tmpl, plan.tmpl_c = tmpl, (ctypes.c_char * off).from_buffer(tmpl)
+    plan.bufs = {}
+
+
+def _device_bufs(plan: _Plan, stream, dev: torch.device, floats: bool) -> _Bufs:
+    bufs = plan.bufs.get(stream)
+    if bufs is None:
+        if len(plan.bufs) >= 8:
+            plan.bufs.clear()
+        buf = torch.empty(plan.meta_bytes + plan.oks_bytes, dtype=torch.uint8, device=dev)
+        oks = buf[plan.meta_bytes:]
+        oks.fill_(1)  # the padding between groups' flags stays True: ``all()`` reads the whole region
+        bufs = plan.bufs[stream] = _Bufs()
+        bufs.meta_region, bufs.oks_all = buf[:plan.meta_bytes], oks.view(torch.bool)
+        bufs.views = [(buf[gp.moff:gp.moff + len(gp.idx) * _ROW_BYTES].view(torch.int64),
+                       buf[gp.foff:gp.foff + len(gp.idx) * _FROW_BYTES].view(torch.float32) if floats else None,
+                       oks[gp.ooff:gp.ooff + len(gp.idx)].view(torch.bool)) for gp in plan.groups]
+    return bufs
+
+
+def _upload(plan: _Plan, ctx, dev: torch.device, gs, seeds, stochastic_rounding, rhos, beta2s) -> tuple:
+    """This call's metadata into the plan's device buffer: workspace pointers, gradient pointers, seeds and floats
+    written into the host template, one (pinned on CUDA) host buffer, one copy. Returns (device buffers, this
+    call's workspace)."""
+    ws = torch.empty(plan.ws_total, dtype=torch.float32, device=dev)
+    base = ws.data_ptr()
+    tmpl = plan.tmpl
+    pack6, packq, pack3f = _S6.pack_into, _SQ.pack_into, _S3F.pack_into
+    for gp in plan.groups:
+        sr = bool(stochastic_rounding) and gp.layout[0] == torch.bfloat16
+        o = gp.moff
+        for i, (p_ptr, row_ptr, col_ptr, m_ptr, ws_off) in zip(gp.idx, gp.statics):
+            pack6(tmpl, o, gs[i].data_ptr(), p_ptr, row_ptr, col_ptr, m_ptr or base, base + ws_off)
+            packq(tmpl, o + 8 * _COL_SEED, ((int(seeds[i]) if seeds is not None else 0) & _SEED_MASK) | _SEED_BIT
+                  if sr else _SEED_BIT)
+            o += _ROW_BYTES
+        if rhos is not None:
+            f = gp.foff
+            for i in gp.idx:
+                beta2 = float(beta2s[i])
+                try:
+                    pack3f(tmpl, f, float(rhos[i]), beta2, 1.0 - beta2)
+                except OverflowError:  # beyond fp32: the value torch.tensor(..., dtype=float32) would hold
+                    pack3f(tmpl, f, *torch.tensor([float(rhos[i]), beta2, 1.0 - beta2], dtype=torch.float32).tolist())
+                f += _FROW_BYTES
+    host = torch.empty(plan.meta_bytes, dtype=torch.uint8, pin_memory=dev.type == "cuda")
+    ctypes.memmove(host.data_ptr(), plan.tmpl_c, plan.meta_bytes)
+    bufs = _device_bufs(plan, ctx.stream, dev, rhos is not None)
+    # no host sync; the pinned block is not reused before the copy ran (torch's host allocator records it)
+    bufs.meta_region.copy_(host, non_blocking=True)
+    return bufs, ws
+
+
+def _grouped_key(ctx, scale) -> tuple | None:
+    """The launch-cache key of the grouped kernels (see ``_run_key``): their pointer arguments are the plan's
+    metadata, program maps and flags (fixed dtypes, 16-byte aligned by construction) and ``scale``."""
+    if ctx.stream is None:
+        return None
+    return ("grk", ctx.device, scale.dtype, scale.data_ptr() % 16 == 0)
 
 
 def _scaled_states(st: dict, fac: bool, has_m: bool) -> tuple:
@@ -1336,10 +1414,21 @@ def _scaled_states(st: dict, fac: bool, has_m: bool) -> tuple:
 
 
 def _scaled_plan(ps, gs, states, has_m: bool, dev) -> _Plan:
-    key = (has_m, dev, tuple(CONFIG.values()), tuple(
-        (id(p), p.data_ptr(), p.shape, p.stride(), p.dtype, g.dtype, g.stride(), g.data_ptr() % 16 == 0,
-         *(t.data_ptr() for t in _scaled_states(st, p.dim() >= 2, has_m)))
-        for p, g, st in zip(ps, gs, states)))
+    # everything the plan depends on, per tensor: identity, pointer and layout of p, dtype, strides and alignment
+    # of g, the state buffers' pointers (one flat tuple: this runs at every flush)
+    key = [has_m, dev, *CONFIG.values()]
+    add = key.extend
+    for p, g, st in zip(ps, gs, states):
+        shape = p.shape
+        if len(shape) >= 2:
+            add((id(p), p.data_ptr(), shape, p.stride(), p.dtype, g.dtype, g.stride(), g.data_ptr() % 16 == 0,
+                 st["exp_avg_sq_row"].data_ptr(), st["exp_avg_sq_col"].data_ptr()))
+        else:
+            add((id(p), p.data_ptr(), shape, p.stride(), p.dtype, g.dtype, g.stride(), g.data_ptr() % 16 == 0,
+                 st["exp_avg_sq"].data_ptr(), None))
+        if has_m:
+            key.append(st["exp_avg"].data_ptr())
+    key = tuple(key)
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) > 1024:
@@ -1359,19 +1448,22 @@ def _build_scaled_plan(ps, gs, states, has_m: bool, dev) -> _Plan:
             plan.single.append(i)
             continue
         groups.setdefault(c[0], []).append((i, p, g, sts, c[1], c[2], c[3]))
+    metas, fmetas = [], []
     for (fac, pdt, gdt, align, g_unit, p_unit), items in groups.items():
         gp = _GroupPlan()
         gp.fac, gp.layout, gp.idx = fac, (pdt, gdt, align, g_unit, p_unit), [it[0] for it in items]
         fb = max(_fin_block(M, N) for *_, (B, M, N) in items) if fac else 0
         geos = [_geometry(B, M, N, "fac" if fac else "vec", fb) for *_, (B, M, N) in items]
-        prog, fprog, counts, fcounts, rows, frows, ws_total = 0, 0, [], [], [], [], 0
+        prog, fprog, counts, fcounts, rows, frows, ws_total, statics = 0, 0, [], [], [], [], 0, []
         for (_, p, _, sts, sg, sp, (B, M, N)), geo in zip(items, geos):
             numel, ws_off = B * M * N, ws_total
             ws_total += geo["ws_numel"]
             m_ptr = sts[-1].data_ptr() if has_m else 0
+            col_ptr = sts[1].data_ptr() if fac else 0
+            statics.append((p.data_ptr(), sts[0].data_ptr(), col_ptr, m_ptr, 4 * ws_off))
             if fac:
                 nf = B * (geo["n_rp"] + geo["n_cp"])
-                row = [0, p.data_ptr(), sts[0].data_ptr(), sts[1].data_ptr(), m_ptr, 4 * ws_off,
+                row = [0, p.data_ptr(), sts[0].data_ptr(), col_ptr, m_ptr, 4 * ws_off,
                        B, M, N, geo["TM"], geo["TN"], geo["rows_per_prog"], *sg, *sp, geo["n_rp"], geo["n_cp"],
                        prog, fprog, 0, geo["n_fin"], geo["n_usq"], geo["n_psq"], geo["off_rowpart"],
                        geo["off_colpart"], geo["off_newrow"], geo["off_newcol"], geo["off_rsum"], geo["off_fin"],
@@ -1388,19 +1480,15 @@ def _build_scaled_plan(ps, gs, states, has_m: bool, dev) -> _Plan:
             frows.extend([0.0, 0.0, 0.0, float(numel), math.sqrt(numel), 0.0, 0.0, 0.0])
             counts.append(n)
             prog += n
-        gp.prog, gp.fprog, gp.fb, gp.ws_total = prog, fprog, fb, ws_total
+        gp.prog, gp.fprog, gp.fb, gp.ws_total, gp.statics = prog, fprog, fb, ws_total, statics
         gp.rp_block = max(g_["RP_BLOCK"] for g_ in geos) if fac else 0
-        gp.meta0, gp.fmeta0 = rows, frows  # flat host lists, _W and _WF values per tensor
         gp.pmap = _pmap(tuple(counts), dev)
         gp.fpmap = _pmap(tuple(fcounts), dev) if fac else None
         plan.groups.append(gp)
+        metas.append(rows)
+        fmetas.append(frows)
+    _layout(plan, metas, fmetas)
     return plan
-
-
-def _to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
-    if dev.type == "cuda":
-        t = t.pin_memory().to(dev, non_blocking=True)  # no host sync; the pinned buffer lives until the copy ran
-    return t
 
 
 def lomo_update_many_(ps, gs, *, lr, weight_decay, clip_grad_value, grad_scale, stochastic_rounding, seeds):
@@ -1413,7 +1501,6 @@ def lomo_update_many_(ps, gs, *, lr, weight_decay, clip_grad_value, grad_scale, 
         with torch.cuda.device(ctx.device):
             return lomo_update_many_(ps, gs, lr=lr, weight_decay=weight_decay, clip_grad_value=clip_grad_value,
                                      grad_scale=grad_scale, stochastic_rounding=stochastic_rounding, seeds=seeds)
-    run = (ctx.stream, ctx.device, ctx.interpreted)
     has_scale, scale = _scale_arg(grad_scale, ps[0])
     clip = clip_grad_value is not None
     plan = _lomo_plan(ps, gs, dev)
@@ -1422,39 +1509,39 @@ def lomo_update_many_(ps, gs, *, lr, weight_decay, clip_grad_value, grad_scale, 
         flags.append(lomo_update_(ps[i], gs[i], lr=lr, weight_decay=weight_decay, clip_grad_value=clip_grad_value,
                                   grad_scale=grad_scale, stochastic_rounding=stochastic_rounding, generator=None,
                                   seed=seeds[i] if seeds is not None else None))
-    for gp in plan.groups:
+    if not plan.groups:
+        return _all(flags)
+    bufs, ws = _upload(plan, ctx, dev, gs, seeds, stochastic_rounding, None, None)
+    run = (ctx.stream, ctx.device, ctx.interpreted, _grouped_key(ctx, scale))
+    bm, bn = CONFIG["block_m"], CONFIG["block_n"]
+    cv = float(clip_grad_value) if clip else 0.0
+    for gp, (meta_t, _, oks) in zip(plan.groups, bufs.views):
         pdt, gdt, align, g_unit, p_unit = gp.layout
         sr = bool(stochastic_rounding) and pdt == torch.bfloat16
-        ws = torch.empty(max(gp.ws_total, 16), dtype=torch.float32, device=dev)
-        meta, _ = gp.fill(ws.data_ptr(), [gs[i].data_ptr() for i in gp.idx],
-                          [_seed(sr, None, seeds[i] if seeds is not None else 0) for i in gp.idx], False)
-        meta_t = _to_device(meta, dev)
-        n_t = len(gp.idx)
-        oks = torch.empty(n_t, dtype=torch.bool, device=dev)
         gd, pd = _TL_DT[gdt], _TL_DT[pdt]
-        bm, bn = CONFIG["block_m"], CONFIG["block_n"]
         _G_SUM(gp.prog, (meta_t, gp.pmap), (gd, align, g_unit, bm, bn), CONFIG["warps_usq"], *run)
-        _G_FINISH(n_t, (meta_t, ws, scale, oks, 0.0, 1.0), (has_scale, False, False, 1024), 4, *run)  # no floats
-        cv = float(clip_grad_value) if clip else 0.0
+        _G_FINISH(len(gp.idx), (meta_t, ws, scale, oks, 0.0, 1.0), (has_scale, False, False, 1024), 4,
+                  *run)  # no floats: any fp32 buffer for fmeta
         _G_LWRITE(gp.prog, (meta_t, gp.pmap, scale, oks, float(lr), float(weight_decay), cv),
                   (gd, pd, has_scale, weight_decay != 0, clip, sr, align, g_unit, p_unit, bm, bn),
                   CONFIG["warps_write"], *run)
-        flags.append(oks)
-        for i in gp.idx:
-            torch.autograd.graph.increment_version(ps[i])
+    _bump(ps if not plan.single else [ps[i] for gp in plan.groups for i in gp.idx])
+    flags.append(bufs.oks_all)
     return _all(flags)
 
 
 def _lomo_plan(ps, gs, dev) -> _Plan:
-    key = ("lomo", dev, tuple(CONFIG.values()), tuple(
-        (id(p), p.data_ptr(), p.shape, p.stride(), p.dtype, g.dtype, g.stride(), g.data_ptr() % 16 == 0)
-        for p, g in zip(ps, gs)))
+    key = ["lomo", dev, *CONFIG.values()]
+    add = key.extend
+    for p, g in zip(ps, gs):
+        add((id(p), p.data_ptr(), p.shape, p.stride(), p.dtype, g.dtype, g.stride(), g.data_ptr() % 16 == 0))
+    key = tuple(key)
     plan = _PLANS.get(key)
     if plan is not None:
         return plan
     if len(_PLANS) > 1024:
         _PLANS.clear()
-    plan = _PLANS[key] = _Plan()
+    plan = _Plan()
     plan.single, plan.groups = [], []
     groups: dict = {}
     for i, (p, g) in enumerate(zip(ps, gs)):
@@ -1463,10 +1550,11 @@ def _lomo_plan(ps, gs, dev) -> _Plan:
             plan.single.append(i)
             continue
         groups.setdefault(c[0][1:], []).append((i, p, c[1], c[2], c[3]))
+    metas = []
     for layout, items in groups.items():
         gp = _GroupPlan()
-        gp.fac, gp.layout, gp.idx, gp.fmeta0, gp.fpmap = False, layout, [it[0] for it in items], None, None
-        prog, counts, rows, ws_total = 0, [], [], 0
+        gp.fac, gp.layout, gp.idx, gp.fpmap = False, layout, [it[0] for it in items], None
+        prog, counts, rows, ws_total, statics = 0, [], [], 0, []
         for _, p, sg, sp, (B, M, N) in items:
             geo = _geometry(B, M, N, "lomo", 1)
             n = geo["n_prog"]
@@ -1474,15 +1562,20 @@ def _lomo_plan(ps, gs, dev) -> _Plan:
                    geo["rows_per_prog"], *sg, *sp, 0, 0, prog, 0, 0, n, 0, 0, 0, 0, 0, 0, 0, geo["off_fin"], 0,
                    0, geo["off_scal"], 0]
             rows.extend(row + [0] * (_W - len(row)))
+            statics.append((p.data_ptr(), 0, 0, 0, 4 * ws_total))
             ws_total += geo["ws_numel"]
             counts.append(n)
             prog += n
-        gp.prog, gp.fprog, gp.fb, gp.rp_block, gp.ws_total, gp.meta0 = prog, 0, 0, 0, ws_total, rows
+        gp.prog, gp.fprog, gp.fb, gp.rp_block, gp.ws_total, gp.statics = prog, 0, 0, 0, ws_total, statics
         gp.pmap = _pmap(tuple(counts), dev)
         plan.groups.append(gp)
+        metas.append(rows)
+    _layout(plan, metas, None)
+    _PLANS[key] = plan
     return plan
 
 
 def _all(flags: list) -> torch.Tensor:
-    flat = [f.reshape(-1) for f in flags]
-    return (flat[0] if len(flat) == 1 else torch.cat(flat)).all()
+    if len(flags) == 1:
+        return flags[0].all()
+    return torch.cat([f.reshape(-1) for f in flags]).all()

@@ -8,7 +8,6 @@ hook (fused), with the same code path so that both modes give bit-identical resu
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 import weakref
@@ -124,6 +123,9 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         self._pending: dict[int, list[tuple[Tensor, Tensor]]] = {}  # group index -> queued (param, grad)
         self._pending_bytes: dict[int, int] = {}
         self._param_fits: dict[int, bool] = {}  # id(p) -> kernels.use_triton(p), read at p's first gradient
+        self._has_many = type(self)._update_many is not LowMemoryOptimizer._update_many
+        # id(p) -> (its step counter, that tensor's _version after our last write, the value written, exact below)
+        self._step_cache: dict[int, tuple[Tensor, int, float, float]] = {}
         self._ddp_checked = False  # the plain-tensor-under-DDP check, once per backward
         self.nonfinite = nonfinite
         self.loss_scaler = loss_scaler
@@ -218,13 +220,65 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         return None
 
     def _begin_many(self, ps: list[Tensor], group: dict[str, Any]) -> tuple[list, list[int], list[float], bool]:
-        """For ``_update_many``: states, SR seeds (taken before the step count moves), new step counts, SR."""
-        states = [self.state[p] for p in ps]
-        seeds = [self._sr_seed(p, st) for p, st in zip(ps, states)]
+        """For ``_update_many``: states, SR seeds (taken before the step count moves), new step counts, SR.
+
+        The step counters are 0-d CPU tensors, and each torch call on one (``float``, ``add_``, even ``fill_``)
+        costs a dispatcher round trip, which fused mode pays inside backward. So the value this optimizer last
+        wrote is remembered together with the tensor's version counter: while the same tensor still has that
+        version nobody has changed it and its value is known; the new count is then written through a NumPy
+        view of the tensor and the version counters of the bucket are bumped in one call (what an in-place op
+        does). Exact for integral counts below 2**24 (fp32); anything else is read and incremented.
+        """
+        state = self.state
+        states = [state[p] for p in ps]
+        s = group.get("stochastic_rounding")
+        sr = (s is None or bool(s)) and any(p.dtype == torch.bfloat16 for p in ps)
         counters = [st["step"] for st in states]
-        torch._foreach_add_(counters, 1.0)  # one call for the bucket (the counters are 0-d CPU tensors)
-        sr = any(self._sr_enabled(group, p) for p in ps)
-        return states, seeds, [float(c) for c in counters], sr
+        base = self.sr_seed * 1_000_003
+        index = self._param_index
+        if len({id(c) for c in counters}) < len(counters):  # a counter shared by two tensors: the plain way
+            seeds = [((base + index[id(p)]) * 1_000_033 + int(c)) % (1 << 62) if sr else 0
+                     for p, c in zip(ps, counters)]
+            torch._foreach_add_(counters, 1.0)
+            return states, seeds, [float(c) for c in counters], sr
+        cache = self._step_cache
+        seeds: list[int] = []
+        steps: list[float] = []
+        bumped: list[Tensor] = []
+        for p, c in zip(ps, counters):
+            key = id(p)
+            ent = cache.get(key)
+            if ent is not None and ent[0] is c and ent[1] == c._version:
+                pre = ent[2]
+                new = pre + 1.0
+                if new < ent[3]:
+                    arr = ent[4]
+                    if arr is not None:
+                        arr[()] = new
+                        bumped.append(c)
+                        cache[key] = (c, ent[1] + 1, new, ent[3], arr)  # the version after the bump below
+                    else:
+                        c.fill_(new)
+                        cache[key] = (c, c._version, new, ent[3], None)
+                else:
+                    c.add_(1.0)
+                    new = c.item()
+                    del cache[key]
+            else:
+                pre = c.item()
+                c.add_(1.0)
+                new = c.item()
+                limit = _EXACT_COUNT.get(c.dtype, 0.0) if c.device.type == "cpu" else 0.0
+                if float(new).is_integer() and 0 <= new < limit:
+                    cache[key] = (c, c._version, float(new), limit, _numpy_view(c))
+                elif ent is not None:
+                    del cache[key]
+            steps.append(float(new))
+            # _sr_seed's value, from the count before this step
+            seeds.append(((base + index[key]) * 1_000_033 + int(pre)) % (1 << 62) if sr else 0)
+        if bumped:
+            kernels.bump_versions(bumped)
+        return states, seeds, steps, sr
 
     # ---------------------------------------------------------------- updates
     def _check_grad(self, grad: Tensor) -> None:
@@ -276,6 +330,8 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         return self._grad_scale_cache
 
     def _hook(self, p: Tensor) -> None:
+        # the hot path of fused mode (once per parameter per backward, on the critical path of a host-bound
+        # backward): a few attribute and dict look-ups before the gradient is queued
         layout = self._shard_layouts.get(id(p)) if self._shard_layouts else None
         if layout is None and not self._ddp_checked:
             _dist_optim.check_unsharded(self, p)
@@ -296,15 +352,24 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
                 return
             self._norm_sq = sq if self._norm_sq is None else self._norm_sq + sq.to(self._norm_sq.device)
             return
-        if layout is None and self._bucketed and self._kernels_fit(p, grad):
-            self._check_grad(grad)
-            gi = self._group_index[id(p)]
-            queue = self._pending.setdefault(gi, [])
-            queue.append((p, grad))
-            size = self._pending_bytes[gi] = self._pending_bytes.get(gi, 0) + grad.numel() * grad.element_size()
-            if size >= self.bucket_cap_mb * 2**20:
-                self._flush(gi)
-            return
+        cap = self.bucket_cap_mb
+        if layout is None and cap > 0 and self._has_many:
+            key = id(p)
+            fits = self._param_fits.get(key)  # _kernels_fit, inlined
+            if fits is None:
+                fits = self._param_fits[key] = kernels.use_triton(p)
+            if fits and kernels.gradient_fits(grad, p) and not torch.compiler.is_compiling():
+                if grad.is_sparse or self.clip_grad_norm is not None:
+                    self._check_grad(grad)
+                gi = self._group_index[key]
+                queue = self._pending.get(gi)
+                if queue is None:
+                    queue = self._pending[gi] = []
+                queue.append((p, grad))
+                size = self._pending_bytes[gi] = self._pending_bytes.get(gi, 0) + grad.nbytes
+                if size >= cap * 1048576.0:
+                    self._flush(gi)
+                return
         if self.side_stream:
             with kernels.update_stream(grad):
                 self._apply(p, grad)
@@ -320,7 +385,7 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
 
     @property
     def _bucketed(self) -> bool:
-        return self.bucket_cap_mb > 0 and type(self)._update_many is not LowMemoryOptimizer._update_many
+        return self.bucket_cap_mb > 0 and self._has_many
 
     def _flush(self, gi: int) -> None:
         """Update the queued tensors of group ``gi`` in one grouped call (their gradients are freed after)."""
@@ -329,14 +394,19 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         if not items:
             return
         ps, grads = [p for p, _ in items], [g for _, g in items]
-        ctx = kernels.update_stream(*grads) if self.side_stream else contextlib.nullcontext()
-        with ctx:
-            ok = self._update_many(ps, grads, self.param_groups[gi])
-            if ok is None:  # this group's settings have no grouped kernel (e.g. AdaLomo's clip_grad_value)
-                for p, g in items:
-                    self._apply(p, g)
-            else:
-                self._oks.append(ok)
+        if self.side_stream:
+            with kernels.update_stream(*grads):
+                self._update_queued(gi, items, ps, grads)
+        else:
+            self._update_queued(gi, items, ps, grads)
+
+    def _update_queued(self, gi: int, items: list, ps: list[Tensor], grads: list[Tensor]) -> None:
+        ok = self._update_many(ps, grads, self.param_groups[gi])
+        if ok is None:  # this group's settings have no grouped kernel (e.g. AdaLomo's clip_grad_value)
+            for p, g in items:
+                self._apply(p, g)
+        else:
+            self._oks.append(ok)
 
     def _backward_abandoned(self) -> None:
         """A backward raised midway: drop the gradients it queued (those tensors keep their values)."""
@@ -357,8 +427,7 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         oks, self._oks = self._oks, []
         ok_all = None
         if oks:
-            dev = oks[0].device
-            ok_all = oks[0] if len(oks) == 1 else torch.stack([o.to(dev) for o in oks]).all()
+            ok_all = oks[0] if len(oks) == 1 else _stack_all(oks)
         self._clip_coef = None
         self._grad_scale_cache = None
         if ok_all is None:
@@ -515,6 +584,27 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
             _dist_optim.conform_loaded_state(self)
         if scaler is not None and self.loss_scaler is not None:
             self.loss_scaler.load_state_dict(scaler)
+
+
+#: step counters whose integral values up to this magnitude are exact (see ``_begin_many``)
+_EXACT_COUNT = {torch.float32: 2.0**24, torch.float64: 2.0**53, torch.int64: 2.0**53, torch.int32: 2.0**31}
+
+
+def _numpy_view(c: Tensor):
+    """A NumPy array sharing the memory of the 0-d CPU counter ``c``, or None."""
+    try:
+        arr = c.numpy()
+    except Exception:  # NumPy missing, a tensor that refuses (requires grad, a subclass...)
+        return None
+    return arr if arr.shape == () else None
+
+
+def _stack_all(oks: list[Tensor]) -> Tensor:
+    """``all`` over the finite flags of a step (0-d bool tensors; on several devices under model parallelism)."""
+    dev = oks[0].device
+    if all(o.device == dev for o in oks):
+        return torch.stack(oks).all()
+    return torch.stack([o.to(dev) for o in oks]).all()
 
 
 def _host_copy(flag: Tensor) -> tuple[Tensor, Any]:
