@@ -112,7 +112,10 @@ def _scalars(ws_ptr, scale_ptr, n_fin, n_usq, n_psq, off_fin, off_usq, off_psq, 
     fin = _sum_parts(ws_ptr, off_fin, n_fin, BLOCK)
     if FIN_SCALE:
         fin = fin * tl.load(scale_ptr).to(tl.float32)
-    ok = ((fin - fin) == 0.0).to(tl.int8)  # 0 for NaN and +-inf
+    # 0 for NaN and +-inf. Not ``(fin - fin) == 0``: with the gradient scale folded in, the compiler contracts
+    # ``fin * s - fin * s`` into an FMA that returns the rounding error of the product, non-zero for most s
+    # (every scaled LOMO step was skipped on CUDA; the interpreter does not contract).
+    ok = (tl.abs(fin) <= 3.4028234663852886e38).to(tl.int8)
     clip = fin * 0.0 + 1.0
     if HAS_USQ:
         usq = _sum_parts(ws_ptr, off_usq, n_usq, BLOCK)
