@@ -118,5 +118,23 @@ bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(
     echo "fsdp profile rc=$?"; tail -n 3 "$out/fsdp_prof.log"; head -c 5000 "$out"/prof.*.txt
     pack
     ;;
-  *) echo "unknown stage $stage (a-i)"; exit 2 ;;
+  j)  # 2 GPUs side by side: GPU0 the kernel tests on CUDA (the FMA fix) and the 0.94B table (issue 3); GPU1 the
+      # gpt-lm runs whose files were lost on 2026-11-23 (1B Lomo memory; 125M, 800 steps, AdamW and AdaPM)
+    ( export CUDA_VISIBLE_DEVICES=0
+      timeout 150 python3 tests/test_kernels.py cuda > "$out/tests_cuda.json" 2> "$out/tests_cuda.err"
+      echo "kernel tests rc=$?"; python3 -c "import json,sys; d=json.load(open(sys.argv[1])); \
+bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(len(d)//2,'cases, bad:',bad)" \
+        "$out/tests_cuda.json"
+      timeout 300 python3 benchmarks/bench_gpu.py --config 0.94b --out "$out/bench_0.94b.json" --only \
+        floor,adalomo_fused,adalomo_fused_b256,adalomo_classic,lomo_fused,torch_adamw_fused,torch_adafactor,lomo_optim_adalomo \
+        > "$out/bench_0.94b.log" 2>&1
+      echo "bench rc=$?"; tail -n 11 "$out/bench_0.94b.log" ) > "$out/gpu0.txt" 2>&1 & p0=$!
+    ( export CUDA_VISIBLE_DEVICES=1
+      gpt gpt_lm_1b_lomo 130 --size 1b --optimizers lomo --max-steps 300 --batch-size 16 --seq-len 512
+      gpt gpt_lm_125m_long 270 --size 125m --optimizers adamw,adapm --max-steps 800 --batch-size 16 --seq-len 512 \
+        --eval-every 200 ) > "$out/gpu1.txt" 2>&1 & p1=$!
+    wait $p0 $p1; cat "$out/gpu0.txt" "$out/gpu1.txt"
+    pack
+    ;;
+  *) echo "unknown stage $stage (a-j)"; exit 2 ;;
 esac
