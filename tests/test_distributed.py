@@ -355,7 +355,85 @@ def _scenario_dp(rank: int, tmp: str):
     train(own, opt, 1, rank)
 
 
-SCENARIOS = {"fsdp_exact": _scenario_fsdp_exact, "dcp": _scenario_dcp, "dp": _scenario_dp}
+def _scenario_fsdp_kernels(rank: int, tmp: str):
+    """The grouped sharded Triton path (through the interpreter on CPU) against the single-process torch path;
+    the collectives it makes (two all-reduces per bucket) counted."""
+    os.environ["ADALOMO_TRITON_INTERPRET"] = "1"
+    os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton (nothing has, in this process)
+    from adalomo import kernels
+    from adalomo.kernels import _sharded
+
+    assert kernels.triton_available()
+    calls, reduces = [], []
+    orig, orig_reduce = _sharded.scaled_rms_update_sharded_, dist.all_reduce
+
+    def counted(ps, *a, **k):
+        calls.append(len(ps))
+        return orig(ps, *a, **k)
+
+    def counted_reduce(*a, **k):
+        reduces.append(1)
+        return orig_reduce(*a, **k)
+
+    _sharded.scaled_rms_update_sharded_ = counted
+    dist.all_reduce = counted_reduce
+    try:
+        for name in ("adalomo", "adafactor", "adalomo_clip"):
+            factory, two_pass = OPTS[name]
+            for fused in (True, False):
+                os.environ["ADALOMO_DISABLE_TRITON"] = "1"  # the reference: the torch path, one process
+                ref = make_model()
+                ref_opt = local(factory(ref.parameters(), fused))
+                train(ref, ref_opt, STEPS, None, fused, two_pass)
+                del os.environ["ADALOMO_DISABLE_TRITON"]
+                model = shard(make_model())
+                opt = factory(model.parameters(), fused)
+                calls.clear()
+                reduces.clear()
+                train(model, opt, STEPS, rank, fused, two_pass)
+                assert_close(full_params(model), full_params(ref), f"{name} fused={fused} (sharded kernels)")
+                assert int(opt.skipped_updates) == 0
+                # per step: 8 of the 9 tensors (the 3-D one goes the per-tensor way, with its own two all-reduces)
+                # in one call (the bucket cap is far above this model's size)
+                assert calls == [8] * STEPS, (name, fused, calls)
+                per_step = len(reduces) / STEPS
+                # two per sharded call, two for the 3-D tensor, (two-pass clipping: one for the norm)
+                assert per_step == 2 * len(calls) / STEPS + 2 + (1 if two_pass else 0), (name, fused, per_step)
+        # one tensor per bucket (a tiny cap): the same result, one call per tensor
+        os.environ["ADALOMO_DISABLE_TRITON"] = "1"
+        ref = make_model()
+        train(ref, local(adalomo.AdaLomo(ref.parameters(), lr=3e-2, fused=True)), 3, None)
+        del os.environ["ADALOMO_DISABLE_TRITON"]
+        model = shard(make_model())
+        calls.clear()
+        train(model, adalomo.AdaLomo(model.parameters(), lr=3e-2, fused=True, bucket_cap_mb=1e-9), 3, rank)
+        assert calls == [1] * 8 * 3, calls
+        assert_close(full_params(model), full_params(ref), "one tensor per bucket (sharded kernels)")
+        # a non-finite step: every rank skips every tensor together, then training goes on exactly
+        os.environ["ADALOMO_DISABLE_TRITON"] = "1"
+        ref = make_model()
+        ref_opt = local(adalomo.AdaLomo(ref.parameters(), lr=3e-2, fused=True, nonfinite="count"))
+        train(ref, ref_opt, 6, None, bad_steps=(3,))
+        del os.environ["ADALOMO_DISABLE_TRITON"]
+        model = shard(make_model())
+        opt = adalomo.AdaLomo(model.parameters(), lr=3e-2, fused=True, nonfinite="count")
+        train(model, opt, 6, rank, bad_steps=(3,))
+        assert int(opt.skipped_updates) == int(ref_opt.skipped_updates) == 1
+        assert_close(full_params(model), full_params(ref), "nonfinite skip (sharded kernels)")
+        # the replicated column statistics stay identical on every rank (also where a rank holds no rows)
+        for p in (model.l1.weight, model.head.weight, model.emb.weight):
+            col = opt.state[p]["exp_avg_sq_col"].to_local()
+            other = [torch.empty_like(col) for _ in range(WORLD)]
+            orig_gather = dist.all_gather
+            orig_gather(other, col)
+            assert all(torch.equal(other[0], o) for o in other[1:]), "replicated column state differs across ranks"
+    finally:
+        _sharded.scaled_rms_update_sharded_ = orig
+        dist.all_reduce = orig_reduce
+
+
+SCENARIOS = {"fsdp_exact": _scenario_fsdp_exact, "dcp": _scenario_dcp, "dp": _scenario_dp,
+             "fsdp_kernels": _scenario_fsdp_kernels}
 
 
 # ----------------------------------------------------------------------------------------------- tests
@@ -364,6 +442,14 @@ def test_fsdp2_fused_and_classic_match_single_process(tmp_path):
     the single-process run; uneven and empty shards; DTensor state layout; a non-finite step is skipped on
     every rank; the functional API with an explicit ShardInfo."""
     spawn("fsdp_exact", tmp_path)
+
+
+def test_fsdp2_sharded_kernels_match_single_process(tmp_path):
+    """The grouped Triton path for FSDP2 shards (AdaLomo, Adafactor with beta1, two-pass clipping; fused and
+    classic; uneven and empty shards; a skipped non-finite step), run by Triton's interpreter on CPU, equals
+    the single-process torch path, with two all-reduces per bucket."""
+    pytest.importorskip("triton")
+    spawn("fsdp_kernels", tmp_path)
 
 
 def test_dcp_resume_exact_on_2_ranks_and_on_1(tmp_path):

@@ -28,8 +28,9 @@ from contextlib import contextmanager
 
 import torch
 
-__all__ = ["use_triton", "gradient_fits", "scaled_rms_update_", "lomo_update_", "scaled_rms_update_many_",
-           "lomo_update_many_", "triton_available", "update_stream", "join_update_stream", "Seed"]
+__all__ = ["use_triton", "gradient_fits", "sharded_fits", "scaled_rms_update_", "lomo_update_",
+           "scaled_rms_update_many_", "lomo_update_many_", "triton_available", "update_stream", "join_update_stream",
+           "Seed"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -118,6 +119,34 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return _impl_interpreted or not interpret
 
 
+def _local(t):
+    """The local tensor of a DTensor (its ``_local_tensor``: ``to_local()`` costs a dispatch per call)."""
+    loc = getattr(t, "_local_tensor", None)
+    if loc is None:
+        return t.to_local() if hasattr(t, "to_local") else t
+    return loc
+
+
+def sharded_fits(p, grad) -> bool:
+    """``use_triton``'s rules for the shards of an FSDP2 parameter ``p`` (a DTensor) and its gradient, decided
+    on what every rank sees alike (device, dtypes, global shape; not the local size, which may be zero), so
+    that all ranks take the same path and join the same collectives. 1-D and 2-D tensors only."""
+    if _flag("ADALOMO_DISABLE_TRITON") or torch.compiler.is_compiling() or p.dim() not in (1, 2):
+        return False
+    if p.dtype not in _DTYPES or grad.dtype not in _DTYPES or not 0 < p.numel() < _MAX_NUMEL:
+        return False
+    if p.device.type == "cuda":
+        interpret = False
+    elif p.device.type == "cpu" and _flag("ADALOMO_TRITON_INTERPRET"):
+        interpret = True
+    else:
+        return False
+    if p.dim() == 2 and p.shape[1] >= _MAX_STRIDE:
+        return False
+    impl = _load(interpret)
+    return impl is not None and (_impl_interpreted or not interpret)
+
+
 def gradient_fits(g: torch.Tensor, p: torch.Tensor) -> bool:
     """``use_triton``'s per-tensor rules for a gradient ``g`` of a parameter ``p`` that passed them already
     (the environment, import and compile checks are not repeated: the fused hooks' fast path)."""
@@ -171,13 +200,28 @@ def lomo_update_(p, g, *, lr, weight_decay, clip_grad_value, grad_scale, stochas
 
 
 def scaled_rms_update_many_(ps, gs, states, *, rhos, beta2s, eps, clip_threshold, weight_decay, scale_parameter,
-                            beta1, grad_scale, stochastic_rounding, seeds):
+                            beta1, grad_scale, stochastic_rounding, seeds, shards=None):
     """``scaled_rms_update_`` over many tensors in a few grouped launches (the classic ``step()``).
 
     Hyper-parameters are shared except ``rhos``, ``beta2s`` and ``seeds`` (one host number per tensor;
     each ``state['step']`` already incremented). Check ``use_triton(*ps, *gs)`` first. Returns a 0-d bool
     device tensor: every gradient was finite (a tensor whose gradient was not is left untouched).
+
+    ``shards``: the tensors are FSDP2 ``DTensor`` parameters, gradients and states, sharded on dim 0, with
+    these :class:`~adalomo.distributed.ShardInfo` (one process group; 1-D and 2-D tensors; check
+    ``sharded_fits``): each rank updates its rows, and the statistics that span ranks are summed in two
+    all-reduces for the whole list.
     """
+    if shards is not None:
+        local = [_local(p) for p in ps]
+        from . import _sharded  # noqa: F401  (after _require: the kernels are loaded)
+
+        _require(local[0])
+        return _sharded.scaled_rms_update_sharded_(
+            local, [_local(g) for g in gs], [{k: _local(v) for k, v in st.items()} for st in states], shards,
+            rhos=rhos, beta2s=beta2s, eps=eps, clip_threshold=clip_threshold, weight_decay=weight_decay,
+            scale_parameter=scale_parameter, beta1=beta1, grad_scale=grad_scale,
+            stochastic_rounding=stochastic_rounding, seeds=seeds)
     return _require(ps[0]).scaled_rms_update_many_(ps, gs, states, rhos=rhos, beta2s=beta2s, eps=eps,
                                                     clip_threshold=clip_threshold, weight_decay=weight_decay,
                                                     scale_parameter=scale_parameter, beta1=beta1,

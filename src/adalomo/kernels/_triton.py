@@ -204,8 +204,10 @@ _FAC_FIN_INTS = ["B", "M", "N", "TM", "TN", "n_rp", "n_cp", "off_rowpart", "off_
 @triton.jit
 def _fac_finalize_body(pid, row_ptr, col_ptr, ws_ptr, B, M, N, TM, TN, n_rp, n_cp,
                          off_rowpart, off_colpart, off_newrow, off_newcol, off_rsum, off_fin,
-                         beta2, one_minus_beta2,
+                         beta2, one_minus_beta2, col_count,
                          BLOCK: tl.constexpr, PB: tl.constexpr):
+    """Row/column means of g^2 + eps1 from the partials, EMA into new rows/cols in the workspace. The column
+    sums are divided by ``col_count``: M, or the global row count when they were summed over FSDP2 shards."""
     off_rowpart, off_colpart = _a16(off_rowpart), _a16(off_colpart)
     off_newrow, off_newcol = _a16(off_newrow), _a16(off_newcol)
     per_b = n_rp + n_cp
@@ -238,7 +240,7 @@ def _fac_finalize_body(pid, row_ptr, col_ptr, ws_ptr, B, M, N, TM, TN, n_rp, n_c
             ii = i0 + parts
             ptrs = ws_ptr + off_colpart + ((ii * B).to(tl.int64) + b64)[:, None] * Np + idx[None, :]
             s += tl.load(ptrs, mask=(ii < TM)[:, None] & (idx < Np)[None, :], other=0.0)
-        mean = tl.sum(s, axis=0) / M
+        mean = tl.sum(s, axis=0) / col_count
         old = tl.load(col_ptr + b64 * N + idx, mask=mask, other=0.0)
         new = old * beta2 + mean * one_minus_beta2
         tl.store(ws_ptr + off_newcol + b64 * N + idx, new, mask=mask)
@@ -248,10 +250,11 @@ def _fac_finalize_body(pid, row_ptr, col_ptr, ws_ptr, B, M, N, TM, TN, n_rp, n_c
 @triton.jit(do_not_specialize=_FAC_FIN_INTS)
 def _fac_finalize_kernel(row_ptr, col_ptr, ws_ptr, B, M, N, TM, TN, n_rp, n_cp,
                          off_rowpart, off_colpart, off_newrow, off_newcol, off_rsum, off_fin,
-                         beta2, one_minus_beta2,
+                         beta2, one_minus_beta2, col_count,
                          BLOCK: tl.constexpr, PB: tl.constexpr):
     _fac_finalize_body(tl.program_id(0), row_ptr, col_ptr, ws_ptr, B, M, N, TM, TN, n_rp, n_cp, off_rowpart,
-                       off_colpart, off_newrow, off_newcol, off_rsum, off_fin, beta2, one_minus_beta2, BLOCK, PB)
+                       off_colpart, off_newrow, off_newcol, off_rsum, off_fin, beta2, one_minus_beta2, col_count,
+                       BLOCK, PB)
 
 
 @triton.jit
@@ -688,7 +691,7 @@ def _g_fac_finalize_kernel(meta_ptr, fmeta_ptr, pmap_ptr, BLOCK: tl.constexpr, P
                        _mi(row, _C_M_), _mi(row, _C_N), _mi(row, _C_TM), _mi(row, _C_TN), _mi(row, _C_NRP),
                        _mi(row, _C_NCP), _mi(row, _C_OROWPART), _mi(row, _C_OCOLPART), _mi(row, _C_ONEWROW),
                        _mi(row, _C_ONEWCOL), _mi(row, _C_ORSUM), _mi(row, _C_OFIN), tl.load(frow + _F_BETA2),
-                       tl.load(frow + _F_OMB2), BLOCK, PB)
+                       tl.load(frow + _F_OMB2), _mi(row, _C_M_), BLOCK, PB)
 
 
 @triton.jit
@@ -1087,7 +1090,7 @@ def scaled_rms_update_(p, g, state, *, rho, eps, clip_threshold, beta2, weight_d
                (has_scale, sp_flag, align, g_unit, p_unit, bm, bn), CONFIG["warps_stats"], *run)
         _FINALIZE(B * (geo["n_rp"] + geo["n_cp"]),
                   (row, col, ws, B, M, N, TM, TN, geo["n_rp"], geo["n_cp"], geo["off_rowpart"], geo["off_colpart"],
-                   geo["off_newrow"], geo["off_newcol"], geo["off_rsum"], geo["off_fin"], beta2, omb2),
+                   geo["off_newrow"], geo["off_newcol"], geo["off_rsum"], geo["off_fin"], beta2, omb2, float(M)),
                   (geo["FIN_BLOCK"], geo["PB"]), 4, *run)
         _USQ(n, (g, scale, ws, B, M, N, TM, TN, rpp, *sg, geo["n_rp"], geo["off_newrow"], geo["off_newcol"],
                  geo["off_rsum"], geo["off_usq"]),

@@ -33,6 +33,8 @@ class Adafactor(LowMemoryOptimizer):
     that cap (as ``torch.optim.Adafactor`` does); it has no effect with ``warmup_init``.
     """
 
+    _sharded_many = True
+
     def __init__(self, params, lr: float | None = None, eps: tuple[float, float] = (1e-30, 1e-3),
                  clip_threshold: float = 1.0, decay_rate: float = -0.8, beta1: float | None = None,
                  weight_decay: float = 0.0, scale_parameter: bool = True, relative_step: bool = True,
@@ -79,7 +81,7 @@ class Adafactor(LowMemoryOptimizer):
                                    weight_decay=group["weight_decay"], grad_scale=grad_scale,
                                    stochastic_rounding=stochastic_rounding, generator=generator)
 
-    def _update_many(self, ps, grads, group):
+    def _update_many(self, ps, grads, group, shards=None):
         states, seeds, steps, sr = self._begin_many(ps, group)
         rhos = [F.relative_step_size(t, group["warmup_init"], group["lr"]) if group["relative_step"] else group["lr"]
                 for t in steps]
@@ -87,4 +89,4 @@ class Adafactor(LowMemoryOptimizer):
             ps, grads, states, rhos=rhos, beta2s=[F.beta2_at(t, group["decay_rate"]) for t in steps],
             eps=group["eps"], clip_threshold=group["clip_threshold"], weight_decay=group["weight_decay"],
             scale_parameter=group["scale_parameter"], beta1=group["beta1"], grad_scale=self._grad_scale(ps[0].device),
-            stochastic_rounding=sr, seeds=seeds)
+            stochastic_rounding=sr, seeds=seeds, shards=shards)

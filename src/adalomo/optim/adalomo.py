@@ -30,6 +30,8 @@ class AdaLomo(LowMemoryOptimizer):
     bf16 parameters) rounds the fp32 result to bf16 without bias.
     """
 
+    _sharded_many = True
+
     def __init__(self, params, lr: float = 1e-3, eps: tuple[float, float] = (1e-30, 1e-3),
                  clip_threshold: float = 1.0, decay_rate: float = -0.8, weight_decay: float = 0.0,
                  fused: bool = False, *, clip_grad_norm: float | None = None,
@@ -67,7 +69,7 @@ class AdaLomo(LowMemoryOptimizer):
                                  stochastic_rounding=stochastic_rounding, generator=generator)
 
 
-    def _update_many(self, ps, grads, group):
+    def _update_many(self, ps, grads, group, shards=None):
         if group["clip_grad_value"] is not None:
             return None
         states, seeds, steps, sr = self._begin_many(ps, group)
@@ -75,7 +77,7 @@ class AdaLomo(LowMemoryOptimizer):
             ps, grads, states, rhos=[group["lr"]] * len(ps), beta2s=[F.beta2_at(t, group["decay_rate"]) for t in steps],
             eps=group["eps"], clip_threshold=group["clip_threshold"], weight_decay=group["weight_decay"],
             scale_parameter=True, beta1=None, grad_scale=self._grad_scale(ps[0].device), stochastic_rounding=sr,
-            seeds=seeds)
+            seeds=seeds, shards=shards)
 
 
 def _clamped(grad: Tensor, value: float, grad_scale: Tensor | None) -> Tensor:

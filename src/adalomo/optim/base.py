@@ -101,6 +101,9 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
     #: itself (``functional.current_shard()``). See ``adalomo.distributed``.
     _supports_sharding = True
     _sharding_aware = False
+    #: ``_update_many`` takes ``shards=`` (a list of ShardInfo) and then updates FSDP2 shards with two
+    #: all-reduces per call (AdaLomo, Adafactor); otherwise sharded parameters are updated one by one
+    _sharded_many = False
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict], defaults: dict[str, Any], *, fused: bool,
                  nonfinite: str = "warn", loss_scaler: DynamicLossScaler | None = None,
@@ -122,6 +125,10 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         self.side_stream = bool(side_stream)
         self._pending: dict[int, list[tuple[Tensor, Tensor]]] = {}  # group index -> queued (param, grad)
         self._pending_bytes: dict[int, int] = {}
+        # FSDP2 shards queued for _update_many(shards=...): (group index, process group) -> [(param, grad)], and
+        # their *global* bytes, so that every rank flushes the same buckets at the same point
+        self._pending_sh: dict[tuple[int, Any], list[tuple[Tensor, Tensor]]] = {}
+        self._pending_sh_bytes: dict[tuple[int, Any], int] = {}
         self._param_fits: dict[int, bool] = {}  # id(p) -> kernels.use_triton(p), read at p's first gradient
         self._has_many = type(self)._update_many is not LowMemoryOptimizer._update_many
         # id(p) -> (its step counter, that tensor's _version after our last write, the value written, exact below)
@@ -353,7 +360,11 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
             self._norm_sq = sq if self._norm_sq is None else self._norm_sq + sq.to(self._norm_sq.device)
             return
         cap = self.bucket_cap_mb
-        if layout is None and cap > 0 and self._has_many:
+        if layout is not None:
+            if cap > 0 and self._sharded_many and self._sharded_fits(p, grad, layout):
+                self._queue_sharded(p, grad, layout, cap)
+                return
+        elif cap > 0 and self._has_many:
             key = id(p)
             fits = self._param_fits.get(key)  # _kernels_fit, inlined
             if fits is None:
@@ -382,6 +393,52 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         if fits is None:
             fits = self._param_fits[id(p)] = kernels.use_triton(p)
         return fits and kernels.gradient_fits(grad, p) and not torch.compiler.is_compiling()
+
+    def _sharded_fits(self, p: Tensor, grad: Tensor, layout: Any) -> bool:
+        """An FSDP2 shard that goes through the grouped sharded kernels (decided alike on every rank)."""
+        if layout.shard is None:
+            return False
+        fits = self._param_fits.get(id(p))
+        if fits is None:
+            fits = self._param_fits[id(p)] = kernels.sharded_fits(p, grad)
+        return fits and not torch.compiler.is_compiling()
+
+    def _queue_sharded(self, p: Tensor, grad: Tensor, layout: Any, cap: float) -> None:
+        if tuple(grad.placements) != layout.placements:
+            raise RuntimeError(f"{type(self).__name__}: parameter of shape {tuple(p.shape)} has placements "
+                               f"{layout.placements} but its gradient has {tuple(grad.placements)} (a Partial "
+                               "gradient has not been reduced yet; FSDP2 reduces before calling the hooks)")
+        if self.clip_grad_norm is not None:
+            self._check_grad(grad)
+        key = (self._group_index[id(p)], layout.group)
+        queue = self._pending_sh.get(key)
+        if queue is None:
+            queue = self._pending_sh[key] = []
+        queue.append((p, grad))
+        size = self._pending_sh_bytes[key] = self._pending_sh_bytes.get(key, 0) + grad.numel() * grad.element_size()
+        if size >= cap * 1048576.0:
+            self._flush_sharded(key)
+
+    def _flush_sharded(self, key: tuple[int, Any]) -> None:
+        items = self._pending_sh.pop(key, None)
+        self._pending_sh_bytes[key] = 0
+        if items:
+            self._update_sharded(key[0], items)
+
+    def _update_sharded(self, gi: int, items: list[tuple[Tensor, Tensor]]) -> None:
+        """One grouped call for FSDP2 shards of one process group (two all-reduces in all)."""
+        ps, grads = [p for p, _ in items], [g for _, g in items]
+        shards = [self._shard_layouts[id(p)].shard for p in ps]
+        if self.side_stream:
+            with kernels.update_stream(*(kernels._local(g) for g in grads)):
+                ok = self._update_many(ps, grads, self.param_groups[gi], shards=shards)
+        else:
+            ok = self._update_many(ps, grads, self.param_groups[gi], shards=shards)
+        if ok is None:  # this group's settings have no grouped kernel: one by one, in the same order everywhere
+            for p, g in items:
+                self._apply(p, g)
+        else:
+            self._oks.append(ok)
 
     @property
     def _bucketed(self) -> bool:
@@ -412,6 +469,8 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         """A backward raised midway: drop the gradients it queued (those tensors keep their values)."""
         self._pending.clear()
         self._pending_bytes.clear()
+        self._pending_sh.clear()
+        self._pending_sh_bytes.clear()
         self._ddp_checked = False
 
     def _backward_end(self) -> None:
@@ -423,6 +482,8 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         self._ddp_checked = False
         for gi in list(self._pending):
             self._flush(gi)
+        for key in list(self._pending_sh):
+            self._flush_sharded(key)
         kernels.join_update_stream()
         oks, self._oks = self._oks, []
         ok_all = None
@@ -490,8 +551,17 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
                     if ok is not None:  # a few launches for the whole group
                         self._oks.append(ok)
                         continue
+                gi = self._group_index[id(ps[0])]
+                by_group: dict[Any, list[tuple[Tensor, Tensor]]] = {}
                 for p in ps:
-                    self._apply(p, p.grad)
+                    layout = self._shard_layouts.get(id(p)) if self._shard_layouts else None
+                    if layout is not None and self._sharded_many and self._sharded_fits(p, p.grad, layout):
+                        self._check_grad(p.grad)
+                        by_group.setdefault(layout.group, []).append((p, p.grad))
+                    else:
+                        self._apply(p, p.grad)
+                for items in by_group.values():  # FSDP2 shards: two all-reduces per process group
+                    self._update_sharded(gi, items)
         finally:
             self._finish_step()
         return loss

@@ -1,0 +1,290 @@
+"""AdaLomo/Adafactor over a bucket of FSDP2 shards: the single-tensor Triton kernels on each local shard, and
+the statistics that span ranks summed in **two all-reduces per bucket** (not two per tensor).
+
+Each rank holds whole rows of every 2-D parameter (``Shard(0)``). Row statistics are local. What needs the
+other ranks, per tensor:
+
+1. after the statistics pass: the column sums of g^2 + eps1, the sum of the old row statistics and sum(p^2)
+   (2-D), or the sums of g^2 + eps1, u^2 and p^2 (1-D). One flat fp32 buffer, one all-reduce;
+2. after the RMS pass: sum(u^2) of the 2-D tensors. One all-reduce.
+
+From (1) the new column statistics are the global column mean (the finalize kernel divides by the global
+row count), the global mean of the new row statistics is beta2 * sum(old rows) + (1 - beta2) * total / N
+over the global row count, and the total doubles as the finite test: every rank reaches the same verdict.
+The reduced scalars go into a few slots of each tensor's workspace, where the write kernel reads them as
+"partials" of length one. Partial sums are reduced by gathers and sums (no atomics: deterministic).
+A rank whose shard of a tensor is empty (fewer rows than ranks) takes part in the collectives with zeros
+and updates its copy of the replicated column statistics in torch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _triton as K
+
+_GLOB = 16  # per-tensor slots: 0 fin (total of g^2 + eps1), 1 sum u^2, 2 sum p^2, 3 row-mean numerator
+
+
+class _Item:
+    __slots__ = ("fac", "B", "M", "N", "n_local", "numel", "rows_global", "geo", "ws_off", "colg", "glob", "buf",
+                 "empty", "tf")
+
+
+class _ShardPlan:
+    __slots__ = ("items", "ws_total", "buf1_len", "n_fac", "gather1", "dst1", "col_src", "col_dst", "tot_idx",
+                 "rowold_idx", "psq_idx", "vec_src", "scat_dst", "inv_n", "mlmg", "usq_idx", "usq_dst",
+                 "fac_live")
+
+
+_PLANS: dict = {}
+
+
+def _plan(ps, shards, dev) -> _ShardPlan:
+    key = tuple((tuple(p.shape), tuple(s.global_shape)) for p, s in zip(ps, shards)) + (dev,)  # shapes only
+    plan = _PLANS.get(key)
+    if plan is not None:
+        return plan
+    plan = _ShardPlan()
+    items, off, blen = [], 0, 0
+    for p, s in zip(ps, shards):
+        it = _Item()
+        it.fac = p.dim() == 2
+        it.B, it.M, it.N = K._shape3(p) if p.numel() else (1, 0, (p.shape[-1] if p.dim() else 1))
+        it.n_local = p.numel()
+        it.numel = math.prod(s.global_shape)
+        it.rows_global = s.global_shape[0]
+        it.empty = p.numel() == 0
+        it.geo = None if it.empty else K._geometry(it.B, it.M, it.N, "fac" if it.fac else "vec")
+        it.ws_off = off
+        size = 0 if it.empty else it.geo["ws_numel"]
+        if it.fac:
+            it.colg = size
+            size += K._cdiv(it.N, 16) * 16
+        it.glob = size
+        size += _GLOB
+        off += size
+        it.buf = blen
+        blen += (it.N + 2) if it.fac else 3
+        items.append(it)
+    plan.items = items
+    plan.ws_total = off + 16  # the last 16 floats stay zero: the padding of the gathers below
+    zero_ws = plan.ws_total - 1
+    plan.buf1_len = blen + 1  # the last one stays zero
+    zero_b = blen
+
+    def pad(rows: list[list[int]], fill: int) -> torch.Tensor:
+        width = max((len(r) for r in rows), default=0) or 1
+        return torch.tensor([r + [fill] * (width - len(r)) for r in rows] or [[fill]], dtype=torch.int64)
+
+    # (1) partial sums in the workspace -> buffer slots (the column sums and the old row sums are reduced
+    # per tensor, straight into the buffer)
+    g_rows, dst = [], []
+    for it in items:
+        if it.empty:
+            continue
+        w, geo = it.ws_off, it.geo
+        if it.fac:
+            g_rows.append([w + geo["off_psq"] + k for k in range(geo["n_prog"])])
+            dst.append(it.buf + it.N + 1)
+        else:
+            for j, name in enumerate(("fin", "usq", "psq")):
+                g_rows.append([w + geo["off_" + name] + k for k in range(geo["n_vec"])])
+                dst.append(it.buf + j)
+    plan.gather1 = pad(g_rows, zero_ws).to(dev)
+    plan.dst1 = torch.tensor(dst, dtype=torch.int64).to(dev)
+    # after the all-reduce: column sums into each workspace; per 2-D tensor its total, row-mean numerator and
+    # sum p^2; 1-D tensors' three sums straight into their slots
+    facs = [it for it in items if it.fac]
+    plan.n_fac = len(facs)
+    for i, it in enumerate(facs):
+        it.tf = i
+    live = [it for it in facs if not it.empty]
+    plan.fac_live = live
+    col_src, col_dst = [], []
+    for it in live:
+        col_src += range(it.buf, it.buf + it.N)
+        col_dst += range(it.ws_off + it.colg, it.ws_off + it.colg + it.N)
+    plan.col_src = torch.tensor(col_src, dtype=torch.int64).to(dev)
+    plan.col_dst = torch.tensor(col_dst, dtype=torch.int64).to(dev)
+    plan.tot_idx = pad([list(range(it.buf, it.buf + it.N)) for it in facs], zero_b).to(dev)
+    plan.rowold_idx = torch.tensor([it.buf + it.N for it in facs], dtype=torch.int64).to(dev)
+    plan.psq_idx = torch.tensor([it.buf + it.N + 1 for it in facs], dtype=torch.int64).to(dev)
+    vec_src, vec_dst = [], []
+    for it in items:
+        if not it.fac and not it.empty:
+            vec_src += [it.buf, it.buf + 1, it.buf + 2]
+            vec_dst += [it.ws_off + it.glob + j for j in range(3)]
+    plan.vec_src = torch.tensor(vec_src, dtype=torch.int64).to(dev)
+    # scatter order: [totals | row-mean numerators | sum p^2] of the 2-D tensors (empty shards to the zero slot,
+    # which is rewritten to zero below), then the 1-D sums
+    def slot(it, j):
+        return it.ws_off + it.glob + j if not it.empty else zero_ws
+    fac_dst = [slot(it, 0) for it in facs] + [slot(it, 3) for it in facs] + [slot(it, 2) for it in facs]
+    plan.scat_dst = torch.tensor(fac_dst + vec_dst, dtype=torch.int64).to(dev)
+    plan.inv_n = torch.tensor([1.0 / it.N for it in facs], dtype=torch.float32).to(dev)
+    plan.mlmg = torch.tensor([it.M / it.rows_global for it in facs], dtype=torch.float32).to(dev)
+    # (2) sum u^2 of the 2-D tensors
+    plan.usq_idx = pad([[it.ws_off + it.geo["off_usq"] + k for k in range(it.geo["n_prog"])] if not it.empty
+                        else [] for it in facs], zero_ws).to(dev)
+    plan.usq_dst = torch.tensor([slot(it, 1) for it in facs], dtype=torch.int64).to(dev)
+    _PLANS[key] = plan
+    return plan
+
+
+def scaled_rms_update_sharded_(ps, gs, states, shards, *, rhos, beta2s, eps, clip_threshold, weight_decay,
+                               scale_parameter, beta1, grad_scale, stochastic_rounding, seeds):
+    """``kernels.scaled_rms_update_many_`` for the local shards ``ps``/``gs``/``states`` (plain tensors) of
+    FSDP2 parameters with :class:`~adalomo.distributed.ShardInfo` ``shards`` (one process group for all).
+    Returns the 0-d bool "every gradient was finite" (the same on every rank)."""
+    import torch.distributed as dist
+
+    dev = ps[0].device
+    ctx = K._Ctx(ps[0])
+    if ctx.device >= 0 and ctx.device != torch.cuda.current_device():
+        with torch.cuda.device(ctx.device):
+            return scaled_rms_update_sharded_(ps, gs, states, shards, rhos=rhos, beta2s=beta2s, eps=eps,
+                                              clip_threshold=clip_threshold, weight_decay=weight_decay,
+                                              scale_parameter=scale_parameter, beta1=beta1, grad_scale=grad_scale,
+                                              stochastic_rounding=stochastic_rounding, seeds=seeds)
+    group = shards[0].group
+    plan = _plan(ps, shards, dev)
+    has_scale, scale = K._scale_arg(grad_scale, ps[0])
+    has_m = beta1 is not None
+    b1, omb1 = (float(beta1), 1.0 - float(beta1)) if has_m else (0.0, 1.0)
+    sp_flag, hw = bool(scale_parameter), weight_decay != 0
+    eps1, eps2, ct, wd = float(eps[0]), float(eps[1]), float(clip_threshold), float(weight_decay)
+    run = (ctx.stream, ctx.device, ctx.interpreted, None)
+    ws_all = torch.zeros(plan.ws_total, dtype=torch.float32, device=dev)
+    buf1 = torch.zeros(plan.buf1_len, dtype=torch.float32, device=dev)
+    okacc = torch.ones((), dtype=torch.bool, device=dev)
+    ok_scratch = torch.empty((), dtype=torch.bool, device=dev)
+    copies_all, work = [], []
+    for i, (it, p, g, st) in enumerate(zip(plan.items, ps, gs, states)):
+        copies: list = []
+        copies_all.append(copies)
+        if it.empty:
+            work.append(None)
+            continue
+        g, sg, p_work, sp = K._prepare(p, g)
+        ws = ws_all[it.ws_off:it.ws_off + it.glob + _GLOB]
+        geo = it.geo
+        B, M, N = it.B, it.M, it.N
+        if it.fac:
+            row = K._contig_state(st, "exp_avg_sq_row", copies)
+            col = K._contig_state(st, "exp_avg_sq_col", copies)
+            align, g_unit, p_unit = K._align(N, sg, sp)
+            K._STATS(geo["n_prog"], (g, p_work, scale, ws, B, M, N, geo["TM"], geo["TN"], geo["rows_per_prog"], *sg,
+                                     *sp, geo["off_rowpart"], geo["off_colpart"], geo["off_psq"], eps1),
+                     (has_scale, sp_flag, align, g_unit, p_unit, geo["BLOCK_M"], geo["BLOCK_N"]),
+                     K.CONFIG["warps_stats"], *run)
+            np_ = K._cdiv(N, 16) * 16
+            cp = ws[geo["off_colpart"]:geo["off_colpart"] + geo["TM"] * np_].view(geo["TM"], np_)[:, :N]
+            torch.sum(cp, 0, out=buf1[it.buf:it.buf + N])
+            torch.sum(row, 0, keepdim=True, out=buf1[it.buf + N:it.buf + N + 1])
+            work.append((g, sg, p_work, sp, ws, row, col, align, g_unit, p_unit))
+        else:
+            v = K._contig_state(st, "exp_avg_sq", copies)
+            g_unit, p_unit = sg[2] == 1, sp[2] == 1
+            K._VSTATS(geo["n_vec"], (g, p_work, scale, v, ws, it.n_local, sg[2], sp[2], geo["off_newv"],
+                                     geo["off_fin"], geo["off_usq"], geo["off_psq"], eps1, float(beta2s[i]),
+                                     1.0 - float(beta2s[i])),
+                      (has_scale, sp_flag, g_unit, p_unit, geo["VEC_BLOCK"]), 4, *run)
+            work.append((g, sg, p_work, sp, ws, v, g_unit, p_unit))
+    if plan.dst1.numel():
+        buf1[plan.dst1] = ws_all[plan.gather1].sum(1)
+    dist.all_reduce(buf1, op=dist.ReduceOp.SUM, group=group)
+
+    facs = [it for it in plan.items if it.fac]
+    if facs:
+        if plan.col_src.numel():
+            ws_all[plan.col_dst] = buf1[plan.col_src]
+        totals = buf1[plan.tot_idx].sum(1)
+        rowold = buf1[plan.rowold_idx]
+        fac_b2 = [float(beta2s[i]) for i, it in enumerate(plan.items) if it.fac]
+        if len(set(fac_b2)) == 1:
+            b2, omb2 = fac_b2[0], 1.0 - fac_b2[0]
+        else:
+            b2 = torch.tensor(fac_b2, dtype=torch.float32).to(dev, non_blocking=True)
+            omb2 = 1.0 - b2
+        # the global mean of the new row statistics, times the local row count (the kernels divide by it)
+        numer = (rowold * b2 + totals * plan.inv_n * omb2) * plan.mlmg
+        vals = [totals, numer, buf1[plan.psq_idx]]
+    else:
+        vals = []
+    if plan.vec_src.numel():
+        vals.append(buf1[plan.vec_src])
+    if vals:
+        ws_all[plan.scat_dst] = torch.cat(vals)
+        ws_all[-1] = 0.0  # empty shards' slots went there
+    for i, (it, w) in enumerate(zip(plan.items, work)):
+        if w is None or not it.fac:
+            continue
+        g, sg, p_work, sp, ws, row, col, align, g_unit, p_unit = w
+        geo, B, M, N = it.geo, it.B, it.M, it.N
+        b2 = float(beta2s[i])
+        K._FINALIZE(B * (geo["n_rp"] + geo["n_cp"]),
+                    (row, col, ws, B, M, N, 1, geo["TN"], geo["n_rp"], geo["n_cp"], geo["off_rowpart"], it.colg,
+                     geo["off_newrow"], geo["off_newcol"], geo["off_rsum"], geo["off_fin"], b2, 1.0 - b2,
+                     float(it.rows_global)),
+                    (geo["FIN_BLOCK"], geo["PB"]), 4, *run)
+        K._USQ(geo["n_prog"], (g, scale, ws, B, M, N, geo["TM"], geo["TN"], geo["rows_per_prog"], *sg, 1,
+                               geo["off_newrow"], geo["off_newcol"], it.glob + 3, geo["off_usq"]),
+               (has_scale, align, g_unit, geo["BLOCK_M"], geo["BLOCK_N"], 2), K.CONFIG["warps_usq"], *run)
+    if facs:
+        usq = ws_all[plan.usq_idx].sum(1)
+        dist.all_reduce(usq, op=dist.ReduceOp.SUM, group=group)
+        ws_all[plan.usq_dst] = usq
+        ws_all[-1] = 0.0
+    for i, (it, w, s) in enumerate(zip(plan.items, work, shards)):
+        sr = bool(stochastic_rounding) and ps[i].dtype == torch.bfloat16
+        seed = seeds[i]
+        if sr and s.row_offset:  # other shards draw other bits (as the per-tensor path does)
+            seed = (seed * 1_000_037 + s.row_offset) % (1 << 62)
+        sd = K._seed(sr, None, seed)
+        scal = (float(it.numel), math.sqrt(it.numel), float(rhos[i]), eps2, ct)
+        glob = (1, 1, 1, it.glob, it.glob + 1, it.glob + 2)
+        if w is None:
+            _empty_shard_(it, states[i], buf1, float(beta2s[i]), okacc)
+            continue
+        copies = copies_all[i]
+        m_t = K._contig_state(states[i], "exp_avg", copies) if has_m else None
+        if it.fac:
+            g, sg, p_work, sp, ws, row, col, align, g_unit, p_unit = w
+            geo, B, M, N = it.geo, it.B, it.M, it.N
+            K._WRITE(geo["n_prog"], (g, p_work, scale, ws, row, col, ws if m_t is None else m_t, ok_scratch, okacc,
+                                     sd, B, M, N, geo["TM"], geo["TN"], geo["rows_per_prog"], *sg, *sp, 1,
+                                     geo["off_newrow"], geo["off_newcol"], it.glob + 3, geo["off_scal"], *glob, *scal,
+                                     wd, b1, omb1),
+                     (has_scale, sp_flag, hw, has_m, sr, True, True, align, g_unit, p_unit, geo["BLOCK_M"],
+                      geo["BLOCK_N"], 2), K.CONFIG["warps_write"], *run)
+        else:
+            g, sg, p_work, sp, ws, v, g_unit, p_unit = w
+            geo = it.geo
+            K._VWRITE(geo["n_vec"], (g, p_work, scale, v, ws if m_t is None else m_t, ok_scratch, okacc, ws, sd,
+                                     it.n_local, sg[2], sp[2], geo["off_newv"], geo["off_scal"], *glob, *scal, wd, b1,
+                                     omb1),
+                      (has_scale, sp_flag, hw, has_m, sr, True, True, g_unit, p_unit, geo["VEC_BLOCK"]), 4, *run)
+        for key, t in copies:
+            states[i][key].copy_(t)
+        if p_work is not ps[i]:
+            ps[i].copy_(p_work)
+    live = [p for p, w in zip(ps, work) if w is not None]
+    if live:
+        K._bump(live)
+    return okacc
+
+
+def _empty_shard_(it: _Item, state: dict, buf1: torch.Tensor, beta2: float, okacc: torch.Tensor) -> None:
+    """This rank holds no rows of the tensor: join the verdict, and for a matrix update this rank's copy of the
+    replicated column statistics (what the finalize kernel does on the ranks that hold rows)."""
+    if it.fac:
+        col_sum = buf1[it.buf:it.buf + it.N]
+        ok = torch.isfinite(col_sum.sum())
+        col = state["exp_avg_sq_col"]
+        col.copy_(torch.where(ok, col * beta2 + (col_sum / it.rows_global) * (1.0 - beta2), col))
+    else:
+        ok = torch.isfinite(buf1[it.buf])
+    okacc.logical_and_(ok)
