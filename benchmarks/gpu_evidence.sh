@@ -136,5 +136,36 @@ bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(
     wait $p0 $p1; cat "$out/gpu0.txt" "$out/gpu1.txt"
     pack
     ;;
-  *) echo "unknown stage $stage (a-j)"; exit 2 ;;
+  k)  # 2 GPUs: FSDP2 with the grouped sharded kernels: exactness on NCCL, 1B on 1 and 2 GPUs, the largest AdaLomo model
+    timeout 120 python3 -m torch.distributed.run --standalone --nproc-per-node=2 benchmarks/fsdp_exactness.py --steps 10 \
+      --out "$out/fsdp_exactness.json" > "$out/fsdp_exactness.log" 2>&1
+    echo "exactness rc=$?"; grep -v Warning "$out/fsdp_exactness.log" | tail -n 10
+    pack
+    timeout 200 python3 benchmarks/bench_fsdp.py --sizes 1b --gpus 1,2 --optimizers adalomo,adamw --timeout 90 \
+      --out "$out/fsdp_1b.json" > "$out/fsdp_1b.log" 2>&1
+    echo "fsdp 1b rc=$?"; tail -n 7 "$out/fsdp_1b.log"
+    pack
+    timeout 270 python3 benchmarks/bench_fsdp.py --find-max --gpus 2 --optimizers adalomo --sizes 30b,70b,100b \
+      --batch-size 1 --steps 3 --warmup 1 --timeout 125 --out "$out/fsdp_max_adalomo.json" > "$out/fsdp_max_adalomo.log" 2>&1
+    echo "fsdp max adalomo rc=$?"; tail -n 6 "$out/fsdp_max_adalomo.log"
+    pack
+    ;;
+  l)  # 2 GPUs: GPU0 the 6.7B table; GPU1 the 80 GB fit ladder; then both: the largest AdamW model under FSDP2
+    ( export CUDA_VISIBLE_DEVICES=0
+      timeout 330 python3 benchmarks/bench_gpu.py --config 6.7b --out "$out/bench_6.7b.json" --only \
+        floor,adalomo_fused,adalomo_classic,lomo_fused,torch_adamw_fused,torch_adafactor,lomo_optim_adalomo \
+        > "$out/bench_6.7b.log" 2>&1
+      echo "bench 6.7b rc=$?"; tail -n 10 "$out/bench_6.7b.log" ) > "$out/gpu0.txt" 2>&1 & p0=$!
+    ( export CUDA_VISIBLE_DEVICES=1
+      timeout 300 python3 benchmarks/bench_gpu.py --fit --cap-gb 80 --fit-sizes 6.7b,13b,25b,30b,34b \
+        --out "$out/fit.json" > "$out/fit.log" 2>&1
+      echo "fit rc=$?"; tail -n 4 "$out/fit.log" ) > "$out/gpu1.txt" 2>&1 & p1=$!
+    wait $p0 $p1; cat "$out/gpu0.txt" "$out/gpu1.txt"
+    pack
+    timeout 200 python3 benchmarks/bench_fsdp.py --find-max --gpus 2 --optimizers adamw --sizes 13b,30b \
+      --batch-size 1 --steps 3 --warmup 1 --timeout 120 --out "$out/fsdp_max_adamw.json" > "$out/fsdp_max_adamw.log" 2>&1
+    echo "fsdp max adamw rc=$?"; tail -n 5 "$out/fsdp_max_adamw.log"
+    pack
+    ;;
+  *) echo "unknown stage $stage (a-l)"; exit 2 ;;
 esac
