@@ -150,7 +150,8 @@ bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(
     echo "fsdp max adalomo rc=$?"; tail -n 6 "$out/fsdp_max_adalomo.log"
     pack
     ;;
-  l)  # 2 GPUs: GPU0 the 6.7B table; GPU1 the 80 GB fit ladder; then both: the largest AdamW model under FSDP2
+  l)  # 2 GPUs: GPU0 the 6.7B table; GPU1 the 80 GB fit ladder; then both: FSDP2 1B AdaLomo again (1-GPU runs now
+      # take the grouped kernels), the largest AdamW model under FSDP2
     ( export CUDA_VISIBLE_DEVICES=0
       timeout 330 python3 benchmarks/bench_gpu.py --config 6.7b --out "$out/bench_6.7b.json" --only \
         floor,adalomo_fused,adalomo_classic,lomo_fused,torch_adamw_fused,torch_adafactor,lomo_optim_adalomo \
@@ -162,8 +163,12 @@ bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(
       echo "fit rc=$?"; tail -n 4 "$out/fit.log" ) > "$out/gpu1.txt" 2>&1 & p1=$!
     wait $p0 $p1; cat "$out/gpu0.txt" "$out/gpu1.txt"
     pack
-    timeout 200 python3 benchmarks/bench_fsdp.py --find-max --gpus 2 --optimizers adamw --sizes 13b,30b \
-      --batch-size 1 --steps 3 --warmup 1 --timeout 120 --out "$out/fsdp_max_adamw.json" > "$out/fsdp_max_adamw.log" 2>&1
+    timeout 90 python3 benchmarks/bench_fsdp.py --sizes 1b --gpus 1,2 --optimizers adalomo --timeout 60 \
+      --out "$out/fsdp_1b_adalomo.json" > "$out/fsdp_1b_adalomo.log" 2>&1
+    echo "fsdp 1b adalomo rc=$?"; tail -n 4 "$out/fsdp_1b_adalomo.log"
+    pack
+    timeout 170 python3 benchmarks/bench_fsdp.py --find-max --gpus 2 --optimizers adamw --sizes 13b,30b \
+      --batch-size 1 --steps 3 --warmup 1 --timeout 110 --out "$out/fsdp_max_adamw.json" > "$out/fsdp_max_adamw.log" 2>&1
     echo "fsdp max adamw rc=$?"; tail -n 5 "$out/fsdp_max_adamw.log"
     pack
     ;;

@@ -409,6 +409,33 @@ def _scenario_fsdp_kernels(rank: int, tmp: str):
         train(model, adalomo.AdaLomo(model.parameters(), lr=3e-2, fused=True, bucket_cap_mb=1e-9), 3, rank)
         assert calls == [1] * 8 * 3, calls
         assert_close(full_params(model), full_params(ref), "one tensor per bucket (sharded kernels)")
+        # HSDP (replicate=2, shard=1): the local tensors are whole, so the single-process grouped kernels run
+        from adalomo.distributed import hsdp_mesh
+        from adalomo.kernels import _triton
+
+        grouped, orig_grouped = [], _triton.scaled_rms_update_many_
+
+        def counted_grouped(ps, *a, **k):
+            grouped.append(len(ps))
+            return orig_grouped(ps, *a, **k)
+
+        _triton.scaled_rms_update_many_ = counted_grouped
+        try:
+            for fused in (True, False):
+                os.environ["ADALOMO_DISABLE_TRITON"] = "1"
+                ref = make_model()
+                train(ref, local(adalomo.AdaLomo(ref.parameters(), lr=3e-2, weight_decay=0.1, fused=fused)), 3,
+                      None, fused)
+                del os.environ["ADALOMO_DISABLE_TRITON"]
+                model = shard(make_model(), mesh=hsdp_mesh(WORLD, 1, "cpu"))
+                grouped.clear()
+                calls.clear()
+                train(model, adalomo.AdaLomo(model.parameters(), lr=3e-2, weight_decay=0.1, fused=fused), 3, rank,
+                      fused)
+                assert_close(full_params(model), full_params(ref), f"HSDP (2, 1) fused={fused} (grouped kernels)")
+                assert grouped == [9] * 3 and not calls, (fused, grouped, calls)
+        finally:
+            _triton.scaled_rms_update_many_ = orig_grouped
         # a non-finite step: every rank skips every tensor together, then training goes on exactly
         os.environ["ADALOMO_DISABLE_TRITON"] = "1"
         ref = make_model()

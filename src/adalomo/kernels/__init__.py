@@ -210,18 +210,31 @@ def scaled_rms_update_many_(ps, gs, states, *, rhos, beta2s, eps, clip_threshold
     ``shards``: the tensors are FSDP2 ``DTensor`` parameters, gradients and states, sharded on dim 0, with
     these :class:`~adalomo.distributed.ShardInfo` (one process group; 1-D and 2-D tensors; check
     ``sharded_fits``): each rank updates its rows, and the statistics that span ranks are summed in two
-    all-reduces for the whole list.
+    all-reduces for the whole list. A ``None`` entry: the local tensor is the whole tensor (no collective).
     """
     if shards is not None:
-        local = [_local(p) for p in ps]
-        from . import _sharded  # noqa: F401  (after _require: the kernels are loaded)
+        # DTensors: the local tensors. A None shard (one rank on the shard dim: 1-GPU FSDP2, HSDP (N, 1)) holds
+        # the whole tensor and takes the single-process grouped path; the others need the collectives.
+        ps, gs = [_local(p) for p in ps], [_local(g) for g in gs]
+        states = [{k: _local(v) for k, v in st.items()} for st in states]
+        impl = _require(ps[0])
+        split = [i for i, s in enumerate(shards) if s is None], [i for i, s in enumerate(shards) if s is not None]
+        flags = []
+        for idx in split:
+            if not idx:
+                continue
+            sub = {"rhos": [rhos[i] for i in idx], "beta2s": [beta2s[i] for i in idx], "seeds": [seeds[i] for i in idx]}
+            args = ([ps[i] for i in idx], [gs[i] for i in idx], [states[i] for i in idx])
+            common = dict(eps=eps, clip_threshold=clip_threshold, weight_decay=weight_decay,
+                          scale_parameter=scale_parameter, beta1=beta1, grad_scale=grad_scale,
+                          stochastic_rounding=stochastic_rounding, **sub)
+            if shards[idx[0]] is None:
+                flags.append(impl.scaled_rms_update_many_(*args, **common))
+            else:
+                from . import _sharded
 
-        _require(local[0])
-        return _sharded.scaled_rms_update_sharded_(
-            local, [_local(g) for g in gs], [{k: _local(v) for k, v in st.items()} for st in states], shards,
-            rhos=rhos, beta2s=beta2s, eps=eps, clip_threshold=clip_threshold, weight_decay=weight_decay,
-            scale_parameter=scale_parameter, beta1=beta1, grad_scale=grad_scale,
-            stochastic_rounding=stochastic_rounding, seeds=seeds)
+                flags.append(_sharded.scaled_rms_update_sharded_(*args, [shards[i] for i in idx], **common))
+        return flags[0] if len(flags) == 1 else torch.stack(flags).all()
     return _require(ps[0]).scaled_rms_update_many_(ps, gs, states, rhos=rhos, beta2s=beta2s, eps=eps,
                                                     clip_threshold=clip_threshold, weight_decay=weight_decay,
                                                     scale_parameter=scale_parameter, beta1=beta1,

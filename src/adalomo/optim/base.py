@@ -395,12 +395,15 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         return fits and kernels.gradient_fits(grad, p) and not torch.compiler.is_compiling()
 
     def _sharded_fits(self, p: Tensor, grad: Tensor, layout: Any) -> bool:
-        """An FSDP2 shard that goes through the grouped sharded kernels (decided alike on every rank)."""
-        if layout.shard is None:
-            return False
+        """An FSDP2 parameter that goes through the grouped kernels (decided alike on every rank): a shard of a
+        1-D/2-D tensor, or a DTensor whose local tensor is whole (one rank on the shard dim: 1-GPU FSDP2, HSDP)."""
         fits = self._param_fits.get(id(p))
         if fits is None:
-            fits = self._param_fits[id(p)] = kernels.sharded_fits(p, grad)
+            if layout.shard is None:
+                fits = kernels.use_triton(kernels._local(p), kernels._local(grad))
+            else:
+                fits = kernels.sharded_fits(p, grad)
+            self._param_fits[id(p)] = fits
         return fits and not torch.compiler.is_compiling()
 
     def _queue_sharded(self, p: Tensor, grad: Tensor, layout: Any, cap: float) -> None:
