@@ -172,5 +172,25 @@ bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(
     echo "fsdp max adamw rc=$?"; tail -n 5 "$out/fsdp_max_adamw.log"
     pack
     ;;
-  *) echo "unknown stage $stage (a-l)"; exit 2 ;;
+  m)  # 2 GPUs: the rows the 0.94B/6.7B tables still lack (Adafactor, Lomo classic, lomo-optim Lomo; each with its
+      # own floor), kernel bandwidth on the H200; then both GPUs: FSDP2 at 7B on 1 and 2 GPUs
+    ( export CUDA_VISIBLE_DEVICES=0
+      timeout 200 python3 benchmarks/bench_gpu.py --config 0.94b --out "$out/bench_0.94b_rest.json" --only \
+        floor,adafactor_fused,adafactor_classic,lomo_classic,lomo_optim_lomo > "$out/bench_0.94b_rest.log" 2>&1
+      echo "bench 0.94b rest rc=$?"; tail -n 8 "$out/bench_0.94b_rest.log"
+      timeout 120 python3 benchmarks/bench_kernels.py --skip-correctness --out "$out/kernels_h200.json" \
+        > "$out/kernels_h200.log" 2>&1
+      echo "kernels rc=$?"; tail -n 25 "$out/kernels_h200.log" ) > "$out/gpu0.txt" 2>&1 & p0=$!
+    ( export CUDA_VISIBLE_DEVICES=1
+      timeout 250 python3 benchmarks/bench_gpu.py --config 6.7b --out "$out/bench_6.7b_rest.json" --only \
+        floor,adafactor_fused,adafactor_classic,lomo_optim_lomo > "$out/bench_6.7b_rest.log" 2>&1
+      echo "bench 6.7b rest rc=$?"; tail -n 7 "$out/bench_6.7b_rest.log" ) > "$out/gpu1.txt" 2>&1 & p1=$!
+    wait $p0 $p1; cat "$out/gpu0.txt" "$out/gpu1.txt"
+    pack
+    timeout 220 python3 benchmarks/bench_fsdp.py --sizes 7b --gpus 1,2 --optimizers adalomo,adamw --steps 8 \
+      --warmup 2 --timeout 100 --out "$out/fsdp_7b.json" > "$out/fsdp_7b.log" 2>&1
+    echo "fsdp 7b rc=$?"; tail -n 7 "$out/fsdp_7b.log"
+    pack
+    ;;
+  *) echo "unknown stage $stage (a-m)"; exit 2 ;;
 esac
