@@ -83,6 +83,12 @@ def worker(args) -> None:
     result["params"] = sum(p.numel() for p in model.parameters())
     lr = 1e-2 if args.optimizer == "adalomo" else 3e-4
     opt = ex.make_optimizer(args.optimizer, model, lr, 0.0, None, device)
+    if args.optimizer == "adalomo" and args.adalomo_kwargs:  # e.g. {"bucket_cap_mb": 256, "side_stream": true}
+        for k, v in json.loads(args.adalomo_kwargs).items():
+            if not hasattr(opt, k):
+                raise SystemExit(f"--adalomo-kwargs: AdaLomo has no attribute {k!r}")
+            setattr(opt, k, v)
+        result["optimizer"] = f"adalomo {args.adalomo_kwargs}"
     batches = ex.Batches(cfg.vocab_size, args.batch_size, args.seq_len, rank, world, device)
     fused = args.optimizer == "adalomo"
 
@@ -139,7 +145,8 @@ def run_one(args, size: str, optimizer: str, gpus: int) -> dict:
                __file__, "--worker", "--size", size, "--optimizer", optimizer, "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
                "--device", args.device, "--dtype", args.dtype, "--adamw-dtype", args.adamw_dtype,
-               "--json-out", out] + (["--no-ac"] if args.no_ac else []) + (
+               "--json-out", out, "--adalomo-kwargs", args.adalomo_kwargs or ""] + (
+                   ["--no-ac"] if args.no_ac else []) + (
                    ["--profile-out", f"{args.profile_out}.{size}.{optimizer}.x{gpus}.txt"] if args.profile_out else [])
         t0 = time.time()
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -231,6 +238,8 @@ def main() -> None:
     ap.add_argument("--adamw-dtype", choices=["bf16", "fp32"], default="fp32",
                     help="AdamW weights and moments (fp32 master weights + bf16 compute is the usual recipe)")
     ap.add_argument("--no-ac", action="store_true", help="no activation checkpointing")
+    ap.add_argument("--adalomo-kwargs", default="",
+                    help='JSON of AdaLomo attributes to set, e.g. \'{"bucket_cap_mb": 256, "side_stream": true}\'')
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per configuration")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fsdp.json"))

@@ -172,24 +172,32 @@ bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(
     echo "fsdp max adamw rc=$?"; tail -n 5 "$out/fsdp_max_adamw.log"
     pack
     ;;
-  m)  # 2 GPUs: the rows the 0.94B/6.7B tables still lack (Adafactor, Lomo classic, lomo-optim Lomo; each with its
-      # own floor), kernel bandwidth on the H200; then both GPUs: FSDP2 at 7B on 1 and 2 GPUs
+  m)  # 2 GPUs: the rows the 0.94B/6.7B tables still lack (Adafactor, Lomo classic, lomo-optim Lomo, the side stream
+      # at 6.7B; each with its own floor), kernel bandwidth on the H200; then FSDP2 at 1B: the statistics on their own
+      # communicator (default) vs FSDP2's, bigger buckets, the side stream; AdamW in the same run
     ( export CUDA_VISIBLE_DEVICES=0
-      timeout 200 python3 benchmarks/bench_gpu.py --config 0.94b --out "$out/bench_0.94b_rest.json" --only \
+      timeout 180 python3 benchmarks/bench_gpu.py --config 0.94b --out "$out/bench_0.94b_rest.json" --only \
         floor,adafactor_fused,adafactor_classic,lomo_classic,lomo_optim_lomo > "$out/bench_0.94b_rest.log" 2>&1
       echo "bench 0.94b rest rc=$?"; tail -n 8 "$out/bench_0.94b_rest.log"
-      timeout 120 python3 benchmarks/bench_kernels.py --skip-correctness --out "$out/kernels_h200.json" \
+      timeout 90 python3 benchmarks/bench_kernels.py --skip-correctness --out "$out/kernels_h200.json" \
         > "$out/kernels_h200.log" 2>&1
       echo "kernels rc=$?"; tail -n 25 "$out/kernels_h200.log" ) > "$out/gpu0.txt" 2>&1 & p0=$!
     ( export CUDA_VISIBLE_DEVICES=1
-      timeout 250 python3 benchmarks/bench_gpu.py --config 6.7b --out "$out/bench_6.7b_rest.json" --only \
-        floor,adafactor_fused,adafactor_classic,lomo_optim_lomo > "$out/bench_6.7b_rest.log" 2>&1
-      echo "bench 6.7b rest rc=$?"; tail -n 7 "$out/bench_6.7b_rest.log" ) > "$out/gpu1.txt" 2>&1 & p1=$!
+      timeout 270 python3 benchmarks/bench_gpu.py --config 6.7b --out "$out/bench_6.7b_rest.json" --only \
+        floor,adalomo_fused_side,adalomo_fused_b256,adafactor_fused,lomo_optim_lomo > "$out/bench_6.7b_rest.log" 2>&1
+      echo "bench 6.7b rest rc=$?"; tail -n 8 "$out/bench_6.7b_rest.log" ) > "$out/gpu1.txt" 2>&1 & p1=$!
     wait $p0 $p1; cat "$out/gpu0.txt" "$out/gpu1.txt"
     pack
-    timeout 220 python3 benchmarks/bench_fsdp.py --sizes 7b --gpus 1,2 --optimizers adalomo,adamw --steps 8 \
-      --warmup 2 --timeout 100 --out "$out/fsdp_7b.json" > "$out/fsdp_7b.log" 2>&1
-    echo "fsdp 7b rc=$?"; tail -n 7 "$out/fsdp_7b.log"
+    f1b() {  # name, then bench_fsdp flags: 1B, batch 4x2048 per GPU
+      local name=$1; shift
+      timeout 100 python3 benchmarks/bench_fsdp.py --sizes 1b --timeout 45 --out "$out/fsdp_1b_$name.json" "$@" \
+        > "$out/fsdp_1b_$name.log" 2>&1
+      echo "fsdp 1b $name rc=$?"; grep "^| 1b" "$out/fsdp_1b_$name.log"
+    }
+    f1b ab --gpus 1,2 --optimizers adalomo,adamw
+    ADALOMO_SHARED_STATS_GROUP=1 f1b shared --gpus 2 --optimizers adalomo
+    f1b b512 --gpus 2 --optimizers adalomo --adalomo-kwargs '{"bucket_cap_mb": 512}'
+    f1b side --gpus 2 --optimizers adalomo --adalomo-kwargs '{"side_stream": true}'
     pack
     ;;
   *) echo "unknown stage $stage (a-m)"; exit 2 ;;

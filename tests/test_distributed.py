@@ -399,6 +399,10 @@ def _scenario_fsdp_kernels(rank: int, tmp: str):
                 per_step = len(reduces) / STEPS
                 # two per sharded call, two for the 3-D tensor, (two-pass clipping: one for the norm)
                 assert per_step == 2 * len(calls) / STEPS + 2 + (1 if two_pass else 0), (name, fused, per_step)
+        # the statistics go over their own communicator (same ranks), not FSDP2's
+        info = opt._shard_layouts[id(model.l1.weight)].shard
+        assert info.stats_group is not info.group
+        assert dist.get_process_group_ranks(info.stats_group) == dist.get_process_group_ranks(info.group)
         # one tensor per bucket (a tiny cap): the same result, one call per tensor
         os.environ["ADALOMO_DISABLE_TRITON"] = "1"
         ref = make_model()

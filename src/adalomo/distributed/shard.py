@@ -16,7 +16,36 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["ShardInfo", "ParamLayout", "is_dtensor", "param_layout", "UnsupportedShardingError"]
+__all__ = ["ShardInfo", "ParamLayout", "is_dtensor", "param_layout", "UnsupportedShardingError", "stats_group"]
+
+_STATS_GROUPS: dict = {}
+
+
+def stats_group(group: object) -> object:
+    """A second process group over the ranks of ``group``, created once per group (by its members only).
+
+    On NCCL the collectives of one communicator run in issue order: the optimizer's small all-reduces, issued
+    from the gradient hooks, would hold up FSDP2's next reduce-scatter and all-gather (the prefetch the
+    backward waits for) until the update kernels they depend on have run. On their own communicator they
+    overlap. ``ADALOMO_SHARED_STATS_GROUP=1`` uses ``group`` itself (for comparison).
+    """
+    import os
+
+    import torch.distributed as dist
+
+    if os.environ.get("ADALOMO_SHARED_STATS_GROUP", "") not in ("", "0"):
+        return group
+    key = id(group)
+    hit = _STATS_GROUPS.get(key)
+    if hit is not None and hit[0] is group:
+        return hit[1]
+    ranks = dist.get_process_group_ranks(group)
+    try:
+        new = dist.new_group(ranks=ranks, use_local_synchronization=True)
+    except TypeError:  # torch without use_local_synchronization: every rank of the world must call new_group
+        return group
+    _STATS_GROUPS[key] = (group, new)
+    return new
 
 
 class UnsupportedShardingError(ValueError):
@@ -45,6 +74,13 @@ class ShardInfo:
     row_offset: int = 0
     local_rows: int = 0
     used: bool = field(default=False, compare=False)
+    #: the group the statistics are summed over: ``group`` itself, or a second communicator over the same ranks
+    #: (see :func:`stats_group`) so that these small all-reduces do not queue behind FSDP2's own collectives
+    reduce_group: object = field(default=None, compare=False)
+
+    @property
+    def stats_group(self) -> object:
+        return self.group if self.reduce_group is None else self.reduce_group
 
     @property
     def numel(self) -> int:
@@ -58,7 +94,7 @@ class ShardInfo:
         if not tensors:
             return []
         flat = torch.cat([t.reshape(-1).to(torch.float32) for t in tensors])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.stats_group)
         out = flat.split([t.numel() for t in tensors])
         return [o.view(t.shape) for o, t in zip(out, tensors)]
 

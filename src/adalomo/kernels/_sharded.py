@@ -149,7 +149,7 @@ def scaled_rms_update_sharded_(ps, gs, states, shards, *, rhos, beta2s, eps, cli
                                               clip_threshold=clip_threshold, weight_decay=weight_decay,
                                               scale_parameter=scale_parameter, beta1=beta1, grad_scale=grad_scale,
                                               stochastic_rounding=stochastic_rounding, seeds=seeds)
-    group = shards[0].group
+    group = shards[0].stats_group
     plan = _plan(ps, shards, dev)
     has_scale, scale = K._scale_arg(grad_scale, ps[0])
     has_m = beta1 is not None

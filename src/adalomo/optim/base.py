@@ -183,6 +183,8 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
             if p.requires_grad:
                 if _dist.is_dtensor(p):
                     layout = self._shard_layouts[id(p)] = _dist.param_layout(p)
+                    if layout.shard is not None:
+                        layout.shard.reduce_group = _dist.stats_group(layout.shard.group)
                     self.state[p] = _dist_optim.init_sharded_state(self, p, group, layout)
                 else:
                     self.state[p] = self._init_state(p, group)
