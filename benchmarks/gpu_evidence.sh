@@ -188,16 +188,16 @@ bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(
       echo "bench 6.7b rest rc=$?"; tail -n 8 "$out/bench_6.7b_rest.log" ) > "$out/gpu1.txt" 2>&1 & p1=$!
     wait $p0 $p1; cat "$out/gpu0.txt" "$out/gpu1.txt"
     pack
-    f1b() {  # name, then bench_fsdp flags: 1B, batch 4x2048 per GPU
-      local name=$1; shift
-      timeout 100 python3 benchmarks/bench_fsdp.py --sizes 1b --timeout 45 --out "$out/fsdp_1b_$name.json" "$@" \
+    f1b() {  # name, seconds, then bench_fsdp flags: 1B, batch 4x2048 per GPU
+      local name=$1 limit=$2; shift 2
+      timeout "$limit" python3 benchmarks/bench_fsdp.py --sizes 1b --timeout 45 --out "$out/fsdp_1b_$name.json" "$@" \
         > "$out/fsdp_1b_$name.log" 2>&1
       echo "fsdp 1b $name rc=$?"; grep "^| 1b" "$out/fsdp_1b_$name.log"
     }
-    f1b ab --gpus 1,2 --optimizers adalomo,adamw
-    ADALOMO_SHARED_STATS_GROUP=1 f1b shared --gpus 2 --optimizers adalomo
-    f1b b512 --gpus 2 --optimizers adalomo --adalomo-kwargs '{"bucket_cap_mb": 512}'
-    f1b side --gpus 2 --optimizers adalomo --adalomo-kwargs '{"side_stream": true}'
+    f1b ab 130 --gpus 1,2 --optimizers adalomo,adamw
+    ( export ADALOMO_SHARED_STATS_GROUP=1; f1b shared 45 --gpus 2 --optimizers adalomo )
+    f1b b512 45 --gpus 2 --optimizers adalomo --adalomo-kwargs '{"bucket_cap_mb": 512}'
+    f1b side 45 --gpus 2 --optimizers adalomo --adalomo-kwargs '{"side_stream": true}'
     pack
     ;;
   *) echo "unknown stage $stage (a-m)"; exit 2 ;;
