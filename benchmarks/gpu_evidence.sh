@@ -195,7 +195,8 @@ bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(
       echo "fsdp 1b $name rc=$?"; grep "^| 1b" "$out/fsdp_1b_$name.log"
     }
     f1b ab 130 --gpus 1,2 --optimizers adalomo,adamw
-    ( export ADALOMO_SHARED_STATS_GROUP=1; f1b shared 45 --gpus 2 --optimizers adalomo )
+    ( export ADALOMO_SHARED_STATS_GROUP=1; f1b shared 45 --gpus 2 --optimizers adalomo )  # (then the default was
+    # a separate communicator, ADALOMO_SHARED_STATS_GROUP=1 turned it off; now ADALOMO_SEPARATE_STATS_GROUP=1 turns it on)
     f1b b512 45 --gpus 2 --optimizers adalomo --adalomo-kwargs '{"bucket_cap_mb": 512}'
     f1b side 45 --gpus 2 --optimizers adalomo --adalomo-kwargs '{"side_stream": true}'
     pack

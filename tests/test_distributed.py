@@ -360,6 +360,7 @@ def _scenario_fsdp_kernels(rank: int, tmp: str):
     the collectives it makes (two all-reduces per bucket) counted."""
     os.environ["ADALOMO_TRITON_INTERPRET"] = "1"
     os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton (nothing has, in this process)
+    os.environ["ADALOMO_SEPARATE_STATS_GROUP"] = "1"  # the opt-in second communicator, exercised here
     from adalomo import kernels
     from adalomo.kernels import _sharded
 
@@ -399,7 +400,7 @@ def _scenario_fsdp_kernels(rank: int, tmp: str):
                 per_step = len(reduces) / STEPS
                 # two per sharded call, two for the 3-D tensor, (two-pass clipping: one for the norm)
                 assert per_step == 2 * len(calls) / STEPS + 2 + (1 if two_pass else 0), (name, fused, per_step)
-        # the statistics go over their own communicator (same ranks), not FSDP2's
+        # ADALOMO_SEPARATE_STATS_GROUP=1: the statistics go over their own communicator (same ranks)
         info = opt._shard_layouts[id(model.l1.weight)].shard
         assert info.stats_group is not info.group
         assert dist.get_process_group_ranks(info.stats_group) == dist.get_process_group_ranks(info.group)

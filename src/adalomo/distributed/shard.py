@@ -24,16 +24,17 @@ _STATS_GROUPS: dict = {}
 def stats_group(group: object) -> object:
     """A second process group over the ranks of ``group``, created once per group (by its members only).
 
-    On NCCL the collectives of one communicator run in issue order: the optimizer's small all-reduces, issued
-    from the gradient hooks, would hold up FSDP2's next reduce-scatter and all-gather (the prefetch the
-    backward waits for) until the update kernels they depend on have run. On their own communicator they
-    overlap. ``ADALOMO_SHARED_STATS_GROUP=1`` uses ``group`` itself (for comparison).
+    Opt-in (``ADALOMO_SEPARATE_STATS_GROUP=1``; otherwise ``group`` itself is returned). On NCCL the collectives
+    of one communicator run in issue order, so the optimizer's small all-reduces, issued from the gradient hooks,
+    queue with FSDP2's reduce-scatters and all-gathers; on their own communicator they need not. Measured at 1B
+    on 2 H200s it made no difference (30,380 vs 31,492 tokens/s per GPU, within run-to-run noise;
+    ``benchmarks/results/h200x2_2026-11-29/m/``), and a communicator costs GPU memory: hence off by default.
     """
     import os
 
     import torch.distributed as dist
 
-    if os.environ.get("ADALOMO_SHARED_STATS_GROUP", "") not in ("", "0"):
+    if os.environ.get("ADALOMO_SEPARATE_STATS_GROUP", "") in ("", "0"):
         return group
     key = id(group)
     hit = _STATS_GROUPS.get(key)
@@ -74,8 +75,8 @@ class ShardInfo:
     row_offset: int = 0
     local_rows: int = 0
     used: bool = field(default=False, compare=False)
-    #: the group the statistics are summed over: ``group`` itself, or a second communicator over the same ranks
-    #: (see :func:`stats_group`) so that these small all-reduces do not queue behind FSDP2's own collectives
+    #: the group the statistics are summed over when not ``group`` itself: a second communicator over the same
+    #: ranks (opt-in, see :func:`stats_group`)
     reduce_group: object = field(default=None, compare=False)
 
     @property
