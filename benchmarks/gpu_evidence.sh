@@ -201,5 +201,23 @@ bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(
     f1b side 45 --gpus 2 --optimizers adalomo --adalomo-kwargs '{"side_stream": true}'
     pack
     ;;
-  *) echo "unknown stage $stage (a-m)"; exit 2 ;;
+  n)  # 2 GPUs side by side: every row of ours at 0.94B (GPU0) and 6.7B (GPU1) in one run each, the side stream at
+      # both sizes; then a profile of the FSDP2 step at 1B on 2 GPUs (the sharded kernels)
+    ( export CUDA_VISIBLE_DEVICES=0
+      timeout 230 python3 benchmarks/bench_gpu.py --config 0.94b --out "$out/bench_0.94b_ours.json" --only \
+        floor,adalomo_fused,adalomo_fused_side,adalomo_classic,adafactor_fused,adafactor_classic,lomo_fused,lomo_classic \
+        > "$out/bench_0.94b_ours.log" 2>&1
+      echo "bench 0.94b rc=$?"; tail -n 11 "$out/bench_0.94b_ours.log" ) > "$out/gpu0.txt" 2>&1 & p0=$!
+    ( export CUDA_VISIBLE_DEVICES=1
+      timeout 250 python3 benchmarks/bench_gpu.py --config 6.7b --out "$out/bench_6.7b_ours.json" --only \
+        floor,adalomo_fused,adalomo_fused_side,adafactor_fused,adafactor_classic > "$out/bench_6.7b_ours.log" 2>&1
+      echo "bench 6.7b rc=$?"; tail -n 8 "$out/bench_6.7b_ours.log" ) > "$out/gpu1.txt" 2>&1 & p1=$!
+    wait $p0 $p1; cat "$out/gpu0.txt" "$out/gpu1.txt"
+    pack
+    timeout 90 python3 benchmarks/bench_fsdp.py --sizes 1b --gpus 2 --optimizers adalomo --steps 5 --warmup 3 \
+      --timeout 80 --profile-out "$out/prof" --out "$out/fsdp_prof.json" > "$out/fsdp_prof.log" 2>&1
+    echo "fsdp profile rc=$?"; grep "^| 1b" "$out/fsdp_prof.log"; head -c 4000 "$out"/prof.*.txt
+    pack
+    ;;
+  *) echo "unknown stage $stage (a-n)"; exit 2 ;;
 esac
