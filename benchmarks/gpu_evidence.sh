@@ -219,5 +219,12 @@ bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(
     echo "fsdp profile rc=$?"; grep "^| 1b" "$out/fsdp_prof.log"; head -c 4000 "$out"/prof.*.txt
     pack
     ;;
-  *) echo "unknown stage $stage (a-n)"; exit 2 ;;
+  o)  # 1 GPU (nvidia-h200), nothing else on the host: the 0.94B fused rows again, AdaLomo first and last
+    timeout 200 python3 benchmarks/bench_gpu.py --config 0.94b --out "$out/bench_0.94b_alone.json" --only \
+      floor,adalomo_fused,adafactor_fused,adalomo_classic,lomo_fused,adalomo_fused,floor \
+      > "$out/bench_0.94b_alone.log" 2>&1
+    echo "bench 0.94b alone rc=$?"; tail -n 9 "$out/bench_0.94b_alone.log"
+    pack
+    ;;
+  *) echo "unknown stage $stage (a-o)"; exit 2 ;;
 esac
