@@ -30,13 +30,12 @@ _GLOB = 16  # per-tensor slots: 0 fin (total of g^2 + eps1), 1 sum u^2, 2 sum p^
 
 class _Item:
     __slots__ = ("fac", "B", "M", "N", "n_local", "numel", "rows_global", "geo", "ws_off", "colg", "glob", "buf",
-                 "empty", "tf")
+                 "empty")
 
 
 class _ShardPlan:
-    __slots__ = ("items", "ws_total", "buf1_len", "n_fac", "gather1", "dst1", "col_src", "col_dst", "tot_idx",
-                 "rowold_idx", "psq_idx", "vec_src", "scat_dst", "inv_n", "mlmg", "usq_idx", "usq_dst",
-                 "fac_live")
+    __slots__ = ("items", "ws_total", "buf1_len", "gather1", "dst1", "col_src", "col_dst", "tot_idx", "rowold_idx",
+                 "psq_idx", "vec_src", "scat_dst", "inv_n", "mlmg", "usq_idx", "usq_dst")
 
 
 _PLANS: dict = {}
@@ -98,11 +97,7 @@ def _plan(ps, shards, dev) -> _ShardPlan:
     # after the all-reduce: column sums into each workspace; per 2-D tensor its total, row-mean numerator and
     # sum p^2; 1-D tensors' three sums straight into their slots
     facs = [it for it in items if it.fac]
-    plan.n_fac = len(facs)
-    for i, it in enumerate(facs):
-        it.tf = i
     live = [it for it in facs if not it.empty]
-    plan.fac_live = live
     col_src, col_dst = [], []
     for it in live:
         col_src += range(it.buf, it.buf + it.N)

@@ -431,7 +431,7 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
             self._update_sharded(key[0], items)
 
     def _update_sharded(self, gi: int, items: list[tuple[Tensor, Tensor]]) -> None:
-        """One grouped call for FSDP2 shards of one process group (two all-reduces in all)."""
+        """One grouped call for FSDP2 parameters of one process group (sharded ones: two all-reduces in all)."""
         ps, grads = [p for p, _ in items], [g for _, g in items]
         shards = [self._shard_layouts[id(p)].shard for p in ps]
         if self.side_stream:
