@@ -404,6 +404,33 @@ def _scenario_fsdp_kernels(rank: int, tmp: str):
         info = opt._shard_layouts[id(model.l1.weight)].shard
         assert info.stats_group is not info.group
         assert dist.get_process_group_ranks(info.stats_group) == dist.get_process_group_ranks(info.group)
+        # no host synchronisation in a steady-state flush: nothing made from Python numbers (on CUDA a copy from the
+        # host, e.g. ``ws[-1] = 0.0``, which waits for the device) and no scalar read back
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Ops(TorchDispatchMode):
+            def __init__(self):
+                super().__init__()
+                self.names = set()
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                self.names.add(str(func))
+                return func(*args, **(kwargs or {}))
+
+        seen = []
+
+        def recorded(ps, *a, **k):
+            with Ops() as rec:
+                out = orig(ps, *a, **k)
+            seen.append(rec.names)
+            return out
+
+        _sharded.scaled_rms_update_sharded_ = recorded
+        train(model, opt, 2, rank, fused=False)
+        _sharded.scaled_rms_update_sharded_ = counted
+        assert "c10d.allreduce_.default" in seen[-1]
+        syncing = {"aten.lift_fresh.default", "aten._local_scalar_dense.default"} & seen[-1]
+        assert not syncing, f"a sharded flush makes tensors from host data or reads scalars: {syncing}"
         # one tensor per bucket (a tiny cap): the same result, one call per tensor
         os.environ["ADALOMO_DISABLE_TRITON"] = "1"
         ref = make_model()

@@ -213,7 +213,9 @@ def scaled_rms_update_sharded_(ps, gs, states, shards, *, rhos, beta2s, eps, cli
         vals.append(buf1[plan.vec_src])
     if vals:
         ws_all[plan.scat_dst] = torch.cat(vals)
-        ws_all[-1] = 0.0  # empty shards' slots went there
+        # empty shards' slots went there. zero_() on a slice, not ``ws_all[-1] = 0.0``: assigning a Python number to
+        # a 0-d CUDA view copies a CPU tensor in with copy_(), which synchronises the host with the device
+        ws_all[-1:].zero_()
     for i, (it, w) in enumerate(zip(plan.items, work)):
         if w is None or not it.fac:
             continue
@@ -232,7 +234,7 @@ def scaled_rms_update_sharded_(ps, gs, states, shards, *, rhos, beta2s, eps, cli
         usq = ws_all[plan.usq_idx].sum(1)
         dist.all_reduce(usq, op=dist.ReduceOp.SUM, group=group)
         ws_all[plan.usq_dst] = usq
-        ws_all[-1] = 0.0
+        ws_all[-1:].zero_()
     for i, (it, w, s) in enumerate(zip(plan.items, work, shards)):
         sr = bool(stochastic_rounding) and ps[i].dtype == torch.bfloat16
         seed = seeds[i]
