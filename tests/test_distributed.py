@@ -357,7 +357,7 @@ def _scenario_dp(rank: int, tmp: str):
 
 def _scenario_fsdp_kernels(rank: int, tmp: str):
     """The grouped sharded Triton path (through the interpreter on CPU) against the single-process torch path;
-    the collectives it makes (two all-reduces per bucket) counted."""
+    the collectives it makes (two all-reduces per bucket, Lomo one) counted; no host synchronisation."""
     os.environ["ADALOMO_TRITON_INTERPRET"] = "1"
     os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton (nothing has, in this process)
     os.environ["ADALOMO_SEPARATE_STATS_GROUP"] = "1"  # the opt-in second communicator, exercised here
@@ -365,22 +365,41 @@ def _scenario_fsdp_kernels(rank: int, tmp: str):
     from adalomo.kernels import _sharded
 
     assert kernels.triton_available()
-    calls, reduces = [], []
-    orig, orig_reduce = _sharded.scaled_rms_update_sharded_, dist.all_reduce
+    from torch.utils._python_dispatch import TorchDispatchMode
 
-    def counted(ps, *a, **k):
-        calls.append(len(ps))
-        return orig(ps, *a, **k)
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    calls, reduces, seen = [], [], []  # (function, tensors) per sharded call; all-reduces; ATen ops per call
+    names = ("scaled_rms_update_sharded_", "lomo_update_sharded_")
+    originals, orig_reduce = {n: getattr(_sharded, n) for n in names}, dist.all_reduce
+
+    def wrap(n):
+        def counted(ps, *a, **k):
+            calls.append((n, len(ps)))
+            with Ops() as rec:
+                out = originals[n](ps, *a, **k)
+            seen.append(rec.names)
+            return out
+        return counted
 
     def counted_reduce(*a, **k):
         reduces.append(1)
         return orig_reduce(*a, **k)
 
-    _sharded.scaled_rms_update_sharded_ = counted
+    for n in names:
+        setattr(_sharded, n, wrap(n))
     dist.all_reduce = counted_reduce
+    opt_lomo_wd = (lambda ps, f: adalomo.Lomo(ps, lr=5e-2, weight_decay=0.1, clip_grad_value=0.05, fused=f), False)
     try:
-        for name in ("adalomo", "adafactor", "adalomo_clip"):
-            factory, two_pass = OPTS[name]
+        for name, (factory, two_pass) in [*((n, OPTS[n]) for n in ("adalomo", "adafactor", "adalomo_clip",
+                                                                   "lomo_clip")), ("lomo_wd", opt_lomo_wd)]:
             for fused in (True, False):
                 os.environ["ADALOMO_DISABLE_TRITON"] = "1"  # the reference: the torch path, one process
                 ref = make_model()
@@ -394,43 +413,50 @@ def _scenario_fsdp_kernels(rank: int, tmp: str):
                 train(model, opt, STEPS, rank, fused, two_pass)
                 assert_close(full_params(model), full_params(ref), f"{name} fused={fused} (sharded kernels)")
                 assert int(opt.skipped_updates) == 0
-                # per step: 8 of the 9 tensors (the 3-D one goes the per-tensor way, with its own two all-reduces)
-                # in one call (the bucket cap is far above this model's size)
-                assert calls == [8] * STEPS, (name, fused, calls)
+                # per step: 8 of the 9 tensors (the 3-D one goes the per-tensor way, with its own all-reduces) in one
+                # call (the bucket cap is far above this model's size)
+                lomo = name.startswith("lomo")
+                fn = names[1] if lomo else names[0]
+                assert calls == [(fn, 8)] * STEPS, (name, fused, calls)
+                # per call two all-reduces (Lomo: one); the 3-D tensor's own; two-pass clipping's norm
                 per_step = len(reduces) / STEPS
-                # two per sharded call, two for the 3-D tensor, (two-pass clipping: one for the norm)
-                assert per_step == 2 * len(calls) / STEPS + 2 + (1 if two_pass else 0), (name, fused, per_step)
+                assert per_step == (1 if lomo else 2) * 2 + (1 if two_pass else 0), (name, fused, per_step)
+                # no host synchronisation in a steady-state call: nothing made from Python numbers (on CUDA a copy
+                # from the host, e.g. ``ws[-1] = 0.0``, which waits for the device) and no scalar read back
+                assert "c10d.allreduce_.default" in seen[-1]
+                syncing = {"aten.lift_fresh.default", "aten._local_scalar_dense.default"} & seen[-1]
+                assert not syncing, f"{name}: a sharded call makes tensors from host data or reads scalars: {syncing}"
+                seen.clear()
+        # a NaN in one rank's rows only: every rank skips that call's tensors (the verdict is global)
+        from adalomo.distributed import ShardInfo
+
+        for fn in names:
+            ps, gs, sts, infos = [], [], [], []
+            for shape in ((7, 5), (1, 5), (9,)):
+                rows = torch.chunk(torch.arange(shape[0]), WORLD)
+                mine = rows[rank] if rank < len(rows) else torch.arange(0)
+                lo = int(mine[0]) if len(mine) else shape[0]
+                local_shape = (len(mine),) + shape[1:]
+                ps.append(torch.randn(local_shape))
+                gs.append(torch.randn(local_shape))
+                sts.append({"exp_avg_sq_row": torch.ones(local_shape[0]), "exp_avg_sq_col": torch.ones(shape[1])}
+                           if len(shape) == 2 else {"exp_avg_sq": torch.ones(local_shape)})
+                infos.append(ShardInfo(dist.group.WORLD, torch.Size(shape), lo, len(mine)))
+            if rank == WORLD - 1:
+                gs[0].view(-1)[0] = float("nan")
+            before = [p.clone() for p in ps]
+            common = dict(grad_scale=None, stochastic_rounding=False, seeds=[0] * 3)
+            if fn == names[0]:
+                ok = originals[fn](ps, gs, sts, infos, rhos=[1e-2] * 3, beta2s=[0.9] * 3, eps=(1e-30, 1e-3),
+                                   clip_threshold=1.0, weight_decay=0.0, scale_parameter=True, beta1=None, **common)
+            else:
+                ok = originals[fn](ps, gs, infos, lr=1e-2, weight_decay=0.0, clip_grad_value=None, **common)
+            assert not bool(ok), f"{fn}: rank {rank} did not see the other rank's NaN"
+            assert torch.equal(ps[0], before[0]), f"{fn}: the tensor with the NaN was updated"
         # ADALOMO_SEPARATE_STATS_GROUP=1: the statistics go over their own communicator (same ranks)
         info = opt._shard_layouts[id(model.l1.weight)].shard
         assert info.stats_group is not info.group
         assert dist.get_process_group_ranks(info.stats_group) == dist.get_process_group_ranks(info.group)
-        # no host synchronisation in a steady-state flush: nothing made from Python numbers (on CUDA a copy from the
-        # host, e.g. ``ws[-1] = 0.0``, which waits for the device) and no scalar read back
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        class Ops(TorchDispatchMode):
-            def __init__(self):
-                super().__init__()
-                self.names = set()
-
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                self.names.add(str(func))
-                return func(*args, **(kwargs or {}))
-
-        seen = []
-
-        def recorded(ps, *a, **k):
-            with Ops() as rec:
-                out = orig(ps, *a, **k)
-            seen.append(rec.names)
-            return out
-
-        _sharded.scaled_rms_update_sharded_ = recorded
-        train(model, opt, 2, rank, fused=False)
-        _sharded.scaled_rms_update_sharded_ = counted
-        assert "c10d.allreduce_.default" in seen[-1]
-        syncing = {"aten.lift_fresh.default", "aten._local_scalar_dense.default"} & seen[-1]
-        assert not syncing, f"a sharded flush makes tensors from host data or reads scalars: {syncing}"
         # one tensor per bucket (a tiny cap): the same result, one call per tensor
         os.environ["ADALOMO_DISABLE_TRITON"] = "1"
         ref = make_model()
@@ -439,7 +465,7 @@ def _scenario_fsdp_kernels(rank: int, tmp: str):
         model = shard(make_model())
         calls.clear()
         train(model, adalomo.AdaLomo(model.parameters(), lr=3e-2, fused=True, bucket_cap_mb=1e-9), 3, rank)
-        assert calls == [1] * 8 * 3, calls
+        assert calls == [(names[0], 1)] * 8 * 3, calls
         assert_close(full_params(model), full_params(ref), "one tensor per bucket (sharded kernels)")
         # HSDP (replicate=2, shard=1): the local tensors are whole, so the single-process grouped kernels run
         from adalomo.distributed import hsdp_mesh
@@ -487,7 +513,8 @@ def _scenario_fsdp_kernels(rank: int, tmp: str):
             orig_gather(other, col)
             assert all(torch.equal(other[0], o) for o in other[1:]), "replicated column state differs across ranks"
     finally:
-        _sharded.scaled_rms_update_sharded_ = orig
+        for n in names:
+            setattr(_sharded, n, originals[n])
         dist.all_reduce = orig_reduce
 
 

@@ -213,28 +213,10 @@ def scaled_rms_update_many_(ps, gs, states, *, rhos, beta2s, eps, clip_threshold
     all-reduces for the whole list. A ``None`` entry: the local tensor is the whole tensor (no collective).
     """
     if shards is not None:
-        # DTensors: the local tensors. A None shard (one rank on the shard dim: 1-GPU FSDP2, HSDP (N, 1)) holds
-        # the whole tensor and takes the single-process grouped path; the others need the collectives.
-        ps, gs = [_local(p) for p in ps], [_local(g) for g in gs]
-        states = [{k: _local(v) for k, v in st.items()} for st in states]
-        impl = _require(ps[0])
-        split = [i for i, s in enumerate(shards) if s is None], [i for i, s in enumerate(shards) if s is not None]
-        flags = []
-        for idx in split:
-            if not idx:
-                continue
-            sub = {"rhos": [rhos[i] for i in idx], "beta2s": [beta2s[i] for i in idx], "seeds": [seeds[i] for i in idx]}
-            args = ([ps[i] for i in idx], [gs[i] for i in idx], [states[i] for i in idx])
-            common = dict(eps=eps, clip_threshold=clip_threshold, weight_decay=weight_decay,
-                          scale_parameter=scale_parameter, beta1=beta1, grad_scale=grad_scale,
-                          stochastic_rounding=stochastic_rounding, **sub)
-            if shards[idx[0]] is None:
-                flags.append(impl.scaled_rms_update_many_(*args, **common))
-            else:
-                from . import _sharded
-
-                flags.append(_sharded.scaled_rms_update_sharded_(*args, [shards[i] for i in idx], **common))
-        return flags[0] if len(flags) == 1 else torch.stack(flags).all()
+        return _split_by_shard(ps, gs, states, shards, "scaled_rms_update", dict(rhos=rhos, beta2s=beta2s, seeds=seeds),
+                               dict(eps=eps, clip_threshold=clip_threshold, weight_decay=weight_decay,
+                                    scale_parameter=scale_parameter, beta1=beta1, grad_scale=grad_scale,
+                                    stochastic_rounding=stochastic_rounding))
     return _require(ps[0]).scaled_rms_update_many_(ps, gs, states, rhos=rhos, beta2s=beta2s, eps=eps,
                                                     clip_threshold=clip_threshold, weight_decay=weight_decay,
                                                     scale_parameter=scale_parameter, beta1=beta1,
@@ -242,11 +224,41 @@ def scaled_rms_update_many_(ps, gs, states, *, rhos, beta2s, eps, clip_threshold
                                                     seeds=seeds)
 
 
-def lomo_update_many_(ps, gs, *, lr, weight_decay, clip_grad_value, grad_scale, stochastic_rounding, seeds):
-    """``lomo_update_`` over many tensors in a few grouped launches; returns "every gradient was finite"."""
+def lomo_update_many_(ps, gs, *, lr, weight_decay, clip_grad_value, grad_scale, stochastic_rounding, seeds,
+                      shards=None):
+    """``lomo_update_`` over many tensors in a few grouped launches; returns "every gradient was finite".
+    ``shards``: as for ``scaled_rms_update_many_`` (FSDP2 shards: one all-reduce, of the finite test, per call)."""
+    if shards is not None:
+        return _split_by_shard(ps, gs, None, shards, "lomo_update", dict(seeds=seeds),
+                               dict(lr=lr, weight_decay=weight_decay, clip_grad_value=clip_grad_value,
+                                    grad_scale=grad_scale, stochastic_rounding=stochastic_rounding))
     return _require(ps[0]).lomo_update_many_(ps, gs, lr=lr, weight_decay=weight_decay,
                                              clip_grad_value=clip_grad_value, grad_scale=grad_scale,
                                              stochastic_rounding=stochastic_rounding, seeds=seeds)
+
+
+def _split_by_shard(ps, gs, states, shards, kind: str, per_tensor: dict, common: dict):
+    """The ``*_many_`` functions on DTensors: their local tensors, split into those whose local tensor is whole
+    (``None`` shard: one rank on the shard dim, the single-process grouped path) and the FSDP2 shards (the
+    sharded path, with its collectives). Returns the AND of the finite flags."""
+    ps, gs = [_local(p) for p in ps], [_local(g) for g in gs]
+    if states is not None:
+        states = [{k: _local(v) for k, v in st.items()} for st in states]
+    impl = _require(ps[0])
+    from . import _sharded
+
+    flags = []
+    for whole in (True, False):
+        idx = [i for i, s in enumerate(shards) if (s is None) == whole]
+        if not idx:
+            continue
+        args = [[ps[i] for i in idx], [gs[i] for i in idx]] + ([[states[i] for i in idx]] if states is not None else [])
+        kw = {**common, **{k: [v[i] for i in idx] for k, v in per_tensor.items()}}
+        if whole:
+            flags.append(getattr(impl, kind + "_many_")(*args, **kw))
+        else:
+            flags.append(getattr(_sharded, kind + "_sharded_")(*args, [shards[i] for i in idx], **kw))
+    return flags[0] if len(flags) == 1 else torch.stack(flags).all()
 
 
 # ------------------------------------------------------------------------------------ side stream

@@ -285,3 +285,101 @@ def _empty_shard_(it: _Item, state: dict, buf1: torch.Tensor, beta2: float, okac
     else:
         ok = torch.isfinite(buf1[it.buf])
     okacc.logical_and_(ok)
+
+
+def lomo_update_sharded_(ps, gs, shards, *, lr, weight_decay, clip_grad_value, grad_scale, stochastic_rounding,
+                         seeds):
+    """``kernels.lomo_update_many_`` for the local shards of FSDP2 parameters: the sum kernel per shard, its
+    partial sums reduced into one buffer, **one all-reduce** (the finite test must be global: every rank skips
+    a tensor together), the global sum written into slot 0 of each workspace, the write kernel per shard."""
+    import torch.distributed as dist
+
+    dev = ps[0].device
+    ctx = K._Ctx(ps[0])
+    if ctx.device >= 0 and ctx.device != torch.cuda.current_device():
+        with torch.cuda.device(ctx.device):
+            return lomo_update_sharded_(ps, gs, shards, lr=lr, weight_decay=weight_decay,
+                                        clip_grad_value=clip_grad_value, grad_scale=grad_scale,
+                                        stochastic_rounding=stochastic_rounding, seeds=seeds)
+    plan = _lomo_plan(ps, dev)
+    has_scale, scale = K._scale_arg(grad_scale, ps[0])
+    run = (ctx.stream, ctx.device, ctx.interpreted, None)
+    ws_all = torch.zeros(plan.ws_total, dtype=torch.float32, device=dev)
+    okacc = torch.ones((), dtype=torch.bool, device=dev)
+    ok_scratch = torch.empty((), dtype=torch.bool, device=dev)
+    work = []
+    for (off, geo), p, g in zip(plan.items, ps, gs):
+        if geo is None:
+            work.append(None)
+            continue
+        g, sg, p_work, sp = K._prepare(p, g)
+        B, M, N = K._shape3(p)
+        ws = ws_all[off:off + geo["ws_numel"]]
+        align, g_unit, p_unit = K._align(N, sg, sp)
+        K._SUM(geo["n_prog"], (g, ws, M, N, geo["TM"], geo["TN"], geo["rows_per_prog"], *sg, geo["off_fin"]),
+               (align, g_unit, geo["BLOCK_M"], geo["BLOCK_N"]), K.CONFIG["warps_usq"], *run)
+        work.append((g, sg, p_work, sp, ws, M, N, align, g_unit, p_unit))
+    fin = ws_all[plan.gather].sum(1)  # one partial sum per tensor (0 for an empty shard)
+    dist.all_reduce(fin, op=dist.ReduceOp.SUM, group=shards[0].stats_group)
+    if plan.dst.numel():
+        ws_all[plan.dst] = fin[plan.live]  # slot 0 of each workspace: the write kernels read it as one partial
+    clip = clip_grad_value is not None
+    for i, (w, p, s) in enumerate(zip(work, ps, shards)):
+        if w is None:  # no rows here: join the verdict
+            f = fin[i] * scale if has_scale else fin[i]
+            okacc.logical_and_(torch.isfinite(f))
+            continue
+        g, sg, p_work, sp, ws, M, N, align, g_unit, p_unit = w
+        geo = plan.items[i][1]
+        sr = bool(stochastic_rounding) and p.dtype == torch.bfloat16
+        seed = seeds[i]
+        if sr and s.row_offset:
+            seed = (seed * 1_000_037 + s.row_offset) % (1 << 62)
+        K._LWRITE(geo["n_prog"], (g, p_work, scale, ws, ok_scratch, okacc, K._seed(sr, None, seed), M, N, geo["TM"],
+                                  geo["TN"], geo["rows_per_prog"], *sg, *sp, 1, geo["off_scal"], float(lr),
+                                  float(weight_decay), float(clip_grad_value) if clip else 0.0),
+                  (has_scale, weight_decay != 0, clip, sr, True, True, align, g_unit, p_unit, geo["BLOCK_M"],
+                   geo["BLOCK_N"]), K.CONFIG["warps_write"], *run)
+        if p_work is not p:
+            p.copy_(p_work)
+    live = [p for p, w in zip(ps, work) if w is not None]
+    if live:
+        K._bump(live)
+    return okacc
+
+
+class _LomoPlan:
+    __slots__ = ("items", "ws_total", "gather", "dst", "live")
+
+
+_LOMO_PLANS: dict = {}
+
+
+def _lomo_plan(ps, dev) -> _LomoPlan:
+    key = tuple(tuple(p.shape) for p in ps) + (dev,)
+    plan = _LOMO_PLANS.get(key)
+    if plan is not None:
+        return plan
+    plan = _LomoPlan()
+    items, rows, dst, live, off = [], [], [], [], 0
+    for i, p in enumerate(ps):
+        if p.numel() == 0:
+            items.append((off, None))
+            rows.append([])
+            continue
+        geo = K._geometry(*K._shape3(p), "lomo")
+        assert geo["off_fin"] == 0  # the write kernel reads its one partial at offset 0
+        items.append((off, geo))
+        rows.append([off + k for k in range(geo["n_prog"])])
+        dst.append(off)
+        live.append(i)
+        off += geo["ws_numel"]
+    plan.items = items
+    plan.ws_total = off + 16
+    zero = plan.ws_total - 1  # stays zero: the padding of the gather
+    width = max((len(r) for r in rows), default=1) or 1
+    plan.gather = torch.tensor([r + [zero] * (width - len(r)) for r in rows], dtype=torch.int64).to(dev)
+    plan.dst = torch.tensor(dst, dtype=torch.int64).to(dev)
+    plan.live = torch.tensor(live, dtype=torch.int64).to(dev)
+    _LOMO_PLANS[key] = plan
+    return plan

@@ -20,6 +20,8 @@ class Lomo(LowMemoryOptimizer):
     then ``opt.fused_backward(loss)`` (or ``loss.backward()``), exactly like ``lomo_optim.Lomo``.
     """
 
+    _sharded_many = True
+
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.0, clip_grad_value: float | None = None,
                  fused: bool = False, *, clip_grad_norm: float | None = None,
                  stochastic_rounding: bool | None = None, nonfinite: str = "warn",
@@ -44,9 +46,9 @@ class Lomo(LowMemoryOptimizer):
                               clip_grad_value=group["clip_grad_value"], grad_scale=grad_scale,
                               stochastic_rounding=stochastic_rounding, generator=generator)
 
-    def _update_many(self, ps, grads, group):
+    def _update_many(self, ps, grads, group, shards=None):
         _, seeds, _, sr = self._begin_many(ps, group)
         return kernels.lomo_update_many_(ps, grads, lr=group["lr"], weight_decay=group["weight_decay"],
                                          clip_grad_value=group["clip_grad_value"],
                                          grad_scale=self._grad_scale(ps[0].device), stochastic_rounding=sr,
-                                         seeds=seeds)
+                                         seeds=seeds, shards=shards)
