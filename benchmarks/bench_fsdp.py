@@ -113,6 +113,18 @@ def worker(args) -> None:
     if cuda:
         torch.cuda.synchronize(device)
     dt = time.perf_counter() - t0
+    if cuda:  # one more step with torch's sync debug mode: how often the host waited for the GPU (should be 0)
+        import warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                one_step(args.warmup + args.steps + 10)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+        result["host_syncs_in_one_step"] = len(syncs)
+        result["host_sync_examples"] = sorted(set(syncs))[:3]
     if args.profile_out and cuda:  # a few more steps under torch.profiler; rank 0 writes the op table
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

@@ -226,5 +226,27 @@ bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(
     echo "bench 0.94b alone rc=$?"; tail -n 9 "$out/bench_0.94b_alone.log"
     pack
     ;;
-  *) echo "unknown stage $stage (a-o)"; exit 2 ;;
+  p)  # 2 GPUs, NEXT SESSION (written 2026-11-29, not run yet): the FSDP2 path after the host-sync fix and with Lomo's
+      # sharded kernels: exactness on NCCL, 1B on 1/2 GPUs (host_syncs_in_one_step in the JSON should be 0), a profile
+    timeout 120 python3 -m torch.distributed.run --standalone --nproc-per-node=2 benchmarks/fsdp_exactness.py --steps 10 \
+      --out "$out/fsdp_exactness.json" > "$out/fsdp_exactness.log" 2>&1
+    echo "exactness rc=$?"; grep -v Warning "$out/fsdp_exactness.log" | tail -n 10
+    pack
+    f1b() {  # name, seconds, then bench_fsdp flags: 1B, batch 4x2048 per GPU
+      local name=$1 limit=$2; shift 2
+      timeout "$limit" python3 benchmarks/bench_fsdp.py --sizes 1b --timeout 45 --out "$out/fsdp_1b_$name.json" "$@" \
+        > "$out/fsdp_1b_$name.log" 2>&1
+      echo "fsdp 1b $name rc=$?"; grep "^| 1b" "$out/fsdp_1b_$name.log"
+    }
+    f1b ab 130 --gpus 1,2 --optimizers adalomo,adamw
+    f1b b512 45 --gpus 2 --optimizers adalomo --adalomo-kwargs '{"bucket_cap_mb": 512}'
+    python3 -c "import json,sys; [print(r['optimizer'], r['gpus'], r.get('host_syncs_in_one_step'), r.get('host_sync_examples')) \
+for r in json.load(open(sys.argv[1]))['results']]" "$out/fsdp_1b_ab.json"
+    pack
+    timeout 90 python3 benchmarks/bench_fsdp.py --sizes 1b --gpus 2 --optimizers adalomo --steps 5 --warmup 3 \
+      --timeout 80 --profile-out "$out/prof" --out "$out/fsdp_prof.json" > "$out/fsdp_prof.log" 2>&1
+    echo "fsdp profile rc=$?"; grep -E "cudaStreamSynchronize|AllReduce" "$out"/prof.*.txt | cut -c1-160
+    pack
+    ;;
+  *) echo "unknown stage $stage (a-p)"; exit 2 ;;
 esac
