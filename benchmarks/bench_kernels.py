@@ -135,18 +135,18 @@ def time_update(algo, shape, dtype=torch.bfloat16, reps=30, torch_path=False, sr
     return statistics.median(dev), statistics.median(host) * 1e3
 
 
-def kernel_times(algo, shape, dtype=torch.bfloat16, reps=20):
+def kernel_times(algo, shape, dtype=torch.bfloat16, reps=20, sr=True):
     """Mean device microseconds per kernel of one update (torch.profiler), inputs rotated."""
     from torch.profiler import ProfilerActivity, profile
     nbytes = 2 * torch.Size(shape).numel() * torch.tensor([], dtype=dtype).element_size()
     n_sets = max(2, min(16, (256 << 20) // max(nbytes, 1) + 1))
     sets = _sets(shape, dtype, n_sets, algo)
     for s in sets[:2]:
-        _update(algo, *s)
+        _update(algo, *s, sr=sr)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for i in range(reps):
-            _update(algo, *sets[i % n_sets])
+            _update(algo, *sets[i % n_sets], sr=sr)
         torch.cuda.synchronize()
     out = {}
     for e in prof.key_averages():
@@ -224,6 +224,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--skip-correctness", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="time a few launch configurations")
+    ap.add_argument("--sr-ablation", action="store_true",
+                    help="also time every kernel with stochastic rounding off (the cost of its random bits)")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     args = ap.parse_args()
     _pytest_shim()
@@ -274,6 +276,8 @@ def main() -> None:
                    "host_ms": round(host_ms, 4), "bytes": total, "GBps": round(total / (dev_ms * 1e-3) / 1e9),
                    "bound_ms": round(total / (bw * 1e9) * 1e3, 4), "torch_ms": round(torch_ms, 4),
                    "torch_host_ms": round(torch_host, 4), "kernels": per}
+            if args.sr_ablation:  # the same kernels with round-to-nearest: what the stochastic rounding's RNG costs
+                row["kernels_no_sr_us"] = {k: round(us, 2) for k, us in kernel_times(algo, shape, sr=False).items()}
             rows.append(row)
             print(json.dumps(row), flush=True)
             del p

@@ -247,6 +247,11 @@ for r in json.load(open(sys.argv[1]))['results']]" "$out/fsdp_1b_ab.json"
       --timeout 80 --profile-out "$out/prof" --out "$out/fsdp_prof.json" > "$out/fsdp_prof.log" 2>&1
     echo "fsdp profile rc=$?"; grep -E "cudaStreamSynchronize|AllReduce" "$out"/prof.*.txt | cut -c1-160
     pack
+    # is the write kernel (~40% of copy bandwidth) paying for stochastic rounding's Philox draw per element?
+    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 benchmarks/bench_kernels.py --skip-correctness --sr-ablation \
+      --shapes "attn 4096x4096,mlp 11008x4096" --out "$out/kernels_sr.json" > "$out/kernels_sr.log" 2>&1
+    echo "kernels sr ablation rc=$?"; grep -o '"shape": "[^"]*", "algo": "[^"]*"\|_fac_write_kernel": {"us": [0-9.]*\|_lomo_write_kernel": {"us": [0-9.]*\|"kernels_no_sr_us": {[^}]*}' "$out/kernels_sr.log"
+    pack
     ;;
   *) echo "unknown stage $stage (a-p)"; exit 2 ;;
 esac
