@@ -21,6 +21,12 @@ gpt() {  # gpt-lm comparison: name, seconds, then CLI flags
     --quiet --log-every 100 --out "$out/$name" "$@" > "$out/$name.log" 2>&1
   echo "$name rc=$?"; tail -n 12 "$out/$name.log"
 }
+f1b() {  # FSDP2 at 1B, batch 4x2048 per GPU: name, seconds, then bench_fsdp flags
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" python3 benchmarks/bench_fsdp.py --sizes 1b --timeout 45 --out "$out/fsdp_1b_$name.json" "$@" \
+    > "$out/fsdp_1b_$name.log" 2>&1
+  echo "fsdp 1b $name rc=$?"; grep "^| 1b" "$out/fsdp_1b_$name.log"
+}
 case $stage in
   a)  # kernels on CUDA, the fused-mode variants at 0.94B, gpt-lm at 125M
     timeout 150 python3 tests/test_kernels.py cuda > "$out/tests_cuda.json" 2> "$out/tests_cuda.err"
@@ -188,12 +194,6 @@ bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(
       echo "bench 6.7b rest rc=$?"; tail -n 8 "$out/bench_6.7b_rest.log" ) > "$out/gpu1.txt" 2>&1 & p1=$!
     wait $p0 $p1; cat "$out/gpu0.txt" "$out/gpu1.txt"
     pack
-    f1b() {  # name, seconds, then bench_fsdp flags: 1B, batch 4x2048 per GPU
-      local name=$1 limit=$2; shift 2
-      timeout "$limit" python3 benchmarks/bench_fsdp.py --sizes 1b --timeout 45 --out "$out/fsdp_1b_$name.json" "$@" \
-        > "$out/fsdp_1b_$name.log" 2>&1
-      echo "fsdp 1b $name rc=$?"; grep "^| 1b" "$out/fsdp_1b_$name.log"
-    }
     f1b ab 130 --gpus 1,2 --optimizers adalomo,adamw
     ( export ADALOMO_SHARED_STATS_GROUP=1; f1b shared 45 --gpus 2 --optimizers adalomo )  # (then the default was
     # a separate communicator, ADALOMO_SHARED_STATS_GROUP=1 turned it off; now ADALOMO_SEPARATE_STATS_GROUP=1 turns it on)
@@ -232,12 +232,6 @@ bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(
       --out "$out/fsdp_exactness.json" > "$out/fsdp_exactness.log" 2>&1
     echo "exactness rc=$?"; grep -v Warning "$out/fsdp_exactness.log" | tail -n 10
     pack
-    f1b() {  # name, seconds, then bench_fsdp flags: 1B, batch 4x2048 per GPU
-      local name=$1 limit=$2; shift 2
-      timeout "$limit" python3 benchmarks/bench_fsdp.py --sizes 1b --timeout 45 --out "$out/fsdp_1b_$name.json" "$@" \
-        > "$out/fsdp_1b_$name.log" 2>&1
-      echo "fsdp 1b $name rc=$?"; grep "^| 1b" "$out/fsdp_1b_$name.log"
-    }
     f1b ab 130 --gpus 1,2 --optimizers adalomo,adamw
     f1b b512 45 --gpus 2 --optimizers adalomo --adalomo-kwargs '{"bucket_cap_mb": 512}'
     python3 -c "import json,sys; [print(r['optimizer'], r['gpus'], r.get('host_syncs_in_one_step'), r.get('host_sync_examples')) \
