@@ -233,7 +233,6 @@ bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(
     echo "exactness rc=$?"; grep -v Warning "$out/fsdp_exactness.log" | tail -n 10
     pack
     f1b ab 130 --gpus 1,2 --optimizers adalomo,adamw
-    f1b b512 45 --gpus 2 --optimizers adalomo --adalomo-kwargs '{"bucket_cap_mb": 512}'
     python3 -c "import json,sys; [print(r['optimizer'], r['gpus'], r.get('host_syncs_in_one_step'), r.get('host_sync_examples')) \
 for r in json.load(open(sys.argv[1]))['results']]" "$out/fsdp_1b_ab.json"
     pack
@@ -241,10 +240,13 @@ for r in json.load(open(sys.argv[1]))['results']]" "$out/fsdp_1b_ab.json"
       --timeout 80 --profile-out "$out/prof" --out "$out/fsdp_prof.json" > "$out/fsdp_prof.log" 2>&1
     echo "fsdp profile rc=$?"; grep -E "cudaStreamSynchronize|AllReduce" "$out"/prof.*.txt | cut -c1-160
     pack
-    # is the write kernel (~40% of copy bandwidth) paying for stochastic rounding's Philox draw per element?
-    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 benchmarks/bench_kernels.py --skip-correctness --sr-ablation \
-      --shapes "attn 4096x4096,mlp 11008x4096" --out "$out/kernels_sr.json" > "$out/kernels_sr.log" 2>&1
-    echo "kernels sr ablation rc=$?"; grep -o '"shape": "[^"]*", "algo": "[^"]*"\|_fac_write_kernel": {"us": [0-9.]*\|_lomo_write_kernel": {"us": [0-9.]*\|"kernels_no_sr_us": {[^}]*}' "$out/kernels_sr.log"
+    # is the write kernel (~40% of copy bandwidth) paying for stochastic rounding's Philox draw per element? the
+    # default draw, round-to-nearest (--sr-ablation), and the experimental draw of one Philox per 4 elements
+    for rng4 in 0 1; do
+      CUDA_VISIBLE_DEVICES=0 ADALOMO_SR_RNG4=$rng4 timeout 75 python3 benchmarks/bench_kernels.py --skip-correctness \
+        --sr-ablation --shapes "mlp 11008x4096" --out "$out/kernels_sr_rng4_$rng4.json" > "$out/kernels_sr_rng4_$rng4.log" 2>&1
+      echo "kernels sr ablation rng4=$rng4 rc=$?"; grep -o '_fac_write_kernel": {"us": [0-9.]*\|_lomo_write_kernel": {"us": [0-9.]*\|"kernels_no_sr_us": {[^}]*}' "$out/kernels_sr_rng4_$rng4.log"
+    done
     pack
     ;;
   *) echo "unknown stage $stage (a-p)"; exit 2 ;;

@@ -514,6 +514,38 @@ def test_interpreter(interpreter_results, name):
     assert interpreter_results[name] == "ok", interpreter_results[name]
 
 
+_SR_DIGEST = """
+import torch
+from adalomo import kernels
+p = (torch.randn(48, 160, generator=torch.Generator().manual_seed(3)) * 0.02).to(torch.bfloat16)
+g = torch.randn(48, 160, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+kernels.lomo_update_(p, g, lr=1e-3, weight_decay=0.0, clip_grad_value=None, grad_scale=None,
+                     stochastic_rounding=True, generator=None, seed=1234)
+print("DIGEST", int(p.view(torch.int16).long().sum()))
+"""
+
+
+def test_sr_rng4_variant():
+    """The experimental ADALOMO_SR_RNG4=1 draw (one Philox per 4 elements) rounds to a neighbour without bias (the
+    SR cases through the interpreter) and really draws other bits than the default."""
+    pytest.importorskip("triton")
+    digests = []
+    for rng4 in ("0", "1"):
+        env = dict(os.environ, ADALOMO_TRITON_INTERPRET="1", TRITON_INTERPRET="1", ADALOMO_SR_RNG4=rng4,
+                   PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "src"), os.environ.get("PYTHONPATH", "")]))
+        env.pop("ADALOMO_DISABLE_TRITON", None)
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "cpu", "sr_bf16_adalomo,sr_bf16_lomo"],
+                              capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+        res = json.loads(lines[-1])
+        assert res["sr_bf16_adalomo"] == "ok" and res["sr_bf16_lomo"] == "ok", res
+        out = subprocess.run([sys.executable, "-c", _SR_DIGEST], capture_output=True, text=True, env=env,
+                             timeout=120, cwd=ROOT)
+        digests.append([ln for ln in out.stdout.splitlines() if ln.startswith("DIGEST")])
+    assert digests[0] and digests[1] and digests[0] != digests[1], digests
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("name", [n for n in list(CASES) + list(GPU_CASES) if n != "import_is_lazy"])
 def test_cuda(name):
@@ -605,7 +637,10 @@ if __name__ == "__main__":
     if dev == "cpu":
         os.environ["ADALOMO_TRITON_INTERPRET"] = "1"
         os.environ["TRITON_INTERPRET"] = "1"
-    res = run_cases(dev, CASES if dev == "cpu" else {**CASES, **GPU_CASES})
+    cases = CASES if dev == "cpu" else {**CASES, **GPU_CASES}
+    if len(sys.argv) > 2:  # a comma-separated subset
+        cases = {k: cases[k] for k in sys.argv[2].split(",")}
+    res = run_cases(dev, cases)
     bad = {k: v for k, v in res.items() if not k.endswith(":seconds") and v != "ok"}
     print(json.dumps(res))
     sys.exit(0)

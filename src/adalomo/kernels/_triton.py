@@ -136,6 +136,30 @@ def _round_to_bf16(new, lin, seed):
     return tl.where(new != new, new, rounded)
 
 
+#: Experimental, off by default (``ADALOMO_SR_RNG4=1`` before the kernels load): the 2-D write kernels draw their
+#: rounding bits with one Philox evaluation per 4 elements (``tl.randint4x`` on a quarter-width tile, spread out
+#: with join + reshape) instead of one per element. Whether that makes them faster is for the GPU to say
+#: (``benchmarks/bench_kernels.py --sr-ablation``); the bits differ, the rounding stays unbiased (tested).
+_RNG4 = tl.constexpr(os.environ.get("ADALOMO_SR_RNG4", "") not in ("", "0"))
+
+
+@triton.jit
+def _round_to_bf16_tile(new, rows, j, N, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``_round_to_bf16`` for a [BLOCK_M, BLOCK_N] tile (column tile ``j``, global row indices ``rows``): with
+    ``_RNG4`` one Philox counter per 4 consecutive columns of a row, its four outputs spread over them."""
+    if _RNG4:
+        gc = j * (BLOCK_N // 4) + tl.arange(0, BLOCK_N // 4)
+        cnt = rows[:, None] * ((N + 3) // 4) + gc[None, :]
+        r0, r1, r2, r3 = tl.randint4x(seed, cnt)
+        noise = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_M, BLOCK_N))
+        bits = new.to(tl.int32, bitcast=True)
+        rounded = ((bits + (noise & 0xFFFF).to(tl.int32)) & -65536).to(tl.float32, bitcast=True)
+        return tl.where(new != new, new, rounded)
+    else:
+        cols = j * BLOCK_N + tl.arange(0, BLOCK_N)
+        return _round_to_bf16(new, rows[:, None] * N + cols[None, :], seed)
+
+
 # ----------------------------------------------------------------------------------------- kernels
 _FAC_STATS_INTS = ["B", "M", "N", "TM", "TN", "rows_per_prog", "sg_b", "sg_m", "sg_n", "sp_b", "sp_m", "sp_n",
                    "off_rowpart", "off_colpart", "off_psq"]
@@ -425,7 +449,7 @@ def _fac_write_body(pid, g_ptr, p_ptr, scale_ptr, ws_ptr, row_ptr, col_ptr, m_pt
             new = p
         new = new + u * neg_step
         if SR:
-            new = _round_to_bf16(new, (lin_base + m0 * N + lin_offs).to(tl.int32), seed)
+            new = _round_to_bf16_tile(new, (b64 * M + r0 + m0 + lrows).to(tl.int32), j, N, seed, BLOCK_M, BLOCK_N)
         tl.store(p_ptrs, new.to(p_ptr.dtype.element_ty), mask=_and(mask, ok))
         tl.store(row_ptr + b64 * M + r0 + m0 + lrows, new_row, mask=_and(rmask, row_ok))
     tl.store(col_ptr + b64 * N + cols, new_col, mask=_and(cmask, ok & (i == 0).to(tl.int8)))
@@ -603,7 +627,6 @@ def _lomo_write_body(pid, g_ptr, p_ptr, scale_ptr, ws_ptr, ok_ptr, okacc_ptr, se
     r0 = i * rows_per_prog
     g_base = g_ptr + b64 * sg_b + r0.to(tl.int64) * sg_m
     p_base = p_ptr + b64 * sp_b + r0.to(tl.int64) * sp_m
-    lin_base = (b64 * M + r0) * N
     lrows = tl.arange(0, BLOCK_M)
     g_offs = lrows[:, None] * sg_m + cols[None, :] * sg_n
     p_offs = lrows[:, None] * sp_m + cols[None, :] * sp_n
@@ -622,7 +645,7 @@ def _lomo_write_body(pid, g_ptr, p_ptr, scale_ptr, ws_ptr, ok_ptr, okacc_ptr, se
             new = p
         new = new + g * (-lr)
         if SR:
-            new = _round_to_bf16(new, (lin_base + m0 * N + lrows[:, None] * N + cols[None, :]).to(tl.int32), seed)
+            new = _round_to_bf16_tile(new, (b64 * M + r0 + m0 + lrows).to(tl.int32), j, N, seed, BLOCK_M, BLOCK_N)
         tl.store(p_ptrs, new.to(p_ptr.dtype.element_ty), mask=_and(mask, ok))
 
 
