@@ -27,6 +27,16 @@ f1b() {  # FSDP2 at 1B, batch 4x2048 per GPU: name, seconds, then bench_fsdp fla
     > "$out/fsdp_1b_$name.log" 2>&1
   echo "fsdp 1b $name rc=$?"; grep "^| 1b" "$out/fsdp_1b_$name.log"
 }
+exactness() {  # FSDP2/HSDP vs one process on NCCL, 2 GPUs: seconds
+  timeout "$1" python3 -m torch.distributed.run --standalone --nproc-per-node=2 benchmarks/fsdp_exactness.py \
+    --steps 10 --out "$out/fsdp_exactness.json" > "$out/fsdp_exactness.log" 2>&1
+  echo "exactness rc=$?"; grep -v Warning "$out/fsdp_exactness.log" | tail -n 10
+}
+fsdp1b() {  # the 1B FSDP2 table on 1 and 2 GPUs, AdaLomo and AdamW
+  timeout 200 python3 benchmarks/bench_fsdp.py --sizes 1b --gpus 1,2 --optimizers adalomo,adamw --timeout 90 \
+    --out "$out/fsdp_1b.json" > "$out/fsdp_1b.log" 2>&1
+  echo "fsdp 1b rc=$?"; tail -n 7 "$out/fsdp_1b.log"
+}
 case $stage in
   a)  # kernels on CUDA, the fused-mode variants at 0.94B, gpt-lm at 125M
     timeout 150 python3 tests/test_kernels.py cuda > "$out/tests_cuda.json" 2> "$out/tests_cuda.err"
@@ -88,13 +98,9 @@ bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(
   g)  # 2 GPUs (nvidia-h200-x2): FSDP2 exactness on NCCL, then throughput/memory per GPU at 1B and 7B on 1 and 2 GPUs
     [ -f benchmarks/debug_lomo_clip.py ] && timeout 90 python3 benchmarks/debug_lomo_clip.py > "$out/debug_lomo.log" 2>&1
     tail -n 30 "$out/debug_lomo.log" | grep -v "^  warn\|Warning"
-    timeout 150 python3 -m torch.distributed.run --standalone --nproc-per-node=2 benchmarks/fsdp_exactness.py --steps 10 \
-      --out "$out/fsdp_exactness.json" > "$out/fsdp_exactness.log" 2>&1
-    echo "exactness rc=$?"; grep -v Warning "$out/fsdp_exactness.log" | tail -n 10
+    exactness 150
     pack
-    timeout 200 python3 benchmarks/bench_fsdp.py --sizes 1b --gpus 1,2 --optimizers adalomo,adamw --timeout 90 \
-      --out "$out/fsdp_1b.json" > "$out/fsdp_1b.log" 2>&1
-    echo "fsdp 1b rc=$?"; tail -n 7 "$out/fsdp_1b.log"
+    fsdp1b
     pack
     timeout 240 python3 benchmarks/bench_fsdp.py --sizes 7b --gpus 1,2 --optimizers adalomo,adamw --steps 8 \
       --warmup 2 --timeout 110 --out "$out/fsdp_7b.json" > "$out/fsdp_7b.log" 2>&1
@@ -143,13 +149,9 @@ bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(
     pack
     ;;
   k)  # 2 GPUs: FSDP2 with the grouped sharded kernels: exactness on NCCL, 1B on 1 and 2 GPUs, the largest AdaLomo model
-    timeout 120 python3 -m torch.distributed.run --standalone --nproc-per-node=2 benchmarks/fsdp_exactness.py --steps 10 \
-      --out "$out/fsdp_exactness.json" > "$out/fsdp_exactness.log" 2>&1
-    echo "exactness rc=$?"; grep -v Warning "$out/fsdp_exactness.log" | tail -n 10
+    exactness 120
     pack
-    timeout 200 python3 benchmarks/bench_fsdp.py --sizes 1b --gpus 1,2 --optimizers adalomo,adamw --timeout 90 \
-      --out "$out/fsdp_1b.json" > "$out/fsdp_1b.log" 2>&1
-    echo "fsdp 1b rc=$?"; tail -n 7 "$out/fsdp_1b.log"
+    fsdp1b
     pack
     timeout 270 python3 benchmarks/bench_fsdp.py --find-max --gpus 2 --optimizers adalomo --sizes 30b,70b,100b \
       --batch-size 1 --steps 3 --warmup 1 --timeout 125 --out "$out/fsdp_max_adalomo.json" > "$out/fsdp_max_adalomo.log" 2>&1
@@ -228,9 +230,7 @@ bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(
     ;;
   p)  # 2 GPUs, NEXT SESSION (written 2026-11-29, not run yet): the FSDP2 path after the host-sync fix and with Lomo's
       # sharded kernels: exactness on NCCL, 1B on 1/2 GPUs (host_syncs_in_one_step in the JSON should be 0), a profile
-    timeout 120 python3 -m torch.distributed.run --standalone --nproc-per-node=2 benchmarks/fsdp_exactness.py --steps 10 \
-      --out "$out/fsdp_exactness.json" > "$out/fsdp_exactness.log" 2>&1
-    echo "exactness rc=$?"; grep -v Warning "$out/fsdp_exactness.log" | tail -n 10
+    exactness 120
     pack
     f1b ab 130 --gpus 1,2 --optimizers adalomo,adamw
     python3 -c "import json,sys; [print(r['optimizer'], r['gpus'], r.get('host_syncs_in_one_step'), r.get('host_sync_examples')) \
