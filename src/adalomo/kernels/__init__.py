@@ -95,28 +95,38 @@ def triton_available() -> bool:
     return _load(_flag("ADALOMO_TRITON_INTERPRET")) is not None
 
 
+def _interpret_on(dev: torch.device) -> bool | None:
+    """Whether kernels on ``dev`` would run interpreted (CPU), compiled (CUDA), or None: not at all there."""
+    if _flag("ADALOMO_DISABLE_TRITON"):
+        return None
+    if dev.type == "cuda":
+        return False
+    if dev.type == "cpu" and _flag("ADALOMO_TRITON_INTERPRET"):
+        return True
+    return None
+
+
+def _loaded(interpret: bool) -> bool:
+    """The kernels import, in the mode ``interpret`` asks for, and no ``torch.compile`` is tracing."""
+    if torch.compiler.is_compiling() or _load(interpret) is None:
+        return False
+    return _impl_interpreted or not interpret
+
+
 def use_triton(*tensors: torch.Tensor) -> bool:
     """True when a Triton kernel should run this update (see the module docstring for the rules)."""
-    if not tensors or _flag("ADALOMO_DISABLE_TRITON"):
+    if not tensors:
         return False
     dev = tensors[0].device
-    if dev.type == "cuda":
-        interpret = False
-    elif dev.type == "cpu" and _flag("ADALOMO_TRITON_INTERPRET"):
-        interpret = True
-    else:
+    interpret = _interpret_on(dev)
+    if interpret is None:
         return False
     for t in tensors:
         if type(t) not in _PLAIN or t.device != dev or t.dtype not in _DTYPES or not 0 < t.numel() < _MAX_NUMEL:
             return False
         if t.dim() and max(map(abs, t.stride())) >= _MAX_STRIDE:  # in-tile offsets are int32
             return False
-    if torch.compiler.is_compiling():
-        return False
-    impl = _load(interpret)
-    if impl is None:
-        return False
-    return _impl_interpreted or not interpret
+    return _loaded(interpret)
 
 
 def _local(t):
@@ -131,20 +141,12 @@ def sharded_fits(p, grad) -> bool:
     """``use_triton``'s rules for the shards of an FSDP2 parameter ``p`` (a DTensor) and its gradient, decided
     on what every rank sees alike (device, dtypes, global shape; not the local size, which may be zero), so
     that all ranks take the same path and join the same collectives. 1-D and 2-D tensors only."""
-    if _flag("ADALOMO_DISABLE_TRITON") or torch.compiler.is_compiling() or p.dim() not in (1, 2):
+    if p.dim() not in (1, 2) or p.dtype not in _DTYPES or grad.dtype not in _DTYPES:
         return False
-    if p.dtype not in _DTYPES or grad.dtype not in _DTYPES or not 0 < p.numel() < _MAX_NUMEL:
+    if not 0 < p.numel() < _MAX_NUMEL or (p.dim() == 2 and p.shape[1] >= _MAX_STRIDE):
         return False
-    if p.device.type == "cuda":
-        interpret = False
-    elif p.device.type == "cpu" and _flag("ADALOMO_TRITON_INTERPRET"):
-        interpret = True
-    else:
-        return False
-    if p.dim() == 2 and p.shape[1] >= _MAX_STRIDE:
-        return False
-    impl = _load(interpret)
-    return impl is not None and (_impl_interpreted or not interpret)
+    interpret = _interpret_on(p.device)
+    return interpret is not None and _loaded(interpret)
 
 
 def gradient_fits(g: torch.Tensor, p: torch.Tensor) -> bool:

@@ -201,7 +201,7 @@ def scaled_rms_update_sharded_(ps, gs, states, shards, *, rhos, beta2s, eps, cli
         fac_b2 = [float(beta2s[i]) for i, it in enumerate(plan.items) if it.fac]
         if len(set(fac_b2)) == 1:
             b2, omb2 = fac_b2[0], 1.0 - fac_b2[0]
-        else:
+        else:  # tensors at different step counts in one bucket (rare): a small upload from pageable memory
             b2 = torch.tensor(fac_b2, dtype=torch.float32).to(dev, non_blocking=True)
             omb2 = 1.0 - b2
         # the global mean of the new row statistics, times the local row count (the kernels divide by it)
