@@ -9,7 +9,8 @@
    read once, each output written once; workspace partials not counted) and the achieved GB/s; per update:
    device time (CUDA events, inputs rotated through more memory than L2 holds), host time to issue it,
    and the torch path for comparison;
-4. optionally (``--sweep``) a few launch configurations (``kernels._triton.CONFIG``).
+4. optionally (``--sweep``) launch geometries (``kernels._triton.set_config``) for the grouped kernels on
+   gradient buckets of LLaMA 0.94B/6.7B shapes: per-kernel us and GB/s, the best geometry per bucket.
 
 Prints a short table last; ``--out`` writes everything as JSON (command, date, device).
 """
@@ -214,6 +215,59 @@ def model_step(hidden=2048, inter=5504, layers=16, vocab=32000, reps=5):
     return out
 
 
+SWEEP = [dict(), dict(max_tm=64), dict(max_tm=128), dict(max_tm=256), dict(max_tm=128, warps_stats=8, warps_usq=8),
+         dict(max_tm=128, block_m=16), dict(max_tm=128, block_m=64, warps_stats=8, warps_usq=8),
+         dict(max_tm=128, block_m=16, block_n=256), dict(max_tm=128, warps_write=4),
+         dict(max_tm=64, block_m=64, block_n=64)]
+SWEEP_BUCKETS = {"6.7b mlp": [(11008, 4096)], "6.7b attn x2": [(4096, 4096)] * 2,
+                 "0.94b mixed": [(5504, 2048)] * 2 + [(2048, 2048)] * 4}
+_PASS_BYTES = {"stats": 4, "usq": 2, "write": 6, "sum": 2}  # per bf16 element (stats reads g and p)
+
+
+def grouped_kernel_times(algo, shapes, reps=10):
+    """One gradient bucket through the grouped kernels (as fused mode flushes it), bf16: mean device us per
+    kernel (torch.profiler; two sets of inputs alternate, each larger than L2), GB/s per pass, their total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from adalomo import functional as F
+    from adalomo import kernels
+    sets = []
+    for _ in range(2):
+        ps = [torch.randn(s, device="cuda").to(torch.bfloat16) for s in shapes]
+        gs = [torch.randn(s, device="cuda").to(torch.bfloat16) for s in shapes]
+        sets.append((ps, gs, [F.init_factored_state(p) for p in ps]))
+    kw = dict(weight_decay=0.0, grad_scale=None, stochastic_rounding=True)
+
+    def one(k):
+        ps, gs, sts = sets[k % 2]
+        if algo == "lomo":
+            kernels.lomo_update_many_(ps, gs, lr=1e-4, clip_grad_value=None, seeds=list(range(len(ps))), **kw)
+        else:
+            kernels.scaled_rms_update_many_(ps, gs, sts, rhos=[1e-3] * len(ps), beta2s=[0.9] * len(ps),
+                                            eps=(1e-30, 1e-3), clip_threshold=1.0, scale_parameter=True, beta1=None,
+                                            seeds=list(range(len(ps))), **kw)
+    for k in range(2):
+        one(k)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for k in range(reps):
+            one(k)
+        torch.cuda.synchronize()
+    n = sum(torch.Size(s).numel() for s in shapes)
+    out, total = {}, 0.0
+    for e in prof.key_averages():
+        if not e.key.startswith("_g_"):
+            continue
+        us = (getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)) / max(e.count, 1)
+        total += us
+        kind = next((k for k in _PASS_BYTES if f"_{k}_" in e.key), None)
+        out[e.key] = {"us": round(us, 2), "GBps": round(_PASS_BYTES[kind] * n / us / 1e3) if kind else None}
+    sets.clear()
+    torch.cuda.empty_cache()
+    bound = (12 if algo == "adalomo" else 8) * n / 4e6  # us at 4 TB/s
+    return {"kernels": out, "total_us": round(total, 2), "bound_us_4TBps": round(bound, 2)}
+
+
 _KERNEL_PASS = {"_fac_stats_kernel": "stats", "_vec_stats_kernel": "stats", "_fac_usq_kernel": "usq",
                 "_fac_write_kernel": "write", "_vec_write_kernel": "write", "_sum_kernel": "sum",
                 "_lomo_write_kernel": "write"}
@@ -236,8 +290,8 @@ def main() -> None:
 
     res = {"command": " ".join(["python3"] + sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
            "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "config": dict(K.CONFIG)}
-    print(res["device"], "torch", torch.__version__, "triton", triton.__version__, flush=True)
+           "config": dict(K.CONFIG), "sr_rng": K._SR_RNG_NAME}
+    print(res["device"], "torch", torch.__version__, "triton", triton.__version__, "sr rng", K._SR_RNG_NAME, flush=True)
 
     if not args.skip_correctness:
         import test_kernels as T
@@ -296,22 +350,26 @@ def main() -> None:
                                           for k in ("update_ms", "host_ms", "bound_ms", "torch_ms")}
     res["per_model"] = summary
 
-    if args.sweep:
+    if args.sweep:  # launch geometries for the grouped kernels that fused mode runs per gradient bucket
         sweep = []
-        base = dict(K.CONFIG)
-        variants = [dict(), dict(num_warps=8), dict(block_m=16), dict(block_m=16, num_warps=8), dict(max_tm=64),
-                    dict(block_n=256, block_m=16, num_warps=8), dict(max_tm=16, num_warps=8)]
-        for v in variants:
-            K.CONFIG.clear()
-            K.CONFIG.update({**base, **v})
-            r = {"config": v}
-            for name in ("attn 2048x2048", "mlp 11008x4096", "embed 32000x2048"):
-                r[name] = round(time_update("adalomo", SHAPES[name][0], reps=20)[0], 4)
-            sweep.append(r)
-            print("sweep", json.dumps(r), flush=True)
-        K.CONFIG.clear()
-        K.CONFIG.update(base)
+        for v in SWEEP:
+            prev = K.set_config(**v)
+            try:
+                r = {"config": v, "buckets": {}}
+                for bname, shapes in SWEEP_BUCKETS.items():
+                    for algo in ("adalomo", "lomo"):
+                        r["buckets"][f"{bname} {algo}"] = grouped_kernel_times(algo, shapes)
+                sweep.append(r)
+                print("sweep", json.dumps(r), flush=True)
+            finally:
+                K.set_config(**prev)
         res["sweep"] = sweep
+        best = {}
+        for r in sweep:
+            for b, t in r["buckets"].items():
+                if b not in best or t["total_us"] < best[b][0]:
+                    best[b] = (t["total_us"], r["config"])
+        res["sweep_best"] = {b: {"total_us": t, "config": c} for b, (t, c) in best.items()}
 
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -249,5 +249,29 @@ for r in json.load(open(sys.argv[1]))['results']]" "$out/fsdp_1b_ab.json"
     done
     pack
     ;;
-  *) echo "unknown stage $stage (a-p)"; exit 2 ;;
+  q)  # 1 GPU (2026-11-29, after stage p showed the write kernels 2.5x slower with per-element Philox): the keyed
+      # hash for the rounding bits (CUDA kernel tests, kernel times), a sweep of launch geometries on gradient
+      # buckets, and the 6.7B fused step with the hash
+    export ADALOMO_SR_RNG=hash
+    timeout 150 python3 tests/test_kernels.py cuda > "$out/tests_cuda_hash.json" 2> "$out/tests_cuda_hash.err"
+    echo "kernel tests (hash) rc=$?"; python3 -c "import json,sys; d=json.load(open(sys.argv[1])); \
+bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(len(d)//2,'cases, bad:',bad)" \
+      "$out/tests_cuda_hash.json"
+    timeout 75 python3 benchmarks/bench_kernels.py --skip-correctness --sr-ablation --shapes "mlp 11008x4096" \
+      --out "$out/kernels_sr_hash.json" > "$out/kernels_sr_hash.log" 2>&1
+    echo "kernels sr hash rc=$?"; grep -o '_fac_write_kernel": {"us": [0-9.]*\|_lomo_write_kernel": {"us": [0-9.]*' \
+      "$out/kernels_sr_hash.log"
+    pack
+    timeout 200 python3 benchmarks/bench_kernels.py --skip-correctness --sweep --shapes "" \
+      --out "$out/kernels_sweep.json" > "$out/kernels_sweep.log" 2>&1
+    echo "sweep rc=$?"; python3 -c "import json,sys; d=json.load(open(sys.argv[1])); \
+[print(b, v) for b, v in d['sweep_best'].items()]; \
+[print(r['config'], {b: t['total_us'] for b, t in r['buckets'].items()}) for r in d['sweep']]" "$out/kernels_sweep.json"
+    pack
+    timeout 200 python3 benchmarks/bench_gpu.py --config 6.7b --out "$out/bench_6.7b_hash.json" \
+      --only floor,adalomo_fused,lomo_fused > "$out/bench_6.7b_hash.log" 2>&1
+    echo "bench 6.7b rc=$?"; tail -n 5 "$out/bench_6.7b_hash.log"
+    pack
+    ;;
+  *) echo "unknown stage $stage (a-q)"; exit 2 ;;
 esac

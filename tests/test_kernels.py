@@ -231,6 +231,29 @@ def check_stochastic_rounding(device: str, shape=(48, 160), lomo=False) -> None:
     assert torch.isfinite(lo).all()
 
 
+def check_sr_bits(device: str, n: int = 1 << 16) -> None:
+    """The rounding bits of the selected generator (ADALOMO_SR_RNG): uniform over 16 bits, each bit balanced, no
+    correlation between neighbours or between two seeds (bounds ~5 standard deviations for n samples)."""
+    impl = kernels._require(torch.empty(0, device=device))
+    a = impl.sr_bits(n, 12345, device).cpu().long()
+    b = impl.sr_bits(n, 12346, device).cpu().long()
+    assert int(a.min()) >= 0 and int(a.max()) < 1 << 16, "noise is not 16 bits"
+    sd = 5 / math.sqrt(n)
+    bits = torch.stack([(a >> k) & 1 for k in range(16)]).double().mean(1)
+    assert float((bits - 0.5).abs().max()) < 0.5 * sd, f"unbalanced bits: {bits.tolist()}"
+    counts = torch.bincount(a >> 8, minlength=256).double()
+    chi2 = float(((counts - n / 256) ** 2 / (n / 256)).sum())  # 255 degrees of freedom: mean 255, sd 22.6
+    assert chi2 < 255 + 5 * 22.6, f"256-bin chi-square {chi2:.0f}"
+
+    def corr(x, y):
+        x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
+        return float((x * y).sum() / (x.norm() * y.norm()))
+
+    assert abs(corr(a[1:], a[:-1])) < sd, "neighbouring elements' bits are correlated"
+    assert abs(corr(a, b)) < sd, "two seeds draw correlated bits"
+    assert float((a == b).double().mean()) < 1e-3, "two seeds draw the same bits"
+
+
 def check_optimizer_fused(device: str) -> None:
     """The optimizers end to end (fused hooks -> functional -> kernels) against the torch path."""
     from adalomo import Adafactor, AdaLomo, Lomo
@@ -329,14 +352,13 @@ class _NoCtx:
 def check_unfolded_and_accumulate(device: str) -> None:
     """The one-program finish kernel (used when partials are many) and the ``ok_into``/``seed`` arguments."""
     from adalomo.kernels import _triton as K
-    prev = K.CONFIG["fold_max"]
-    K.CONFIG["fold_max"] = 0
+    prev = K.set_config(fold_max=0)
     try:
         check_scaled(device, (21, 40), torch.bfloat16, rho=0.2, steps=1)
         check_scaled(device, (50,), steps=1)
         check_lomo(device, (13, 20), wd=0.1)
     finally:
-        K.CONFIG["fold_max"] = prev
+        K.set_config(**prev)
     gen = torch.Generator().manual_seed(5)
     p = _rand((9, 33), gen, device, torch.bfloat16)
     g = _rand((9, 33), gen, device, torch.bfloat16)
@@ -422,6 +444,30 @@ def check_import_is_lazy(device: str) -> None:
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
 
 
+def check_other_configs(device: str) -> None:
+    """Other launch geometries (``set_config``: tile sizes, many row groups, warps) compute the same updates,
+    per tensor and grouped; bad settings are refused with the known keys named."""
+    from adalomo.kernels import _triton as K
+    for bad in (dict(block_m=48), dict(max_tm=0), dict(warps_usq=64), dict(nonsense=1), dict(fast_launch=1)):
+        try:
+            K.set_config(**bad)
+        except ValueError:
+            continue
+        raise AssertionError(f"set_config accepted {bad}")
+    for cfg in (dict(block_m=16, block_n=64, max_tm=256, warps_stats=8, warps_usq=8, warps_write=4),
+                dict(block_m=64, block_n=256, max_tm=2, vec_block=256)):
+        prev = K.set_config(**cfg)
+        try:
+            check_scaled(device, (37, 53), torch.bfloat16, rho=0.2, steps=2)
+            check_scaled(device, (2, 70, 9), beta1=0.9, steps=2)
+            check_scaled(device, (150, 20), steps=1)  # with max_tm=2: several row tiles per program
+            check_lomo(device, (45, 31), torch.bfloat16, wd=0.1)
+            check_many(device)
+            check_many(device, lomo=True)
+        finally:
+            K.set_config(**prev)
+
+
 CASES: dict[str, Callable[[str], None]] = {
     "import_is_lazy": check_import_is_lazy,
     "fac2d_fp32": lambda d: check_scaled(d, (37, 53)),
@@ -450,12 +496,14 @@ CASES: dict[str, Callable[[str], None]] = {
     "lomo_3d_unmergeable": lambda d: check_lomo(d, (2, 4, 3, 5), g_layout="unmergeable", p_layout="unmergeable"),
     "sr_bf16_adalomo": lambda d: check_stochastic_rounding(d),
     "sr_bf16_lomo": lambda d: check_stochastic_rounding(d, lomo=True),
+    "sr_bits": check_sr_bits,
     "optimizers_end_to_end": check_optimizer_fused,
     "unfolded_and_accumulate": check_unfolded_and_accumulate,
     "fused_buckets": check_fused_buckets,
     "adapm_bf16_torch_path": check_torch_path_optimizer_on_kernel_device,
     "many_scaled": check_many,
     "many_lomo": lambda d: check_many(d, lomo=True),
+    "other_configs": check_other_configs,
 }
 
 def check_fast_launch_used(device: str) -> None:
@@ -525,25 +573,27 @@ print("DIGEST", int(p.view(torch.int16).long().sum()))
 """
 
 
-def test_sr_rng4_variant():
-    """The experimental ADALOMO_SR_RNG4=1 draw (one Philox per 4 elements) rounds to a neighbour without bias (the
-    SR cases through the interpreter) and really draws other bits than the default."""
+def test_sr_rng_variants():
+    """Each source of stochastic rounding's bits (ADALOMO_SR_RNG: Philox per element, Philox per 4 elements, keyed
+    hash) rounds to a neighbour without bias (the SR cases through the interpreter), and each really draws other
+    bits than the others."""
     pytest.importorskip("triton")
     digests = []
-    for rng4 in ("0", "1"):
-        env = dict(os.environ, ADALOMO_TRITON_INTERPRET="1", TRITON_INTERPRET="1", ADALOMO_SR_RNG4=rng4,
+    for rng in ("philox", "philox4", "hash"):
+        env = dict(os.environ, ADALOMO_TRITON_INTERPRET="1", TRITON_INTERPRET="1", ADALOMO_SR_RNG=rng,
                    PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "src"), os.environ.get("PYTHONPATH", "")]))
         env.pop("ADALOMO_DISABLE_TRITON", None)
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "cpu", "sr_bf16_adalomo,sr_bf16_lomo"],
-                              capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+        cases = "sr_bf16_adalomo,sr_bf16_lomo,sr_bits"
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "cpu", cases], capture_output=True,
+                              text=True, env=env, timeout=300, cwd=ROOT)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         assert proc.returncode == 0 and lines, proc.stderr[-3000:]
         res = json.loads(lines[-1])
-        assert res["sr_bf16_adalomo"] == "ok" and res["sr_bf16_lomo"] == "ok", res
+        assert res["sr_bf16_adalomo"] == "ok" and res["sr_bf16_lomo"] == "ok" and res["sr_bits"] == "ok", res
         out = subprocess.run([sys.executable, "-c", _SR_DIGEST], capture_output=True, text=True, env=env,
                              timeout=120, cwd=ROOT)
         digests.append([ln for ln in out.stdout.splitlines() if ln.startswith("DIGEST")])
-    assert digests[0] and digests[1] and digests[0] != digests[1], digests
+    assert all(digests) and len({d[0] for d in digests}) == 3, digests
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

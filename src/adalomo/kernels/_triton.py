@@ -44,7 +44,7 @@ from . import bump_versions as _bump
 _PKG = sys.modules[__package__]  # adalomo.kernels: its _impl_interpreted is set once the kernels loaded
 
 __all__ = ["scaled_rms_update_", "lomo_update_", "scaled_rms_update_many_", "lomo_update_many_", "CONFIG",
-           "bytes_moved"]
+           "set_config", "bytes_moved"]
 
 #: launch geometry; ``benchmarks/bench_kernels.py`` reports per-kernel bandwidth for it
 CONFIG = {
@@ -59,6 +59,38 @@ CONFIG = {
     "fold_max": 8192,    # at most this many partials: reduced by every write program (else one finish kernel)
     "fast_launch": True,  # call compiled kernels directly after their first launch
 }
+_POW2_KEYS = ("block_m", "block_n", "vec_block", "fin_block")
+_WARP_KEYS = ("warps_stats", "warps_usq", "warps_write")
+
+
+def set_config(**changes) -> dict:
+    """Change the launch geometry (keys of ``CONFIG``); returns the previous values of the changed keys.
+
+    Goes through here rather than writing ``CONFIG``: the values are checked, and the cached geometry and
+    launch plans, which depend on them, are dropped. ``ADALOMO_KERNEL_CONFIG='{"max_tm": 64}'`` (JSON) applies
+    changes when the kernels load (benchmarks, tuning)."""
+    for k, v in changes.items():
+        if k not in CONFIG:
+            raise ValueError(f"unknown kernel setting {k!r}; known: {', '.join(CONFIG)}")
+        if k == "fast_launch":
+            if not isinstance(v, bool):
+                raise ValueError("fast_launch must be True or False")
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if k == "fold_max" else 1):
+            raise ValueError(f"kernel setting {k}={v!r}: expected a positive int")
+        if (k in _POW2_KEYS or k in _WARP_KEYS) and v & (v - 1):
+            raise ValueError(f"kernel setting {k}={v}: must be a power of two")
+        if k in _WARP_KEYS and v > 32:
+            raise ValueError(f"kernel setting {k}={v}: at most 32 warps")
+    prev = {k: CONFIG[k] for k in changes}
+    CONFIG.update(changes)
+    for cache in (_GEOM, _PLANS, _PMAPS):
+        cache.clear()
+    sharded = sys.modules.get(__package__ + "._sharded")
+    if sharded is not None:
+        sharded._PLANS.clear()
+        sharded._LOMO_PLANS.clear()
+    return prev
 
 _SEED_MASK = (1 << 62) - 1
 _SEED_BIT = 1 << 62  # always an int64 seed: one compiled variant
@@ -127,37 +159,87 @@ def _scalars(ws_ptr, scale_ptr, n_fin, n_usq, n_psq, off_fin, off_usq, off_psq, 
     return ok, clip, step
 
 
+#: Where stochastic rounding's 16 random bits per element come from (``ADALOMO_SR_RNG``, read when the kernels
+#: load). ``philox`` (default): ``tl.randint(seed, element index)``, one Philox-4x32-10 evaluation per element.
+#: ``philox4`` (2-D write kernels): one Philox evaluation per 4 consecutive columns, its four outputs spread over
+#: them (``tl.randint4x`` on a quarter-width tile, join + reshape). ``hash``: a keyed integer hash of the element
+#: index (one round of the ``lowbias32`` mixer: ~10 integer operations instead of Philox's ~60). All three round
+#: to a neighbour without bias (tested); ``benchmarks/bench_kernels.py --sr-ablation`` measures what each costs.
+_SR_RNG_CHOICES = ("philox", "philox4", "hash")
+_SR_RNG_NAME = os.environ.get("ADALOMO_SR_RNG", "philox") or "philox"
+if os.environ.get("ADALOMO_SR_RNG4", "") not in ("", "0"):  # the first name of the experiment (2026-11-29)
+    _SR_RNG_NAME = "philox4"
+if _SR_RNG_NAME not in _SR_RNG_CHOICES:
+    raise ValueError(f"ADALOMO_SR_RNG={_SR_RNG_NAME!r}: choose one of {', '.join(_SR_RNG_CHOICES)}")
+_RNG4 = tl.constexpr(_SR_RNG_NAME == "philox4")
+_RNG_HASH = tl.constexpr(_SR_RNG_NAME == "hash")
+
+
 @triton.jit
-def _round_to_bf16(new, lin, seed):
-    """Stochastic rounding of fp32 ``new`` (exact after the cast): add 16 random bits, truncate."""
+def _mix32(x):
+    """``lowbias32`` (C. Wellons): a bijective uint32 mixer with near-ideal avalanche."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _hash_bits(seed, lin):
+    """16 random bits (int32) per element index ``lin``: ``lowbias32(lin ^ key)``, the key folded from the 62-bit
+    ``seed`` (fresh each step and tensor). A bijection per key: no two elements of a tile share an input."""
+    key = (seed & 0xFFFFFFFF).to(tl.uint32) ^ _mix32(((seed >> 32) & 0xFFFFFFFF).to(tl.uint32))
+    return (_mix32(lin.to(tl.uint32) ^ key) >> 16).to(tl.int32)
+
+
+@triton.jit
+def _sr_add(new, noise):
     bits = new.to(tl.int32, bitcast=True)
-    noise = (tl.randint(seed, lin) & 0xFFFF).to(tl.int32)
     rounded = ((bits + noise) & -65536).to(tl.float32, bitcast=True)
     return tl.where(new != new, new, rounded)
 
 
-#: Experimental, off by default (``ADALOMO_SR_RNG4=1`` before the kernels load): the 2-D write kernels draw their
-#: rounding bits with one Philox evaluation per 4 elements (``tl.randint4x`` on a quarter-width tile, spread out
-#: with join + reshape) instead of one per element. Whether that makes them faster is for the GPU to say
-#: (``benchmarks/bench_kernels.py --sr-ablation``); the bits differ, the rounding stays unbiased (tested).
-_RNG4 = tl.constexpr(os.environ.get("ADALOMO_SR_RNG4", "") not in ("", "0"))
+@triton.jit
+def _round_to_bf16(new, lin, seed):
+    """Stochastic rounding of fp32 ``new`` (exact after the cast): add 16 random bits, truncate."""
+    if _RNG_HASH:
+        noise = _hash_bits(seed, lin)
+    else:
+        noise = (tl.randint(seed, lin) & 0xFFFF).to(tl.int32)
+    return _sr_add(new, noise)
 
 
 @triton.jit
 def _round_to_bf16_tile(new, rows, j, N, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``_round_to_bf16`` for a [BLOCK_M, BLOCK_N] tile (column tile ``j``, global row indices ``rows``): with
-    ``_RNG4`` one Philox counter per 4 consecutive columns of a row, its four outputs spread over them."""
+    """``_round_to_bf16`` for a [BLOCK_M, BLOCK_N] tile (column tile ``j``, global row indices ``rows``)."""
     if _RNG4:
         gc = j * (BLOCK_N // 4) + tl.arange(0, BLOCK_N // 4)
         cnt = rows[:, None] * ((N + 3) // 4) + gc[None, :]
         r0, r1, r2, r3 = tl.randint4x(seed, cnt)
         noise = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_M, BLOCK_N))
-        bits = new.to(tl.int32, bitcast=True)
-        rounded = ((bits + (noise & 0xFFFF).to(tl.int32)) & -65536).to(tl.float32, bitcast=True)
-        return tl.where(new != new, new, rounded)
+        return _sr_add(new, (noise & 0xFFFF).to(tl.int32))
     else:
         cols = j * BLOCK_N + tl.arange(0, BLOCK_N)
         return _round_to_bf16(new, rows[:, None] * N + cols[None, :], seed)
+
+
+@triton.jit
+def _sr_bits_kernel(out_ptr, seed, n, BLOCK: tl.constexpr):
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    if _RNG_HASH:
+        noise = _hash_bits(seed, idx)
+    else:
+        noise = (tl.randint(seed, idx) & 0xFFFF).to(tl.int32)
+    tl.store(out_ptr + idx, noise, mask=idx < n)
+
+
+def sr_bits(n: int, seed: int, device) -> torch.Tensor:
+    """The 16 rounding bits (int32) that elements ``0..n-1`` of a 1-D write get with ``seed``: for tests of the
+    generator's statistics (the 2-D kernels index by row * N + column, the same source)."""
+    out = torch.empty(n, dtype=torch.int32, device=device)
+    _sr_bits_kernel[(_cdiv(n, 1024),)](out, (int(seed) & _SEED_MASK) | _SEED_BIT, n, BLOCK=1024)
+    return out
 
 
 # ----------------------------------------------------------------------------------------- kernels
@@ -1608,3 +1690,9 @@ def _all(flags: list) -> torch.Tensor:
     if len(flags) == 1:
         return flags[0].all()
     return torch.cat([f.reshape(-1) for f in flags]).all()
+
+
+if os.environ.get("ADALOMO_KERNEL_CONFIG"):
+    import json as _json
+
+    set_config(**_json.loads(os.environ["ADALOMO_KERNEL_CONFIG"]))
