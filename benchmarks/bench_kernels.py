@@ -278,6 +278,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--skip-correctness", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="time a few launch configurations")
+    ap.add_argument("--sweep-configs", default=None, help="JSON list of set_config changes (default: SWEEP)")
     ap.add_argument("--sr-ablation", action="store_true",
                     help="also time every kernel with stochastic rounding off (the cost of its random bits)")
     ap.add_argument("--shapes", default=",".join(SHAPES))
@@ -290,7 +291,8 @@ def main() -> None:
 
     res = {"command": " ".join(["python3"] + sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
            "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "config": dict(K.CONFIG), "sr_rng": K._SR_RNG_NAME}
+           "config": dict(K.CONFIG), "sr_rng": K._SR_RNG_NAME,
+           "prefetch": bool(getattr(K._PREFETCH, "value", K._PREFETCH))}
     print(res["device"], "torch", torch.__version__, "triton", triton.__version__, "sr rng", K._SR_RNG_NAME, flush=True)
 
     if not args.skip_correctness:
@@ -352,7 +354,7 @@ def main() -> None:
 
     if args.sweep:  # launch geometries for the grouped kernels that fused mode runs per gradient bucket
         sweep = []
-        for v in SWEEP:
+        for v in json.loads(args.sweep_configs) if args.sweep_configs else SWEEP:
             prev = K.set_config(**v)
             try:
                 r = {"config": v, "buckets": {}}

@@ -273,5 +273,36 @@ bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(
     echo "bench 6.7b rc=$?"; tail -n 5 "$out/bench_6.7b_hash.log"
     pack
     ;;
-  *) echo "unknown stage $stage (a-q)"; exit 2 ;;
+  r)  # 1 GPU (2026-11-29, after stage q): CUDA kernel tests with the defaults (hash rounding bits, prefetching
+      # reductions), the prefetch A/B on gradient buckets (the faster setting is kept for the rest), then the final
+      # tables at 6.7B and 0.94B and the per-kernel bandwidth
+    timeout 160 python3 tests/test_kernels.py cuda > "$out/tests_cuda.json" 2> "$out/tests_cuda.err"
+    echo "kernel tests rc=$?"; python3 -c "import json,sys; d=json.load(open(sys.argv[1])); \
+bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(len(d)//2,'cases, bad:',bad)" \
+      "$out/tests_cuda.json"
+    for pf in 0 1; do
+      ADALOMO_PREFETCH=$pf timeout 60 python3 benchmarks/bench_kernels.py --skip-correctness --sweep --sweep-configs '[{}]' \
+        --shapes "" --out "$out/kernels_prefetch_$pf.json" > "$out/kernels_prefetch_$pf.log" 2>&1
+      echo "prefetch=$pf rc=$?"
+    done
+    pf=$(python3 -c "import json,sys; t=[sum(b['total_us'] for b in json.load(open(f))['sweep'][0]['buckets'].values()) \
+for f in sys.argv[1:]]; print(t, file=sys.stderr); print(int(t[1] <= t[0]))" "$out/kernels_prefetch_0.json" \
+      "$out/kernels_prefetch_1.json")
+    export ADALOMO_PREFETCH=$pf; echo "ADALOMO_PREFETCH=$pf for the rest" | tee "$out/prefetch_choice.txt"
+    pack
+    rows=floor,adalomo_fused,adalomo_fused_side,adalomo_classic,adafactor_fused,lomo_fused,torch_adamw_fused,floor
+    timeout 200 python3 benchmarks/bench_gpu.py --config 6.7b --out "$out/bench_6.7b.json" --only $rows \
+      > "$out/bench_6.7b.log" 2>&1
+    echo "bench 6.7b rc=$?"; tail -n 10 "$out/bench_6.7b.log"
+    pack
+    timeout 120 python3 benchmarks/bench_gpu.py --config 0.94b --out "$out/bench_0.94b.json" --only $rows \
+      > "$out/bench_0.94b.log" 2>&1
+    echo "bench 0.94b rc=$?"; tail -n 10 "$out/bench_0.94b.log"
+    pack
+    timeout 100 python3 benchmarks/bench_kernels.py --skip-correctness --out "$out/kernels_h200.json" \
+      > "$out/kernels_h200.log" 2>&1
+    echo "kernels rc=$?"; tail -n 14 "$out/kernels_h200.log"
+    pack
+    ;;
+  *) echo "unknown stage $stage (a-r)"; exit 2 ;;
 esac

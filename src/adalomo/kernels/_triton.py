@@ -160,19 +160,23 @@ def _scalars(ws_ptr, scale_ptr, n_fin, n_usq, n_psq, off_fin, off_usq, off_psq, 
 
 
 #: Where stochastic rounding's 16 random bits per element come from (``ADALOMO_SR_RNG``, read when the kernels
-#: load). ``philox`` (default): ``tl.randint(seed, element index)``, one Philox-4x32-10 evaluation per element.
-#: ``philox4`` (2-D write kernels): one Philox evaluation per 4 consecutive columns, its four outputs spread over
-#: them (``tl.randint4x`` on a quarter-width tile, join + reshape). ``hash``: a keyed integer hash of the element
-#: index (one round of the ``lowbias32`` mixer: ~10 integer operations instead of Philox's ~60). All three round
-#: to a neighbour without bias (tested); ``benchmarks/bench_kernels.py --sr-ablation`` measures what each costs.
-_SR_RNG_CHOICES = ("philox", "philox4", "hash")
-_SR_RNG_NAME = os.environ.get("ADALOMO_SR_RNG", "philox") or "philox"
+#: load). ``hash`` (default): a keyed integer hash of the element index, one round of the ``lowbias32`` mixer
+#: (~15 instructions per element). ``philox``: ``tl.randint(seed, element index)``, one Philox-4x32-10 per element
+#: (~60): it made the write kernels 2.5x slower than round-to-nearest on an H200 (174 vs 69 us for 11008x4096;
+#: the hash: 78 us). ``philox4`` (2-D write kernels): one Philox per 4 consecutive columns (87 us). All round to a
+#: neighbour without bias and draw uniform, uncorrelated bits (tested); ``bench_kernels.py --sr-ablation``.
+_SR_RNG_CHOICES = ("hash", "philox", "philox4")
+_SR_RNG_NAME = os.environ.get("ADALOMO_SR_RNG", "hash") or "hash"
 if os.environ.get("ADALOMO_SR_RNG4", "") not in ("", "0"):  # the first name of the experiment (2026-11-29)
     _SR_RNG_NAME = "philox4"
 if _SR_RNG_NAME not in _SR_RNG_CHOICES:
     raise ValueError(f"ADALOMO_SR_RNG={_SR_RNG_NAME!r}: choose one of {', '.join(_SR_RNG_CHOICES)}")
 _RNG4 = tl.constexpr(_SR_RNG_NAME == "philox4")
 _RNG_HASH = tl.constexpr(_SR_RNG_NAME == "hash")
+#: The read-only passes (statistics, RMS(u), Lomo's finite test) issue the loads of their next row tile before
+#: reducing the current one, so that two tiles per program are in flight instead of one (they are latency-bound
+#: otherwise: ~2 TB/s of the H200's 4). ``ADALOMO_PREFETCH=0`` turns it off (for A/B measurements).
+_PREFETCH = tl.constexpr(os.environ.get("ADALOMO_PREFETCH", "1") not in ("0", "false", "False"))
 
 
 @triton.jit
@@ -198,6 +202,13 @@ def _sr_add(new, noise):
     bits = new.to(tl.int32, bitcast=True)
     rounded = ((bits + noise) & -65536).to(tl.float32, bitcast=True)
     return tl.where(new != new, new, rounded)
+
+
+@triton.jit
+def _tile(base, m0, stride_m, offs, r0, lrows, lim, cmask):
+    """Row tile ``m0`` of a program's rows (``r0 + m0 + lrows < lim``), in its own dtype: 0 where masked."""
+    mask = ((r0 + m0 + lrows) < lim)[:, None] & cmask[None, :]
+    return tl.load(base + m0 * stride_m + offs, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -266,28 +277,42 @@ def _fac_stats_body(pid, g_ptr, p_ptr, scale_ptr, ws_ptr,
     cmask = cols < N
     if HAS_SCALE:
         scale = tl.load(scale_ptr).to(tl.float32)
-    col_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    col_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # reduced over rows once, after the loop
     psq = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     r0 = i * rows_per_prog
+    lim = tl.minimum(M, r0 + rows_per_prog)
     g_base = g_ptr + b64 * sg_b + r0.to(tl.int64) * sg_m
     p_base = p_ptr + b64 * sp_b + r0.to(tl.int64) * sp_m
     rowpart = ws_ptr + off_rowpart + (j * B + b).to(tl.int64) * _a16(M + 15) + r0  # partial rows padded to 16
     lrows = tl.arange(0, BLOCK_M)
     g_offs = lrows[:, None] * sg_m + cols[None, :] * sg_n
     p_offs = lrows[:, None] * sp_m + cols[None, :] * sp_n
+    if _PREFETCH:
+        g_nx = _tile(g_base, 0, sg_m, g_offs, r0, lrows, lim, cmask)
+        if SUM_P:
+            p_nx = _tile(p_base, 0, sp_m, p_offs, r0, lrows, lim, cmask)
     for m0 in range(0, rows_per_prog, BLOCK_M):
         rmask = r0 + m0 + lrows < M
         mask = rmask[:, None] & cmask[None, :]
-        g = tl.load(g_base + m0 * sg_m + g_offs, mask=mask, other=0.0).to(tl.float32)
+        if _PREFETCH:
+            g = g_nx.to(tl.float32)
+            g_nx = _tile(g_base, m0 + BLOCK_M, sg_m, g_offs, r0, lrows, lim, cmask)
+            if SUM_P:
+                pv = p_nx.to(tl.float32)
+                p_nx = _tile(p_base, m0 + BLOCK_M, sp_m, p_offs, r0, lrows, lim, cmask)
+        else:
+            g = _tile(g_base, m0, sg_m, g_offs, r0, lrows, lim, cmask).to(tl.float32)
+            if SUM_P:
+                pv = _tile(p_base, m0, sp_m, p_offs, r0, lrows, lim, cmask).to(tl.float32)
         if HAS_SCALE:
             g = g * scale
         sq = tl.where(mask, g * g + eps1, 0.0)
         tl.store(rowpart + m0 + lrows, tl.sum(sq, axis=1), mask=rmask)
-        col_acc += tl.sum(sq, axis=0)
+        col_acc += sq
         if SUM_P:
-            pv = tl.load(p_base + m0 * sp_m + p_offs, mask=mask, other=0.0).to(tl.float32)
             psq += pv * pv
-    tl.store(ws_ptr + off_colpart + (i * B + b).to(tl.int64) * _a16(N + 15) + cols, col_acc, mask=cmask)
+    tl.store(ws_ptr + off_colpart + (i * B + b).to(tl.int64) * _a16(N + 15) + cols, tl.sum(col_acc, axis=0),
+             mask=cmask)
     if SUM_P:
         tl.store(ws_ptr + off_psq + pid, tl.sum(tl.sum(psq, axis=1), axis=0))
 
@@ -392,15 +417,22 @@ def _fac_usq_body(pid, g_ptr, scale_ptr, ws_ptr, B, M, N, TM, TN, rows_per_prog,
     if HAS_SCALE:
         scale = tl.load(scale_ptr).to(tl.float32)
     r0 = i * rows_per_prog
+    lim = tl.minimum(M, r0 + rows_per_prog)
     g_base = g_ptr + b64 * sg_b + r0.to(tl.int64) * sg_m
     newrow = ws_ptr + off_newrow + b64 * M + r0
     lrows = tl.arange(0, BLOCK_M)
     g_offs = lrows[:, None] * sg_m + cols[None, :] * sg_n
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if _PREFETCH:
+        g_nx = _tile(g_base, 0, sg_m, g_offs, r0, lrows, lim, cmask)
     for m0 in range(0, rows_per_prog, BLOCK_M):
         rmask = r0 + m0 + lrows < M
         mask = rmask[:, None] & cmask[None, :]
-        g = tl.load(g_base + m0 * sg_m + g_offs, mask=mask, other=0.0).to(tl.float32)
+        if _PREFETCH:
+            g = g_nx.to(tl.float32)
+            g_nx = _tile(g_base, m0 + BLOCK_M, sg_m, g_offs, r0, lrows, lim, cmask)
+        else:
+            g = _tile(g_base, m0, sg_m, g_offs, r0, lrows, lim, cmask).to(tl.float32)
         if HAS_SCALE:
             g = g * scale
         r = tl.rsqrt(tl.load(newrow + m0 + lrows, mask=rmask, other=1.0) / row_mean)
@@ -668,9 +700,15 @@ def _sum_body(pid, g_ptr, ws_ptr, M, N, TM, TN, rows_per_prog, sg_b, sg_m, sg_n,
     lrows = tl.arange(0, BLOCK_M)
     g_offs = lrows[:, None] * sg_m + cols[None, :] * sg_n
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    lim = tl.minimum(M, r0 + rows_per_prog)
+    if _PREFETCH:
+        g_nx = _tile(g_base, 0, sg_m, g_offs, r0, lrows, lim, cmask)
     for m0 in range(0, rows_per_prog, BLOCK_M):
-        mask = (r0 + m0 + lrows < M)[:, None] & cmask[None, :]
-        acc += tl.load(g_base + m0 * sg_m + g_offs, mask=mask, other=0.0).to(tl.float32)
+        if _PREFETCH:
+            acc += g_nx.to(tl.float32)
+            g_nx = _tile(g_base, m0 + BLOCK_M, sg_m, g_offs, r0, lrows, lim, cmask)
+        else:
+            acc += _tile(g_base, m0, sg_m, g_offs, r0, lrows, lim, cmask).to(tl.float32)
     tl.store(ws_ptr + off_fin + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
 
 
