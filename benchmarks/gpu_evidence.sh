@@ -304,5 +304,18 @@ for f in sys.argv[1:]]; print(t, file=sys.stderr); print(int(t[1] <= t[0]))" "$o
     echo "kernels rc=$?"; tail -n 14 "$out/kernels_h200.log"
     pack
     ;;
-  *) echo "unknown stage $stage (a-r)"; exit 2 ;;
+  s)  # 1 GPU, diagnostic (2026-11-29): at 6.7B fused AdaLomo costs ~12 ms more than classic (stage r); where does
+      # it go (GPU busy vs wall, optimizer kernel time in each mode), and do larger buckets help
+    for row in adalomo_fused adalomo_classic; do
+      timeout 70 python3 benchmarks/profile_step.py --config 6.7b --row $row --steps 2 --out "$out/profile_6.7b_$row.json" \
+        > "$out/profile_6.7b_$row.log" 2>&1
+      echo "profile $row rc=$?"; grep SUMMARY "$out/profile_6.7b_$row.log"
+    done
+    pack
+    timeout 150 python3 benchmarks/bench_gpu.py --config 6.7b --out "$out/bench_6.7b_buckets.json" \
+      --only floor,adalomo_fused,adalomo_fused_b128,adalomo_fused_b256,adalomo_classic > "$out/bench_6.7b_buckets.log" 2>&1
+    echo "bench 6.7b buckets rc=$?"; tail -n 7 "$out/bench_6.7b_buckets.log"
+    pack
+    ;;
+  *) echo "unknown stage $stage (a-s)"; exit 2 ;;
 esac
