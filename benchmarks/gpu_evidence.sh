@@ -317,5 +317,18 @@ for f in sys.argv[1:]]; print(t, file=sys.stderr); print(int(t[1] <= t[0]))" "$o
     echo "bench 6.7b buckets rc=$?"; tail -n 7 "$out/bench_6.7b_buckets.log"
     pack
     ;;
-  *) echo "unknown stage $stage (a-s)"; exit 2 ;;
+  t)  # 1 GPU (2026-11-29, final): the 0.94B table with the peers in one run (hash rounding bits, prefetching
+      # reductions), then 6.7B with 256 MiB buckets against the default, the floor first and last each time
+    pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+    timeout 260 python3 benchmarks/bench_gpu.py --config 0.94b --out "$out/bench_0.94b.json" --only \
+      floor,adalomo_fused,adalomo_classic,adafactor_fused,lomo_fused,torch_adamw_fused,torch_adafactor,lomo_optim_adalomo,adalomo_fused,floor \
+      > "$out/bench_0.94b.log" 2>&1
+    echo "bench 0.94b rc=$?"; tail -n 12 "$out/bench_0.94b.log"
+    pack
+    timeout 120 python3 benchmarks/bench_gpu.py --config 6.7b --out "$out/bench_6.7b_b256.json" \
+      --only floor,adalomo_fused,adalomo_fused_b256,floor > "$out/bench_6.7b_b256.log" 2>&1
+    echo "bench 6.7b rc=$?"; tail -n 6 "$out/bench_6.7b_b256.log"
+    pack
+    ;;
+  *) echo "unknown stage $stage (a-t)"; exit 2 ;;
 esac
