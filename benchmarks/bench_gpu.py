@@ -12,8 +12,9 @@ every gradient dropped in a post-accumulate hook as soon as it is ready; each ro
 Rows (``--only`` picks some): ``floor``; ours, for each of ``adalomo``/``adafactor``/``lomo``: ``*_fused``
 (fused hooks, gradients bucketed into the grouped Triton kernels, default ``bucket_cap_mb``), ``*_classic``
 (``step()`` after backward, grouped kernels); variants of a fused row by suffix: ``_b{MB}`` sets
-``bucket_cap_mb`` (``_b0``: one update per tensor), ``_side`` runs the updates on a side CUDA stream
-(e.g. ``adalomo_fused_b0_side``); ``adalomo_fused_torchpath`` (ADALOMO_DISABLE_TRITON=1);
+``bucket_cap_mb`` (``_b0``: one update per tensor), ``_side`` runs the updates on a side CUDA stream,
+``_carry`` takes sum(p^2) from the previous write (kernel setting ``carry_psq``), e.g.
+``adalomo_fused_b0_side``; ``adalomo_fused_torchpath`` (ADALOMO_DISABLE_TRITON=1);
 peers ``torch_adamw_fused`` (classic, ``fused=True``), ``torch_adafactor`` (foreach), ``lomo_optim_adalomo``,
 ``lomo_optim_lomo`` (skipped with a note when ``lomo_optim`` is not installed).
 
@@ -116,6 +117,9 @@ def child(row: str, cfg: dict) -> dict:
         for o in opts:
             if o[:1] == "b" and o[1:].isdigit():
                 kw["bucket_cap_mb"] = float(o[1:])
+        if "carry" in opts and cuda:  # sum(p^2) carried from the previous write (kernels CONFIG "carry_psq")
+            from adalomo.kernels import _triton
+            _triton.set_config(carry_psq=True)
         if kind == "adalomo":
             opt = adalomo.AdaLomo(params, lr=1e-3, **kw)
         elif kind == "adafactor":

@@ -297,10 +297,13 @@ def check_fused_buckets(device: str) -> None:
         cap = 175 * torch.tensor([], dtype=dtype).element_size() / 2**20  # two flushes per backward here
         modes = {"classic": dict(fused=False), "bucketed": dict(fused=True, bucket_cap_mb=cap),
                  "side": dict(fused=True, bucket_cap_mb=cap, side_stream=True),
-                 "per_tensor": dict(fused=True, bucket_cap_mb=0)}
+                 "per_tensor": dict(fused=True, bucket_cap_mb=0),
+                 "carry": dict(fused=True, bucket_cap_mb=cap)}  # with the kernel setting carry_psq
+        from adalomo.kernels import _triton as K
         for name, make in makers.items():
             out, flushes = {}, {}
             for mode, kw in modes.items():
+                prev = K.set_config(carry_psq=mode == "carry")
                 torch.manual_seed(0)
                 m = torch.nn.Sequential(torch.nn.Linear(13, 17), torch.nn.LayerNorm(17), torch.nn.Linear(17, 9),
                                         torch.nn.Tanh(), torch.nn.Linear(9, 5)).to(device, dtype)
@@ -317,12 +320,17 @@ def check_fused_buckets(device: str) -> None:
                     opt.zero_grad(set_to_none=True)
                 out[mode] = torch.cat([p.detach().float().flatten() for p in m.parameters()])
                 flushes[mode] = [s for s in sizes if s]
+                K.set_config(**prev)
             what = f"{name} {dtype}"
             assert len(flushes["bucketed"]) >= 2 * len(xs), f"{what}: expected several flushes, got {flushes}"
             biggest = max(p.numel() for p in m.parameters()) * torch.tensor([], dtype=dtype).element_size()
             assert max(flushes["bucketed"]) < cap * 2**20 + biggest, f"{what}: a bucket held too much"
             assert torch.equal(out["bucketed"], out["classic"]), f"{what}: bucketed fused != classic grouped step"
             assert torch.equal(out["side"], out["bucketed"]), f"{what}: side stream changed the result"
+            if device == "cpu":  # interpreted: the carried sums are bit-identical to the re-read ones
+                assert torch.equal(out["carry"], out["bucketed"]), f"{what}: carry_psq changed the result"
+            else:
+                _close(out["carry"], out["bucketed"], 1e-5 if dtype == torch.float32 else 2e-2, f"{what} carry_psq")
             _close(out["per_tensor"], out["classic"], 1e-5 if dtype == torch.float32 else 2e-2,
                    f"{what}: per-tensor fused vs grouped")
 
@@ -444,6 +452,67 @@ def check_import_is_lazy(device: str) -> None:
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
 
 
+def check_carry_psq(device: str) -> None:
+    """``carry_psq``: sum(p^2) taken from the previous write gives the same updates as reading p again (exactly
+    when interpreted: same tiling, same order), across a skipped step and an in-place change of p; the carried
+    sums are really used (a corrupted carry changes the next update) and dropped when p's version moved (after
+    ``p.mul_``, the same corruption changes nothing)."""
+    from adalomo.kernels import _triton as K
+    gen = torch.Generator().manual_seed(21)
+    specs = [((37, 53), torch.bfloat16), ((150, 20), torch.float32), ((2, 9, 33), torch.bfloat16),
+             ((70,), torch.float32)]
+    init = [_rand(s, gen, device, dt) for s, dt in specs]
+    grads = [[_rand(s, gen, device, dt) for s, dt in specs] for _ in range(5)]
+    grads[2][0][3, 4] = float("nan")  # step 3: the first tensor's update is skipped
+
+    def run(carry: bool, corrupt_at: int | None = None, bump_first: bool = False, sr: bool = True):
+        prev = K.set_config(carry_psq=carry, max_tm=2)  # max_tm=2: several row tiles per program
+        try:
+            ps = [p.clone() for p in init]
+            sts = [_state(p, None) for p in ps]
+            out = []
+            for step in range(5):
+                if step == 3:
+                    with torch.no_grad():
+                        ps[1].mul_(1.25)  # an in-place change: its version moves, its carried sum is not used
+                if corrupt_at == step:
+                    groups = [gp for plan in K._PLANS.values() for gp in plan.groups
+                              if gp.fac and gp.psq_versions is not None]
+                    assert groups, "nothing carried"
+                    for gp in groups:
+                        gp.psqc.fill_(7.0)
+                    if bump_first:
+                        with torch.no_grad():
+                            for p in ps:
+                                p.mul_(1.0)
+                K.scaled_rms_update_many_(ps, grads[step], sts, rhos=[0.05] * len(ps),
+                                          beta2s=[F.beta2_at(step + 1.0, -0.8)] * len(ps), eps=EPS,
+                                          clip_threshold=1.0, weight_decay=0.1, scale_parameter=True, beta1=None,
+                                          grad_scale=None, stochastic_rounding=sr,
+                                          seeds=[step * 10 + i for i in range(len(ps))])
+                out.append([p.clone() for p in ps])
+            return out
+        finally:
+            K.set_config(**prev)
+
+    def same(a, b):
+        if device == "cpu":
+            return all(torch.equal(x, y) for x, y in zip(a, b))
+        for x, y, p0, (_, dt) in zip(a, b, init, specs):
+            _check_ulps(x, y, dt, "carry_psq", p0)
+        return True
+
+    for sr in (False, True):  # bf16 rounded to nearest or stochastically: the carry sums what was stored
+        base, carried = run(False, sr=sr), run(True, sr=sr)
+        for step, (a, b) in enumerate(zip(base, carried)):
+            assert same(a, b), f"step {step}: carrying sum(p^2) changed the update (stochastic rounding {sr})"
+    corrupted = run(True, corrupt_at=2)
+    assert not torch.equal(corrupted[2][0], base[2][0]) or not torch.equal(corrupted[2][2], base[2][2]), \
+        "a corrupted carry did not change the update: the carried sums are not used"
+    bumped = run(True, corrupt_at=2, bump_first=True)  # p.mul_(1.0): same values, versions moved
+    assert same(bumped[2], base[2]), "a carried sum was used after p's version moved"
+
+
 def check_other_configs(device: str) -> None:
     """Other launch geometries (``set_config``: tile sizes, many row groups, warps) compute the same updates,
     per tensor and grouped; bad settings are refused with the known keys named."""
@@ -504,6 +573,7 @@ CASES: dict[str, Callable[[str], None]] = {
     "many_scaled": check_many,
     "many_lomo": lambda d: check_many(d, lomo=True),
     "other_configs": check_other_configs,
+    "carry_psq": check_carry_psq,
 }
 
 def check_fast_launch_used(device: str) -> None:

@@ -55,7 +55,12 @@ def _variants(K, tl):
         ("g_fac_stats", K._g_fac_stats_kernel, dict(tile, **bf, HAS_SCALE=False, SUM_P=True, P_UNIT=True), ws, True),
         ("g_fac_finalize", K._g_fac_finalize_kernel, dict(BLOCK=128, PB=32), 4, False),
         ("g_fac_usq", K._g_fac_usq_kernel, dict(tile, G_DT=tl.bfloat16, HAS_SCALE=False, RP_BLOCK=64), wu, True),
-        ("g_finish", K._g_finish_kernel, dict(FIN_SCALE=False, HAS_USQ=True, HAS_PSQ=True, BLOCK=1024), 4, False),
+        ("g_finish", K._g_finish_kernel, dict(FIN_SCALE=False, HAS_USQ=True, HAS_PSQ=True, PSQ_CARRIED=False,
+                                              BLOCK=1024), 4, False),
+        ("g_finish_carried", K._g_finish_kernel, dict(FIN_SCALE=False, HAS_USQ=True, HAS_PSQ=True, PSQ_CARRIED=True,
+                                                      BLOCK=1024), 4, False),
+        ("g_fac_write_store_psq", K._g_fac_write_kernel, dict(tile, **bf, **wr, SR=True, STORE_PSQ=True, RP_BLOCK=64),
+         C["warps_write"], True),
         ("g_vec_stats", K._g_vec_stats_kernel, dict(**bf, HAS_SCALE=False, SUM_P=True, G_UNIT=True, P_UNIT=True,
                                                     BLOCK=C["vec_block"]), 4, True),
         ("g_vec_write", K._g_vec_write_kernel, dict(**bf, **wr, SR=True, G_UNIT=True, BLOCK=C["vec_block"]), 4,
@@ -69,7 +74,8 @@ def _variants(K, tl):
                                                           RP_BLOCK=64), ww, True),
             ("lomo_write" + tag, K._lomo_write_kernel, dict(tile, **lw, SR=sr, FOLD=True, HAS_OKACC=False), ww,
              True),
-            ("g_fac_write" + tag, K._g_fac_write_kernel, dict(tile, **bf, **wr, SR=sr, RP_BLOCK=64), ww, True),
+            ("g_fac_write" + tag, K._g_fac_write_kernel, dict(tile, **bf, **wr, SR=sr, STORE_PSQ=False, RP_BLOCK=64),
+             ww, True),
             ("g_lomo_write" + tag, K._g_lomo_write_kernel, dict(tile, **bf, **lw, SR=sr), ww, True),
         ]
     return out

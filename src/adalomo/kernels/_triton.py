@@ -58,6 +58,11 @@ CONFIG = {
     "fin_block": 128,    # rows/cols per program of the finalize kernel
     "fold_max": 8192,    # at most this many partials: reduced by every write program (else one finish kernel)
     "fast_launch": True,  # call compiled kernels directly after their first launch
+    # grouped AdaLomo/Adafactor: take sum(p^2) (for RMS(p)) from the previous step's write instead of reading p in
+    # the statistics pass (12 -> 10 bytes per bf16 parameter). Used while every tensor of a bucket still has the
+    # version counter that write left; a change through ``p.data`` does not bump it and goes unseen for one step,
+    # hence off by default (docs/kernels.md)
+    "carry_psq": False,
 }
 _POW2_KEYS = ("block_m", "block_n", "vec_block", "fin_block")
 _WARP_KEYS = ("warps_stats", "warps_usq", "warps_write")
@@ -72,9 +77,9 @@ def set_config(**changes) -> dict:
     for k, v in changes.items():
         if k not in CONFIG:
             raise ValueError(f"unknown kernel setting {k!r}; known: {', '.join(CONFIG)}")
-        if k == "fast_launch":
+        if k in ("fast_launch", "carry_psq"):
             if not isinstance(v, bool):
-                raise ValueError("fast_launch must be True or False")
+                raise ValueError(f"{k} must be True or False")
             continue
         if isinstance(v, bool) or not isinstance(v, int) or v < (0 if k == "fold_max" else 1):
             raise ValueError(f"kernel setting {k}={v!r}: expected a positive int")
@@ -137,10 +142,11 @@ def _sum_parts(ws_ptr, off, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _scalars(ws_ptr, scale_ptr, n_fin, n_usq, n_psq, off_fin, off_usq, off_psq, numel_f, sqrt_numel, rho, eps2,
-             clip_threshold, FIN_SCALE: tl.constexpr, HAS_USQ: tl.constexpr, HAS_PSQ: tl.constexpr,
+def _scalars(ws_ptr, psq_ptr, scale_ptr, n_fin, n_usq, n_psq, off_fin, off_usq, off_psq, numel_f, sqrt_numel, rho,
+             eps2, clip_threshold, FIN_SCALE: tl.constexpr, HAS_USQ: tl.constexpr, HAS_PSQ: tl.constexpr,
              BLOCK: tl.constexpr):
-    """(finite flag as int8, clip factor, step size) from the partial sums, in a fixed order."""
+    """(finite flag as int8, clip factor, step size) from the partial sums, in a fixed order. The partial sums
+    of p^2 are at ``psq_ptr + off_psq``: in the workspace, or carried over from the previous write."""
     fin = _sum_parts(ws_ptr, off_fin, n_fin, BLOCK)
     if FIN_SCALE:
         fin = fin * tl.load(scale_ptr).to(tl.float32)
@@ -154,7 +160,7 @@ def _scalars(ws_ptr, scale_ptr, n_fin, n_usq, n_psq, off_fin, off_usq, off_psq, 
         clip = 1.0 / tl.maximum(tl.sqrt_rn(usq / numel_f) / clip_threshold, 1.0)
     step = fin * 0.0 + rho
     if HAS_PSQ:
-        psq = _sum_parts(ws_ptr, off_psq, n_psq, BLOCK)
+        psq = _sum_parts(psq_ptr, off_psq, n_psq, BLOCK)
         step = tl.maximum(tl.sqrt_rn(psq) / sqrt_numel, eps2) * rho
     return ok, clip, step
 
@@ -454,10 +460,10 @@ _FINISH_INTS = ["n_fin", "n_usq", "n_psq", "off_fin", "off_usq", "off_psq", "off
 
 
 @triton.jit
-def _finish_body(pid, ws_ptr, scale_ptr, ok_ptr, n_fin, n_usq, n_psq, off_fin, off_usq, off_psq, off_scal,
+def _finish_body(pid, ws_ptr, psq_ptr, scale_ptr, ok_ptr, n_fin, n_usq, n_psq, off_fin, off_usq, off_psq, off_scal,
                    numel_f, sqrt_numel, rho, eps2, clip_threshold,
                    FIN_SCALE: tl.constexpr, HAS_USQ: tl.constexpr, HAS_PSQ: tl.constexpr, BLOCK: tl.constexpr):
-    ok, clip, step = _scalars(ws_ptr, scale_ptr, n_fin, n_usq, n_psq, off_fin, off_usq, off_psq, numel_f,
+    ok, clip, step = _scalars(ws_ptr, psq_ptr, scale_ptr, n_fin, n_usq, n_psq, off_fin, off_usq, off_psq, numel_f,
                               sqrt_numel, rho, eps2, clip_threshold, FIN_SCALE, HAS_USQ, HAS_PSQ, BLOCK)
     tl.store(ok_ptr, ok != 0)
     tl.store(ws_ptr + off_scal, clip)
@@ -468,8 +474,8 @@ def _finish_body(pid, ws_ptr, scale_ptr, ok_ptr, n_fin, n_usq, n_psq, off_fin, o
 def _finish_kernel(ws_ptr, scale_ptr, ok_ptr, n_fin, n_usq, n_psq, off_fin, off_usq, off_psq, off_scal,
                    numel_f, sqrt_numel, rho, eps2, clip_threshold,
                    FIN_SCALE: tl.constexpr, HAS_USQ: tl.constexpr, HAS_PSQ: tl.constexpr, BLOCK: tl.constexpr):
-    _finish_body(tl.program_id(0), ws_ptr, scale_ptr, ok_ptr, n_fin, n_usq, n_psq, off_fin, off_usq, off_psq, off_scal,
-                 numel_f, sqrt_numel, rho, eps2, clip_threshold, FIN_SCALE, HAS_USQ, HAS_PSQ, BLOCK)
+    _finish_body(tl.program_id(0), ws_ptr, ws_ptr, scale_ptr, ok_ptr, n_fin, n_usq, n_psq, off_fin, off_usq, off_psq,
+                 off_scal, numel_f, sqrt_numel, rho, eps2, clip_threshold, FIN_SCALE, HAS_USQ, HAS_PSQ, BLOCK)
 
 
 @triton.jit
@@ -478,7 +484,7 @@ def _load_scalars(pid, ws_ptr, scale_ptr, ok_ptr, okacc_ptr, n_fin, n_usq, n_psq
                   HAS_USQ: tl.constexpr, HAS_PSQ: tl.constexpr, HAS_OKACC: tl.constexpr):
     """The write kernels' scalars: reduced here (FOLD; program 0 stores the flag) or loaded."""
     if FOLD:
-        ok, clip, step = _scalars(ws_ptr, scale_ptr, n_fin, n_usq, n_psq, off_fin, off_usq, off_psq, numel_f,
+        ok, clip, step = _scalars(ws_ptr, ws_ptr, scale_ptr, n_fin, n_usq, n_psq, off_fin, off_usq, off_psq, numel_f,
                                   sqrt_numel, rho, eps2, clip_threshold, FIN_SCALE, HAS_USQ, HAS_PSQ, 1024)
         if pid == 0:
             tl.store(ok_ptr, ok != 0)
@@ -501,14 +507,17 @@ _FAC_WRITE_INTS = ["seed", "B", "M", "N", "TM", "TN", "rows_per_prog", "sg_b", "
 
 
 @triton.jit
-def _fac_write_body(pid, g_ptr, p_ptr, scale_ptr, ws_ptr, row_ptr, col_ptr, m_ptr, ok_ptr, okacc_ptr, seed,
+def _fac_write_body(pid, g_ptr, p_ptr, scale_ptr, ws_ptr, row_ptr, col_ptr, m_ptr, ok_ptr, okacc_ptr, psqc_ptr, seed,
                       B, M, N, TM, TN, rows_per_prog, sg_b, sg_m, sg_n, sp_b, sp_m, sp_n,
                       n_rp, off_newrow, off_newcol, off_rsum, off_scal, n_fin, n_usq, n_psq, off_fin, off_usq,
                       off_psq, numel_f, sqrt_numel, rho, eps2, clip_threshold, weight_decay, beta1, one_minus_beta1,
                       HAS_SCALE: tl.constexpr, SCALE_PARAM: tl.constexpr, HAS_WD: tl.constexpr,
                       HAS_M: tl.constexpr, SR: tl.constexpr, FOLD: tl.constexpr, HAS_OKACC: tl.constexpr,
-                      ALIGN: tl.constexpr, G_UNIT: tl.constexpr, P_UNIT: tl.constexpr,
+                      STORE_PSQ: tl.constexpr, ALIGN: tl.constexpr, G_UNIT: tl.constexpr, P_UNIT: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP_BLOCK: tl.constexpr):
+    """The factored write pass. With STORE_PSQ also this program's partial sum of p^2 over the values it leaves in
+    p (the written ones, or the old ones when the step is skipped) at ``psqc_ptr + pid``, in the tiling and order
+    of the statistics pass, so that the next step can take it instead of reading p again (``carry_psq``)."""
     if ALIGN:
         N, sg_b, sg_m, sp_b, sp_m = _a16(N), _a16(sg_b), _a16(sg_m), _a16(sp_b), _a16(sp_m)
     if G_UNIT:
@@ -540,6 +549,8 @@ def _fac_write_body(pid, g_ptr, p_ptr, scale_ptr, ws_ptr, row_ptr, col_ptr, m_pt
     p_offs = lrows[:, None] * sp_m + cols[None, :] * sp_n
     lin_offs = lrows[:, None] * N + cols[None, :]
     row_ok = ok & (j == 0).to(tl.int8)
+    if STORE_PSQ:
+        psq = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for m0 in range(0, rows_per_prog, BLOCK_M):
         rmask = r0 + m0 + lrows < M
         mask = rmask[:, None] & cmask[None, :]
@@ -564,9 +575,16 @@ def _fac_write_body(pid, g_ptr, p_ptr, scale_ptr, ws_ptr, row_ptr, col_ptr, m_pt
         new = new + u * neg_step
         if SR:
             new = _round_to_bf16_tile(new, (b64 * M + r0 + m0 + lrows).to(tl.int32), j, N, seed, BLOCK_M, BLOCK_N)
-        tl.store(p_ptrs, new.to(p_ptr.dtype.element_ty), mask=_and(mask, ok))
+        stored = new.to(p_ptr.dtype.element_ty)
+        tl.store(p_ptrs, stored, mask=_and(mask, ok))
         tl.store(row_ptr + b64 * M + r0 + m0 + lrows, new_row, mask=_and(rmask, row_ok))
+        if STORE_PSQ:
+            kept = tl.where(ok != 0, stored.to(tl.float32), p)
+            kept = tl.where(mask, kept, 0.0)
+            psq += kept * kept
     tl.store(col_ptr + b64 * N + cols, new_col, mask=_and(cmask, ok & (i == 0).to(tl.int8)))
+    if STORE_PSQ:
+        tl.store(psqc_ptr + pid, tl.sum(tl.sum(psq, axis=1), axis=0))
 
 
 @triton.jit(do_not_specialize=_FAC_WRITE_INTS)
@@ -578,11 +596,12 @@ def _fac_write_kernel(g_ptr, p_ptr, scale_ptr, ws_ptr, row_ptr, col_ptr, m_ptr, 
                       HAS_M: tl.constexpr, SR: tl.constexpr, FOLD: tl.constexpr, HAS_OKACC: tl.constexpr,
                       ALIGN: tl.constexpr, G_UNIT: tl.constexpr, P_UNIT: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP_BLOCK: tl.constexpr):
-    _fac_write_body(tl.program_id(0), g_ptr, p_ptr, scale_ptr, ws_ptr, row_ptr, col_ptr, m_ptr, ok_ptr, okacc_ptr, seed,
-                    B, M, N, TM, TN, rows_per_prog, sg_b, sg_m, sg_n, sp_b, sp_m, sp_n, n_rp, off_newrow, off_newcol,
+    _fac_write_body(tl.program_id(0), g_ptr, p_ptr, scale_ptr, ws_ptr, row_ptr, col_ptr, m_ptr, ok_ptr, okacc_ptr,
+                    ws_ptr, seed, B, M, N, TM, TN, rows_per_prog, sg_b, sg_m, sg_n, sp_b, sp_m, sp_n, n_rp, off_newrow,
+                    off_newcol,
                     off_rsum, off_scal, n_fin, n_usq, n_psq, off_fin, off_usq, off_psq, numel_f, sqrt_numel, rho, eps2,
                     clip_threshold, weight_decay, beta1, one_minus_beta1, HAS_SCALE, SCALE_PARAM, HAS_WD, HAS_M, SR,
-                    FOLD, HAS_OKACC, ALIGN, G_UNIT, P_UNIT, BLOCK_M, BLOCK_N, RP_BLOCK)
+                    FOLD, HAS_OKACC, False, ALIGN, G_UNIT, P_UNIT, BLOCK_M, BLOCK_N, RP_BLOCK)
 
 
 _VEC_STATS_INTS = ["n", "sg", "sp", "off_newv", "off_fin", "off_usq", "off_psq"]
@@ -787,7 +806,8 @@ def _lomo_write_kernel(g_ptr, p_ptr, scale_ptr, ws_ptr, ok_ptr, okacc_ptr, seed,
 _W = 40  # int64 metadata columns
 (_C_G, _C_P, _C_ROW, _C_COL, _C_M, _C_WS, _C_B, _C_M_, _C_N, _C_TM, _C_TN, _C_RPP, _C_SGB, _C_SGM, _C_SGN, _C_SPB,
  _C_SPM, _C_SPN, _C_NRP, _C_NCP, _C_START, _C_FSTART, _C_SEED, _C_NFIN, _C_NUSQ, _C_NPSQ, _C_OROWPART, _C_OCOLPART,
- _C_ONEWROW, _C_ONEWCOL, _C_ORSUM, _C_OFIN, _C_OUSQ, _C_OPSQ, _C_OSCAL, _C_NVEC) = (tl.constexpr(i) for i in range(36))
+ _C_ONEWROW, _C_ONEWCOL, _C_ORSUM, _C_OFIN, _C_OUSQ, _C_OPSQ, _C_OSCAL, _C_NVEC, _C_PSQC) = (tl.constexpr(i)
+                                                                                            for i in range(37))
 _WF = 8  # fp32 metadata columns
 (_F_RHO, _F_BETA2, _F_OMB2, _F_NUMEL, _F_SQRTN) = (tl.constexpr(i) for i in range(5))
 _CW = tl.constexpr(_W)
@@ -852,12 +872,17 @@ def _g_fac_usq_kernel(meta_ptr, pmap_ptr, scale_ptr, G_DT: tl.constexpr, HAS_SCA
 
 @triton.jit
 def _g_finish_kernel(meta_ptr, fmeta_ptr, scale_ptr, oks_ptr, eps2, clip_threshold, FIN_SCALE: tl.constexpr,
-                     HAS_USQ: tl.constexpr, HAS_PSQ: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_USQ: tl.constexpr, HAS_PSQ: tl.constexpr, PSQ_CARRIED: tl.constexpr, BLOCK: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     row = meta_ptr + t * _CW
     frow = fmeta_ptr + t * _CWF
-    _finish_body(0, _mp(row, _C_WS, tl.float32, True), scale_ptr, oks_ptr + t, _mi(row, _C_NFIN), _mi(row, _C_NUSQ),
-                 _mi(row, _C_NPSQ), _mi(row, _C_OFIN), _mi(row, _C_OUSQ), _mi(row, _C_OPSQ), _mi(row, _C_OSCAL),
+    ws = _mp(row, _C_WS, tl.float32, True)
+    if PSQ_CARRIED:  # the sums of p^2 that the previous write left (``carry_psq``)
+        psq_ptr, off_psq = _mp(row, _C_PSQC, tl.float32, True), 0
+    else:
+        psq_ptr, off_psq = ws, _mi(row, _C_OPSQ)
+    _finish_body(0, ws, psq_ptr, scale_ptr, oks_ptr + t, _mi(row, _C_NFIN), _mi(row, _C_NUSQ),
+                 _mi(row, _C_NPSQ), _mi(row, _C_OFIN), _mi(row, _C_OUSQ), off_psq, _mi(row, _C_OSCAL),
                  tl.load(frow + _F_NUMEL), tl.load(frow + _F_SQRTN), tl.load(frow + _F_RHO), eps2, clip_threshold,
                  FIN_SCALE, HAS_USQ, HAS_PSQ, BLOCK)
 
@@ -865,9 +890,9 @@ def _g_finish_kernel(meta_ptr, fmeta_ptr, scale_ptr, oks_ptr, eps2, clip_thresho
 @triton.jit
 def _g_fac_write_kernel(meta_ptr, fmeta_ptr, pmap_ptr, scale_ptr, oks_ptr, weight_decay, beta1, one_minus_beta1,
                         G_DT: tl.constexpr, P_DT: tl.constexpr, HAS_SCALE: tl.constexpr, SCALE_PARAM: tl.constexpr,
-                        HAS_WD: tl.constexpr, HAS_M: tl.constexpr, SR: tl.constexpr, ALIGN: tl.constexpr,
-                        G_UNIT: tl.constexpr, P_UNIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        RP_BLOCK: tl.constexpr):
+                        HAS_WD: tl.constexpr, HAS_M: tl.constexpr, SR: tl.constexpr, STORE_PSQ: tl.constexpr,
+                        ALIGN: tl.constexpr, G_UNIT: tl.constexpr, P_UNIT: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, RP_BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(pmap_ptr + pid).to(tl.int64)
     row = meta_ptr + t * _CW
@@ -875,13 +900,14 @@ def _g_fac_write_kernel(meta_ptr, fmeta_ptr, pmap_ptr, scale_ptr, oks_ptr, weigh
     ws = _mp(row, _C_WS, tl.float32, True)
     _fac_write_body(pid - _mi(row, _C_START), _mp(row, _C_G, G_DT, ALIGN), _mp(row, _C_P, P_DT, ALIGN), scale_ptr, ws,
                     _mp(row, _C_ROW, tl.float32, True), _mp(row, _C_COL, tl.float32, True),
-                    _mp(row, _C_M, tl.float32, True), oks_ptr + t, oks_ptr + t, tl.load(row + _C_SEED),
+                    _mp(row, _C_M, tl.float32, True), oks_ptr + t, oks_ptr + t, _mp(row, _C_PSQC, tl.float32, True),
+                    tl.load(row + _C_SEED),
                     _mi(row, _C_B), _mi(row, _C_M_), _mi(row, _C_N), _mi(row, _C_TM), _mi(row, _C_TN),
                     _mi(row, _C_RPP), _mi(row, _C_SGB), _mi(row, _C_SGM), _mi(row, _C_SGN), _mi(row, _C_SPB),
                     _mi(row, _C_SPM), _mi(row, _C_SPN), _mi(row, _C_NRP), _mi(row, _C_ONEWROW), _mi(row, _C_ONEWCOL),
                     _mi(row, _C_ORSUM), _mi(row, _C_OSCAL), 0, 0, 0, 0, 0, 0, 1.0, 1.0, tl.load(frow + _F_RHO), 0.0,
                     1.0, weight_decay, beta1, one_minus_beta1, HAS_SCALE, SCALE_PARAM, HAS_WD, HAS_M, SR, False, False,
-                    ALIGN, G_UNIT, P_UNIT, BLOCK_M, BLOCK_N, RP_BLOCK)
+                    STORE_PSQ, ALIGN, G_UNIT, P_UNIT, BLOCK_M, BLOCK_N, RP_BLOCK)
 
 
 @triton.jit
@@ -1333,9 +1359,9 @@ _G_STATS = _consts(_g_fac_stats_kernel, "G_DT", "P_DT", "HAS_SCALE", "SUM_P", "A
                    "BLOCK_N")
 _G_FINALIZE = _consts(_g_fac_finalize_kernel, "BLOCK", "PB")
 _G_USQ = _consts(_g_fac_usq_kernel, "G_DT", "HAS_SCALE", "ALIGN", "G_UNIT", "BLOCK_M", "BLOCK_N", "RP_BLOCK")
-_G_FINISH = _consts(_g_finish_kernel, "FIN_SCALE", "HAS_USQ", "HAS_PSQ", "BLOCK")
-_G_WRITE = _consts(_g_fac_write_kernel, "G_DT", "P_DT", "HAS_SCALE", "SCALE_PARAM", "HAS_WD", "HAS_M", "SR", "ALIGN",
-                   "G_UNIT", "P_UNIT", "BLOCK_M", "BLOCK_N", "RP_BLOCK")
+_G_FINISH = _consts(_g_finish_kernel, "FIN_SCALE", "HAS_USQ", "HAS_PSQ", "PSQ_CARRIED", "BLOCK")
+_G_WRITE = _consts(_g_fac_write_kernel, "G_DT", "P_DT", "HAS_SCALE", "SCALE_PARAM", "HAS_WD", "HAS_M", "SR",
+                   "STORE_PSQ", "ALIGN", "G_UNIT", "P_UNIT", "BLOCK_M", "BLOCK_N", "RP_BLOCK")
 _G_VSTATS = _consts(_g_vec_stats_kernel, "G_DT", "P_DT", "HAS_SCALE", "SUM_P", "G_UNIT", "P_UNIT", "BLOCK")
 _G_VWRITE = _consts(_g_vec_write_kernel, "G_DT", "P_DT", "HAS_SCALE", "SCALE_PARAM", "HAS_WD", "HAS_M", "SR",
                     "G_UNIT", "P_UNIT", "BLOCK")
@@ -1400,6 +1426,7 @@ def scaled_rms_update_many_(ps, gs, states, *, rhos, beta2s, eps, clip_threshold
     has_m = beta1 is not None
     b1, omb1 = (float(beta1), 1.0 - float(beta1)) if has_m else (0.0, 1.0)
     sp_flag, hw = bool(scale_parameter), weight_decay != 0
+    carry = CONFIG["carry_psq"]
     plan = _scaled_plan(ps, gs, states, has_m, dev)
     flags = []
     for i in plan.single:
@@ -1421,23 +1448,32 @@ def scaled_rms_update_many_(ps, gs, states, *, rhos, beta2s, eps, clip_threshold
         gd, pd = _TL_DT[gdt], _TL_DT[pdt]
         if fac:
             fb, rp_block = gp.fb, gp.rp_block
-            _G_STATS(gp.prog, (meta_t, pm, scale, eps1), (gd, pd, has_scale, sp_flag, align, g_unit, p_unit, bm, bn),
+            store = carry and sp_flag
+            carried = store and gp.psq_versions is not None and gp.psq_versions == [ps[i]._version for i in gp.idx]
+            _G_STATS(gp.prog, (meta_t, pm, scale, eps1),
+                     (gd, pd, has_scale, sp_flag and not carried, align, g_unit, p_unit, bm, bn),
                      CONFIG["warps_stats"], *run)
             _G_FINALIZE(gp.fprog, (meta_t, fmeta_t, gp.fpmap), (fb, max(1, min(32, 4096 // fb))), 4, *run)
             _G_USQ(gp.prog, (meta_t, pm, scale), (gd, has_scale, align, g_unit, bm, bn, rp_block), CONFIG["warps_usq"],
                    *run)
-            _G_FINISH(n_t, (meta_t, fmeta_t, scale, oks, eps2, ct), (False, True, sp_flag, 1024), 4, *run)
+            _G_FINISH(n_t, (meta_t, fmeta_t, scale, oks, eps2, ct), (False, True, sp_flag, carried, 1024), 4, *run)
             _G_WRITE(gp.prog, (meta_t, fmeta_t, pm, scale, oks, wd, b1, omb1),
-                     (gd, pd, has_scale, sp_flag, hw, has_m, sr, align, g_unit, p_unit, bm, bn, rp_block),
+                     (gd, pd, has_scale, sp_flag, hw, has_m, sr, store, align, g_unit, p_unit, bm, bn, rp_block),
                      CONFIG["warps_write"], *run)
+            if not store:
+                gp.psq_versions = None
         else:
             vb = CONFIG["vec_block"]
             _G_VSTATS(gp.prog, (meta_t, fmeta_t, pm, scale, eps1), (gd, pd, has_scale, sp_flag, g_unit, p_unit, vb), 4,
                       *run)
-            _G_FINISH(n_t, (meta_t, fmeta_t, scale, oks, eps2, ct), (False, True, sp_flag, 1024), 4, *run)
+            _G_FINISH(n_t, (meta_t, fmeta_t, scale, oks, eps2, ct), (False, True, sp_flag, False, 1024), 4, *run)
             _G_VWRITE(gp.prog, (meta_t, fmeta_t, pm, scale, oks, wd, b1, omb1),
                       (gd, pd, has_scale, sp_flag, hw, has_m, sr, g_unit, p_unit, vb), 4, *run)
     _bump(ps if not plan.single else [ps[i] for gp in plan.groups for i in gp.idx])
+    if carry and sp_flag:  # the versions the carried sums of p^2 belong to: any later in-place change bumps them
+        for gp in plan.groups:
+            if gp.fac:
+                gp.psq_versions = [ps[i]._version for i in gp.idx]
     flags.append(bufs.oks_all)
     return _all(flags)
 
@@ -1453,6 +1489,7 @@ def scaled_rms_update_many_(ps, gs, states, *, rhos, beta2s, eps, clip_threshold
 # all groups): it scales with the tensors, and caching it for every bucket would cost real memory.
 _PLANS: dict = {}
 _COL_SEED = 22
+_COL_PSQC = 36  # == _C_PSQC
 _ROW_BYTES, _FROW_BYTES = 8 * _W, 4 * _WF
 _S6 = struct.Struct("<6q")  # G, P, ROW, COL, M, WS: the first six int64 columns
 _SQ = struct.Struct("<q")
@@ -1462,7 +1499,7 @@ _S3F = struct.Struct("<3f")  # RHO, BETA2, 1 - BETA2
 
 class _GroupPlan:
     __slots__ = ("fac", "layout", "idx", "prog", "fprog", "fb", "rp_block", "ws_total", "pmap", "fpmap", "statics",
-                 "moff", "foff", "ooff")
+                 "moff", "foff", "ooff", "psqc", "psq_versions")
 
 
 class _Plan:
@@ -1604,7 +1641,14 @@ def _build_scaled_plan(ps, gs, states, has_m: bool, dev) -> _Plan:
         fb = max(_fin_block(M, N) for *_, (B, M, N) in items) if fac else 0
         geos = [_geometry(B, M, N, "fac" if fac else "vec", fb) for *_, (B, M, N) in items]
         prog, fprog, counts, fcounts, rows, frows, ws_total, statics = 0, 0, [], [], [], [], 0, []
-        for (_, p, _, sts, sg, sp, (B, M, N)), geo in zip(items, geos):
+        # the sums of p^2 that a write leaves for the next step (``carry_psq``): n_psq floats per tensor, 16-byte
+        # aligned; a few KB per tensor, kept with the plan
+        psq_offs = [0]
+        for geo in geos:
+            psq_offs.append(psq_offs[-1] + (_cdiv(geo["n_psq"], 4) * 4 if fac else 0))
+        gp.psqc = torch.zeros(max(psq_offs[-1], 4), dtype=torch.float32, device=dev) if fac else None
+        gp.psq_versions = None
+        for k, ((_, p, _, sts, sg, sp, (B, M, N)), geo) in enumerate(zip(items, geos)):
             numel, ws_off = B * M * N, ws_total
             ws_total += geo["ws_numel"]
             m_ptr = sts[-1].data_ptr() if has_m else 0
@@ -1625,7 +1669,10 @@ def _build_scaled_plan(ps, gs, states, has_m: bool, dev) -> _Plan:
                 row = [0, p.data_ptr(), sts[0].data_ptr(), 0, m_ptr, 4 * ws_off,
                        1, 1, numel, 0, 0, 0, 0, 0, sg[2], 0, 0, sp[2], 0, 0, prog, 0, 0, n, n, n,
                        0, 0, geo["off_newv"], 0, 0, geo["off_fin"], geo["off_usq"], geo["off_psq"], geo["off_scal"], n]
-            rows.extend(row + [0] * (_W - len(row)))
+            row = row + [0] * (_W - len(row))
+            if fac:
+                row[_COL_PSQC] = gp.psqc.data_ptr() + 4 * psq_offs[k]
+            rows.extend(row)
             frows.extend([0.0, 0.0, 0.0, float(numel), math.sqrt(numel), 0.0, 0.0, 0.0])
             counts.append(n)
             prog += n
@@ -1669,7 +1716,7 @@ def lomo_update_many_(ps, gs, *, lr, weight_decay, clip_grad_value, grad_scale, 
         sr = bool(stochastic_rounding) and pdt == torch.bfloat16
         gd, pd = _TL_DT[gdt], _TL_DT[pdt]
         _G_SUM(gp.prog, (meta_t, gp.pmap), (gd, align, g_unit, bm, bn), CONFIG["warps_usq"], *run)
-        _G_FINISH(len(gp.idx), (meta_t, ws, scale, oks, 0.0, 1.0), (has_scale, False, False, 1024), 4,
+        _G_FINISH(len(gp.idx), (meta_t, ws, scale, oks, 0.0, 1.0), (has_scale, False, False, False, 1024), 4,
                   *run)  # no floats: any fp32 buffer for fmeta
         _G_LWRITE(gp.prog, (meta_t, gp.pmap, scale, oks, float(lr), float(weight_decay), cv),
                   (gd, pd, has_scale, weight_decay != 0, clip, sr, align, g_unit, p_unit, bm, bn),
