@@ -330,5 +330,27 @@ for f in sys.argv[1:]]; print(t, file=sys.stderr); print(int(t[1] <= t[0]))" "$o
     echo "bench 6.7b rc=$?"; tail -n 6 "$out/bench_6.7b_b256.log"
     pack
     ;;
-  *) echo "unknown stage $stage (a-t)"; exit 2 ;;
+  u)  # 1 GPU, NEXT SESSION (written 2026-11-29, not run yet): carry_psq (opt-in; tested through the interpreter
+      # and compiled for sm_90 offline only): CUDA kernel tests, the grouped buckets with and without it, and the
+      # 6.7B/0.94B steps with it, with the default and 256 MiB buckets
+    timeout 160 python3 tests/test_kernels.py cuda > "$out/tests_cuda.json" 2> "$out/tests_cuda.err"
+    echo "kernel tests rc=$?"; python3 -c "import json,sys; d=json.load(open(sys.argv[1])); \
+bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(len(d)//2,'cases, bad:',bad)" \
+      "$out/tests_cuda.json"
+    timeout 90 python3 benchmarks/bench_kernels.py --skip-correctness --sweep --sweep-configs '[{}, {"carry_psq": true}]' \
+      --shapes "" --out "$out/kernels_carry.json" > "$out/kernels_carry.log" 2>&1
+    echo "kernels carry rc=$?"; python3 -c "import json,sys; d=json.load(open(sys.argv[1])); \
+[print(r['config'], {b: t['total_us'] for b, t in r['buckets'].items()}) for r in d['sweep']]" "$out/kernels_carry.json"
+    pack
+    timeout 200 python3 benchmarks/bench_gpu.py --config 6.7b --out "$out/bench_6.7b_carry.json" --only \
+      floor,adalomo_fused,adalomo_fused_carry,adalomo_fused_b256,adalomo_fused_b256_carry,adalomo_classic,floor \
+      > "$out/bench_6.7b_carry.log" 2>&1
+    echo "bench 6.7b rc=$?"; tail -n 9 "$out/bench_6.7b_carry.log"
+    pack
+    timeout 120 python3 benchmarks/bench_gpu.py --config 0.94b --out "$out/bench_0.94b_carry.json" --only \
+      floor,adalomo_fused,adalomo_fused_carry,adalomo_fused,floor > "$out/bench_0.94b_carry.log" 2>&1
+    echo "bench 0.94b rc=$?"; tail -n 7 "$out/bench_0.94b_carry.log"
+    pack
+    ;;
+  *) echo "unknown stage $stage (a-u)"; exit 2 ;;
 esac
