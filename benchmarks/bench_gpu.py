@@ -7,7 +7,10 @@
 A LLaMA-style causal LM (transformers ``LlamaForCausalLM``, random init, built in bf16 on the GPU, sdpa
 attention), measured like ``../shared/bench/gpu_anchor_bench.py``: the *floor* is forward+backward with
 every gradient dropped in a post-accumulate hook as soon as it is ready; each row runs in its own process
-(memory figures are not contaminated); median step time after warm-up, peak allocated memory.
+(memory figures are not contaminated); median step time after warm-up, peak allocated memory. Ratios are to the
+mean of the floor rows of the same run (list the floor first and last); ``--rounds N`` runs the list N times, the
+rows between the floors in another order each time, and reports each row's median ratio over the rounds with its
+spread (the machine drifts during a run: 8% between the first and last floor of one 0.94B run).
 
 Rows (``--only`` picks some): ``floor``; ours, for each of ``adalomo``/``adafactor``/``lomo``: ``*_fused``
 (fused hooks, gradients bucketed into the grouped Triton kernels, default ``bucket_cap_mb``), ``*_classic``
@@ -209,6 +212,51 @@ def _versions() -> dict:
         return {}
 
 
+def _round_order(names: list[str], k: int) -> list[str]:
+    """Round k: the floor rows where they were, the other rows rotated by k (each row early in some rounds)."""
+    others = [n for n in names if n != "floor"]
+    if not others:
+        return list(names)
+    k %= len(others)
+    rotated = iter(others[k:] + others[:k])
+    return [n if n == "floor" else next(rotated) for n in names]
+
+
+def _ratios(rows: list[dict]) -> None:
+    """Time and memory of each row against the floor: the mean of the floors measured in the same round."""
+    floors = [r for r in rows if r["name"] == "floor" and "step_ms" in r]
+    if not floors:
+        return
+    f_ms = statistics.mean(r["step_ms"] for r in floors)
+    f_gb = max(r["peak_GB"] for r in floors)
+    for r in rows:
+        if "step_ms" in r:
+            r["time_vs_floor"] = round(r["step_ms"] / f_ms, 3)
+            r["mem_vs_floor"] = round(r["peak_GB"] / f_gb, 3) if f_gb > 0 else float("nan")
+
+
+def _summarise(rounds: list[list[dict]], names: list[str]) -> list[dict]:
+    """One row per name: medians over the rounds of step time, ratio to the floor and tokens/s; the ratios'
+    spread; the largest peak."""
+    out = []
+    for name in dict.fromkeys(names):
+        got = [r for rows in rounds for r in rows if r["name"] == name and "time_vs_floor" in r]
+        if not got:
+            errs = [r for rows in rounds for r in rows if r["name"] == name]
+            out.append(errs[0] if errs else {"name": name, "error": "no result"})
+            continue
+        ratios = [r["time_vs_floor"] for r in got]
+        out.append({"name": name, "rounds": len(got), "params_M": got[0].get("params_M"),
+                    "step_ms": round(statistics.median(r["step_ms"] for r in got), 1),
+                    "time_vs_floor": round(statistics.median(ratios), 3),
+                    "time_vs_floor_min": min(ratios), "time_vs_floor_max": max(ratios),
+                    "peak_GB": max(r["peak_GB"] for r in got),
+                    "mem_vs_floor": max(r["mem_vs_floor"] for r in got),
+                    "tokens_per_s": int(statistics.median(r["tokens_per_s"] for r in got)),
+                    "note": got[0].get("note", "")})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="0.94b", choices=sorted(CONFIGS))
@@ -216,6 +264,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--timeout", type=int, default=None, help="seconds per row")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the rows this many times (the rows between the floors in another order each time) and "
+                         "report each row's median ratio to the floors of its own round: drift of the machine "
+                         "during a run (seen: 8%%) then biases no row")
     ap.add_argument("--fit", action="store_true", help="largest model that fits: adalomo_fused vs torch_adamw_fused")
     ap.add_argument("--fit-sizes", default=",".join(FIT_LADDER))
     ap.add_argument("--cap-gb", type=float, default=None,
@@ -266,24 +318,35 @@ def main() -> None:
         if args.warmup is not None:
             cfg["warmup"] = args.warmup
         res["config"] = {"name": args.config, **cfg}
-        rows = []
-        for row in args.only.split(","):
-            r = _run_child(row, cfg, args.timeout or (300 if args.config == "0.94b" else 600))
-            rows.append(r)
-            print(json.dumps(r), flush=True)
-        floor = next((r for r in rows if r["name"] == "floor" and "step_ms" in r), None)
-        for r in rows:
-            if floor and "step_ms" in r and floor["peak_GB"] > 0:
-                r["time_vs_floor"] = round(r["step_ms"] / floor["step_ms"], 3)
-                r["mem_vs_floor"] = round(r["peak_GB"] / floor["peak_GB"], 3)
+        names = args.only.split(",")
+        if args.rounds > 1 and "floor" not in names:
+            raise SystemExit("--rounds needs a floor row to take the ratios against")
+        rounds = []
+        for k in range(args.rounds):
+            order = _round_order(names, k)
+            rows = []
+            for row in order:
+                r = _run_child(row, cfg, args.timeout or (300 if args.config == "0.94b" else 600))
+                r["round"] = k
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+            _ratios(rows)
+            rounds.append(rows)
+        rows = rounds[0] if args.rounds == 1 else _summarise(rounds, names)
         res["rows"] = rows
+        if args.rounds > 1:
+            res["rounds"] = rounds
         print(f"\n{args.config}: batch {cfg['batch']}x{cfg['seq']}, ckpt={cfg['ckpt']}, median of {cfg['steps']} "
-              f"steps after {cfg['warmup']}; {res['device']}")
+              f"steps after {cfg['warmup']}" + (f"; median over {args.rounds} rounds of the ratio to the floors of "
+                                                 "the same round [min-max]" if args.rounds > 1 else "")
+              + f"; {res['device']}")
         print(f"{'optimizer':26s} {'step ms':>8s} {'x floor':>8s} {'peak GB':>8s} {'x floor':>8s} {'tokens/s':>9s}")
         for r in rows:
             if "step_ms" in r:
+                spread = f"  [{r['time_vs_floor_min']:.3f}-{r['time_vs_floor_max']:.3f}]" if "time_vs_floor_min" in r \
+                    else ""
                 print(f"{r['name']:26s} {r['step_ms']:8.1f} {r.get('time_vs_floor', float('nan')):8.3f} "
-                      f"{r['peak_GB']:8.2f} {r.get('mem_vs_floor', float('nan')):8.3f} {r['tokens_per_s']:9d}")
+                      f"{r['peak_GB']:8.2f} {r.get('mem_vs_floor', float('nan')):8.3f} {r['tokens_per_s']:9d}{spread}")
             else:
                 print(f"{r['name']:26s} {r.get('skipped') or r.get('error')}")
     if args.out:

@@ -342,14 +342,14 @@ bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(
     echo "kernels carry rc=$?"; python3 -c "import json,sys; d=json.load(open(sys.argv[1])); \
 [print(r['config'], {b: t['total_us'] for b, t in r['buckets'].items()}) for r in d['sweep']]" "$out/kernels_carry.json"
     pack
-    timeout 200 python3 benchmarks/bench_gpu.py --config 6.7b --out "$out/bench_6.7b_carry.json" --only \
-      floor,adalomo_fused,adalomo_fused_carry,adalomo_fused_b256,adalomo_fused_b256_carry,adalomo_classic,floor \
+    timeout 230 python3 benchmarks/bench_gpu.py --config 6.7b --rounds 2 --out "$out/bench_6.7b_carry.json" --only \
+      floor,adalomo_fused,adalomo_fused_carry,adalomo_fused_b256,adalomo_fused_b256_carry,floor \
       > "$out/bench_6.7b_carry.log" 2>&1
-    echo "bench 6.7b rc=$?"; tail -n 9 "$out/bench_6.7b_carry.log"
+    echo "bench 6.7b rc=$?"; tail -n 7 "$out/bench_6.7b_carry.log"
     pack
-    timeout 120 python3 benchmarks/bench_gpu.py --config 0.94b --out "$out/bench_0.94b_carry.json" --only \
-      floor,adalomo_fused,adalomo_fused_carry,adalomo_fused,floor > "$out/bench_0.94b_carry.log" 2>&1
-    echo "bench 0.94b rc=$?"; tail -n 7 "$out/bench_0.94b_carry.log"
+    timeout 170 python3 benchmarks/bench_gpu.py --config 0.94b --rounds 3 --out "$out/bench_0.94b_carry.json" --only \
+      floor,adalomo_fused,adalomo_fused_carry,floor > "$out/bench_0.94b_carry.log" 2>&1
+    echo "bench 0.94b rc=$?"; tail -n 5 "$out/bench_0.94b_carry.log"
     pack
     ;;
   *) echo "unknown stage $stage (a-u)"; exit 2 ;;

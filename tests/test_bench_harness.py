@@ -1,0 +1,61 @@
+"""benchmarks/bench_gpu.py's bookkeeping: the order of rows per round, the ratios to the floors of the same round,
+the summary over rounds, and a dry run of the whole harness on the CPU (tiny model, two rounds)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_gpu as B  # noqa: E402
+
+
+def test_round_order_rotates_the_rows_between_the_floors():
+    names = ["floor", "a", "b", "c", "floor"]
+    orders = [B._round_order(names, k) for k in range(4)]
+    assert orders[0] == names
+    assert orders[1] == ["floor", "b", "c", "a", "floor"]
+    assert orders[3] == orders[0]
+    for o in orders:
+        assert o[0] == o[-1] == "floor" and sorted(o[1:-1]) == ["a", "b", "c"]
+    assert {o[1] for o in orders[:3]} == {"a", "b", "c"}  # each row goes first once
+    assert B._round_order(["floor"], 2) == ["floor"]
+
+
+def test_ratios_use_the_mean_of_the_rounds_floors():
+    rows = [{"name": "floor", "step_ms": 100.0, "peak_GB": 10.0}, {"name": "x", "step_ms": 115.0, "peak_GB": 12.0},
+            {"name": "floor", "step_ms": 110.0, "peak_GB": 10.0}, {"name": "bad", "error": "out of memory"}]
+    B._ratios(rows)
+    assert rows[1]["time_vs_floor"] == round(115 / 105, 3) and rows[1]["mem_vs_floor"] == 1.2
+    assert "time_vs_floor" not in rows[3]
+
+
+def test_summary_takes_medians_and_spread_over_rounds():
+    def rnd(floor_ms, x_ms):
+        rows = [{"name": "floor", "step_ms": floor_ms, "peak_GB": 1.0, "tokens_per_s": 10},
+                {"name": "x", "step_ms": x_ms, "peak_GB": 1.1, "tokens_per_s": 9}]
+        B._ratios(rows)
+        return rows
+    rounds = [rnd(100, 110), rnd(120, 126), rnd(100, 130)]  # ratios 1.10, 1.05, 1.30
+    x = {r["name"]: r for r in B._summarise(rounds, ["floor", "x", "floor"])}["x"]
+    assert x["time_vs_floor"] == 1.1 and x["time_vs_floor_min"] == 1.05 and x["time_vs_floor_max"] == 1.3
+    assert x["step_ms"] == 126 and x["rounds"] == 3
+
+
+def test_dry_run_on_cpu_with_rounds(tmp_path):
+    out = tmp_path / "b.json"
+    env = dict(os.environ, BENCH_DEVICE="cpu", PYTHONPATH=str(ROOT / "src"))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--config", "tiny", "--only",
+                           "floor,lomo_fused,floor", "--rounds", "2", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert len(res["rounds"]) == 2 and [r["name"] for r in res["rows"]] == ["floor", "lomo_fused"]
+    lomo = res["rows"][1]
+    assert lomo["rounds"] == 2 and lomo["time_vs_floor_min"] <= lomo["time_vs_floor"] <= lomo["time_vs_floor_max"]
+    assert "median over 2 rounds" in proc.stdout
