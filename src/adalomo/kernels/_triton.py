@@ -218,6 +218,25 @@ def _tile(base, m0, stride_m, offs, r0, lrows, lim, cmask):
 
 
 @triton.jit
+def _first(base, stride_m, offs, r0, lrows, lim, cmask):
+    """What a streaming loop carries into its first iteration: row tile 0 when prefetching, else nothing."""
+    if _PREFETCH:
+        return _tile(base, 0, stride_m, offs, r0, lrows, lim, cmask)
+    else:
+        return 0.0
+
+
+@triton.jit
+def _stream(nx, base, m0, stride_m, offs, r0, lrows, lim, cmask, BLOCK_M: tl.constexpr):
+    """Row tile ``m0`` in fp32, and what to carry on: with _PREFETCH ``nx`` holds tile m0 and tile m0 + BLOCK_M
+    is loaded now, before the caller reduces the current one (two tiles in flight); else tile m0 is loaded now."""
+    if _PREFETCH:
+        return nx.to(tl.float32), _tile(base, m0 + BLOCK_M, stride_m, offs, r0, lrows, lim, cmask)
+    else:
+        return _tile(base, m0, stride_m, offs, r0, lrows, lim, cmask).to(tl.float32), nx
+
+
+@triton.jit
 def _round_to_bf16(new, lin, seed):
     """Stochastic rounding of fp32 ``new`` (exact after the cast): add 16 random bits, truncate."""
     if _RNG_HASH:
@@ -293,23 +312,15 @@ def _fac_stats_body(pid, g_ptr, p_ptr, scale_ptr, ws_ptr,
     lrows = tl.arange(0, BLOCK_M)
     g_offs = lrows[:, None] * sg_m + cols[None, :] * sg_n
     p_offs = lrows[:, None] * sp_m + cols[None, :] * sp_n
-    if _PREFETCH:
-        g_nx = _tile(g_base, 0, sg_m, g_offs, r0, lrows, lim, cmask)
-        if SUM_P:
-            p_nx = _tile(p_base, 0, sp_m, p_offs, r0, lrows, lim, cmask)
+    g_nx = _first(g_base, sg_m, g_offs, r0, lrows, lim, cmask)
+    if SUM_P:
+        p_nx = _first(p_base, sp_m, p_offs, r0, lrows, lim, cmask)
     for m0 in range(0, rows_per_prog, BLOCK_M):
         rmask = r0 + m0 + lrows < M
         mask = rmask[:, None] & cmask[None, :]
-        if _PREFETCH:
-            g = g_nx.to(tl.float32)
-            g_nx = _tile(g_base, m0 + BLOCK_M, sg_m, g_offs, r0, lrows, lim, cmask)
-            if SUM_P:
-                pv = p_nx.to(tl.float32)
-                p_nx = _tile(p_base, m0 + BLOCK_M, sp_m, p_offs, r0, lrows, lim, cmask)
-        else:
-            g = _tile(g_base, m0, sg_m, g_offs, r0, lrows, lim, cmask).to(tl.float32)
-            if SUM_P:
-                pv = _tile(p_base, m0, sp_m, p_offs, r0, lrows, lim, cmask).to(tl.float32)
+        g, g_nx = _stream(g_nx, g_base, m0, sg_m, g_offs, r0, lrows, lim, cmask, BLOCK_M)
+        if SUM_P:
+            pv, p_nx = _stream(p_nx, p_base, m0, sp_m, p_offs, r0, lrows, lim, cmask, BLOCK_M)
         if HAS_SCALE:
             g = g * scale
         sq = tl.where(mask, g * g + eps1, 0.0)
@@ -429,16 +440,11 @@ def _fac_usq_body(pid, g_ptr, scale_ptr, ws_ptr, B, M, N, TM, TN, rows_per_prog,
     lrows = tl.arange(0, BLOCK_M)
     g_offs = lrows[:, None] * sg_m + cols[None, :] * sg_n
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if _PREFETCH:
-        g_nx = _tile(g_base, 0, sg_m, g_offs, r0, lrows, lim, cmask)
+    g_nx = _first(g_base, sg_m, g_offs, r0, lrows, lim, cmask)
     for m0 in range(0, rows_per_prog, BLOCK_M):
         rmask = r0 + m0 + lrows < M
         mask = rmask[:, None] & cmask[None, :]
-        if _PREFETCH:
-            g = g_nx.to(tl.float32)
-            g_nx = _tile(g_base, m0 + BLOCK_M, sg_m, g_offs, r0, lrows, lim, cmask)
-        else:
-            g = _tile(g_base, m0, sg_m, g_offs, r0, lrows, lim, cmask).to(tl.float32)
+        g, g_nx = _stream(g_nx, g_base, m0, sg_m, g_offs, r0, lrows, lim, cmask, BLOCK_M)
         if HAS_SCALE:
             g = g * scale
         r = tl.rsqrt(tl.load(newrow + m0 + lrows, mask=rmask, other=1.0) / row_mean)
@@ -720,10 +726,9 @@ def _sum_body(pid, g_ptr, ws_ptr, M, N, TM, TN, rows_per_prog, sg_b, sg_m, sg_n,
     g_offs = lrows[:, None] * sg_m + cols[None, :] * sg_n
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     lim = tl.minimum(M, r0 + rows_per_prog)
-    if _PREFETCH:
-        g_nx = _tile(g_base, 0, sg_m, g_offs, r0, lrows, lim, cmask)
+    g_nx = _first(g_base, sg_m, g_offs, r0, lrows, lim, cmask)
     for m0 in range(0, rows_per_prog, BLOCK_M):
-        if _PREFETCH:
+        if _PREFETCH:  # not _stream: adding before the next load is the order measured on the H200 (same SASS)
             acc += g_nx.to(tl.float32)
             g_nx = _tile(g_base, m0 + BLOCK_M, sg_m, g_offs, r0, lrows, lim, cmask)
         else:
