@@ -352,5 +352,19 @@ bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(
     echo "bench 0.94b rc=$?"; tail -n 5 "$out/bench_0.94b_carry.log"
     pack
     ;;
-  *) echo "unknown stage $stage (a-u)"; exit 2 ;;
+  v)  # 1 GPU, NEXT SESSION (written 2026-11-29, not run yet): why the side stream is slower at 6.7B (1.315x against
+      # 1.184x in stage r): a profile of each (do the update kernels overlap the backward's matmuls, and what do
+      # they cost them), and both with --rounds
+    for row in adalomo_fused adalomo_fused_side; do
+      timeout 70 python3 benchmarks/profile_step.py --config 6.7b --row $row --steps 2 --out "$out/profile_6.7b_$row.json" \
+        > "$out/profile_6.7b_$row.log" 2>&1
+      echo "profile $row rc=$?"; grep SUMMARY "$out/profile_6.7b_$row.log"
+    done
+    pack
+    timeout 200 python3 benchmarks/bench_gpu.py --config 6.7b --rounds 3 --out "$out/bench_6.7b_side.json" \
+      --only floor,adalomo_fused,adalomo_fused_side,floor > "$out/bench_6.7b_side.log" 2>&1
+    echo "bench 6.7b side rc=$?"; tail -n 5 "$out/bench_6.7b_side.log"
+    pack
+    ;;
+  *) echo "unknown stage $stage (a-v)"; exit 2 ;;
 esac
