@@ -49,6 +49,8 @@ def _plan(ps, shards, dev) -> _ShardPlan:
     plan = _ShardPlan()
     items, off, blen = [], 0, 0
     for p, s in zip(ps, shards):
+        if len(s.global_shape) > 2:  # kernels.sharded_fits keeps them out: their statistics would be another's
+            raise ValueError(f"the sharded AdaLomo/Adafactor kernels take 1-D/2-D tensors, got {tuple(s.global_shape)}")
         it = _Item()
         it.fac = p.dim() == 2
         it.B, it.M, it.N = K._shape3(p) if p.numel() else (1, 0, (p.shape[-1] if p.dim() else 1))

@@ -104,6 +104,7 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
     #: ``_update_many`` takes ``shards=`` (a list of ShardInfo) and then updates FSDP2 shards with two
     #: all-reduces per call (AdaLomo, Adafactor); otherwise sharded parameters are updated one by one
     _sharded_many = False
+    _sharded_any_dim = False  # the sharded kernels also take >= 3-D shards (Lomo: no statistics over rows)
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict], defaults: dict[str, Any], *, fused: bool,
                  nonfinite: str = "warn", loss_scaler: DynamicLossScaler | None = None,
@@ -404,7 +405,7 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
             if layout.shard is None:
                 fits = kernels.use_triton(kernels._local(p), kernels._local(grad))
             else:
-                fits = kernels.sharded_fits(p, grad)
+                fits = kernels.sharded_fits(p, grad, any_dim=self._sharded_any_dim)
             self._param_fits[id(p)] = fits
         return fits and not torch.compiler.is_compiling()
 
