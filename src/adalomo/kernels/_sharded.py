@@ -6,7 +6,9 @@ other ranks, per tensor:
 
 1. after the statistics pass: the column sums of g^2 + eps1, the sum of the old row statistics and sum(p^2)
    (2-D), or the sums of g^2 + eps1, u^2 and p^2 (1-D). One flat fp32 buffer, one all-reduce;
-2. after the RMS pass: sum(u^2) of the 2-D tensors. One all-reduce.
+2. after the RMS pass: sum(u^2) of the 2-D tensors, and for each >= 3-D tensor the sums of its finite test,
+   u^2 and p^2: sharded on dim 0 (a batch dim of the factorisation), each rank holds whole matrices, whose
+   statistics and RMS pass are the single-process ones. One all-reduce.
 
 From (1) the new column statistics are the global column mean (the finalize kernel divides by the global
 row count), the global mean of the new row statistics is beta2 * sum(old rows) + (1 - beta2) * total / N
@@ -29,8 +31,8 @@ _GLOB = 16  # per-tensor slots: 0 fin (total of g^2 + eps1), 1 sum u^2, 2 sum p^
 
 
 class _Item:
-    __slots__ = ("fac", "B", "M", "N", "n_local", "numel", "rows_global", "geo", "ws_off", "colg", "glob", "buf",
-                 "empty")
+    __slots__ = ("fac", "bat", "B", "M", "N", "n_local", "numel", "rows_global", "geo", "ws_off", "colg", "glob",
+                 "buf", "empty")
 
 
 class _ShardPlan:
@@ -49,16 +51,15 @@ def _plan(ps, shards, dev) -> _ShardPlan:
     plan = _ShardPlan()
     items, off, blen = [], 0, 0
     for p, s in zip(ps, shards):
-        if len(s.global_shape) > 2:  # kernels.sharded_fits keeps them out: their statistics would be another's
-            raise ValueError(f"the sharded AdaLomo/Adafactor kernels take 1-D/2-D tensors, got {tuple(s.global_shape)}")
         it = _Item()
-        it.fac = p.dim() == 2
+        nd = len(s.global_shape)
+        it.fac, it.bat = nd == 2, nd >= 3  # bat: dim 0 (sharded) is a batch dim, each rank holds whole matrices
         it.B, it.M, it.N = K._shape3(p) if p.numel() else (1, 0, (p.shape[-1] if p.dim() else 1))
         it.n_local = p.numel()
         it.numel = math.prod(s.global_shape)
         it.rows_global = s.global_shape[0]
         it.empty = p.numel() == 0
-        it.geo = None if it.empty else K._geometry(it.B, it.M, it.N, "fac" if it.fac else "vec")
+        it.geo = None if it.empty else K._geometry(it.B, it.M, it.N, "vec" if nd == 1 else "fac")
         it.ws_off = off
         size = 0 if it.empty else it.geo["ws_numel"]
         if it.fac:
@@ -68,7 +69,7 @@ def _plan(ps, shards, dev) -> _ShardPlan:
         size += _GLOB
         off += size
         it.buf = blen
-        blen += (it.N + 2) if it.fac else 3
+        blen += (it.N + 2) if it.fac else 0 if it.bat else 3
         items.append(it)
     plan.items = items
     plan.ws_total = off + 16  # the last 16 floats stay zero: the padding of the gathers below
@@ -87,6 +88,8 @@ def _plan(ps, shards, dev) -> _ShardPlan:
         if it.empty:
             continue
         w, geo = it.ws_off, it.geo
+        if it.bat:  # nothing to reduce before the RMS pass: its statistics are local
+            continue
         if it.fac:
             g_rows.append([w + geo["off_psq"] + k for k in range(geo["n_prog"])])
             dst.append(it.buf + it.N + 1)
@@ -111,7 +114,7 @@ def _plan(ps, shards, dev) -> _ShardPlan:
     plan.psq_idx = torch.tensor([it.buf + it.N + 1 for it in facs], dtype=torch.int64).to(dev)
     vec_src, vec_dst = [], []
     for it in items:
-        if not it.fac and not it.empty:
+        if not it.fac and not it.bat and not it.empty:
             vec_src += [it.buf, it.buf + 1, it.buf + 2]
             vec_dst += [it.ws_off + it.glob + j for j in range(3)]
     plan.vec_src = torch.tensor(vec_src, dtype=torch.int64).to(dev)
@@ -123,10 +126,20 @@ def _plan(ps, shards, dev) -> _ShardPlan:
     plan.scat_dst = torch.tensor(fac_dst + vec_dst, dtype=torch.int64).to(dev)
     plan.inv_n = torch.tensor([1.0 / it.N for it in facs], dtype=torch.float32).to(dev)
     plan.mlmg = torch.tensor([it.M / it.rows_global for it in facs], dtype=torch.float32).to(dev)
-    # (2) sum u^2 of the 2-D tensors
-    plan.usq_idx = pad([[it.ws_off + it.geo["off_usq"] + k for k in range(it.geo["n_prog"])] if not it.empty
-                        else [] for it in facs], zero_ws).to(dev)
-    plan.usq_dst = torch.tensor([slot(it, 1) for it in facs], dtype=torch.int64).to(dev)
+    # (2) sum u^2 of the 2-D tensors; the finite test's, u^2's and p^2's sums of the >= 3-D ones (into their own
+    # slots, empty shards included: they take the verdict from there)
+    rows2, dst2 = [], []
+    for it in facs:
+        rows2.append([it.ws_off + it.geo["off_usq"] + k for k in range(it.geo["n_prog"])] if not it.empty else [])
+        dst2.append(slot(it, 1))
+    for it in items:
+        if it.bat:
+            for j, name in enumerate(("fin", "usq", "psq")):
+                n = 0 if it.empty else it.geo["n_" + name]
+                rows2.append([it.ws_off + it.geo["off_" + name] + k for k in range(n)] if n else [])
+                dst2.append(it.ws_off + it.glob + j)
+    plan.usq_idx = pad(rows2, zero_ws).to(dev)
+    plan.usq_dst = torch.tensor(dst2, dtype=torch.int64).to(dev)
     _PLANS[key] = plan
     return plan
 
@@ -169,7 +182,7 @@ def scaled_rms_update_sharded_(ps, gs, states, shards, *, rhos, beta2s, eps, cli
         ws = ws_all[it.ws_off:it.ws_off + it.glob + _GLOB]
         geo = it.geo
         B, M, N = it.B, it.M, it.N
-        if it.fac:
+        if it.fac or it.bat:
             row = K._contig_state(st, "exp_avg_sq_row", copies)
             col = K._contig_state(st, "exp_avg_sq_col", copies)
             align, g_unit, p_unit = K._align(N, sg, sp)
@@ -177,6 +190,9 @@ def scaled_rms_update_sharded_(ps, gs, states, shards, *, rhos, beta2s, eps, cli
                                      *sp, geo["off_rowpart"], geo["off_colpart"], geo["off_psq"], eps1),
                      (has_scale, sp_flag, align, g_unit, p_unit, geo["BLOCK_M"], geo["BLOCK_N"]),
                      K.CONFIG["warps_stats"], *run)
+            if it.bat:
+                work.append((g, sg, p_work, sp, ws, row, col, align, g_unit, p_unit))
+                continue
             np_ = K._cdiv(N, 16) * 16
             cp = ws[geo["off_colpart"]:geo["off_colpart"] + geo["TM"] * np_].view(geo["TM"], np_)[:, :N]
             torch.sum(cp, 0, out=buf1[it.buf:it.buf + N])
@@ -219,11 +235,22 @@ def scaled_rms_update_sharded_(ps, gs, states, shards, *, rhos, beta2s, eps, cli
         # a 0-d CUDA view copies a CPU tensor in with copy_(), which synchronises the host with the device
         ws_all[-1:].zero_()
     for i, (it, w) in enumerate(zip(plan.items, work)):
-        if w is None or not it.fac:
+        if w is None or not (it.fac or it.bat):
             continue
         g, sg, p_work, sp, ws, row, col, align, g_unit, p_unit = w
         geo, B, M, N = it.geo, it.B, it.M, it.N
         b2 = float(beta2s[i])
+        if it.bat:  # whole matrices: the single-process passes, with the local partials
+            K._FINALIZE(B * (geo["n_rp"] + geo["n_cp"]),
+                        (row, col, ws, B, M, N, geo["TM"], geo["TN"], geo["n_rp"], geo["n_cp"], geo["off_rowpart"],
+                         geo["off_colpart"], geo["off_newrow"], geo["off_newcol"], geo["off_rsum"], geo["off_fin"], b2,
+                         1.0 - b2, float(M)),
+                        (geo["FIN_BLOCK"], geo["PB"]), 4, *run)
+            K._USQ(geo["n_prog"], (g, scale, ws, B, M, N, geo["TM"], geo["TN"], geo["rows_per_prog"], *sg, geo["n_rp"],
+                                   geo["off_newrow"], geo["off_newcol"], geo["off_rsum"], geo["off_usq"]),
+                   (has_scale, align, g_unit, geo["BLOCK_M"], geo["BLOCK_N"], geo["RP_BLOCK"]), K.CONFIG["warps_usq"],
+                   *run)
+            continue
         K._FINALIZE(B * (geo["n_rp"] + geo["n_cp"]),
                     (row, col, ws, B, M, N, 1, geo["TN"], geo["n_rp"], geo["n_cp"], geo["off_rowpart"], it.colg,
                      geo["off_newrow"], geo["off_newcol"], geo["off_rsum"], geo["off_fin"], b2, 1.0 - b2,
@@ -232,7 +259,7 @@ def scaled_rms_update_sharded_(ps, gs, states, shards, *, rhos, beta2s, eps, cli
         K._USQ(geo["n_prog"], (g, scale, ws, B, M, N, geo["TM"], geo["TN"], geo["rows_per_prog"], *sg, 1,
                                geo["off_newrow"], geo["off_newcol"], it.glob + 3, geo["off_usq"]),
                (has_scale, align, g_unit, geo["BLOCK_M"], geo["BLOCK_N"], 2), K.CONFIG["warps_usq"], *run)
-    if facs:
+    if plan.usq_dst.numel():
         usq = ws_all[plan.usq_idx].sum(1)
         dist.all_reduce(usq, op=dist.ReduceOp.SUM, group=group)
         ws_all[plan.usq_dst] = usq
@@ -246,19 +273,21 @@ def scaled_rms_update_sharded_(ps, gs, states, shards, *, rhos, beta2s, eps, cli
         scal = (float(it.numel), math.sqrt(it.numel), float(rhos[i]), eps2, ct)
         glob = (1, 1, 1, it.glob, it.glob + 1, it.glob + 2)
         if w is None:
-            _empty_shard_(it, states[i], buf1, float(beta2s[i]), okacc)
+            _empty_shard_(it, states[i], buf1, ws_all, float(beta2s[i]), okacc)
             continue
         copies = copies_all[i]
         m_t = K._contig_state(states[i], "exp_avg", copies) if has_m else None
-        if it.fac:
+        if it.fac or it.bat:
             g, sg, p_work, sp, ws, row, col, align, g_unit, p_unit = w
             geo, B, M, N = it.geo, it.B, it.M, it.N
+            # mean(row): the global one in a slot (2-D), or per matrix from the local partials (>= 3-D)
+            rsum = (geo["n_rp"], geo["off_rsum"], geo["RP_BLOCK"]) if it.bat else (1, it.glob + 3, 2)
             K._WRITE(geo["n_prog"], (g, p_work, scale, ws, row, col, ws if m_t is None else m_t, ok_scratch, okacc,
-                                     sd, B, M, N, geo["TM"], geo["TN"], geo["rows_per_prog"], *sg, *sp, 1,
-                                     geo["off_newrow"], geo["off_newcol"], it.glob + 3, geo["off_scal"], *glob, *scal,
+                                     sd, B, M, N, geo["TM"], geo["TN"], geo["rows_per_prog"], *sg, *sp, rsum[0],
+                                     geo["off_newrow"], geo["off_newcol"], rsum[1], geo["off_scal"], *glob, *scal,
                                      wd, b1, omb1),
                      (has_scale, sp_flag, hw, has_m, sr, True, True, align, g_unit, p_unit, geo["BLOCK_M"],
-                      geo["BLOCK_N"], 2), K.CONFIG["warps_write"], *run)
+                      geo["BLOCK_N"], rsum[2]), K.CONFIG["warps_write"], *run)
         else:
             g, sg, p_work, sp, ws, v, g_unit, p_unit = w
             geo = it.geo
@@ -276,10 +305,13 @@ def scaled_rms_update_sharded_(ps, gs, states, shards, *, rhos, beta2s, eps, cli
     return okacc
 
 
-def _empty_shard_(it: _Item, state: dict, buf1: torch.Tensor, beta2: float, okacc: torch.Tensor) -> None:
+def _empty_shard_(it: _Item, state: dict, buf1: torch.Tensor, ws_all: torch.Tensor, beta2: float,
+                  okacc: torch.Tensor) -> None:
     """This rank holds no rows of the tensor: join the verdict, and for a matrix update this rank's copy of the
     replicated column statistics (what the finalize kernel does on the ranks that hold rows)."""
-    if it.fac:
+    if it.bat:  # the global sum of the finite test is in slot 0; no state here (its statistics are per matrix)
+        ok = torch.isfinite(ws_all[it.ws_off + it.glob])
+    elif it.fac:
         col_sum = buf1[it.buf:it.buf + it.N]
         ok = torch.isfinite(col_sum.sum())
         col = state["exp_avg_sq_col"]

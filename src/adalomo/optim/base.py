@@ -104,7 +104,7 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
     #: ``_update_many`` takes ``shards=`` (a list of ShardInfo) and then updates FSDP2 shards with two
     #: all-reduces per call (AdaLomo, Adafactor); otherwise sharded parameters are updated one by one
     _sharded_many = False
-    _sharded_any_dim = False  # the sharded kernels also take >= 3-D shards (Lomo: no statistics over rows)
+    _sharded_any_dim = False  # the sharded kernels also take >= 3-D shards (dim 0 a batch dim: whole matrices)
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict], defaults: dict[str, Any], *, fused: bool,
                  nonfinite: str = "warn", loss_scaler: DynamicLossScaler | None = None,
