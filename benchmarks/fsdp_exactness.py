@@ -7,7 +7,8 @@ run it: NCCL collectives, CUDA tensors, and a single-process reference that take
 bucketed) while the sharded run takes the sharded torch path, so two implementations meet. Each rank trains a
 plain replica on the full batch (the reference) and an FSDP2 model (``fully_shard`` per block + root, and
 HSDP on a (2, 1) mesh) on its half; after every step the full parameters must agree to fp32 tolerance. The
-model has an odd vocabulary (1003 rows: uneven shards). fp32 weights, TF32 off: bf16 with stochastic
+model has an odd vocabulary (1003 rows: uneven shards) and a 3-D parameter of 3 matrices (sharded 2/1: whole
+matrices per rank, the >= 3-D path of the sharded kernels). fp32 weights, TF32 off: bf16 with stochastic
 rounding draws different bits per shard by design, so it cannot be compared bit for bit.
 """
 
@@ -40,10 +41,25 @@ OPTIMIZERS = {  # name: (factory, two-pass clipping)
 }
 
 
+class GPT3D(GPT):
+    """The GPT with a 3-D parameter (``experts``: 3 matrices, uneven over 2 ranks) in an auxiliary loss term."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.experts = torch.nn.Parameter(torch.empty(3, cfg.dim, cfg.dim))
+
+    def forward(self, idx, targets=None):
+        logits, loss = super().forward(idx, targets)
+        aux = torch.einsum("bsd,edf->bsef", self.tok_emb(idx), self.experts).tanh().square().mean()
+        return logits, loss + 0.1 * aux
+
+
 def reference_model(device) -> GPT:
     torch.manual_seed(0)
-    model = GPT(CFG).to(device)
+    model = GPT3D(CFG).to(device)
     model.init_weights()
+    with torch.no_grad():
+        model.experts.normal_(0.0, 0.2)
     return model
 
 
@@ -52,7 +68,7 @@ def sharded_model(ref: GPT, device, mesh=None) -> GPT:
     from torch.distributed.tensor import distribute_tensor
 
     with torch.device("meta"):
-        model = GPT(CFG)
+        model = GPT3D(CFG)
     for block in model.layers:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
