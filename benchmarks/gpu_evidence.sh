@@ -32,6 +32,14 @@ exactness() {  # FSDP2/HSDP vs one process on NCCL, 2 GPUs: seconds
     --steps 10 --out "$out/fsdp_exactness.json" > "$out/fsdp_exactness.log" 2>&1
   echo "exactness rc=$?"; grep -v Warning "$out/fsdp_exactness.log" | tail -n 10
 }
+prof67() {  # torch.profiler over 2 steps of each given bench_gpu row at 6.7B
+  local row
+  for row in "$@"; do
+    timeout 70 python3 benchmarks/profile_step.py --config 6.7b --row "$row" --steps 2 --out "$out/profile_6.7b_$row.json" \
+      > "$out/profile_6.7b_$row.log" 2>&1
+    echo "profile $row rc=$?"; grep SUMMARY "$out/profile_6.7b_$row.log"
+  done
+}
 fsdp1b() {  # the 1B FSDP2 table on 1 and 2 GPUs, AdaLomo and AdamW
   timeout 200 python3 benchmarks/bench_fsdp.py --sizes 1b --gpus 1,2 --optimizers adalomo,adamw --timeout 90 \
     --out "$out/fsdp_1b.json" > "$out/fsdp_1b.log" 2>&1
@@ -306,11 +314,7 @@ for f in sys.argv[1:]]; print(t, file=sys.stderr); print(int(t[1] <= t[0]))" "$o
     ;;
   s)  # 1 GPU, diagnostic (2026-11-29): at 6.7B fused AdaLomo costs ~12 ms more than classic (stage r); where does
       # it go (GPU busy vs wall, optimizer kernel time in each mode), and do larger buckets help
-    for row in adalomo_fused adalomo_classic; do
-      timeout 70 python3 benchmarks/profile_step.py --config 6.7b --row $row --steps 2 --out "$out/profile_6.7b_$row.json" \
-        > "$out/profile_6.7b_$row.log" 2>&1
-      echo "profile $row rc=$?"; grep SUMMARY "$out/profile_6.7b_$row.log"
-    done
+    prof67 adalomo_fused adalomo_classic
     pack
     timeout 150 python3 benchmarks/bench_gpu.py --config 6.7b --out "$out/bench_6.7b_buckets.json" \
       --only floor,adalomo_fused,adalomo_fused_b128,adalomo_fused_b256,adalomo_classic > "$out/bench_6.7b_buckets.log" 2>&1
@@ -355,11 +359,7 @@ bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(
   v)  # 1 GPU, NEXT SESSION (written 2026-11-29, not run yet): why the side stream is slower at 6.7B (1.315x against
       # 1.184x in stage r): a profile of each (do the update kernels overlap the backward's matmuls, and what do
       # they cost them), and both with --rounds
-    for row in adalomo_fused adalomo_fused_side; do
-      timeout 70 python3 benchmarks/profile_step.py --config 6.7b --row $row --steps 2 --out "$out/profile_6.7b_$row.json" \
-        > "$out/profile_6.7b_$row.log" 2>&1
-      echo "profile $row rc=$?"; grep SUMMARY "$out/profile_6.7b_$row.log"
-    done
+    prof67 adalomo_fused adalomo_fused_side
     pack
     timeout 200 python3 benchmarks/bench_gpu.py --config 6.7b --rounds 3 --out "$out/bench_6.7b_side.json" \
       --only floor,adalomo_fused,adalomo_fused_side,floor > "$out/bench_6.7b_side.log" 2>&1
