@@ -138,12 +138,12 @@ def _local(t):
     return loc
 
 
-def sharded_fits(p, grad, any_dim: bool = False) -> bool:
+def sharded_fits(p, grad) -> bool:
     """``use_triton``'s rules for the shards of an FSDP2 parameter ``p`` (a DTensor) and its gradient, decided
     on what every rank sees alike (device, dtypes, global shape; not the local size, which may be zero), so
-    that all ranks take the same path and join the same collectives. 1-D and 2-D tensors, or any dimension
-    (``any_dim``: the optimizers whose sharded kernels take >= 3-D shards, whole matrices along dim 0)."""
-    if not (p.dim() >= 1 if any_dim else p.dim() in (1, 2)) or p.dtype not in _DTYPES or grad.dtype not in _DTYPES:
+    that all ranks take the same path and join the same collectives. Any dimension >= 1 (a >= 3-D tensor
+    sharded on dim 0 holds whole matrices)."""
+    if p.dim() < 1 or p.dtype not in _DTYPES or grad.dtype not in _DTYPES:
         return False
     if not 0 < p.numel() < _MAX_NUMEL or (p.dim() >= 2 and math.prod(p.shape[1:]) >= _MAX_STRIDE):
         return False  # the stride of dim 0 (the largest, of a contiguous shard) within the kernels' int32 maths

@@ -34,7 +34,6 @@ class Adafactor(LowMemoryOptimizer):
     """
 
     _sharded_many = True
-    _sharded_any_dim = True
 
     def __init__(self, params, lr: float | None = None, eps: tuple[float, float] = (1e-30, 1e-3),
                  clip_threshold: float = 1.0, decay_rate: float = -0.8, beta1: float | None = None,

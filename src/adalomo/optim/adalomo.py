@@ -31,7 +31,6 @@ class AdaLomo(LowMemoryOptimizer):
     """
 
     _sharded_many = True
-    _sharded_any_dim = True
 
     def __init__(self, params, lr: float = 1e-3, eps: tuple[float, float] = (1e-30, 1e-3),
                  clip_threshold: float = 1.0, decay_rate: float = -0.8, weight_decay: float = 0.0,

@@ -104,7 +104,6 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
     #: ``_update_many`` takes ``shards=`` (a list of ShardInfo) and then updates FSDP2 shards with two
     #: all-reduces per call (AdaLomo, Adafactor); otherwise sharded parameters are updated one by one
     _sharded_many = False
-    _sharded_any_dim = False  # the sharded kernels also take >= 3-D shards (dim 0 a batch dim: whole matrices)
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict], defaults: dict[str, Any], *, fused: bool,
                  nonfinite: str = "warn", loss_scaler: DynamicLossScaler | None = None,
@@ -399,13 +398,14 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
 
     def _sharded_fits(self, p: Tensor, grad: Tensor, layout: Any) -> bool:
         """An FSDP2 parameter that goes through the grouped kernels (decided alike on every rank): a shard of a
-        1-D/2-D tensor, or a DTensor whose local tensor is whole (one rank on the shard dim: 1-GPU FSDP2, HSDP)."""
+        tensor of any dimension, or a DTensor whose local tensor is whole (one rank on the shard dim: 1-GPU FSDP2,
+        HSDP)."""
         fits = self._param_fits.get(id(p))
         if fits is None:
             if layout.shard is None:
                 fits = kernels.use_triton(kernels._local(p), kernels._local(grad))
             else:
-                fits = kernels.sharded_fits(p, grad, any_dim=self._sharded_any_dim)
+                fits = kernels.sharded_fits(p, grad)
             self._param_fits[id(p)] = fits
         return fits and not torch.compiler.is_compiling()
 

@@ -21,7 +21,6 @@ class Lomo(LowMemoryOptimizer):
     """
 
     _sharded_many = True
-    _sharded_any_dim = True
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.0, clip_grad_value: float | None = None,
                  fused: bool = False, *, clip_grad_norm: float | None = None,
