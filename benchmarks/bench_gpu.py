@@ -16,7 +16,8 @@ Rows (``--only`` picks some): ``floor``; ours, for each of ``adalomo``/``adafact
 (fused hooks, gradients bucketed into the grouped Triton kernels, default ``bucket_cap_mb``), ``*_classic``
 (``step()`` after backward, grouped kernels); variants of a fused row by suffix: ``_b{MB}`` sets
 ``bucket_cap_mb`` (``_b0``: one update per tensor), ``_side`` runs the updates on a side CUDA stream,
-``_carry`` takes sum(p^2) from the previous write (kernel setting ``carry_psq``), e.g.
+``_carry`` takes sum(p^2) from the previous write (kernel setting ``carry_psq``), ``_rev`` runs the RMS(u) pass
+in the reverse order of the statistics pass (``reverse_usq``), e.g.
 ``adalomo_fused_b0_side``; ``adalomo_fused_torchpath`` (ADALOMO_DISABLE_TRITON=1);
 peers ``torch_adamw_fused`` (classic, ``fused=True``), ``torch_adafactor`` (foreach), ``lomo_optim_adalomo``,
 ``lomo_optim_lomo`` (skipped with a note when ``lomo_optim`` is not installed).
@@ -120,9 +121,12 @@ def child(row: str, cfg: dict) -> dict:
         for o in opts:
             if o[:1] == "b" and o[1:].isdigit():
                 kw["bucket_cap_mb"] = float(o[1:])
-        if "carry" in opts and cuda:  # sum(p^2) carried from the previous write (kernels CONFIG "carry_psq")
+        if cuda and ("carry" in opts or "rev" in opts):  # kernel settings (kernels CONFIG)
             from adalomo.kernels import _triton
-            _triton.set_config(carry_psq=True)
+            if "carry" in opts:  # sum(p^2) carried from the previous write
+                _triton.set_config(carry_psq=True)
+            if "rev" in opts:  # the RMS(u) pass in the reverse order of the statistics pass (L2 reuse)
+                _triton.set_config(reverse_usq=True)
         if kind == "adalomo":
             opt = adalomo.AdaLomo(params, lr=1e-3, **kw)
         elif kind == "adafactor":

@@ -334,26 +334,25 @@ for f in sys.argv[1:]]; print(t, file=sys.stderr); print(int(t[1] <= t[0]))" "$o
     echo "bench 6.7b rc=$?"; tail -n 6 "$out/bench_6.7b_b256.log"
     pack
     ;;
-  u)  # 1 GPU, NEXT SESSION (written 2026-11-29, not run yet): carry_psq (opt-in; tested through the interpreter
-      # and compiled for sm_90 offline only): CUDA kernel tests, the grouped buckets with and without it, and the
-      # 6.7B/0.94B steps with it, with the default and 256 MiB buckets
-    timeout 160 python3 tests/test_kernels.py cuda > "$out/tests_cuda.json" 2> "$out/tests_cuda.err"
+  u)  # 1 GPU (2026-11-29, third session): the two ways to move fewer bytes, A/B on the grouped buckets, then the
+      # 6.7B step with them (--rounds 2), then the CUDA kernel tests (carry_psq, reverse_usq included):
+      # carry_psq (sum(p^2) from the previous write: 12 -> 10 bytes per parameter) and reverse_usq (the RMS(u) pass
+      # in the reverse order of the statistics pass, so that it finds the last-read tiles of g in L2)
+    timeout 140 python3 benchmarks/bench_kernels.py --skip-correctness --sweep --shapes "" --sweep-configs \
+      '[{}, {"reverse_usq": true}, {"carry_psq": true}, {"carry_psq": true, "reverse_usq": true}]' \
+      --out "$out/kernels_carry_rev.json" > "$out/kernels_carry_rev.log" 2>&1
+    echo "kernels carry/rev rc=$?"; python3 -c "import json,sys; d=json.load(open(sys.argv[1])); \
+[print(r['config'], {b: t['total_us'] for b, t in r['buckets'].items()}) for r in d['sweep']]" "$out/kernels_carry_rev.json"
+    pack
+    timeout 270 python3 benchmarks/bench_gpu.py --config 6.7b --rounds 2 --out "$out/bench_6.7b.json" --only \
+      floor,adalomo_fused,adalomo_fused_rev,adalomo_fused_b256_rev,adalomo_fused_b256_carry_rev,floor \
+      > "$out/bench_6.7b.log" 2>&1
+    echo "bench 6.7b rc=$?"; tail -n 7 "$out/bench_6.7b.log"
+    pack
+    timeout 130 python3 tests/test_kernels.py cuda > "$out/tests_cuda.json" 2> "$out/tests_cuda.err"
     echo "kernel tests rc=$?"; python3 -c "import json,sys; d=json.load(open(sys.argv[1])); \
 bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(len(d)//2,'cases, bad:',bad)" \
       "$out/tests_cuda.json"
-    timeout 90 python3 benchmarks/bench_kernels.py --skip-correctness --sweep --sweep-configs '[{}, {"carry_psq": true}]' \
-      --shapes "" --out "$out/kernels_carry.json" > "$out/kernels_carry.log" 2>&1
-    echo "kernels carry rc=$?"; python3 -c "import json,sys; d=json.load(open(sys.argv[1])); \
-[print(r['config'], {b: t['total_us'] for b, t in r['buckets'].items()}) for r in d['sweep']]" "$out/kernels_carry.json"
-    pack
-    timeout 230 python3 benchmarks/bench_gpu.py --config 6.7b --rounds 2 --out "$out/bench_6.7b_carry.json" --only \
-      floor,adalomo_fused,adalomo_fused_carry,adalomo_fused_b256,adalomo_fused_b256_carry,floor \
-      > "$out/bench_6.7b_carry.log" 2>&1
-    echo "bench 6.7b rc=$?"; tail -n 7 "$out/bench_6.7b_carry.log"
-    pack
-    timeout 170 python3 benchmarks/bench_gpu.py --config 0.94b --rounds 3 --out "$out/bench_0.94b_carry.json" --only \
-      floor,adalomo_fused,adalomo_fused_carry,floor > "$out/bench_0.94b_carry.log" 2>&1
-    echo "bench 0.94b rc=$?"; tail -n 5 "$out/bench_0.94b_carry.log"
     pack
     ;;
   v)  # 1 GPU, NEXT SESSION (written 2026-11-29, not run yet): why the side stream is slower at 6.7B (1.315x against

@@ -63,6 +63,9 @@ CONFIG = {
     # version counter that write left; a change through ``p.data`` does not bump it and goes unseen for one step,
     # hence off by default (docs/kernels.md)
     "carry_psq": False,
+    # grouped AdaLomo/Adafactor: the RMS(u) pass takes its programs and rows in the reverse order of the statistics
+    # pass, so that its first reads of g find the tiles that pass read last still in L2
+    "reverse_usq": False,
 }
 _POW2_KEYS = ("block_m", "block_n", "vec_block", "fin_block")
 _WARP_KEYS = ("warps_stats", "warps_usq", "warps_write")
@@ -77,7 +80,7 @@ def set_config(**changes) -> dict:
     for k, v in changes.items():
         if k not in CONFIG:
             raise ValueError(f"unknown kernel setting {k!r}; known: {', '.join(CONFIG)}")
-        if k in ("fast_launch", "carry_psq"):
+        if k in ("fast_launch", "carry_psq", "reverse_usq"):
             if not isinstance(v, bool):
                 raise ValueError(f"{k} must be True or False")
             continue
@@ -419,7 +422,9 @@ _FAC_USQ_INTS = ["B", "M", "N", "TM", "TN", "rows_per_prog", "sg_b", "sg_m", "sg
 def _fac_usq_body(pid, g_ptr, scale_ptr, ws_ptr, B, M, N, TM, TN, rows_per_prog, sg_b, sg_m, sg_n,
                     n_rp, off_newrow, off_newcol, off_rsum, off_usq,
                     HAS_SCALE: tl.constexpr, ALIGN: tl.constexpr, G_UNIT: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, RP_BLOCK: tl.constexpr):
+                    BLOCK_N: tl.constexpr, RP_BLOCK: tl.constexpr, REVERSE: tl.constexpr = False):
+    """REVERSE: stream the program's rows bottom-up (the grouped kernel also takes programs in reverse order), so
+    that the tiles the statistics pass read last, still in L2, are read first (``reverse_usq``)."""
     if ALIGN:
         N, sg_b, sg_m = _a16(N), _a16(sg_b), _a16(sg_m)
     if G_UNIT:
@@ -440,11 +445,22 @@ def _fac_usq_body(pid, g_ptr, scale_ptr, ws_ptr, B, M, N, TM, TN, rows_per_prog,
     lrows = tl.arange(0, BLOCK_M)
     g_offs = lrows[:, None] * sg_m + cols[None, :] * sg_n
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    g_nx = _first(g_base, sg_m, g_offs, r0, lrows, lim, cmask)
-    for m0 in range(0, rows_per_prog, BLOCK_M):
+    if REVERSE:
+        last = rows_per_prog - BLOCK_M
+        g_nx = _tile(g_base, last, sg_m, g_offs, r0, lrows, lim, cmask)
+    else:
+        g_nx = _first(g_base, sg_m, g_offs, r0, lrows, lim, cmask)
+    for k in range(0, rows_per_prog, BLOCK_M):
+        if REVERSE:
+            m0 = last - k
+            g = g_nx.to(tl.float32)
+            # the next tile up; none before row 0 of the program (a limit below every row masks it all)
+            g_nx = _tile(g_base, m0 - BLOCK_M, sg_m, g_offs, r0, lrows, tl.where(m0 > 0, lim, r0 - BLOCK_M), cmask)
+        else:
+            m0 = k
+            g, g_nx = _stream(g_nx, g_base, m0, sg_m, g_offs, r0, lrows, lim, cmask, BLOCK_M)
         rmask = r0 + m0 + lrows < M
         mask = rmask[:, None] & cmask[None, :]
-        g, g_nx = _stream(g_nx, g_base, m0, sg_m, g_offs, r0, lrows, lim, cmask, BLOCK_M)
         if HAS_SCALE:
             g = g * scale
         r = tl.rsqrt(tl.load(newrow + m0 + lrows, mask=rmask, other=1.0) / row_mean)
@@ -865,14 +881,16 @@ def _g_fac_finalize_kernel(meta_ptr, fmeta_ptr, pmap_ptr, BLOCK: tl.constexpr, P
 @triton.jit
 def _g_fac_usq_kernel(meta_ptr, pmap_ptr, scale_ptr, G_DT: tl.constexpr, HAS_SCALE: tl.constexpr,
                       ALIGN: tl.constexpr, G_UNIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      RP_BLOCK: tl.constexpr):
+                      RP_BLOCK: tl.constexpr, REVERSE: tl.constexpr):
     pid = tl.program_id(0)
+    if REVERSE:
+        pid = tl.num_programs(0) - 1 - pid
     row = meta_ptr + tl.load(pmap_ptr + pid).to(tl.int64) * _CW
     _fac_usq_body(pid - _mi(row, _C_START), _mp(row, _C_G, G_DT, ALIGN), scale_ptr, _mp(row, _C_WS, tl.float32, True),
                   _mi(row, _C_B), _mi(row, _C_M_), _mi(row, _C_N), _mi(row, _C_TM), _mi(row, _C_TN),
                   _mi(row, _C_RPP), _mi(row, _C_SGB), _mi(row, _C_SGM), _mi(row, _C_SGN), _mi(row, _C_NRP),
                   _mi(row, _C_ONEWROW), _mi(row, _C_ONEWCOL), _mi(row, _C_ORSUM), _mi(row, _C_OUSQ),
-                  HAS_SCALE, ALIGN, G_UNIT, BLOCK_M, BLOCK_N, RP_BLOCK)
+                  HAS_SCALE, ALIGN, G_UNIT, BLOCK_M, BLOCK_N, RP_BLOCK, REVERSE)
 
 
 @triton.jit
@@ -1363,7 +1381,8 @@ _TL_DT = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16:
 _G_STATS = _consts(_g_fac_stats_kernel, "G_DT", "P_DT", "HAS_SCALE", "SUM_P", "ALIGN", "G_UNIT", "P_UNIT", "BLOCK_M",
                    "BLOCK_N")
 _G_FINALIZE = _consts(_g_fac_finalize_kernel, "BLOCK", "PB")
-_G_USQ = _consts(_g_fac_usq_kernel, "G_DT", "HAS_SCALE", "ALIGN", "G_UNIT", "BLOCK_M", "BLOCK_N", "RP_BLOCK")
+_G_USQ = _consts(_g_fac_usq_kernel, "G_DT", "HAS_SCALE", "ALIGN", "G_UNIT", "BLOCK_M", "BLOCK_N", "RP_BLOCK",
+                 "REVERSE")
 _G_FINISH = _consts(_g_finish_kernel, "FIN_SCALE", "HAS_USQ", "HAS_PSQ", "PSQ_CARRIED", "BLOCK")
 _G_WRITE = _consts(_g_fac_write_kernel, "G_DT", "P_DT", "HAS_SCALE", "SCALE_PARAM", "HAS_WD", "HAS_M", "SR",
                    "STORE_PSQ", "ALIGN", "G_UNIT", "P_UNIT", "BLOCK_M", "BLOCK_N", "RP_BLOCK")
@@ -1431,7 +1450,7 @@ def scaled_rms_update_many_(ps, gs, states, *, rhos, beta2s, eps, clip_threshold
     has_m = beta1 is not None
     b1, omb1 = (float(beta1), 1.0 - float(beta1)) if has_m else (0.0, 1.0)
     sp_flag, hw = bool(scale_parameter), weight_decay != 0
-    carry = CONFIG["carry_psq"]
+    carry, rev = CONFIG["carry_psq"], CONFIG["reverse_usq"]
     plan = _scaled_plan(ps, gs, states, has_m, dev)
     flags = []
     for i in plan.single:
@@ -1459,8 +1478,8 @@ def scaled_rms_update_many_(ps, gs, states, *, rhos, beta2s, eps, clip_threshold
                      (gd, pd, has_scale, sp_flag and not carried, align, g_unit, p_unit, bm, bn),
                      CONFIG["warps_stats"], *run)
             _G_FINALIZE(gp.fprog, (meta_t, fmeta_t, gp.fpmap), (fb, max(1, min(32, 4096 // fb))), 4, *run)
-            _G_USQ(gp.prog, (meta_t, pm, scale), (gd, has_scale, align, g_unit, bm, bn, rp_block), CONFIG["warps_usq"],
-                   *run)
+            _G_USQ(gp.prog, (meta_t, pm, scale), (gd, has_scale, align, g_unit, bm, bn, rp_block, rev),
+                   CONFIG["warps_usq"], *run)
             _G_FINISH(n_t, (meta_t, fmeta_t, scale, oks, eps2, ct), (False, True, sp_flag, carried, 1024), 4, *run)
             _G_WRITE(gp.prog, (meta_t, fmeta_t, pm, scale, oks, wd, b1, omb1),
                      (gd, pd, has_scale, sp_flag, hw, has_m, sr, store, align, g_unit, p_unit, bm, bn, rp_block),
