@@ -355,6 +355,25 @@ bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(
       "$out/tests_cuda.json"
     pack
     ;;
+  x)  # 1 GPU (2026-11-29, third session, after stage u): the write passes now prefetch their next tile (stage u: the
+      # AdaLomo write at 3.7 TB/s, +34% with carry_psq's extra sums), the p^2 sums are per row; the buckets A/B again,
+      # the CUDA kernel tests, then 6.7B with 64/256 MiB buckets and carry_psq (--rounds 2)
+    timeout 110 python3 benchmarks/bench_kernels.py --skip-correctness --sweep --shapes "" --sweep-configs \
+      '[{}, {"carry_psq": true}, {"carry_psq": true, "reverse_usq": true}]' \
+      --out "$out/kernels_buckets.json" > "$out/kernels_buckets.log" 2>&1
+    echo "kernels buckets rc=$?"; python3 -c "import json,sys; d=json.load(open(sys.argv[1])); \
+[print(r['config'], {b: t['total_us'] for b, t in r['buckets'].items()}) for r in d['sweep']]" "$out/kernels_buckets.json"
+    pack
+    timeout 170 python3 tests/test_kernels.py cuda > "$out/tests_cuda.json" 2> "$out/tests_cuda.err"
+    echo "kernel tests rc=$?"; python3 -c "import json,sys; d=json.load(open(sys.argv[1])); \
+bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(len(d)//2,'cases, bad:',bad)" \
+      "$out/tests_cuda.json"
+    pack
+    timeout 240 python3 benchmarks/bench_gpu.py --config 6.7b --rounds 2 --out "$out/bench_6.7b.json" --only \
+      floor,adalomo_fused,adalomo_fused_b256,adalomo_fused_b256_carry,floor > "$out/bench_6.7b.log" 2>&1
+    echo "bench 6.7b rc=$?"; tail -n 6 "$out/bench_6.7b.log"
+    pack
+    ;;
   v)  # 1 GPU, NEXT SESSION (written 2026-11-29, not run yet): why the side stream is slower at 6.7B (1.315x against
       # 1.184x in stage r): a profile of each (do the update kernels overlap the backward's matmuls, and what do
       # they cost them), and both with --rounds
@@ -370,5 +389,5 @@ bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(
     exactness 150
     pack
     ;;
-  *) echo "unknown stage $stage (a-w)"; exit 2 ;;
+  *) echo "unknown stage $stage (a-x)"; exit 2 ;;
 esac

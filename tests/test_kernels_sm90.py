@@ -116,10 +116,13 @@ def _compile_all() -> dict:
             with open(path, "wb") as f:
                 f.write(ck.asm["cubin"])
             sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True, timeout=60).stdout
+            usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True, timeout=60).stdout
+            regs = re.search(r"REG:(\d+)", usage)
             os.unlink(path)
             ins = [ln for ln in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", ln)]
             spills = sum(1 for ln in ins if re.search(r"\b(LDL|STL)(\.|\s)", ln))
-            res[name] = {"ok": True, "instructions": len(ins), "spills": spills, "streaming": streaming}
+            res[name] = {"ok": True, "instructions": len(ins), "spills": spills, "streaming": streaming,
+                         "registers": int(regs.group(1)) if regs else None}
         except Exception as e:  # report every kernel
             res[name] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:400]}
     return res

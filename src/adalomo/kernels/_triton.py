@@ -306,7 +306,7 @@ def _fac_stats_body(pid, g_ptr, p_ptr, scale_ptr, ws_ptr,
     if HAS_SCALE:
         scale = tl.load(scale_ptr).to(tl.float32)
     col_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # reduced over rows once, after the loop
-    psq = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    psq = tl.zeros([BLOCK_M], dtype=tl.float32)  # per row, in the order of the write's carried sums
     r0 = i * rows_per_prog
     lim = tl.minimum(M, r0 + rows_per_prog)
     g_base = g_ptr + b64 * sg_b + r0.to(tl.int64) * sg_m
@@ -330,11 +330,11 @@ def _fac_stats_body(pid, g_ptr, p_ptr, scale_ptr, ws_ptr,
         tl.store(rowpart + m0 + lrows, tl.sum(sq, axis=1), mask=rmask)
         col_acc += sq
         if SUM_P:
-            psq += pv * pv
+            psq += tl.sum(pv * pv, axis=1)
     tl.store(ws_ptr + off_colpart + (i * B + b).to(tl.int64) * _a16(N + 15) + cols, tl.sum(col_acc, axis=0),
              mask=cmask)
     if SUM_P:
-        tl.store(ws_ptr + off_psq + pid, tl.sum(tl.sum(psq, axis=1), axis=0))
+        tl.store(ws_ptr + off_psq + pid, tl.sum(psq, axis=0))
 
 
 @triton.jit(do_not_specialize=_FAC_STATS_INTS)
@@ -536,7 +536,7 @@ def _fac_write_body(pid, g_ptr, p_ptr, scale_ptr, ws_ptr, row_ptr, col_ptr, m_pt
                       HAS_SCALE: tl.constexpr, SCALE_PARAM: tl.constexpr, HAS_WD: tl.constexpr,
                       HAS_M: tl.constexpr, SR: tl.constexpr, FOLD: tl.constexpr, HAS_OKACC: tl.constexpr,
                       STORE_PSQ: tl.constexpr, ALIGN: tl.constexpr, G_UNIT: tl.constexpr, P_UNIT: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP_BLOCK: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP_BLOCK: tl.constexpr, PF: tl.constexpr = False):
     """The factored write pass. With STORE_PSQ also this program's partial sum of p^2 over the values it leaves in
     p (the written ones, or the old ones when the step is skipped) at ``psqc_ptr + pid``, in the tiling and order
     of the statistics pass, so that the next step can take it instead of reading p again (``carry_psq``)."""
@@ -572,11 +572,20 @@ def _fac_write_body(pid, g_ptr, p_ptr, scale_ptr, ws_ptr, row_ptr, col_ptr, m_pt
     lin_offs = lrows[:, None] * N + cols[None, :]
     row_ok = ok & (j == 0).to(tl.int8)
     if STORE_PSQ:
-        psq = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        psq = tl.zeros([BLOCK_M], dtype=tl.float32)  # per row: a 2-D accumulator costs 16 more registers
+    if PF:
+        lim = tl.minimum(M, r0 + rows_per_prog)
+        g_nx = _first(g_base, sg_m, g_offs, r0, lrows, lim, cmask)
+        p_nx = _first(p_base, sp_m, p_offs, r0, lrows, lim, cmask)
     for m0 in range(0, rows_per_prog, BLOCK_M):
         rmask = r0 + m0 + lrows < M
         mask = rmask[:, None] & cmask[None, :]
-        g = tl.load(g_base + m0 * sg_m + g_offs, mask=mask, other=0.0).to(tl.float32)
+        if PF:  # the grouped kernels: the next tile's g and p are loaded before this one is computed and stored
+            g, g_nx = _stream(g_nx, g_base, m0, sg_m, g_offs, r0, lrows, lim, cmask, BLOCK_M)
+            p, p_nx = _stream(p_nx, p_base, m0, sp_m, p_offs, r0, lrows, lim, cmask, BLOCK_M)
+        else:
+            g = tl.load(g_base + m0 * sg_m + g_offs, mask=mask, other=0.0).to(tl.float32)
+            p = tl.load(p_base + m0 * sp_m + p_offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_SCALE:
             g = g * scale
         new_row = tl.load(newrow + m0 + lrows, mask=rmask, other=1.0)
@@ -589,7 +598,6 @@ def _fac_write_body(pid, g_ptr, p_ptr, scale_ptr, ws_ptr, row_ptr, col_ptr, m_pt
             tl.store(m_ptrs, m, mask=_and(mask, ok))
             u = m
         p_ptrs = p_base + m0 * sp_m + p_offs
-        p = tl.load(p_ptrs, mask=mask, other=0.0).to(tl.float32)
         if HAS_WD:
             new = p * decay
         else:
@@ -603,10 +611,10 @@ def _fac_write_body(pid, g_ptr, p_ptr, scale_ptr, ws_ptr, row_ptr, col_ptr, m_pt
         if STORE_PSQ:
             kept = tl.where(ok != 0, stored.to(tl.float32), p)
             kept = tl.where(mask, kept, 0.0)
-            psq += kept * kept
+            psq += tl.sum(kept * kept, axis=1)
     tl.store(col_ptr + b64 * N + cols, new_col, mask=_and(cmask, ok & (i == 0).to(tl.int8)))
     if STORE_PSQ:
-        tl.store(psqc_ptr + pid, tl.sum(tl.sum(psq, axis=1), axis=0))
+        tl.store(psqc_ptr + pid, tl.sum(psq, axis=0))
 
 
 @triton.jit(do_not_specialize=_FAC_WRITE_INTS)
@@ -768,7 +776,7 @@ def _lomo_write_body(pid, g_ptr, p_ptr, scale_ptr, ws_ptr, ok_ptr, okacc_ptr, se
                        sg_b, sg_m, sg_n, sp_b, sp_m, sp_n, n_fin, off_scal, lr, weight_decay, clip_value,
                        HAS_SCALE: tl.constexpr, HAS_WD: tl.constexpr, HAS_CLIP: tl.constexpr, SR: tl.constexpr,
                        FOLD: tl.constexpr, HAS_OKACC: tl.constexpr, ALIGN: tl.constexpr, G_UNIT: tl.constexpr,
-                       P_UNIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                       P_UNIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PF: tl.constexpr = False):
     if ALIGN:
         N, sg_b, sg_m, sp_b, sp_m = _a16(N), _a16(sg_b), _a16(sg_m), _a16(sp_b), _a16(sp_m)
     if G_UNIT:
@@ -790,15 +798,23 @@ def _lomo_write_body(pid, g_ptr, p_ptr, scale_ptr, ws_ptr, ok_ptr, okacc_ptr, se
     lrows = tl.arange(0, BLOCK_M)
     g_offs = lrows[:, None] * sg_m + cols[None, :] * sg_n
     p_offs = lrows[:, None] * sp_m + cols[None, :] * sp_n
+    if PF:
+        lim = tl.minimum(M, r0 + rows_per_prog)
+        g_nx = _first(g_base, sg_m, g_offs, r0, lrows, lim, cmask)
+        p_nx = _first(p_base, sp_m, p_offs, r0, lrows, lim, cmask)
     for m0 in range(0, rows_per_prog, BLOCK_M):
         mask = (r0 + m0 + lrows < M)[:, None] & cmask[None, :]
-        g = tl.load(g_base + m0 * sg_m + g_offs, mask=mask, other=0.0).to(tl.float32)
+        if PF:  # the grouped kernel: the next tile in flight
+            g, g_nx = _stream(g_nx, g_base, m0, sg_m, g_offs, r0, lrows, lim, cmask, BLOCK_M)
+            p, p_nx = _stream(p_nx, p_base, m0, sp_m, p_offs, r0, lrows, lim, cmask, BLOCK_M)
+        else:
+            g = tl.load(g_base + m0 * sg_m + g_offs, mask=mask, other=0.0).to(tl.float32)
+            p = tl.load(p_base + m0 * sp_m + p_offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_SCALE:
             g = g * scale
         if HAS_CLIP:
             g = tl.minimum(tl.maximum(g, -clip_value), clip_value)
         p_ptrs = p_base + m0 * sp_m + p_offs
-        p = tl.load(p_ptrs, mask=mask, other=0.0).to(tl.float32)
         if HAS_WD:
             new = p * decay
         else:
@@ -930,7 +946,7 @@ def _g_fac_write_kernel(meta_ptr, fmeta_ptr, pmap_ptr, scale_ptr, oks_ptr, weigh
                     _mi(row, _C_SPM), _mi(row, _C_SPN), _mi(row, _C_NRP), _mi(row, _C_ONEWROW), _mi(row, _C_ONEWCOL),
                     _mi(row, _C_ORSUM), _mi(row, _C_OSCAL), 0, 0, 0, 0, 0, 0, 1.0, 1.0, tl.load(frow + _F_RHO), 0.0,
                     1.0, weight_decay, beta1, one_minus_beta1, HAS_SCALE, SCALE_PARAM, HAS_WD, HAS_M, SR, False, False,
-                    STORE_PSQ, ALIGN, G_UNIT, P_UNIT, BLOCK_M, BLOCK_N, RP_BLOCK)
+                    STORE_PSQ, ALIGN, G_UNIT, P_UNIT, BLOCK_M, BLOCK_N, RP_BLOCK, True)
 
 
 @triton.jit
@@ -988,7 +1004,7 @@ def _g_lomo_write_kernel(meta_ptr, pmap_ptr, scale_ptr, oks_ptr, lr, weight_deca
                      _mi(row, _C_M_), _mi(row, _C_N), _mi(row, _C_TM), _mi(row, _C_TN), _mi(row, _C_RPP),
                      _mi(row, _C_SGB), _mi(row, _C_SGM), _mi(row, _C_SGN), _mi(row, _C_SPB), _mi(row, _C_SPM),
                      _mi(row, _C_SPN), _mi(row, _C_NFIN), _mi(row, _C_OSCAL), lr, weight_decay, clip_value,
-                     HAS_SCALE, HAS_WD, HAS_CLIP, SR, False, False, ALIGN, G_UNIT, P_UNIT, BLOCK_M, BLOCK_N)
+                     HAS_SCALE, HAS_WD, HAS_CLIP, SR, False, False, ALIGN, G_UNIT, P_UNIT, BLOCK_M, BLOCK_N, True)
 
 
 # ------------------------------------------------------------------------------------------ launching
