@@ -374,6 +374,23 @@ bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(
     echo "bench 6.7b rc=$?"; tail -n 6 "$out/bench_6.7b.log"
     pack
     ;;
+  y)  # 1 GPU (2026-11-29, third session, final): bucket_cap_mb="auto" (256 MiB at 6.7B, 64 at 0.94B) is the default
+      # now; the tables at 6.7B (--rounds 2, with carry_psq and fused AdamW) and 0.94B, then the CUDA kernel tests
+    timeout 230 python3 benchmarks/bench_gpu.py --config 6.7b --rounds 2 --out "$out/bench_6.7b.json" --only \
+      floor,adalomo_fused,adalomo_fused_carry,torch_adamw_fused,floor > "$out/bench_6.7b.log" 2>&1
+    echo "bench 6.7b rc=$?"; tail -n 6 "$out/bench_6.7b.log"
+    pack
+    timeout 120 python3 benchmarks/bench_gpu.py --config 0.94b --out "$out/bench_0.94b.json" --only \
+      floor,adalomo_fused,adalomo_classic,adafactor_fused,lomo_fused,torch_adamw_fused,floor \
+      > "$out/bench_0.94b.log" 2>&1
+    echo "bench 0.94b rc=$?"; tail -n 9 "$out/bench_0.94b.log"
+    pack
+    timeout 170 python3 tests/test_kernels.py cuda > "$out/tests_cuda.json" 2> "$out/tests_cuda.err"
+    echo "kernel tests rc=$?"; python3 -c "import json,sys; d=json.load(open(sys.argv[1])); \
+bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(len(d)//2,'cases, bad:',bad)" \
+      "$out/tests_cuda.json"
+    pack
+    ;;
   v)  # 1 GPU, NEXT SESSION (written 2026-11-29, not run yet): why the side stream is slower at 6.7B (1.315x against
       # 1.184x in stage r): a profile of each (do the update kernels overlap the backward's matmuls, and what do
       # they cost them), and both with --rounds
@@ -389,5 +406,5 @@ bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(
     exactness 150
     pack
     ;;
-  *) echo "unknown stage $stage (a-x)"; exit 2 ;;
+  *) echo "unknown stage $stage (a-y)"; exit 2 ;;
 esac

@@ -79,6 +79,7 @@ def test_state_is_created_eagerly():
     (dict(nonfinite="ignore"), "nonfinite"),
     (dict(bucket_cap_mb=-1.0), "bucket_cap_mb"),
     (dict(bucket_cap_mb=None), "bucket_cap_mb"),
+    (dict(bucket_cap_mb="big"), "auto"),
 ])
 def test_bad_hyper_parameters(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -281,3 +282,17 @@ def test_loss_scaler_state_round_trips():
     opt2 = AdaLomo(m.parameters(), loss_scaler=DynamicLossScaler(init_scale=1.0))
     opt2.load_state_dict(sd)
     assert float(opt2.loss_scaler.scale) == 128.0
+
+
+def test_auto_bucket_cap():
+    """``bucket_cap_mb="auto"`` (default): 2% of the trainable bytes within [64, 256] MiB (frozen ones excluded)."""
+    from adalomo.optim.base import auto_bucket_cap_mb
+
+    def bf16(n, grad=True):
+        return torch.empty(int(n), dtype=torch.bfloat16, device="meta").requires_grad_(grad)
+    assert auto_bucket_cap_mb([bf16(0.94e9)]) == 64.0
+    assert auto_bucket_cap_mb([bf16(6.74e9)]) == 256.0
+    assert auto_bucket_cap_mb([bf16(2e9), bf16(2e9)]) == pytest.approx(4e9 * 2 * 0.02 / 2**20)
+    assert auto_bucket_cap_mb([bf16(2e9), bf16(50e9, grad=False)]) == 76.2939453125
+    assert AdaLomo(nn.Linear(2, 2).parameters(), fused=True).bucket_cap_mb == 64.0
+    assert AdaLomo(nn.Linear(2, 2).parameters(), fused=True, bucket_cap_mb=8).bucket_cap_mb == 8.0

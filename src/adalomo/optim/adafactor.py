@@ -41,7 +41,7 @@ class Adafactor(LowMemoryOptimizer):
                  warmup_init: bool = False, fused: bool = False, *, clip_grad_norm: float | None = None,
                  stochastic_rounding: bool | None = None, nonfinite: str = "warn",
                  loss_scaler: DynamicLossScaler | None = None, sr_seed: int = 0,
-                 bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB, side_stream: bool = False):
+                 bucket_cap_mb: float | str = DEFAULT_BUCKET_CAP_MB, side_stream: bool = False):
         if lr is not None and relative_step:
             raise ValueError("Adafactor: cannot combine a manual lr with relative_step=True; pass "
                              "relative_step=False to use lr (and usually scale_parameter=False, warmup_init=False)")

@@ -37,7 +37,7 @@ class AdaLomo(LowMemoryOptimizer):
                  fused: bool = False, *, clip_grad_norm: float | None = None,
                  clip_grad_value: float | None = None, stochastic_rounding: bool | None = None,
                  nonfinite: str = "warn", loss_scaler: DynamicLossScaler | None = None, sr_seed: int = 0,
-                 bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB, side_stream: bool = False):
+                 bucket_cap_mb: float | str = DEFAULT_BUCKET_CAP_MB, side_stream: bool = False):
         defaults = dict(lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate,
                         weight_decay=weight_decay, clip_grad_value=clip_grad_value,
                         stochastic_rounding=stochastic_rounding)

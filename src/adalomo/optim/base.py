@@ -27,8 +27,19 @@ from ..precision import DynamicLossScaler, sr_generator
 __all__ = ["LowMemoryOptimizer"]
 
 _NONFINITE = ("warn", "raise", "count")
-#: fused mode on CUDA: gradients queued per param group before one grouped update (see ``bucket_cap_mb``)
-DEFAULT_BUCKET_CAP_MB = 64.0
+#: fused mode on CUDA: gradients queued per param group before one grouped update (see ``bucket_cap_mb``).
+#: "auto": 2% of the trainable parameters' bytes, kept within [64, 256] MiB (64 up to ~1.7B bf16 parameters,
+#: 256 from ~6.7B): at 6.7B, 256 MiB buckets were 3-8% faster than 64 MiB in four runs on an H200, at the same
+#: peak memory (the floor's own peak, at the logits, is higher than anything a bucket adds later)
+DEFAULT_BUCKET_CAP_MB = "auto"
+AUTO_BUCKET_RANGE_MB = (64.0, 256.0)
+
+
+def auto_bucket_cap_mb(params: Iterable[Tensor]) -> float:
+    """``bucket_cap_mb="auto"``: 2% of the trainable bytes (global sizes for DTensors), clamped."""
+    total = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+    lo, hi = AUTO_BUCKET_RANGE_MB
+    return min(hi, max(lo, total * 0.02 / 2**20))
 
 
 def _check_number(name: str, value: Any, *, low: float | None = None, low_open: bool = False,
@@ -81,9 +92,10 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         ``bucket_cap_mb``: gradients that arrive during backward are queued per param group and
         updated together by the grouped kernels once the queue holds this many MiB (and at the end of
         backward), like DDP's gradient buckets: a few launches instead of four per tensor, for at most
-        this much extra gradient memory. ``0`` updates each tensor on its own. Results are the same as
-        classic mode's grouped ``step()``. Whether a parameter can use the kernels (device, dtype,
-        ``ADALOMO_DISABLE_TRITON``) is decided at its first gradient.
+        this much extra gradient memory. ``"auto"`` (default): 2% of the trainable parameters' bytes,
+        within [64, 256] MiB (the value is in ``opt.bucket_cap_mb``). ``0`` updates each tensor on its own.
+        Results are the same as classic mode's grouped ``step()``. Whether a parameter can use the kernels
+        (device, dtype, ``ADALOMO_DISABLE_TRITON``) is decided at its first gradient.
         ``side_stream``: run those updates on a second CUDA stream so that the memory-bound update
         overlaps the compute-bound backward (joined before ``backward()`` returns).
 
@@ -108,7 +120,7 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
     def __init__(self, params: Iterable[Tensor] | Iterable[dict], defaults: dict[str, Any], *, fused: bool,
                  nonfinite: str = "warn", loss_scaler: DynamicLossScaler | None = None,
                  clip_grad_norm: float | None = None, sr_seed: int = 0,
-                 allow_unsharded_distributed: bool = False, bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
+                 allow_unsharded_distributed: bool = False, bucket_cap_mb: float | str = DEFAULT_BUCKET_CAP_MB,
                  side_stream: bool = False):
         if nonfinite not in _NONFINITE:
             raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
@@ -118,10 +130,13 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         if loss_scaler is not None and not isinstance(loss_scaler, DynamicLossScaler):
             raise TypeError("loss_scaler must be an adalomo.DynamicLossScaler (torch's GradScaler cannot "
                             "unscale gradients that are consumed inside backward)")
-        _check_number("bucket_cap_mb", bucket_cap_mb, low=0.0, hint=" (0 updates each tensor on its own)")
+        auto_cap = isinstance(bucket_cap_mb, str) and bucket_cap_mb == "auto"
+        if not auto_cap:
+            _check_number("bucket_cap_mb", bucket_cap_mb, low=0.0,
+                          hint=' ("auto", or MiB; 0 updates each tensor on its own)')
         params = _param_list(params, type(self).__name__)
         self._fused = bool(fused)
-        self.bucket_cap_mb = float(bucket_cap_mb)
+        self.bucket_cap_mb = 0.0 if auto_cap else float(bucket_cap_mb)  # "auto": set once the groups are known
         self.side_stream = bool(side_stream)
         self._pending: dict[int, list[tuple[Tensor, Tensor]]] = {}  # group index -> queued (param, grad)
         self._pending_bytes: dict[int, int] = {}
@@ -157,6 +172,8 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         if not any(p.requires_grad for g in self.param_groups for p in g["params"]):
             raise ValueError(f"{type(self).__name__}: no trainable parameters (every tensor has "
                              "requires_grad=False); unfreeze some parameters or pass the trainable ones")
+        if auto_cap:
+            self.bucket_cap_mb = auto_bucket_cap_mb(p for g in self.param_groups for p in g["params"])
 
     # ------------------------------------------------------------------ wiring
     @property

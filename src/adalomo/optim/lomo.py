@@ -26,7 +26,7 @@ class Lomo(LowMemoryOptimizer):
                  fused: bool = False, *, clip_grad_norm: float | None = None,
                  stochastic_rounding: bool | None = None, nonfinite: str = "warn",
                  loss_scaler: DynamicLossScaler | None = None, sr_seed: int = 0,
-                 bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB, side_stream: bool = False):
+                 bucket_cap_mb: float | str = DEFAULT_BUCKET_CAP_MB, side_stream: bool = False):
         defaults = dict(lr=lr, weight_decay=weight_decay, clip_grad_value=clip_grad_value,
                         stochastic_rounding=stochastic_rounding)
         super().__init__(params, defaults, fused=fused, nonfinite=nonfinite, loss_scaler=loss_scaler,
