@@ -391,6 +391,13 @@ bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(
       "$out/tests_cuda.json"
     pack
     ;;
+  z)  # 1 GPU (2026-11-29, third session, last of the device budget): the other 6.7B rows with the "auto" buckets
+      # (256 MiB at this size): classic AdaLomo, fused Adafactor and Lomo, and the side stream
+    timeout 250 python3 benchmarks/bench_gpu.py --config 6.7b --out "$out/bench_6.7b_rest.json" --only \
+      floor,adalomo_classic,adafactor_fused,lomo_fused,adalomo_fused_side,floor > "$out/bench_6.7b_rest.log" 2>&1
+    echo "bench 6.7b rc=$?"; tail -n 8 "$out/bench_6.7b_rest.log"
+    pack
+    ;;
   v)  # 1 GPU, NEXT SESSION (written 2026-11-29, not run yet): why the side stream is slower at 6.7B (1.315x against
       # 1.184x in stage r): a profile of each (do the update kernels overlap the backward's matmuls, and what do
       # they cost them), and both with --rounds
@@ -406,5 +413,5 @@ bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(
     exactness 150
     pack
     ;;
-  *) echo "unknown stage $stage (a-y)"; exit 2 ;;
+  *) echo "unknown stage $stage (a-z)"; exit 2 ;;
 esac
