@@ -233,10 +233,14 @@ def _ratios(rows: list[dict]) -> None:
         return
     f_ms = statistics.mean(r["step_ms"] for r in floors)
     f_gb = max(r["peak_GB"] for r in floors)
+    mins = [r["step_ms_min"] for r in floors if "step_ms_min" in r]
+    f_min = statistics.mean(mins) if mins else None
     for r in rows:
         if "step_ms" in r:
             r["time_vs_floor"] = round(r["step_ms"] / f_ms, 3)
             r["mem_vs_floor"] = round(r["peak_GB"] / f_gb, 3) if f_gb > 0 else float("nan")
+            if f_min and "step_ms_min" in r:  # fastest step against the floor's fastest: what slow steps do not move
+                r["fastest_vs_floor"] = round(r["step_ms_min"] / f_min, 3)
 
 
 def _summarise(rounds: list[list[dict]], names: list[str]) -> list[dict]:
@@ -254,6 +258,8 @@ def _summarise(rounds: list[list[dict]], names: list[str]) -> list[dict]:
                     "step_ms": round(statistics.median(r["step_ms"] for r in got), 1),
                     "time_vs_floor": round(statistics.median(ratios), 3),
                     "time_vs_floor_min": min(ratios), "time_vs_floor_max": max(ratios),
+                    "fastest_vs_floor": (round(statistics.median(r["fastest_vs_floor"] for r in got), 3)
+                                         if all("fastest_vs_floor" in r for r in got) else None),
                     "peak_GB": max(r["peak_GB"] for r in got),
                     "mem_vs_floor": max(r["mem_vs_floor"] for r in got),
                     "tokens_per_s": int(statistics.median(r["tokens_per_s"] for r in got)),
@@ -261,8 +267,42 @@ def _summarise(rounds: list[list[dict]], names: list[str]) -> list[dict]:
     return out
 
 
+def _print_table(rows: list[dict]) -> None:
+    """The short table: median step, its ratio to the floor [spread over rounds], the fastest step's ratio to the
+    floor's fastest, peak memory and its ratio, tokens/s."""
+    print(f"{'optimizer':26s} {'step ms':>8s} {'x floor':>8s} {'fastest':>8s} {'peak GB':>8s} {'x floor':>8s} "
+          f"{'tokens/s':>9s}")
+    nan = float("nan")
+    for r in rows:
+        if "step_ms" in r:
+            spread = f"  [{r['time_vs_floor_min']:.3f}-{r['time_vs_floor_max']:.3f}]" if "time_vs_floor_min" in r \
+                else ""
+            fastest = r.get("fastest_vs_floor")
+            print(f"{r['name']:26s} {r['step_ms']:8.1f} {r.get('time_vs_floor', nan):8.3f} "
+                  f"{nan if fastest is None else fastest:8.3f} {r['peak_GB']:8.2f} {r.get('mem_vs_floor', nan):8.3f} "
+                  f"{r['tokens_per_s']:9d}{spread}")
+        else:
+            print(f"{r['name']:26s} {r.get('skipped') or r.get('error')}")
+
+
+def resummarise(path: str) -> list[dict]:
+    """The table of a stored results file, its ratios recomputed from the raw rows (``--summarise``)."""
+    with open(path) as f:
+        res = json.load(f)
+    rounds = res.get("rounds") or [res["rows"]]
+    for rows in rounds:
+        _ratios(rows)
+    names = [r["name"] for r in rounds[0]]
+    rows = rounds[0] if len(rounds) == 1 else _summarise(rounds, names)
+    print(f"{path}: {len(rounds)} round(s); {res.get('device', '')}")
+    _print_table(rows)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--summarise", metavar="JSON", help="print the table of a stored results file (ratios recomputed, "
+                                                        "fastest-step ratios added) and exit")
     ap.add_argument("--config", default="0.94b", choices=sorted(CONFIGS))
     ap.add_argument("--only", default=",".join(ROWS))
     ap.add_argument("--steps", type=int, default=None)
@@ -280,6 +320,9 @@ def main() -> None:
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--cfg", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.summarise:
+        resummarise(args.summarise)
+        return
 
     if args.child:
         try:
@@ -344,15 +387,7 @@ def main() -> None:
               f"steps after {cfg['warmup']}" + (f"; median over {args.rounds} rounds of the ratio to the floors of "
                                                  "the same round [min-max]" if args.rounds > 1 else "")
               + f"; {res['device']}")
-        print(f"{'optimizer':26s} {'step ms':>8s} {'x floor':>8s} {'peak GB':>8s} {'x floor':>8s} {'tokens/s':>9s}")
-        for r in rows:
-            if "step_ms" in r:
-                spread = f"  [{r['time_vs_floor_min']:.3f}-{r['time_vs_floor_max']:.3f}]" if "time_vs_floor_min" in r \
-                    else ""
-                print(f"{r['name']:26s} {r['step_ms']:8.1f} {r.get('time_vs_floor', float('nan')):8.3f} "
-                      f"{r['peak_GB']:8.2f} {r.get('mem_vs_floor', float('nan')):8.3f} {r['tokens_per_s']:9d}{spread}")
-            else:
-                print(f"{r['name']:26s} {r.get('skipped') or r.get('error')}")
+        _print_table(rows)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

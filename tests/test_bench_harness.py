@@ -47,6 +47,27 @@ def test_summary_takes_medians_and_spread_over_rounds():
     assert x["step_ms"] == 126 and x["rounds"] == 3
 
 
+def test_fastest_step_ratio_against_the_floors_fastest():
+    rows = [{"name": "floor", "step_ms": 104.0, "step_ms_min": 100.0, "peak_GB": 1.0},
+            {"name": "x", "step_ms": 130.0, "step_ms_min": 111.0, "peak_GB": 1.0},
+            {"name": "floor", "step_ms": 120.0, "step_ms_min": 102.0, "peak_GB": 1.0}]
+    B._ratios(rows)
+    assert rows[1]["fastest_vs_floor"] == round(111 / 101, 3) and rows[1]["time_vs_floor"] == round(130 / 112, 3)
+
+
+def test_summarise_reprints_a_stored_file(tmp_path, capsys):
+    rounds = [[{"name": "floor", "step_ms": 100.0, "step_ms_min": 99.0, "peak_GB": 1.0, "tokens_per_s": 10},
+               {"name": "x", "step_ms": 110.0, "step_ms_min": 104.0, "peak_GB": 1.2, "tokens_per_s": 9}],
+              [{"name": "floor", "step_ms": 120.0, "step_ms_min": 99.0, "peak_GB": 1.0, "tokens_per_s": 8},
+               {"name": "x", "step_ms": 126.0, "step_ms_min": 109.0, "peak_GB": 1.2, "tokens_per_s": 8}]]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"device": "test", "rounds": rounds, "rows": []}))
+    x = {r["name"]: r for r in B.resummarise(str(path))}["x"]
+    assert x["time_vs_floor"] == round((1.1 + 1.05) / 2, 3)
+    assert x["fastest_vs_floor"] == round((104 / 99 + 109 / 99) / 2, 3)
+    assert "x " in capsys.readouterr().out
+
+
 def test_dry_run_on_cpu_with_rounds(tmp_path):
     out = tmp_path / "b.json"
     env = dict(os.environ, BENCH_DEVICE="cpu", PYTHONPATH=str(ROOT / "src"))
