@@ -296,3 +296,25 @@ def test_auto_bucket_cap():
     assert auto_bucket_cap_mb([bf16(2e9), bf16(50e9, grad=False)]) == 76.2939453125
     assert AdaLomo(nn.Linear(2, 2).parameters(), fused=True).bucket_cap_mb == 64.0
     assert AdaLomo(nn.Linear(2, 2).parameters(), fused=True, bucket_cap_mb=8).bucket_cap_mb == 8.0
+
+
+def test_cuda_graph_capture_is_refused_with_a_clear_error(monkeypatch):
+    """Capturing the update in a CUDA graph would replay the captured step's host-computed values: refused at the
+    first update inside a capture, in classic step() and in fused mode's bucket flush (CPU stand-in for capture)."""
+    from adalomo.optim import base
+    assert base._capturing() is False  # no capture here (and no CUDA needed to ask)
+    m = nn.Linear(3, 2)
+    m(torch.randn(4, 3)).sum().backward()
+    opt = AdaLomo(m.parameters(), lr=1e-2)
+    before = [p.detach().clone() for p in m.parameters()]
+    monkeypatch.setattr(base, "_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="CUDA graph is being captured.*fused=False"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters())), "a refused step changed parameters"
+    fused = AdaLomo(m.parameters(), lr=1e-2, fused=True)
+    fused._pending[0] = [(m.weight, torch.ones_like(m.weight))]
+    with pytest.raises(RuntimeError, match="CUDA graph"):
+        fused._flush(0)
+    monkeypatch.setattr(base, "_capturing", lambda: False)
+    opt.step()
+    assert not all(torch.equal(a, b) for a, b in zip(before, m.parameters()))

@@ -59,6 +59,11 @@ def _check_number(name: str, value: Any, *, low: float | None = None, low_open: 
         raise ValueError(f"{name} must be {rule}, got {value!r}{hint}")
 
 
+def _capturing() -> bool:
+    """A CUDA graph is being captured on the current stream (never true before CUDA is initialised)."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
 def check_eps(eps: Any) -> tuple[float, float]:
     if not isinstance(eps, (tuple, list)) or len(eps) != 2:
         raise ValueError(f"eps must be a pair (eps1, eps2), e.g. (1e-30, 1e-3), got {eps!r}")
@@ -179,6 +184,15 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
     @property
     def fused(self) -> bool:
         return self._fused
+
+    def _refuse_capture(self) -> None:
+        if _capturing():
+            raise RuntimeError(
+                f"{type(self).__name__}: a CUDA graph is being captured, but this optimizer's update cannot be "
+                "replayed from a graph: its step size, beta2 and the kernels' launch metadata are computed on the "
+                "host at every step, so each replay would repeat the captured step's values. Capture the forward "
+                "and backward only (fused=False, so that backward does not update) and call step() outside the "
+                "graph.")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         params = param_group["params"]
@@ -400,6 +414,8 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
                 if size >= cap * 1048576.0:
                     self._flush(gi)
                 return
+        if grad.is_cuda:
+            self._refuse_capture()
         if self.side_stream:
             with kernels.update_stream(grad):
                 self._apply(p, grad)
@@ -450,6 +466,7 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
 
     def _update_sharded(self, gi: int, items: list[tuple[Tensor, Tensor]]) -> None:
         """One grouped call for FSDP2 parameters of one process group (sharded ones: two all-reduces in all)."""
+        self._refuse_capture()
         ps, grads = [p for p, _ in items], [g for _, g in items]
         shards = [self._shard_layouts[id(p)].shard for p in ps]
         if self.side_stream:
@@ -473,6 +490,7 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         self._pending_bytes[gi] = 0
         if not items:
             return
+        self._refuse_capture()
         ps, grads = [p for p, _ in items], [g for _, g in items]
         if self.side_stream:
             with kernels.update_stream(*grads):
@@ -559,6 +577,7 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
                 loss = closure()
         if self._fused:
             return loss
+        self._refuse_capture()
         if self.clip_grad_norm is not None:
             grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
             if grads:
