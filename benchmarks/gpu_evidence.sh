@@ -398,6 +398,19 @@ bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(
     echo "bench 6.7b rc=$?"; tail -n 8 "$out/bench_6.7b_rest.log"
     pack
     ;;
+  aa) # 1 GPU, NEXT SESSION (written 2026-11-29, not run yet): the code after stage z (the statistics pass back to
+      # stage u's kernel unless carry_psq is on; refusal inside a CUDA graph capture): the CUDA kernel tests, then
+      # the 6.7B question with more steps per row (20 instead of 8) and three rounds, the fastest-step ratios beside
+    timeout 170 python3 tests/test_kernels.py cuda > "$out/tests_cuda.json" 2> "$out/tests_cuda.err"
+    echo "kernel tests rc=$?"; python3 -c "import json,sys; d=json.load(open(sys.argv[1])); \
+bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(len(d)//2,'cases, bad:',bad)" \
+      "$out/tests_cuda.json"
+    pack
+    timeout 400 python3 benchmarks/bench_gpu.py --config 6.7b --steps 20 --rounds 3 --out "$out/bench_6.7b.json" \
+      --only floor,adalomo_fused,adalomo_fused_carry,floor > "$out/bench_6.7b.log" 2>&1
+    echo "bench 6.7b rc=$?"; tail -n 5 "$out/bench_6.7b.log"
+    pack
+    ;;
   v)  # 1 GPU, NEXT SESSION (written 2026-11-29, not run yet): why the side stream is slower at 6.7B (1.315x against
       # 1.184x in stage r): a profile of each (do the update kernels overlap the backward's matmuls, and what do
       # they cost them), and both with --rounds
@@ -413,5 +426,5 @@ bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(
     exactness 150
     pack
     ;;
-  *) echo "unknown stage $stage (a-z)"; exit 2 ;;
+  *) echo "unknown stage $stage (a-z, aa)"; exit 2 ;;
 esac
