@@ -508,11 +508,57 @@ def check_carry_psq(device: str) -> None:
         base, carried = run(False, sr=sr), run(True, sr=sr)
         for step, (a, b) in enumerate(zip(base, carried)):
             assert same(a, b), f"step {step}: carrying sum(p^2) changed the update (stochastic rounding {sr})"
+        flag = K.take_carry_stale(torch.device(device))
+        assert flag is not None and not bool(flag), "the check flagged carried sums of unchanged parameters"
+    K.take_carry_stale(torch.device(device))  # clear what the runs above left (nothing: checked below)
     corrupted = run(True, corrupt_at=2)
+    stale = K.take_carry_stale(torch.device(device))
+    assert stale is not None and bool(stale), "a corrupted carry was not reported by the write's check"
+    assert not bool(K.take_carry_stale(torch.device(device))), "the check's flag was not cleared when taken"
     assert not torch.equal(corrupted[2][0], base[2][0]) or not torch.equal(corrupted[2][2], base[2][2]), \
         "a corrupted carry did not change the update: the carried sums are not used"
     bumped = run(True, corrupt_at=2, bump_first=True)  # p.mul_(1.0): same values, versions moved
     assert same(bumped[2], base[2]), "a carried sum was used after p's version moved"
+
+
+def check_carry_stale_reported(device: str) -> None:
+    """``carry_psq`` in an optimizer: steps with unchanged parameters are silent; a change through ``p.data`` (no
+    version bump) is reported after the step that used the stale sums, and the setting is turned off."""
+    import warnings
+
+    from adalomo import AdaLomo
+    from adalomo.kernels import _triton as K
+    prev = K.set_config(carry_psq=True)
+    try:
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(13, 17), torch.nn.Tanh(), torch.nn.Linear(17, 5)).to(device)
+        opt = AdaLomo(m.parameters(), lr=1e-2)
+        x = torch.randn(6, 13, device=device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # any warning fails the first steps
+            for _ in range(3):
+                m(x).square().mean().backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        assert K.CONFIG["carry_psq"], "carry_psq was turned off without a change of the parameters"
+        m[0].weight.data.mul_(1.5)  # no version bump: the carried sums are stale
+        m(x).square().mean().backward()
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            for _ in range(2):  # the report may arrive one step later on a GPU (read without waiting)
+                if not any("carry_psq" in str(w.message) for w in got):
+                    m(x).square().mean().backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+        assert any("carry_psq is now off" in str(w.message) for w in got), [str(w.message) for w in got]
+        assert not K.CONFIG["carry_psq"]
+        m(x).square().mean().backward()
+        opt.step()  # goes on without the carry
+        assert all(torch.isfinite(p).all() for p in m.parameters())
+    finally:
+        K.set_config(**prev)
 
 
 def check_other_configs(device: str) -> None:
@@ -579,6 +625,7 @@ CASES: dict[str, Callable[[str], None]] = {
     "many_lomo": lambda d: check_many(d, lomo=True),
     "other_configs": check_other_configs,
     "carry_psq": check_carry_psq,
+    "carry_stale_reported": check_carry_stale_reported,
 }
 
 def check_fast_launch_used(device: str) -> None:

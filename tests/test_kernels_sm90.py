@@ -29,8 +29,8 @@ ROOT = os.path.dirname(HERE)
 
 _FLOATS = {"eps1", "numel_f", "sqrt_numel", "rho", "eps2", "clip_threshold", "beta1", "one_minus_beta1", "beta2",
            "one_minus_beta2", "col_count", "lr", "weight_decay", "clip_value"}
-_PTRS = {"g_ptr": "*bf16", "p_ptr": "*bf16", "meta_ptr": "*i64", "pmap_ptr": "*i32", "ok_ptr": "*i1",
-         "okacc_ptr": "*i1", "oks_ptr": "*i1"}
+_PTRS = {"g_ptr": "*bf16", "p_ptr": "*bf16", "meta_ptr": "*i64", "pmap_ptr": "*i32", "stale_ptr": "*i32",
+         "ok_ptr": "*i1", "okacc_ptr": "*i1", "oks_ptr": "*i1"}
 
 
 def _variants(K, tl):
@@ -65,8 +65,11 @@ def _variants(K, tl):
                                               BLOCK=1024), 4, False),
         ("g_finish_carried", K._g_finish_kernel, dict(FIN_SCALE=False, HAS_USQ=True, HAS_PSQ=True, PSQ_CARRIED=True,
                                                       BLOCK=1024), 4, False),
-        ("g_fac_write_store_psq", K._g_fac_write_kernel, dict(tile, **bf, **wr, SR=True, STORE_PSQ=True, RP_BLOCK=64),
-         C["warps_write"], True),
+        ("g_fac_write_store_psq", K._g_fac_write_kernel, dict(tile, **bf, **wr, SR=True, STORE_PSQ=True, RP_BLOCK=64,
+                                                              VERIFY=False), C["warps_write"], True),
+        ("g_fac_write_store_psq_verify", K._g_fac_write_kernel, dict(tile, **bf, **wr, SR=True, STORE_PSQ=True,
+                                                                     RP_BLOCK=64, VERIFY=True), C["warps_write"], True,
+         {"maxnreg": K._VERIFY_MAXNREG}),
         ("g_vec_stats", K._g_vec_stats_kernel, dict(**bf, HAS_SCALE=False, SUM_P=True, G_UNIT=True, P_UNIT=True,
                                                     BLOCK=C["vec_block"]), 4, True),
         ("g_vec_write", K._g_vec_write_kernel, dict(**bf, **wr, SR=True, G_UNIT=True, BLOCK=C["vec_block"]), 4,
@@ -80,8 +83,8 @@ def _variants(K, tl):
                                                           RP_BLOCK=64), ww, True),
             ("lomo_write" + tag, K._lomo_write_kernel, dict(tile, **lw, SR=sr, FOLD=True, HAS_OKACC=False), ww,
              True),
-            ("g_fac_write" + tag, K._g_fac_write_kernel, dict(tile, **bf, **wr, SR=sr, STORE_PSQ=False, RP_BLOCK=64),
-             ww, True),
+            ("g_fac_write" + tag, K._g_fac_write_kernel, dict(tile, **bf, **wr, SR=sr, STORE_PSQ=False, RP_BLOCK=64,
+                                                              VERIFY=False), ww, True),
             ("g_lomo_write" + tag, K._g_lomo_write_kernel, dict(tile, **bf, **lw, SR=sr), ww, True),
         ]
     return out
@@ -99,7 +102,7 @@ def _compile_all() -> dict:
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     target = GPUTarget("cuda", 90, 32)
     res = {"_elements_per_thread_write": K.CONFIG["block_m"] * K.CONFIG["block_n"] // (32 * K.CONFIG["warps_write"])}
-    for name, fn, consts, warps, streaming in _variants(K, tl):
+    for name, fn, consts, warps, streaming, *opts in _variants(K, tl):
         try:
             sig = {}
             for a in fn.arg_names:
@@ -114,7 +117,7 @@ def _compile_all() -> dict:
             ptr_idx = [i for i, a in enumerate(fn.arg_names) if sig[a].startswith("*")]
             src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
                             attrs={(i,): [["tt.divisibility", 16]] for i in ptr_idx})
-            ck = triton.compile(src, target=target, options={"num_warps": warps})
+            ck = triton.compile(src, target=target, options={"num_warps": warps, **(opts[0] if opts else {})})
             path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"adalomo_{os.getpid()}_{name}.cubin")
             with open(path, "wb") as f:
                 f.write(ck.asm["cubin"])

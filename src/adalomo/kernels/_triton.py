@@ -541,17 +541,21 @@ _FAC_WRITE_INTS = ["seed", "B", "M", "N", "TM", "TN", "rows_per_prog", "sg_b", "
 
 
 @triton.jit
-def _fac_write_body(pid, g_ptr, p_ptr, scale_ptr, ws_ptr, row_ptr, col_ptr, m_ptr, ok_ptr, okacc_ptr, psqc_ptr, seed,
+def _fac_write_body(pid, g_ptr, p_ptr, scale_ptr, ws_ptr, row_ptr, col_ptr, m_ptr, ok_ptr, okacc_ptr, psqc_ptr,
+                      stale_ptr, seed,
                       B, M, N, TM, TN, rows_per_prog, sg_b, sg_m, sg_n, sp_b, sp_m, sp_n,
                       n_rp, off_newrow, off_newcol, off_rsum, off_scal, n_fin, n_usq, n_psq, off_fin, off_usq,
                       off_psq, numel_f, sqrt_numel, rho, eps2, clip_threshold, weight_decay, beta1, one_minus_beta1,
                       HAS_SCALE: tl.constexpr, SCALE_PARAM: tl.constexpr, HAS_WD: tl.constexpr,
                       HAS_M: tl.constexpr, SR: tl.constexpr, FOLD: tl.constexpr, HAS_OKACC: tl.constexpr,
                       STORE_PSQ: tl.constexpr, ALIGN: tl.constexpr, G_UNIT: tl.constexpr, P_UNIT: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP_BLOCK: tl.constexpr, PF: tl.constexpr = False):
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP_BLOCK: tl.constexpr, PF: tl.constexpr = False,
+                      VERIFY: tl.constexpr = False):
     """The factored write pass. With STORE_PSQ also this program's partial sum of p^2 over the values it leaves in
     p (the written ones, or the old ones when the step is skipped) at ``psqc_ptr + pid``, in the tiling and order
-    of the statistics pass, so that the next step can take it instead of reading p again (``carry_psq``)."""
+    of the statistics pass, so that the next step can take it instead of reading p again (``carry_psq``).
+    VERIFY (this step used carried sums): the same sum over the values of p read now, compared with the carried
+    one; a difference means p changed without a version bump (through ``p.data``) and sets ``*stale_ptr``."""
     if ALIGN:
         N, sg_b, sg_m, sp_b, sp_m = _a16(N), _a16(sg_b), _a16(sg_m), _a16(sp_b), _a16(sp_m)
     if G_UNIT:
@@ -585,6 +589,9 @@ def _fac_write_body(pid, g_ptr, p_ptr, scale_ptr, ws_ptr, row_ptr, col_ptr, m_pt
     row_ok = ok & (j == 0).to(tl.int8)
     if STORE_PSQ:
         psq = tl.zeros([BLOCK_M], dtype=tl.float32)  # per row: a 2-D accumulator costs 16 more registers
+    if VERIFY:
+        carried = tl.load(psqc_ptr + pid)  # before this program overwrites it
+        chk = tl.zeros([BLOCK_M], dtype=tl.float32)
     if PF:
         lim = tl.minimum(M, r0 + rows_per_prog)
         g_nx = _first(g_base, sg_m, g_offs, r0, lrows, lim, cmask)
@@ -598,6 +605,8 @@ def _fac_write_body(pid, g_ptr, p_ptr, scale_ptr, ws_ptr, row_ptr, col_ptr, m_pt
         else:
             g = tl.load(g_base + m0 * sg_m + g_offs, mask=mask, other=0.0).to(tl.float32)
             p = tl.load(p_base + m0 * sp_m + p_offs, mask=mask, other=0.0).to(tl.float32)
+        if VERIFY:  # p as read (0 where masked), summed like the carried sums were
+            chk += tl.sum(p * p, axis=1)
         if HAS_SCALE:
             g = g * scale
         new_row = tl.load(newrow + m0 + lrows, mask=rmask, other=1.0)
@@ -627,6 +636,9 @@ def _fac_write_body(pid, g_ptr, p_ptr, scale_ptr, ws_ptr, row_ptr, col_ptr, m_pt
     tl.store(col_ptr + b64 * N + cols, new_col, mask=_and(cmask, ok & (i == 0).to(tl.int8)))
     if STORE_PSQ:
         tl.store(psqc_ptr + pid, tl.sum(psq, axis=0))
+    if VERIFY:  # equal when p is unchanged (same values, same order); 1e-6 leaves room for a compiler's reordering
+        now = tl.sum(chk, axis=0)
+        tl.store(stale_ptr, 1, mask=tl.abs(now - carried) > 1e-6 * carried)
 
 
 @triton.jit(do_not_specialize=_FAC_WRITE_INTS)
@@ -639,8 +651,8 @@ def _fac_write_kernel(g_ptr, p_ptr, scale_ptr, ws_ptr, row_ptr, col_ptr, m_ptr, 
                       ALIGN: tl.constexpr, G_UNIT: tl.constexpr, P_UNIT: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP_BLOCK: tl.constexpr):
     _fac_write_body(tl.program_id(0), g_ptr, p_ptr, scale_ptr, ws_ptr, row_ptr, col_ptr, m_ptr, ok_ptr, okacc_ptr,
-                    ws_ptr, seed, B, M, N, TM, TN, rows_per_prog, sg_b, sg_m, sg_n, sp_b, sp_m, sp_n, n_rp, off_newrow,
-                    off_newcol,
+                    ws_ptr, ws_ptr, seed, B, M, N, TM, TN, rows_per_prog, sg_b, sg_m, sg_n, sp_b, sp_m, sp_n, n_rp,
+                    off_newrow, off_newcol,
                     off_rsum, off_scal, n_fin, n_usq, n_psq, off_fin, off_usq, off_psq, numel_f, sqrt_numel, rho, eps2,
                     clip_threshold, weight_decay, beta1, one_minus_beta1, HAS_SCALE, SCALE_PARAM, HAS_WD, HAS_M, SR,
                     FOLD, HAS_OKACC, False, ALIGN, G_UNIT, P_UNIT, BLOCK_M, BLOCK_N, RP_BLOCK)
@@ -939,11 +951,11 @@ def _g_finish_kernel(meta_ptr, fmeta_ptr, scale_ptr, oks_ptr, eps2, clip_thresho
 
 
 @triton.jit
-def _g_fac_write_kernel(meta_ptr, fmeta_ptr, pmap_ptr, scale_ptr, oks_ptr, weight_decay, beta1, one_minus_beta1,
-                        G_DT: tl.constexpr, P_DT: tl.constexpr, HAS_SCALE: tl.constexpr, SCALE_PARAM: tl.constexpr,
-                        HAS_WD: tl.constexpr, HAS_M: tl.constexpr, SR: tl.constexpr, STORE_PSQ: tl.constexpr,
-                        ALIGN: tl.constexpr, G_UNIT: tl.constexpr, P_UNIT: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, RP_BLOCK: tl.constexpr):
+def _g_fac_write_kernel(meta_ptr, fmeta_ptr, pmap_ptr, scale_ptr, oks_ptr, stale_ptr, weight_decay, beta1,
+                        one_minus_beta1, G_DT: tl.constexpr, P_DT: tl.constexpr, HAS_SCALE: tl.constexpr,
+                        SCALE_PARAM: tl.constexpr, HAS_WD: tl.constexpr, HAS_M: tl.constexpr, SR: tl.constexpr,
+                        STORE_PSQ: tl.constexpr, ALIGN: tl.constexpr, G_UNIT: tl.constexpr, P_UNIT: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP_BLOCK: tl.constexpr, VERIFY: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(pmap_ptr + pid).to(tl.int64)
     row = meta_ptr + t * _CW
@@ -952,13 +964,13 @@ def _g_fac_write_kernel(meta_ptr, fmeta_ptr, pmap_ptr, scale_ptr, oks_ptr, weigh
     _fac_write_body(pid - _mi(row, _C_START), _mp(row, _C_G, G_DT, ALIGN), _mp(row, _C_P, P_DT, ALIGN), scale_ptr, ws,
                     _mp(row, _C_ROW, tl.float32, True), _mp(row, _C_COL, tl.float32, True),
                     _mp(row, _C_M, tl.float32, True), oks_ptr + t, oks_ptr + t, _mp(row, _C_PSQC, tl.float32, True),
-                    tl.load(row + _C_SEED),
+                    stale_ptr, tl.load(row + _C_SEED),
                     _mi(row, _C_B), _mi(row, _C_M_), _mi(row, _C_N), _mi(row, _C_TM), _mi(row, _C_TN),
                     _mi(row, _C_RPP), _mi(row, _C_SGB), _mi(row, _C_SGM), _mi(row, _C_SGN), _mi(row, _C_SPB),
                     _mi(row, _C_SPM), _mi(row, _C_SPN), _mi(row, _C_NRP), _mi(row, _C_ONEWROW), _mi(row, _C_ONEWCOL),
                     _mi(row, _C_ORSUM), _mi(row, _C_OSCAL), 0, 0, 0, 0, 0, 0, 1.0, 1.0, tl.load(frow + _F_RHO), 0.0,
                     1.0, weight_decay, beta1, one_minus_beta1, HAS_SCALE, SCALE_PARAM, HAS_WD, HAS_M, SR, False, False,
-                    STORE_PSQ, ALIGN, G_UNIT, P_UNIT, BLOCK_M, BLOCK_N, RP_BLOCK, True)
+                    STORE_PSQ, ALIGN, G_UNIT, P_UNIT, BLOCK_M, BLOCK_N, RP_BLOCK, True, VERIFY)
 
 
 @triton.jit
@@ -1049,15 +1061,15 @@ class _Launcher:
         self.cache: dict = {}
 
     def __call__(self, grid: int, args: tuple, consts: tuple, num_warps: int, stream, device: int,
-                 interpreted: bool, rkey: tuple | None = None) -> None:
+                 interpreted: bool, rkey: tuple | None = None, maxnreg: int | None = None) -> None:
         global _FAST
         key = None
         if _FAST and stream is not None and CONFIG["fast_launch"]:
             if rkey is not None:  # the caller vouches for dtype and alignment of every pointer (see _run_key)
-                key = (consts, num_warps) + rkey
+                key = (consts, num_warps, maxnreg) + rkey
             else:
-                key = (consts, num_warps, device) + tuple((a.dtype, a.data_ptr() % 16 == 0)
-                                                          for a in args[:self.n_ptr])
+                key = (consts, num_warps, maxnreg, device) + tuple((a.dtype, a.data_ptr() % 16 == 0)
+                                                                   for a in args[:self.n_ptr])
             k = self.cache.get(key)
             if k is not None:
                 try:
@@ -1066,7 +1078,8 @@ class _Launcher:
                 except (TypeError, AttributeError, ValueError, SystemError):  # another Triton: its own launch path
                     _FAST = False
                     key = None
-        k = self.fn[(grid,)](*args, **dict(zip(self.const_names, consts)), num_warps=num_warps)
+        opts = {} if maxnreg is None else {"maxnreg": maxnreg}
+        k = self.fn[(grid,)](*args, **dict(zip(self.const_names, consts)), num_warps=num_warps, **opts)
         if key is not None and k is not None and _direct_call_ok(k, len(args) + len(consts), self.n_ptr):
             self.cache[key] = k
 
@@ -1413,7 +1426,7 @@ _G_USQ = _consts(_g_fac_usq_kernel, "G_DT", "HAS_SCALE", "ALIGN", "G_UNIT", "BLO
                  "REVERSE")
 _G_FINISH = _consts(_g_finish_kernel, "FIN_SCALE", "HAS_USQ", "HAS_PSQ", "PSQ_CARRIED", "BLOCK")
 _G_WRITE = _consts(_g_fac_write_kernel, "G_DT", "P_DT", "HAS_SCALE", "SCALE_PARAM", "HAS_WD", "HAS_M", "SR",
-                   "STORE_PSQ", "ALIGN", "G_UNIT", "P_UNIT", "BLOCK_M", "BLOCK_N", "RP_BLOCK")
+                   "STORE_PSQ", "ALIGN", "G_UNIT", "P_UNIT", "BLOCK_M", "BLOCK_N", "RP_BLOCK", "VERIFY")
 _G_VSTATS = _consts(_g_vec_stats_kernel, "G_DT", "P_DT", "HAS_SCALE", "SUM_P", "G_UNIT", "P_UNIT", "BLOCK")
 _G_VWRITE = _consts(_g_vec_write_kernel, "G_DT", "P_DT", "HAS_SCALE", "SCALE_PARAM", "HAS_WD", "HAS_M", "SR",
                     "G_UNIT", "P_UNIT", "BLOCK")
@@ -1509,9 +1522,11 @@ def scaled_rms_update_many_(ps, gs, states, *, rhos, beta2s, eps, clip_threshold
             _G_USQ(gp.prog, (meta_t, pm, scale), (gd, has_scale, align, g_unit, bm, bn, rp_block, rev),
                    CONFIG["warps_usq"], *run)
             _G_FINISH(n_t, (meta_t, fmeta_t, scale, oks, eps2, ct), (False, True, sp_flag, carried, 1024), 4, *run)
-            _G_WRITE(gp.prog, (meta_t, fmeta_t, pm, scale, oks, wd, b1, omb1),
-                     (gd, pd, has_scale, sp_flag, hw, has_m, sr, store, align, g_unit, p_unit, bm, bn, rp_block),
-                     CONFIG["warps_write"], *run)
+            # the check's sums take ~18 more registers per thread: capped (ptxas then fits 108 without spilling)
+            # so that the write keeps its two programs per SM
+            _G_WRITE(gp.prog, (meta_t, fmeta_t, pm, scale, oks, _stale_flag(dev) if carried else oks, wd, b1, omb1),
+                     (gd, pd, has_scale, sp_flag, hw, has_m, sr, store, align, g_unit, p_unit, bm, bn, rp_block,
+                      carried), CONFIG["warps_write"], *run, maxnreg=_VERIFY_MAXNREG if carried else None)
             if not store:
                 gp.psq_versions = None
         else:
@@ -1528,6 +1543,31 @@ def scaled_rms_update_many_(ps, gs, states, *, rhos, beta2s, eps, clip_threshold
                 gp.psq_versions = [ps[i]._version for i in gp.idx]
     flags.append(bufs.oks_all)
     return _all(flags)
+
+
+# carry_psq's check: a write that used carried sums of p^2 compares them with the p it reads and sets this
+# per-device flag when they differ (p changed through ``p.data``: the version counter did not move). The optimizer
+# takes it once per step while carry_psq is on (``take_carry_stale``) and reports it without waiting.
+_STALE: dict = {}
+_VERIFY_MAXNREG = 128  # == the registers of the write variant without the check (8 warps, tests/test_kernels_sm90.py)
+
+
+def _stale_flag(dev: torch.device) -> torch.Tensor:
+    flag = _STALE.get(dev)
+    if flag is None:
+        flag = _STALE[dev] = torch.zeros(1, dtype=torch.int32, device=dev)
+    return flag
+
+
+def take_carry_stale(dev: torch.device) -> torch.Tensor | None:
+    """A 0-d bool device tensor: some carried sum of p^2 on ``dev`` was stale since the last call (then cleared);
+    None when nothing was carried on ``dev`` yet."""
+    flag = _STALE.get(dev)
+    if flag is None:
+        return None
+    out = flag[0] != 0
+    flag.zero_()
+    return out
 
 
 # The launch plan of a grouped update: which tensors go together, their geometry and the static part of their

@@ -168,6 +168,7 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         self._grad_scale_cache: Tensor | None = None
         self._oks: list[Tensor] = []
         self._flags_in_flight: list[tuple[Tensor, Any]] = []  # "warn" mode: (host flag, CUDA event or None)
+        self._stale_in_flight: list[tuple[Tensor, Any]] = []  # carry_psq's check, read likewise
         self._skip_next = False
         self.skipped_updates: Tensor | None = None
         self.allow_unsharded_distributed = bool(allow_unsharded_distributed)
@@ -532,9 +533,35 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
             ok_all = oks[0] if len(oks) == 1 else _stack_all(oks)
         self._clip_coef = None
         self._grad_scale_cache = None
+        self._check_carried_sums()
         if ok_all is None:
             return
         self._account(ok_all)
+
+    def _check_carried_sums(self) -> None:
+        """``carry_psq`` (kernel setting): report, without waiting, a step whose carried sums of p^2 did not match
+        the parameters the write read (changed through ``p.data``), and turn the setting off."""
+        impl = kernels._impl
+        if impl is None or not (impl.CONFIG["carry_psq"] or self._stale_in_flight):
+            return
+        for dev in list(impl._STALE):
+            flag = impl.take_carry_stale(dev)
+            if flag is not None:
+                self._stale_in_flight.append(_host_copy(flag))
+        flights = self._stale_in_flight
+        while flights and (len(flights) > 64 or flights[0][1] is None or flights[0][1].query()):
+            flag, event = flights.pop(0)
+            if event is not None:
+                event.synchronize()
+            if bool(flag):
+                flights.clear()
+                impl.set_config(carry_psq=False)
+                warnings.warn(
+                    f"{type(self).__name__}: with the kernel setting carry_psq, a parameter changed between two steps "
+                    "without its version counter moving (a write through p.data): that step scaled its update by "
+                    "the RMS of the weights before the change (the direction was right, the size off by the ratio "
+                    "of the two RMS). carry_psq is now off; change parameters in place under torch.no_grad() "
+                    "instead of through .data to keep it.", RuntimeWarning, stacklevel=3)
 
     def _account(self, ok_all: Tensor) -> None:
         bad = (~ok_all).to(torch.int64)
