@@ -547,8 +547,10 @@ def check_carry_stale_reported(device: str) -> None:
             warnings.simplefilter("always")
             opt.step()
             opt.zero_grad(set_to_none=True)
-            for _ in range(2):  # the report may arrive one step later on a GPU (read without waiting)
+            for _ in range(2):  # the report may arrive a step later on a GPU (read without waiting)
                 if not any("carry_psq" in str(w.message) for w in got):
+                    if device == "cuda":
+                        torch.cuda.synchronize()
                     m(x).square().mean().backward()
                     opt.step()
                     opt.zero_grad(set_to_none=True)
