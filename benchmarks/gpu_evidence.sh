@@ -399,14 +399,20 @@ bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(
     pack
     ;;
   aa) # 1 GPU, NEXT SESSION (written 2026-11-29, not run yet): the code after stage z (the statistics pass back to
-      # stage u's kernel unless carry_psq is on; refusal inside a CUDA graph capture): the CUDA kernel tests, then
-      # the 6.7B question with more steps per row (20 instead of 8) and three rounds, the fastest-step ratios beside
+      # stage u's kernel unless carry_psq is on; carry_psq's write checks the carried sums, 128-register cap): the
+      # CUDA kernel tests, the buckets with and without carry_psq, then the 6.7B question with more steps per row
+      # (20 instead of 8) and three rounds, the fastest-step ratios beside
     timeout 170 python3 tests/test_kernels.py cuda > "$out/tests_cuda.json" 2> "$out/tests_cuda.err"
     echo "kernel tests rc=$?"; python3 -c "import json,sys; d=json.load(open(sys.argv[1])); \
 bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(len(d)//2,'cases, bad:',bad)" \
       "$out/tests_cuda.json"
     pack
-    timeout 400 python3 benchmarks/bench_gpu.py --config 6.7b --steps 20 --rounds 3 --out "$out/bench_6.7b.json" \
+    timeout 80 python3 benchmarks/bench_kernels.py --skip-correctness --sweep --shapes "" --sweep-configs \
+      '[{}, {"carry_psq": true}]' --out "$out/kernels_buckets.json" > "$out/kernels_buckets.log" 2>&1
+    echo "kernels buckets rc=$?"; python3 -c "import json,sys; d=json.load(open(sys.argv[1])); \
+[print(r['config'], {b: t['total_us'] for b, t in r['buckets'].items()}) for r in d['sweep']]" "$out/kernels_buckets.json"
+    pack
+    timeout 320 python3 benchmarks/bench_gpu.py --config 6.7b --steps 20 --rounds 3 --out "$out/bench_6.7b.json" \
       --only floor,adalomo_fused,adalomo_fused_carry,floor > "$out/bench_6.7b.log" 2>&1
     echo "bench 6.7b rc=$?"; tail -n 5 "$out/bench_6.7b.log"
     pack
