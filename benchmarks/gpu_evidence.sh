@@ -400,15 +400,18 @@ bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(
     ;;
   aa) # 1 GPU, NEXT SESSION (written 2026-11-29, not run yet): the code after stage z (the statistics pass back to
       # stage u's kernel unless carry_psq is on; carry_psq's write checks the carried sums, 128-register cap): the
-      # CUDA kernel tests, the buckets with and without carry_psq, then the 6.7B question with more steps per row
+      # CUDA kernel tests, the buckets with and without carry_psq and register caps (more programs per SM for the
+      # RMS(u) and write passes), then the 6.7B question with more steps per row
       # (20 instead of 8) and three rounds, the fastest-step ratios beside
     timeout 170 python3 tests/test_kernels.py cuda > "$out/tests_cuda.json" 2> "$out/tests_cuda.err"
     echo "kernel tests rc=$?"; python3 -c "import json,sys; d=json.load(open(sys.argv[1])); \
 bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(len(d)//2,'cases, bad:',bad)" \
       "$out/tests_cuda.json"
     pack
-    timeout 80 python3 benchmarks/bench_kernels.py --skip-correctness --sweep --shapes "" --sweep-configs \
-      '[{}, {"carry_psq": true}]' --out "$out/kernels_buckets.json" > "$out/kernels_buckets.log" 2>&1
+    timeout 120 python3 benchmarks/bench_kernels.py --skip-correctness --sweep --shapes "" --sweep-configs \
+      '[{}, {"maxnreg_write": 80}, {"maxnreg_usq": 96, "maxnreg_write": 80}, {"carry_psq": true},
+        {"carry_psq": true, "maxnreg_usq": 96, "maxnreg_write": 80}]' \
+      --out "$out/kernels_buckets.json" > "$out/kernels_buckets.log" 2>&1
     echo "kernels buckets rc=$?"; python3 -c "import json,sys; d=json.load(open(sys.argv[1])); \
 [print(r['config'], {b: t['total_us'] for b, t in r['buckets'].items()}) for r in d['sweep']]" "$out/kernels_buckets.json"
     pack

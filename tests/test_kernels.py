@@ -568,7 +568,7 @@ def check_other_configs(device: str) -> None:
     per tensor and grouped; bad settings are refused with the known keys named."""
     from adalomo.kernels import _triton as K
     for bad in (dict(block_m=48), dict(max_tm=0), dict(warps_usq=64), dict(nonsense=1), dict(fast_launch=1),
-                dict(reverse_usq="yes")):
+                dict(reverse_usq="yes"), dict(maxnreg_write=-1)):
         try:
             K.set_config(**bad)
         except ValueError:
@@ -577,7 +577,7 @@ def check_other_configs(device: str) -> None:
     # reverse_usq with several row tiles per program (max_tm=2) and with one (max_tm=256 on these shapes)
     for cfg in (dict(block_m=16, block_n=64, max_tm=256, warps_stats=8, warps_usq=8, warps_write=4, reverse_usq=True),
                 dict(block_m=64, block_n=256, max_tm=2, vec_block=256),
-                dict(block_m=16, max_tm=2, reverse_usq=True)):
+                dict(block_m=16, max_tm=2, reverse_usq=True, maxnreg_usq=96, maxnreg_write=80)):
         prev = K.set_config(**cfg)
         try:
             check_scaled(device, (37, 53), torch.bfloat16, rho=0.2, steps=2)

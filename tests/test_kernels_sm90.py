@@ -75,6 +75,13 @@ def _variants(K, tl):
         ("g_vec_write", K._g_vec_write_kernel, dict(**bf, **wr, SR=True, G_UNIT=True, BLOCK=C["vec_block"]), 4,
          True),
         ("g_sum", K._g_sum_kernel, dict(tile, G_DT=tl.bfloat16), wu, True),
+        # the register caps that stage aa measures (kernel settings maxnreg_usq / maxnreg_write): no spills either
+        ("g_fac_usq_maxnreg96", K._g_fac_usq_kernel, dict(tile, G_DT=tl.bfloat16, HAS_SCALE=False, RP_BLOCK=64,
+                                                          REVERSE=False), wu, True, {"maxnreg": 96}),
+        ("g_fac_write_maxnreg80", K._g_fac_write_kernel, dict(tile, **bf, **wr, SR=True, STORE_PSQ=False, RP_BLOCK=64,
+                                                              VERIFY=False), C["warps_write"], True, {"maxnreg": 80}),
+        ("g_lomo_write_maxnreg80", K._g_lomo_write_kernel, dict(tile, **bf, **lw, SR=True), C["warps_write"], True,
+         {"maxnreg": 80}),
     ]
     for sr in (True, False):
         tag = "" if sr else "_nosr"

@@ -66,6 +66,11 @@ CONFIG = {
     # grouped AdaLomo/Adafactor: the RMS(u) pass takes its programs and rows in the reverse order of the statistics
     # pass, so that its first reads of g find the tiles that pass read last still in L2
     "reverse_usq": False,
+    # register caps (ptx .maxnreg) of the grouped RMS(u) and write passes, 0 = the compiler's choice: more programs
+    # per SM if the compiler fits them without spilling (sm_90, offline: RMS(u) 124 -> 96 and the write 98 -> 80
+    # registers spill nothing; stage aa measures whether that is faster)
+    "maxnreg_usq": 0,
+    "maxnreg_write": 0,
 }
 _POW2_KEYS = ("block_m", "block_n", "vec_block", "fin_block")
 _WARP_KEYS = ("warps_stats", "warps_usq", "warps_write")
@@ -84,7 +89,8 @@ def set_config(**changes) -> dict:
             if not isinstance(v, bool):
                 raise ValueError(f"{k} must be True or False")
             continue
-        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if k == "fold_max" else 1):
+        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if k in ("fold_max", "maxnreg_usq",
+                                                                           "maxnreg_write") else 1):
             raise ValueError(f"kernel setting {k}={v!r}: expected a positive int")
         if (k in _POW2_KEYS or k in _WARP_KEYS) and v & (v - 1):
             raise ValueError(f"kernel setting {k}={v}: must be a power of two")
@@ -1520,13 +1526,16 @@ def scaled_rms_update_many_(ps, gs, states, *, rhos, beta2s, eps, clip_threshold
                      CONFIG["warps_stats"], *run)
             _G_FINALIZE(gp.fprog, (meta_t, fmeta_t, gp.fpmap), (fb, max(1, min(32, 4096 // fb))), 4, *run)
             _G_USQ(gp.prog, (meta_t, pm, scale), (gd, has_scale, align, g_unit, bm, bn, rp_block, rev),
-                   CONFIG["warps_usq"], *run)
+                   CONFIG["warps_usq"], *run, maxnreg=CONFIG["maxnreg_usq"] or None)
             _G_FINISH(n_t, (meta_t, fmeta_t, scale, oks, eps2, ct), (False, True, sp_flag, carried, 1024), 4, *run)
             # the check's sums take ~18 more registers per thread: capped (ptxas then fits 108 without spilling)
             # so that the write keeps its two programs per SM
+            cap = CONFIG["maxnreg_write"] or None
+            if carried:
+                cap = min(cap or _VERIFY_MAXNREG, _VERIFY_MAXNREG)
             _G_WRITE(gp.prog, (meta_t, fmeta_t, pm, scale, oks, _stale_flag(dev) if carried else oks, wd, b1, omb1),
                      (gd, pd, has_scale, sp_flag, hw, has_m, sr, store, align, g_unit, p_unit, bm, bn, rp_block,
-                      carried), CONFIG["warps_write"], *run, maxnreg=_VERIFY_MAXNREG if carried else None)
+                      carried), CONFIG["warps_write"], *run, maxnreg=cap)
             if not store:
                 gp.psq_versions = None
         else:
@@ -1812,7 +1821,7 @@ def lomo_update_many_(ps, gs, *, lr, weight_decay, clip_grad_value, grad_scale, 
                   *run)  # no floats: any fp32 buffer for fmeta
         _G_LWRITE(gp.prog, (meta_t, gp.pmap, scale, oks, float(lr), float(weight_decay), cv),
                   (gd, pd, has_scale, weight_decay != 0, clip, sr, align, g_unit, p_unit, bm, bn),
-                  CONFIG["warps_write"], *run)
+                  CONFIG["warps_write"], *run, maxnreg=CONFIG["maxnreg_write"] or None)
     _bump(ps if not plan.single else [ps[i] for gp in plan.groups for i in gp.idx])
     flags.append(bufs.oks_all)
     return _all(flags)
