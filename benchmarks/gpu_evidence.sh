@@ -40,6 +40,18 @@ prof67() {  # torch.profiler over 2 steps of each given bench_gpu row at 6.7B
     echo "profile $row rc=$?"; grep SUMMARY "$out/profile_6.7b_$row.log"
   done
 }
+kernel_tests() {  # every case of tests/test_kernels.py on CUDA: seconds (writes tests_cuda.json/.err)
+  timeout "$1" python3 tests/test_kernels.py cuda > "$out/tests_cuda.json" 2> "$out/tests_cuda.err"
+  echo "kernel tests rc=$?"; python3 -c "import json,sys; d=json.load(open(sys.argv[1])); \
+bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(len(d)//2,'cases, bad:',bad)" \
+    "$out/tests_cuda.json"
+}
+buckets() {  # the grouped kernels on gradient buckets under each kernel setting: name, seconds, JSON list of settings
+  timeout "$2" python3 benchmarks/bench_kernels.py --skip-correctness --sweep --shapes "" --sweep-configs "$3" \
+    --out "$out/$1.json" > "$out/$1.log" 2>&1
+  echo "$1 rc=$?"; python3 -c "import json,sys; d=json.load(open(sys.argv[1])); \
+[print(r['config'], {b: t['total_us'] for b, t in r['buckets'].items()}) for r in d['sweep']]" "$out/$1.json"
+}
 fsdp1b() {  # the 1B FSDP2 table on 1 and 2 GPUs, AdaLomo and AdamW
   timeout 200 python3 benchmarks/bench_fsdp.py --sizes 1b --gpus 1,2 --optimizers adalomo,adamw --timeout 90 \
     --out "$out/fsdp_1b.json" > "$out/fsdp_1b.log" 2>&1
@@ -47,10 +59,7 @@ fsdp1b() {  # the 1B FSDP2 table on 1 and 2 GPUs, AdaLomo and AdamW
 }
 case $stage in
   a)  # kernels on CUDA, the fused-mode variants at 0.94B, gpt-lm at 125M
-    timeout 150 python3 tests/test_kernels.py cuda > "$out/tests_cuda.json" 2> "$out/tests_cuda.err"
-    echo "kernel tests rc=$?"; python3 -c "import json,sys; d=json.load(open(sys.argv[1])); \
-bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(len(d)//2,'cases, bad:',bad)" \
-      "$out/tests_cuda.json"
+    kernel_tests 150
     timeout 230 python3 benchmarks/bench_gpu.py --config 0.94b --out "$out/bench_0.94b_buckets.json" --only \
       floor,adalomo_fused,adalomo_fused_b0,adalomo_fused_b256,adalomo_fused_side,adalomo_classic,lomo_fused \
       > "$out/bench_0.94b_buckets.log" 2>&1
@@ -284,10 +293,7 @@ bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(
   r)  # 1 GPU (2026-11-29, after stage q): CUDA kernel tests with the defaults (hash rounding bits, prefetching
       # reductions), the prefetch A/B on gradient buckets (the faster setting is kept for the rest), then the final
       # tables at 6.7B and 0.94B and the per-kernel bandwidth
-    timeout 160 python3 tests/test_kernels.py cuda > "$out/tests_cuda.json" 2> "$out/tests_cuda.err"
-    echo "kernel tests rc=$?"; python3 -c "import json,sys; d=json.load(open(sys.argv[1])); \
-bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(len(d)//2,'cases, bad:',bad)" \
-      "$out/tests_cuda.json"
+    kernel_tests 160
     for pf in 0 1; do
       ADALOMO_PREFETCH=$pf timeout 60 python3 benchmarks/bench_kernels.py --skip-correctness --sweep --sweep-configs '[{}]' \
         --shapes "" --out "$out/kernels_prefetch_$pf.json" > "$out/kernels_prefetch_$pf.log" 2>&1
@@ -338,36 +344,23 @@ for f in sys.argv[1:]]; print(t, file=sys.stderr); print(int(t[1] <= t[0]))" "$o
       # 6.7B step with them (--rounds 2), then the CUDA kernel tests (carry_psq, reverse_usq included):
       # carry_psq (sum(p^2) from the previous write: 12 -> 10 bytes per parameter) and reverse_usq (the RMS(u) pass
       # in the reverse order of the statistics pass, so that it finds the last-read tiles of g in L2)
-    timeout 140 python3 benchmarks/bench_kernels.py --skip-correctness --sweep --shapes "" --sweep-configs \
-      '[{}, {"reverse_usq": true}, {"carry_psq": true}, {"carry_psq": true, "reverse_usq": true}]' \
-      --out "$out/kernels_carry_rev.json" > "$out/kernels_carry_rev.log" 2>&1
-    echo "kernels carry/rev rc=$?"; python3 -c "import json,sys; d=json.load(open(sys.argv[1])); \
-[print(r['config'], {b: t['total_us'] for b, t in r['buckets'].items()}) for r in d['sweep']]" "$out/kernels_carry_rev.json"
+    buckets kernels_carry_rev 140 \
+      '[{}, {"reverse_usq": true}, {"carry_psq": true}, {"carry_psq": true, "reverse_usq": true}]'
     pack
     timeout 270 python3 benchmarks/bench_gpu.py --config 6.7b --rounds 2 --out "$out/bench_6.7b.json" --only \
       floor,adalomo_fused,adalomo_fused_rev,adalomo_fused_b256_rev,adalomo_fused_b256_carry_rev,floor \
       > "$out/bench_6.7b.log" 2>&1
     echo "bench 6.7b rc=$?"; tail -n 7 "$out/bench_6.7b.log"
     pack
-    timeout 130 python3 tests/test_kernels.py cuda > "$out/tests_cuda.json" 2> "$out/tests_cuda.err"
-    echo "kernel tests rc=$?"; python3 -c "import json,sys; d=json.load(open(sys.argv[1])); \
-bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(len(d)//2,'cases, bad:',bad)" \
-      "$out/tests_cuda.json"
+    kernel_tests 130
     pack
     ;;
   x)  # 1 GPU (2026-11-29, third session, after stage u): the write passes now prefetch their next tile (stage u: the
       # AdaLomo write at 3.7 TB/s, +34% with carry_psq's extra sums), the p^2 sums are per row; the buckets A/B again,
       # the CUDA kernel tests, then 6.7B with 64/256 MiB buckets and carry_psq (--rounds 2)
-    timeout 110 python3 benchmarks/bench_kernels.py --skip-correctness --sweep --shapes "" --sweep-configs \
-      '[{}, {"carry_psq": true}, {"carry_psq": true, "reverse_usq": true}]' \
-      --out "$out/kernels_buckets.json" > "$out/kernels_buckets.log" 2>&1
-    echo "kernels buckets rc=$?"; python3 -c "import json,sys; d=json.load(open(sys.argv[1])); \
-[print(r['config'], {b: t['total_us'] for b, t in r['buckets'].items()}) for r in d['sweep']]" "$out/kernels_buckets.json"
+    buckets kernels_buckets 110 '[{}, {"carry_psq": true}, {"carry_psq": true, "reverse_usq": true}]'
     pack
-    timeout 170 python3 tests/test_kernels.py cuda > "$out/tests_cuda.json" 2> "$out/tests_cuda.err"
-    echo "kernel tests rc=$?"; python3 -c "import json,sys; d=json.load(open(sys.argv[1])); \
-bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(len(d)//2,'cases, bad:',bad)" \
-      "$out/tests_cuda.json"
+    kernel_tests 170
     pack
     timeout 240 python3 benchmarks/bench_gpu.py --config 6.7b --rounds 2 --out "$out/bench_6.7b.json" --only \
       floor,adalomo_fused,adalomo_fused_b256,adalomo_fused_b256_carry,floor > "$out/bench_6.7b.log" 2>&1
@@ -385,10 +378,7 @@ bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(
       > "$out/bench_0.94b.log" 2>&1
     echo "bench 0.94b rc=$?"; tail -n 9 "$out/bench_0.94b.log"
     pack
-    timeout 170 python3 tests/test_kernels.py cuda > "$out/tests_cuda.json" 2> "$out/tests_cuda.err"
-    echo "kernel tests rc=$?"; python3 -c "import json,sys; d=json.load(open(sys.argv[1])); \
-bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(len(d)//2,'cases, bad:',bad)" \
-      "$out/tests_cuda.json"
+    kernel_tests 170
     pack
     ;;
   z)  # 1 GPU (2026-11-29, third session, last of the device budget): the other 6.7B rows with the "auto" buckets
@@ -403,17 +393,10 @@ bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(
       # CUDA kernel tests, the buckets with and without carry_psq and register caps (more programs per SM for the
       # RMS(u) and write passes), then the 6.7B question with more steps per row
       # (20 instead of 8) and three rounds, the fastest-step ratios beside
-    timeout 170 python3 tests/test_kernels.py cuda > "$out/tests_cuda.json" 2> "$out/tests_cuda.err"
-    echo "kernel tests rc=$?"; python3 -c "import json,sys; d=json.load(open(sys.argv[1])); \
-bad={k:v for k,v in d.items() if not k.endswith(':seconds') and v!='ok'}; print(len(d)//2,'cases, bad:',bad)" \
-      "$out/tests_cuda.json"
+    kernel_tests 170
     pack
-    timeout 120 python3 benchmarks/bench_kernels.py --skip-correctness --sweep --shapes "" --sweep-configs \
-      '[{}, {"maxnreg_write": 80}, {"maxnreg_usq": 96, "maxnreg_write": 80}, {"carry_psq": true},
-        {"carry_psq": true, "maxnreg_usq": 96, "maxnreg_write": 80}]' \
-      --out "$out/kernels_buckets.json" > "$out/kernels_buckets.log" 2>&1
-    echo "kernels buckets rc=$?"; python3 -c "import json,sys; d=json.load(open(sys.argv[1])); \
-[print(r['config'], {b: t['total_us'] for b, t in r['buckets'].items()}) for r in d['sweep']]" "$out/kernels_buckets.json"
+    buckets kernels_buckets 120 '[{}, {"maxnreg_write": 80}, {"maxnreg_usq": 96, "maxnreg_write": 80},
+      {"carry_psq": true}, {"carry_psq": true, "maxnreg_usq": 96, "maxnreg_write": 80}]'
     pack
     timeout 320 python3 benchmarks/bench_gpu.py --config 6.7b --steps 20 --rounds 3 --out "$out/bench_6.7b.json" \
       --only floor,adalomo_fused,adalomo_fused_carry,floor > "$out/bench_6.7b.log" 2>&1
