@@ -246,6 +246,30 @@ def _stream(nx, base, m0, stride_m, offs, r0, lrows, lim, cmask, BLOCK_M: tl.con
 
 
 @triton.jit
+def _gp_first(g_base, p_base, sg_m, sp_m, g_offs, p_offs, r0, lrows, lim, cmask, PF: tl.constexpr):
+    """The write passes' (g, p) carried into the first iteration: row tile 0 of each with PF (see ``_gp_tiles``)."""
+    if PF:
+        return (_first(g_base, sg_m, g_offs, r0, lrows, lim, cmask),
+                _first(p_base, sp_m, p_offs, r0, lrows, lim, cmask))
+    else:
+        return 0.0, 0.0
+
+
+@triton.jit
+def _gp_tiles(g_nx, p_nx, g_base, p_base, m0, sg_m, sp_m, g_offs, p_offs, r0, lrows, lim, cmask, mask,
+              PF: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Row tile ``m0`` of g and p in fp32 for a write pass, and what to carry on. PF (the grouped kernels): the
+    next tiles are loaded before this one is computed and stored (``_stream``); else tile m0 is loaded now."""
+    if PF:
+        g, g_nx = _stream(g_nx, g_base, m0, sg_m, g_offs, r0, lrows, lim, cmask, BLOCK_M)
+        p, p_nx = _stream(p_nx, p_base, m0, sp_m, p_offs, r0, lrows, lim, cmask, BLOCK_M)
+    else:
+        g = tl.load(g_base + m0 * sg_m + g_offs, mask=mask, other=0.0).to(tl.float32)
+        p = tl.load(p_base + m0 * sp_m + p_offs, mask=mask, other=0.0).to(tl.float32)
+    return g, p, g_nx, p_nx
+
+
+@triton.jit
 def _round_to_bf16(new, lin, seed):
     """Stochastic rounding of fp32 ``new`` (exact after the cast): add 16 random bits, truncate."""
     if _RNG_HASH:
@@ -598,19 +622,13 @@ def _fac_write_body(pid, g_ptr, p_ptr, scale_ptr, ws_ptr, row_ptr, col_ptr, m_pt
     if VERIFY:
         carried = tl.load(psqc_ptr + pid)  # before this program overwrites it
         chk = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if PF:
-        lim = tl.minimum(M, r0 + rows_per_prog)
-        g_nx = _first(g_base, sg_m, g_offs, r0, lrows, lim, cmask)
-        p_nx = _first(p_base, sp_m, p_offs, r0, lrows, lim, cmask)
+    lim = tl.minimum(M, r0 + rows_per_prog)
+    g_nx, p_nx = _gp_first(g_base, p_base, sg_m, sp_m, g_offs, p_offs, r0, lrows, lim, cmask, PF)
     for m0 in range(0, rows_per_prog, BLOCK_M):
         rmask = r0 + m0 + lrows < M
         mask = rmask[:, None] & cmask[None, :]
-        if PF:  # the grouped kernels: the next tile's g and p are loaded before this one is computed and stored
-            g, g_nx = _stream(g_nx, g_base, m0, sg_m, g_offs, r0, lrows, lim, cmask, BLOCK_M)
-            p, p_nx = _stream(p_nx, p_base, m0, sp_m, p_offs, r0, lrows, lim, cmask, BLOCK_M)
-        else:
-            g = tl.load(g_base + m0 * sg_m + g_offs, mask=mask, other=0.0).to(tl.float32)
-            p = tl.load(p_base + m0 * sp_m + p_offs, mask=mask, other=0.0).to(tl.float32)
+        g, p, g_nx, p_nx = _gp_tiles(g_nx, p_nx, g_base, p_base, m0, sg_m, sp_m, g_offs, p_offs, r0, lrows, lim,
+                                     cmask, mask, PF, BLOCK_M)
         if VERIFY:  # p as read (0 where masked), summed like the carried sums were
             chk += tl.sum(p * p, axis=1)
         if HAS_SCALE:
@@ -828,18 +846,12 @@ def _lomo_write_body(pid, g_ptr, p_ptr, scale_ptr, ws_ptr, ok_ptr, okacc_ptr, se
     lrows = tl.arange(0, BLOCK_M)
     g_offs = lrows[:, None] * sg_m + cols[None, :] * sg_n
     p_offs = lrows[:, None] * sp_m + cols[None, :] * sp_n
-    if PF:
-        lim = tl.minimum(M, r0 + rows_per_prog)
-        g_nx = _first(g_base, sg_m, g_offs, r0, lrows, lim, cmask)
-        p_nx = _first(p_base, sp_m, p_offs, r0, lrows, lim, cmask)
+    lim = tl.minimum(M, r0 + rows_per_prog)
+    g_nx, p_nx = _gp_first(g_base, p_base, sg_m, sp_m, g_offs, p_offs, r0, lrows, lim, cmask, PF)
     for m0 in range(0, rows_per_prog, BLOCK_M):
         mask = (r0 + m0 + lrows < M)[:, None] & cmask[None, :]
-        if PF:  # the grouped kernel: the next tile in flight
-            g, g_nx = _stream(g_nx, g_base, m0, sg_m, g_offs, r0, lrows, lim, cmask, BLOCK_M)
-            p, p_nx = _stream(p_nx, p_base, m0, sp_m, p_offs, r0, lrows, lim, cmask, BLOCK_M)
-        else:
-            g = tl.load(g_base + m0 * sg_m + g_offs, mask=mask, other=0.0).to(tl.float32)
-            p = tl.load(p_base + m0 * sp_m + p_offs, mask=mask, other=0.0).to(tl.float32)
+        g, p, g_nx, p_nx = _gp_tiles(g_nx, p_nx, g_base, p_base, m0, sg_m, sp_m, g_offs, p_offs, r0, lrows, lim,
+                                     cmask, mask, PF, BLOCK_M)
         if HAS_SCALE:
             g = g * scale
         if HAS_CLIP:

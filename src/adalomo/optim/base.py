@@ -548,13 +548,9 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
             flag = impl.take_carry_stale(dev)
             if flag is not None:
                 self._stale_in_flight.append(_host_copy(flag))
-        flights = self._stale_in_flight
-        while flights and (len(flights) > 64 or flights[0][1] is None or flights[0][1].query()):
-            flag, event = flights.pop(0)
-            if event is not None:
-                event.synchronize()
+        for flag in _arrived(self._stale_in_flight, block=False):
             if bool(flag):
-                flights.clear()
+                self._stale_in_flight.clear()
                 impl.set_config(carry_psq=False)
                 warnings.warn(
                     f"{type(self).__name__}: with the kernel setting carry_psq, a parameter changed between two steps "
@@ -582,11 +578,7 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
 
     def _warn_nonfinite(self, block: bool) -> None:
         """Warn for each finished step whose finite flag was False; ``block`` waits for the ones in flight."""
-        flights = self._flags_in_flight
-        while flights and (block or len(flights) > 64 or flights[0][1] is None or flights[0][1].query()):
-            flag, event = flights.pop(0)
-            if event is not None:
-                event.synchronize()
+        for flag in _arrived(self._flags_in_flight, block):
             if not bool(flag):
                 warnings.warn(self._nonfinite_message(), RuntimeWarning, stacklevel=3)
 
@@ -744,6 +736,16 @@ def _stack_all(oks: list[Tensor]) -> Tensor:
     if all(o.device == dev for o in oks):
         return torch.stack(oks).all()
     return torch.stack([o.to(dev) for o in oks]).all()
+
+
+def _arrived(flights: list[tuple[Tensor, Any]], block: bool):
+    """The host flags of ``_host_copy`` that have arrived, oldest first, each taken off ``flights`` (``block``: all
+    of them, waiting; more than 64 in flight: the oldest anyway)."""
+    while flights and (block or len(flights) > 64 or flights[0][1] is None or flights[0][1].query()):
+        flag, event = flights.pop(0)
+        if event is not None:
+            event.synchronize()
+        yield flag
 
 
 def _host_copy(flag: Tensor) -> tuple[Tensor, Any]:
