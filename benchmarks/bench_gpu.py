@@ -16,8 +16,10 @@ Rows (``--only`` picks some): ``floor``; ours, for each of ``adalomo``/``adafact
 (fused hooks, gradients bucketed into the grouped Triton kernels, default ``bucket_cap_mb``), ``*_classic``
 (``step()`` after backward, grouped kernels); variants of a fused row by suffix: ``_b{MB}`` sets
 ``bucket_cap_mb`` (``_b0``: one update per tensor), ``_side`` runs the updates on a side CUDA stream,
-``_carry`` takes sum(p^2) from the previous write (kernel setting ``carry_psq``), ``_rev`` runs the RMS(u) pass
-in the reverse order of the statistics pass (``reverse_usq``), e.g.
+``_carry``/``_nocarry`` take sum(p^2) from the previous write or not (kernel setting ``carry_psq``, on by
+default), ``_rev`` runs the RMS(u) pass
+in the reverse order of the statistics pass (``reverse_usq``), ``_r{N}``/``_w{N}`` set the kernel settings
+``stages_read``/``stages_write`` (software-pipelined row loops), e.g.
 ``adalomo_fused_b0_side``; ``adalomo_fused_torchpath`` (ADALOMO_DISABLE_TRITON=1);
 peers ``torch_adamw_fused`` (classic, ``fused=True``), ``torch_adafactor`` (foreach), ``lomo_optim_adalomo``,
 ``lomo_optim_lomo`` (skipped with a note when ``lomo_optim`` is not installed).
@@ -63,6 +65,21 @@ ROWS = ["floor", "adalomo_fused", "adalomo_fused_b0", "adalomo_fused_side", "ada
 
 
 # ------------------------------------------------------------------------------------------- child
+def kernel_settings(opts: list[str]) -> dict:
+    """The kernel settings (``kernels.set_config``) that a row's suffixes ask for: ``carry``/``nocarry`` (sum(p^2)
+    carried from the previous write, the default, or not), ``rev`` (the RMS(u) pass in the reverse order of the
+    statistics pass, for L2 reuse), ``r{N}``/``w{N}`` (the read/write passes' row loops pipelined over N stages)."""
+    out = {}
+    if "carry" in opts or "nocarry" in opts:
+        out["carry_psq"] = "carry" in opts
+    if "rev" in opts:
+        out["reverse_usq"] = True
+    for o in opts:
+        if o[:1] in ("r", "w") and o[1:].isdigit():
+            out["stages_read" if o[0] == "r" else "stages_write"] = int(o[1:])
+    return out
+
+
 def _build(cfg):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -121,12 +138,10 @@ def child(row: str, cfg: dict) -> dict:
         for o in opts:
             if o[:1] == "b" and o[1:].isdigit():
                 kw["bucket_cap_mb"] = float(o[1:])
-        if cuda and ("carry" in opts or "rev" in opts):  # kernel settings (kernels CONFIG)
+        settings = kernel_settings(opts)
+        if cuda and settings:
             from adalomo.kernels import _triton
-            if "carry" in opts:  # sum(p^2) carried from the previous write
-                _triton.set_config(carry_psq=True)
-            if "rev" in opts:  # the RMS(u) pass in the reverse order of the statistics pass (L2 reuse)
-                _triton.set_config(reverse_usq=True)
+            _triton.set_config(**settings)
         if kind == "adalomo":
             opt = adalomo.AdaLomo(params, lr=1e-3, **kw)
         elif kind == "adafactor":

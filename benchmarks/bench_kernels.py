@@ -4,7 +4,7 @@
 
 1. correctness: every case of ``tests/test_kernels.py`` (odd shapes, 0-D to 4-D, non-contiguous, bf16/fp16/
    fp32, non-finite gradients, stochastic rounding, the optimizers end to end) on CUDA;
-2. the device's copy bandwidth (a large device-to-device copy, bytes read + written);
+2. the device's copy bandwidth (a large device-to-device copy, bytes read + written) and read bandwidth (a sum);
 3. per kernel, for LLaMA shapes: median device time (torch.profiler), the bytes it must move (each input
    read once, each output written once; workspace partials not counted) and the achieved GB/s; per update:
    device time (CUDA events, inputs rotated through more memory than L2 holds), host time to issue it,
@@ -74,6 +74,23 @@ def copy_bandwidth() -> float:
         b.synchronize()
         ts.append(a.elapsed_time(b) / 1e3)
     return 2 * x.numel() / statistics.median(ts) / 1e9
+
+
+def read_bandwidth() -> float:
+    """A large read-only pass (torch's sum of 1 GiB of bf16): what the read-only statistics passes could reach."""
+    x = torch.ones(1 << 29, dtype=torch.bfloat16, device="cuda")
+    for _ in range(3):
+        x.sum()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(10):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        x.sum()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) / 1e3)
+    return x.numel() * x.element_size() / statistics.median(ts) / 1e9
 
 
 def _sets(shape, dtype, n_sets, algo):
@@ -310,6 +327,8 @@ def main() -> None:
     bw = copy_bandwidth()
     res["copy_GBps"] = bw
     print(f"device copy bandwidth: {bw:.0f} GB/s (read + write)", flush=True)
+    res["read_GBps"] = read_bandwidth()
+    print(f"device read bandwidth: {res['read_GBps']:.0f} GB/s (torch sum, bf16)", flush=True)
 
     res["model_step_0.94B"] = model_step()
 

@@ -80,3 +80,13 @@ def test_dry_run_on_cpu_with_rounds(tmp_path):
     lomo = res["rows"][1]
     assert lomo["rounds"] == 2 and lomo["time_vs_floor_min"] <= lomo["time_vs_floor"] <= lomo["time_vs_floor_max"]
     assert "median over 2 rounds" in proc.stdout
+
+
+def test_row_suffixes_pick_kernel_settings():
+    assert B.kernel_settings(["fused"]) == {}
+    assert B.kernel_settings(["fused", "carry", "r3", "w2"]) == {"carry_psq": True, "stages_read": 3,
+                                                                  "stages_write": 2}
+    assert B.kernel_settings(["fused", "rev", "b256"]) == {"reverse_usq": True}
+    assert B.kernel_settings(["fused", "nocarry"]) == {"carry_psq": False}
+    from adalomo.kernels import _triton as K  # every setting a suffix names exists
+    assert set(B.kernel_settings(["carry", "rev", "r2", "w2"])) <= set(K.CONFIG)

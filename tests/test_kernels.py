@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+import weakref
 from collections.abc import Callable
 
 import pytest
@@ -460,6 +461,7 @@ def check_carry_psq(device: str) -> None:
     sums are really used (a corrupted carry changes the next update) and dropped when p's version moved (after
     ``p.mul_``, the same corruption changes nothing)."""
     from adalomo.kernels import _triton as K
+    K.take_carry_stale(torch.device(device))  # what earlier cases left (run_cases fails a case that leaves any)
     gen = torch.Generator().manual_seed(21)
     specs = [((37, 53), torch.bfloat16), ((150, 20), torch.float32), ((2, 9, 33), torch.bfloat16),
              ((70,), torch.float32)]
@@ -467,7 +469,8 @@ def check_carry_psq(device: str) -> None:
     grads = [[_rand(s, gen, device, dt) for s, dt in specs] for _ in range(5)]
     grads[2][0][3, 4] = float("nan")  # step 3: the first tensor's update is skipped
 
-    def run(carry: bool, corrupt_at: int | None = None, bump_first: bool = False, sr: bool = True):
+    def run(carry: bool, corrupt_at: int | None = None, bump_first: bool = False, sr: bool = True,
+            foreign: bool = False):
         prev = K.set_config(carry_psq=carry, max_tm=2)  # max_tm=2: several row tiles per program
         try:
             ps = [p.clone() for p in init]
@@ -487,6 +490,11 @@ def check_carry_psq(device: str) -> None:
                         with torch.no_grad():
                             for p in ps:
                                 p.mul_(1.0)
+                    if foreign:  # the sums belong to other tensor objects (as when freed tensors' ids and
+                        # storage are reused by new ones with matching versions): not ours to use
+                        others = [torch.empty(0) for _ in range(len(ps))]
+                        for gp in groups:
+                            gp.psq_owners = [weakref.ref(others[i]) for i in gp.idx]
                 K.scaled_rms_update_many_(ps, grads[step], sts, rhos=[0.05] * len(ps),
                                           beta2s=[F.beta2_at(step + 1.0, -0.8)] * len(ps), eps=EPS,
                                           clip_threshold=1.0, weight_decay=0.1, scale_parameter=True, beta1=None,
@@ -519,6 +527,8 @@ def check_carry_psq(device: str) -> None:
         "a corrupted carry did not change the update: the carried sums are not used"
     bumped = run(True, corrupt_at=2, bump_first=True)  # p.mul_(1.0): same values, versions moved
     assert same(bumped[2], base[2]), "a carried sum was used after p's version moved"
+    foreign = run(True, corrupt_at=2, foreign=True)
+    assert same(foreign[2], base[2]), "a carried sum was used for tensors it does not belong to"
 
 
 def check_carry_stale_reported(device: str) -> None:
@@ -568,16 +578,24 @@ def check_other_configs(device: str) -> None:
     per tensor and grouped; bad settings are refused with the known keys named."""
     from adalomo.kernels import _triton as K
     for bad in (dict(block_m=48), dict(max_tm=0), dict(warps_usq=64), dict(nonsense=1), dict(fast_launch=1),
-                dict(reverse_usq="yes"), dict(maxnreg_write=-1)):
+                dict(reverse_usq="yes"), dict(maxnreg_write=-1), dict(stages_read=0), dict(stages_write=9)):
         try:
             K.set_config(**bad)
         except ValueError:
             continue
         raise AssertionError(f"set_config accepted {bad}")
+    # pipelined loops keep stages - 1 tiles per loaded tensor in shared memory: fewer stages for large tiles
+    assert K._pipeline_stages(3, 32, 128, torch.bfloat16, torch.bfloat16) == 3
+    assert K._pipeline_stages(8, 64, 256, torch.bfloat16, torch.bfloat16) == 2
+    assert K._pipeline_stages(3, 64, 256, torch.float32, torch.float32) == 1
+    assert K._pipeline_stages(1, 8, 8, torch.bfloat16) == 1
     # reverse_usq with several row tiles per program (max_tm=2) and with one (max_tm=256 on these shapes)
     for cfg in (dict(block_m=16, block_n=64, max_tm=256, warps_stats=8, warps_usq=8, warps_write=4, reverse_usq=True),
                 dict(block_m=64, block_n=256, max_tm=2, vec_block=256),
-                dict(block_m=16, max_tm=2, reverse_usq=True, maxnreg_usq=96, maxnreg_write=80)):
+                dict(block_m=16, max_tm=2, reverse_usq=True, maxnreg_usq=96, maxnreg_write=80),
+                # software-pipelined row loops (cp.async on a GPU; the same loop, unprefetched, in the interpreter)
+                dict(block_m=16, max_tm=2, stages_read=3, stages_write=3, reverse_usq=True),
+                dict(stages_read=4, stages_write=2)):
         prev = K.set_config(**cfg)
         try:
             check_scaled(device, (37, 53), torch.bfloat16, rho=0.2, steps=2)
@@ -655,16 +673,29 @@ GPU_CASES: dict[str, Callable[[str], None]] = {
 
 
 def run_cases(device: str, cases: dict[str, Callable[[str], None]]) -> dict[str, str]:
+    """Every case, each reported (a verdict and its seconds). With carry_psq on (the default), a case that leaves
+    the carry check's flag set made it flag parameters that no ``p.data`` write changed: that case fails."""
     results = {}
     for name, fn in cases.items():
         t0 = time.perf_counter()
         try:
             fn(device)
             results[name] = "ok"
+            if name != "carry_psq" and _carry_flagged(device):
+                results[name] = "the carry_psq check flagged carried sums of unchanged parameters in this case"
         except Exception as e:  # report every case, keep going
             results[name] = f"{type(e).__name__}: {e}"[:500]
         results[name + ":seconds"] = f"{time.perf_counter() - t0:.2f}"
     return results
+
+
+def _carry_flagged(device: str) -> bool:
+    """Take the carry check's flag on ``device`` (set since the last take), if the kernels are loaded."""
+    impl = kernels._impl
+    if impl is None:
+        return False
+    flag = impl.take_carry_stale(device)
+    return flag is not None and bool(flag)
 
 
 # --------------------------------------------------------------------------------------------- tests
@@ -795,6 +826,25 @@ def test_direct_launch_cache(monkeypatch):
     launcher2 = K._Launcher(fn, ("C",))
     launcher2(4, (a, b, 8), (True,), 4, 123, 0, False)
     assert not launcher2.cache, "a launch hook must keep launches on Triton's path"
+
+
+def test_public_set_config(monkeypatch):
+    """``adalomo.kernels.set_config``: the documented way to change a kernel setting (e.g. turn ``carry_psq`` off);
+    it returns what it changed, refuses unknown keys, and says so when there are no kernels to configure."""
+    pytest.importorskip("triton")
+    from adalomo.kernels import _triton as K
+    assert K.CONFIG["carry_psq"] and K.CONFIG["stages_read"] == 3  # the defaults the README's tables were run at
+    prev = kernels.set_config(carry_psq=False)
+    try:
+        assert prev == {"carry_psq": True} and not K.CONFIG["carry_psq"]
+        with pytest.raises(ValueError, match="known:"):
+            kernels.set_config(carry_psk=True)
+    finally:
+        kernels.set_config(**prev)
+    assert K.CONFIG["carry_psq"]
+    monkeypatch.setattr(kernels, "_load", lambda interpret: None)
+    with pytest.raises(RuntimeError, match="not available"):
+        kernels.set_config(carry_psq=False)
 
 
 def test_side_stream_is_noop_on_cpu():

@@ -6,6 +6,8 @@ takes). This compiles every kernel, single-tensor and grouped, in the variants t
 the machine code (``cuobjdump -sass``, shipped with Triton) for two properties that only show there:
 
 * no register spills (local-memory loads/stores) in the streaming kernels at the default launch geometry;
+* the software-pipelined variants (kernel settings ``stages_read``/``stages_write``) really copy their tiles
+  asynchronously (LDGSTS), which is what those settings are for;
 * stochastic rounding's random bits stay cheap: at most 25 more instructions per element in the write kernels
   than the same kernels with round-to-nearest (the hash: ~12; Triton's Philox per element: ~55, which made the
   write kernels 2.5x slower on an H200; see docs/kernels.md).
@@ -42,6 +44,7 @@ def _variants(K, tl):
     wr = dict(HAS_SCALE=False, SCALE_PARAM=True, HAS_WD=True, HAS_M=False, P_UNIT=True)
     lw = dict(HAS_SCALE=False, HAS_WD=False, HAS_CLIP=False, P_UNIT=True)
     ws, wu, ww = C["warps_stats"], C["warps_usq"], C["warps_write"]
+    rs, wst = dict(STAGES=C["stages_read"]), dict(STAGES=C["stages_write"])
     out = [
         ("fac_stats", K._fac_stats_kernel, dict(tile, HAS_SCALE=True, SUM_P=True, P_UNIT=True), ws, True),
         ("fac_finalize", K._fac_finalize_kernel, dict(BLOCK=128, PB=32), 4, False),
@@ -53,35 +56,49 @@ def _variants(K, tl):
                                                 BLOCK=C["vec_block"]), 4, True),
         ("sum", K._sum_kernel, dict(tile), wu, True),
         ("g_fac_stats", K._g_fac_stats_kernel, dict(tile, **bf, HAS_SCALE=False, SUM_P=True, P_UNIT=True,
-                                                    ROW_PSQ=False), ws, True),
+                                                    ROW_PSQ=False, **rs), ws, True),
         ("g_fac_stats_row_psq", K._g_fac_stats_kernel, dict(tile, **bf, HAS_SCALE=False, SUM_P=True, P_UNIT=True,
-                                                            ROW_PSQ=True), ws, True),
+                                                            ROW_PSQ=True, **rs), ws, True),
         ("g_fac_finalize", K._g_fac_finalize_kernel, dict(BLOCK=128, PB=32), 4, False),
-        ("g_fac_usq", K._g_fac_usq_kernel, dict(tile, G_DT=tl.bfloat16, HAS_SCALE=False, RP_BLOCK=64, REVERSE=False),
-         wu, True),
+        ("g_fac_usq", K._g_fac_usq_kernel, dict(tile, G_DT=tl.bfloat16, HAS_SCALE=False, RP_BLOCK=64, REVERSE=False,
+                                                **rs), wu, True),
         ("g_fac_usq_reverse", K._g_fac_usq_kernel, dict(tile, G_DT=tl.bfloat16, HAS_SCALE=False, RP_BLOCK=64,
-                                                        REVERSE=True), wu, True),
+                                                        REVERSE=True, **rs), wu, True),
         ("g_finish", K._g_finish_kernel, dict(FIN_SCALE=False, HAS_USQ=True, HAS_PSQ=True, PSQ_CARRIED=False,
                                               BLOCK=1024), 4, False),
         ("g_finish_carried", K._g_finish_kernel, dict(FIN_SCALE=False, HAS_USQ=True, HAS_PSQ=True, PSQ_CARRIED=True,
                                                       BLOCK=1024), 4, False),
         ("g_fac_write_store_psq", K._g_fac_write_kernel, dict(tile, **bf, **wr, SR=True, STORE_PSQ=True, RP_BLOCK=64,
-                                                              VERIFY=False), C["warps_write"], True),
+                                                              VERIFY=False, **wst), C["warps_write"], True),
         ("g_fac_write_store_psq_verify", K._g_fac_write_kernel, dict(tile, **bf, **wr, SR=True, STORE_PSQ=True,
-                                                                     RP_BLOCK=64, VERIFY=True), C["warps_write"], True,
+                                                                     RP_BLOCK=64, VERIFY=True, **wst), C["warps_write"],
+         True,
          {"maxnreg": K._VERIFY_MAXNREG}),
         ("g_vec_stats", K._g_vec_stats_kernel, dict(**bf, HAS_SCALE=False, SUM_P=True, G_UNIT=True, P_UNIT=True,
                                                     BLOCK=C["vec_block"]), 4, True),
         ("g_vec_write", K._g_vec_write_kernel, dict(**bf, **wr, SR=True, G_UNIT=True, BLOCK=C["vec_block"]), 4,
          True),
-        ("g_sum", K._g_sum_kernel, dict(tile, G_DT=tl.bfloat16), wu, True),
+        ("g_sum", K._g_sum_kernel, dict(tile, G_DT=tl.bfloat16, **rs), wu, True),
         # the register caps that stage aa measures (kernel settings maxnreg_usq / maxnreg_write): no spills either
         ("g_fac_usq_maxnreg96", K._g_fac_usq_kernel, dict(tile, G_DT=tl.bfloat16, HAS_SCALE=False, RP_BLOCK=64,
-                                                          REVERSE=False), wu, True, {"maxnreg": 96}),
+                                                          REVERSE=False, **rs), wu, True, {"maxnreg": 96}),
         ("g_fac_write_maxnreg80", K._g_fac_write_kernel, dict(tile, **bf, **wr, SR=True, STORE_PSQ=False, RP_BLOCK=64,
-                                                              VERIFY=False), C["warps_write"], True, {"maxnreg": 80}),
-        ("g_lomo_write_maxnreg80", K._g_lomo_write_kernel, dict(tile, **bf, **lw, SR=True), C["warps_write"], True,
+                                                              VERIFY=False, **wst), C["warps_write"], True,
          {"maxnreg": 80}),
+        ("g_lomo_write_maxnreg80", K._g_lomo_write_kernel, dict(tile, **bf, **lw, SR=True, **wst), C["warps_write"],
+         True, {"maxnreg": 80}),
+        # the row loops software-pipelined (kernel settings stages_read / stages_write > 1): their loads must become
+        # asynchronous copies into shared memory (LDGSTS), else the setting changes nothing
+        ("g_fac_stats_stages3", K._g_fac_stats_kernel, dict(tile, **bf, HAS_SCALE=False, SUM_P=True, P_UNIT=True,
+                                                            ROW_PSQ=False, STAGES=3), ws, True),
+        ("g_fac_usq_stages3", K._g_fac_usq_kernel, dict(tile, G_DT=tl.bfloat16, HAS_SCALE=False, RP_BLOCK=64,
+                                                        REVERSE=False, STAGES=3), wu, True),
+        ("g_fac_usq_reverse_stages3", K._g_fac_usq_kernel, dict(tile, G_DT=tl.bfloat16, HAS_SCALE=False, RP_BLOCK=64,
+                                                                REVERSE=True, STAGES=3), wu, True),
+        ("g_sum_stages3", K._g_sum_kernel, dict(tile, G_DT=tl.bfloat16, STAGES=3), wu, True),
+        ("g_fac_write_stages3", K._g_fac_write_kernel, dict(tile, **bf, **wr, SR=True, STORE_PSQ=True, RP_BLOCK=64,
+                                                            VERIFY=False, STAGES=3), ww, True),
+        ("g_lomo_write_stages3", K._g_lomo_write_kernel, dict(tile, **bf, **lw, SR=True, STAGES=3), ww, True),
     ]
     for sr in (True, False):
         tag = "" if sr else "_nosr"
@@ -91,8 +108,8 @@ def _variants(K, tl):
             ("lomo_write" + tag, K._lomo_write_kernel, dict(tile, **lw, SR=sr, FOLD=True, HAS_OKACC=False), ww,
              True),
             ("g_fac_write" + tag, K._g_fac_write_kernel, dict(tile, **bf, **wr, SR=sr, STORE_PSQ=False, RP_BLOCK=64,
-                                                              VERIFY=False), ww, True),
-            ("g_lomo_write" + tag, K._g_lomo_write_kernel, dict(tile, **bf, **lw, SR=sr), ww, True),
+                                                              VERIFY=False, **wst), ww, True),
+            ("g_lomo_write" + tag, K._g_lomo_write_kernel, dict(tile, **bf, **lw, SR=sr, **wst), ww, True),
         ]
     return out
 
@@ -135,7 +152,8 @@ def _compile_all() -> dict:
             ins = [ln for ln in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", ln)]
             spills = sum(1 for ln in ins if re.search(r"\b(LDL|STL)(\.|\s)", ln))
             res[name] = {"ok": True, "instructions": len(ins), "spills": spills, "streaming": streaming,
-                         "registers": int(regs.group(1)) if regs else None}
+                         "registers": int(regs.group(1)) if regs else None,
+                         "async_copies": sum(1 for ln in ins if re.search(r"\bLDGSTS\b", ln))}
         except Exception as e:  # report every kernel
             res[name] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:400]}
     return res
@@ -168,6 +186,8 @@ def test_kernels_compile_for_sm90():
     assert not failed, failed
     spilled = {k: v["spills"] for k, v in res.items() if not k.startswith("_") and v["streaming"] and v["spills"]}
     assert not spilled, f"register spills (local memory) in streaming kernels: {spilled}"
+    not_pipelined = [k for k, v in res.items() if k.endswith("_stages3") and not v["async_copies"]]
+    assert not not_pipelined, f"STAGES=3 left these loops unpipelined (no LDGSTS): {not_pipelined}"
     per_thread = res["_elements_per_thread_write"]
     for k in ("fac_write", "lomo_write", "g_fac_write", "g_lomo_write"):
         extra = (res[k]["instructions"] - res[k + "_nosr"]["instructions"]) / per_thread

@@ -31,7 +31,7 @@ import torch
 
 __all__ = ["use_triton", "gradient_fits", "sharded_fits", "scaled_rms_update_", "lomo_update_",
            "scaled_rms_update_many_", "lomo_update_many_", "triton_available", "update_stream", "join_update_stream",
-           "Seed"]
+           "Seed", "set_config"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -89,6 +89,19 @@ def _require(t: torch.Tensor):
     if impl is None:
         raise RuntimeError("adalomo.kernels: triton is not available (pip install triton); use the torch path")
     return impl
+
+
+def set_config(**changes) -> dict:
+    """Change kernel settings (``adalomo.kernels._triton.CONFIG``: launch geometry, ``carry_psq``, ``stages_read``,
+    ...) for the rest of the process; returns the previous values of the changed keys, so that
+    ``set_config(**prev)`` restores them. ``ADALOMO_KERNEL_CONFIG='{"carry_psq": false}'`` (JSON) does the same
+    when the kernels load. See ``docs/kernels.md``."""
+    impl = _load(_flag("ADALOMO_TRITON_INTERPRET"))
+    if impl is None:
+        raise RuntimeError("adalomo.kernels.set_config: the Triton kernels are not available here (triton is not "
+                           "installed or failed to import), so there is nothing to configure: the torch path has no "
+                           "settings")
+    return impl.set_config(**changes)
 
 
 def triton_available() -> bool:

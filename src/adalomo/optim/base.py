@@ -557,7 +557,8 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
                     "without its version counter moving (a write through p.data): that step scaled its update by "
                     "the RMS of the weights before the change (the direction was right, the size off by the ratio "
                     "of the two RMS). carry_psq is now off; change parameters in place under torch.no_grad() "
-                    "instead of through .data to keep it.", RuntimeWarning, stacklevel=3)
+                    "instead of through .data to keep it, or turn it off from the start with "
+                    "adalomo.kernels.set_config(carry_psq=False).", RuntimeWarning, stacklevel=3)
 
     def _account(self, ok_all: Tensor) -> None:
         bad = (~ok_all).to(torch.int64)
