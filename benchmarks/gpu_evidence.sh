@@ -443,7 +443,8 @@ for f in sys.argv[1:]]; print(t, file=sys.stderr); print(int(t[1] <= t[0]))" "$o
   ae) # 1 GPU (2026-11-29, fourth session, last of the device budget): ad's carry_psq failure was the test asking for
       # the flag of torch.device("cuda") while the flags are keyed by cuda:0 (None, reported as "flagged"; fixed);
       # carried sums are now also tied to their tensor objects. Every CUDA kernel case again (a case that leaves the
-      # check's flag set now fails), then 0.94B at the new defaults, one round
+      # check's flag set now fails), then 0.94B at the new defaults, one round. Ran on a fresh machine: every kernel
+      # compiled anew, the tests ran out of their 220 s and the 0.94B run out of its 100 s before the last floor
     kernel_tests 220
     pack
     timeout 100 python3 benchmarks/bench_gpu.py --config 0.94b --out "$out/bench_0.94b.json" --only \
