@@ -417,7 +417,7 @@ for f in sys.argv[1:]]; print(t, file=sys.stderr); print(int(t[1] <= t[0]))" "$o
     ;;
   ac) # 1 GPU (2026-11-29, fourth session): stages_read=3 the default (stage ab: -3% to -6% per bucket), the shared
       # memory of pipelined loops bounded per tile size, the carry check at 1e-5: every CUDA kernel case at the new
-      # defaults; the carry cases with pipelined writes (flagged unchanged sums in ab at 1e-6); then 6.7B, three
+      # defaults; the carry cases with pipelined writes (failed in ab; the cause, found after ad, was the test's device key: see ae); then 6.7B, three
       # rounds of 20 steps: the previous default (_r1), the new one, and with carry_psq
     kernel_tests 170
     pack
