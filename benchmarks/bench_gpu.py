@@ -392,21 +392,31 @@ def main() -> None:
                 r["round"] = k
                 rows.append(r)
                 print(json.dumps(r), flush=True)
+                _write(args.out, {**res, "rounds": rounds + [rows], "complete": False})  # kept if a limit kills us
             _ratios(rows)
             rounds.append(rows)
         rows = rounds[0] if args.rounds == 1 else _summarise(rounds, names)
         res["rows"] = rows
         if args.rounds > 1:
             res["rounds"] = rounds
+        res["complete"] = True
         print(f"\n{args.config}: batch {cfg['batch']}x{cfg['seq']}, ckpt={cfg['ckpt']}, median of {cfg['steps']} "
               f"steps after {cfg['warmup']}" + (f"; median over {args.rounds} rounds of the ratio to the floors of "
                                                  "the same round [min-max]" if args.rounds > 1 else "")
               + f"; {res['device']}")
         _print_table(rows)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
+    _write(args.out, res)
+
+
+def _write(path: str | None, res: dict) -> None:
+    """The results file, replaced whole (a reader never sees half of one); written after every row too, so that a
+    run stopped by its time limit keeps the rows it finished (``--summarise`` reads either)."""
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(res, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

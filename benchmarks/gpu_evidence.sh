@@ -452,21 +452,24 @@ for f in sys.argv[1:]]; print(t, file=sys.stderr); print(int(t[1] <= t[0]))" "$o
     echo "bench 0.94b rc=$?"; tail -n 7 "$out/bench_0.94b.log"
     pack
     ;;
-  af) # 1 GPU, NEXT SESSION (written 2026-11-29, not run): what ae could not finish. Every CUDA kernel case at the
-      # defaults (carry_psq, stages_read 3) with the device-key fix and the per-case flag check, with room for a fresh
-      # machine's compiles (ae: more than 220 s); then the 0.94B table at the defaults
-    kernel_tests 420
+  af) # 1 GPU (2026-11-29, fifth session): what ae could not finish. Every CUDA kernel case at the defaults (carry_psq,
+      # stages_read 3) with the device-key fix and the per-case flag check, with room for a fresh machine's compiles
+      # (ae: more than 220 s); then the 0.94B table at the defaults in what is left of the call (bench_gpu writes
+      # its JSON after every row: the peers after the second floor, so that a cut run still has both floors)
+    kernel_tests 400
     pack
-    timeout 170 python3 benchmarks/bench_gpu.py --config 0.94b --out "$out/bench_0.94b.json" --only \
-      floor,adalomo_fused,adalomo_classic,adafactor_fused,lomo_fused,torch_adamw_fused,floor > "$out/bench_0.94b.log" 2>&1
-    echo "bench 0.94b rc=$?"; tail -n 9 "$out/bench_0.94b.log"
+    timeout $((585 - SECONDS)) python3 benchmarks/bench_gpu.py --config 0.94b --out "$out/bench_0.94b.json" --only \
+      floor,adalomo_fused,adalomo_classic,adafactor_fused,adafactor_classic,lomo_fused,lomo_classic,floor,\
+torch_adamw_fused,lomo_optim_adalomo,torch_adafactor > "$out/bench_0.94b.log" 2>&1
+    echo "bench 0.94b rc=$?"; tail -n 13 "$out/bench_0.94b.log"
     pack
     ;;
-  ag) # 1 GPU, NEXT SESSION (written 2026-11-29, not run): the other 6.7B rows at the defaults (classic AdaLomo and
-      # Adafactor, fused Adafactor and Lomo; last measured without the carry in stage z), two rounds of 20 steps
-    timeout 560 python3 benchmarks/bench_gpu.py --config 6.7b --steps 20 --rounds 2 --out "$out/bench_6.7b_rest.json" \
-      --only floor,adalomo_classic,adafactor_classic,adafactor_fused,lomo_fused,floor > "$out/bench_6.7b_rest.log" 2>&1
-    echo "bench 6.7b rc=$?"; tail -n 8 "$out/bench_6.7b_rest.log"
+  ag) # 1 GPU (2026-11-29, fifth session): every row of ours at 6.7B at the defaults (classic AdaLomo and Adafactor,
+      # fused Adafactor and Lomo were last measured without the carry in stage z), two rounds of 20 steps
+    timeout 570 python3 benchmarks/bench_gpu.py --config 6.7b --steps 20 --rounds 2 --out "$out/bench_6.7b_all.json" \
+      --only floor,adalomo_fused,adalomo_classic,adafactor_fused,adafactor_classic,lomo_fused,lomo_classic,floor \
+      > "$out/bench_6.7b_all.log" 2>&1
+    echo "bench 6.7b rc=$?"; tail -n 10 "$out/bench_6.7b_all.log"
     pack
     ;;
   v)  # 1 GPU, NEXT SESSION (written 2026-11-29, not run yet): why the side stream is slower at 6.7B (1.315x against

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -90,3 +92,27 @@ def test_row_suffixes_pick_kernel_settings():
     assert B.kernel_settings(["fused", "nocarry"]) == {"carry_psq": False}
     from adalomo.kernels import _triton as K  # every setting a suffix names exists
     assert set(B.kernel_settings(["carry", "rev", "r2", "w2"])) <= set(K.CONFIG)
+
+
+def test_rows_finished_before_a_kill_are_kept(tmp_path, monkeypatch):
+    """A device call's time limit kills the run mid-way: the rows it finished must be on disk, readable."""
+    out = tmp_path / "b.json"
+    done = []
+
+    def fake_child(row, cfg, timeout):
+        if len(done) == 3:
+            raise KeyboardInterrupt  # stands for the SIGKILL of `timeout`
+        done.append(row)
+        return {"name": row, "step_ms": 100.0 + len(done), "step_ms_min": 99.0, "peak_GB": 1.0, "tokens_per_s": 9}
+
+    monkeypatch.setattr(B, "_run_child", fake_child)
+    monkeypatch.setattr(B, "_versions", lambda: {})
+    monkeypatch.setattr(sys, "argv", ["bench_gpu.py", "--config", "tiny", "--only", "floor,a,b,floor",
+                                      "--rounds", "2", "--out", str(out)])
+    with pytest.raises(KeyboardInterrupt):
+        B.main()
+    res = json.loads(out.read_text())
+    assert res["complete"] is False and [r["name"] for r in res["rounds"][0]] == ["floor", "a", "b"]
+    rows = {r["name"]: r for r in B.resummarise(str(out))}
+    assert rows["a"]["time_vs_floor"] == round(102 / 101, 3)
+    assert not list(tmp_path.glob("*.tmp"))
