@@ -107,8 +107,20 @@ def _loss(model, x):
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), x[:, 1:].reshape(-1))
 
 
+def _host_probe_ms() -> float:
+    """The fastest of five runs of a fixed pure-Python loop: the host's speed for this process (hooks and kernel
+    launches are Python), to compare rows and runs on a shared or throttled machine."""
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        sum(i * i for i in range(200_000))
+        best = min(best, time.perf_counter() - t0)
+    return round(best * 1e3, 2)
+
+
 def child(row: str, cfg: dict) -> dict:
     import torch
+    host_probe_ms = _host_probe_ms()
     if row == "adalomo_fused_torchpath":
         os.environ["ADALOMO_DISABLE_TRITON"] = "1"
     cuda = DEV == "cuda"
@@ -174,19 +186,25 @@ def child(row: str, cfg: dict) -> dict:
                 opt.zero_grad(set_to_none=True)
         return loss
 
-    times, losses = [], []
+    times, issued, losses = [], [], []
     for i in range(cfg["warmup"] + cfg["steps"]):
         sync()
         t0 = time.perf_counter()
         loss = step()
+        t_issued = time.perf_counter()
         sync()
         t1 = time.perf_counter()
         losses.append(float(loss.detach()))
         if i >= cfg["warmup"]:
             times.append(t1 - t0)
+            issued.append(t_issued - t0)
     ms = statistics.median(times) * 1e3
     out = {"name": row, "params_M": round(n_params / 1e6, 1), "step_ms": round(ms, 1),
            "step_ms_min": round(min(times) * 1e3, 1),
+           # the host's time to issue a step (step() returned, the device not waited for): near step_ms = the
+           # step is host-bound; and the host's speed on a fixed Python loop, to tell a slow or busy host
+           "host_issue_ms": round(statistics.median(issued) * 1e3, 1), "host_probe_ms": host_probe_ms,
+           "steps_ms": [round(t * 1e3, 1) for t in times],
            "peak_GB": round(torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, 2),
            "tokens_per_s": round(cfg["batch"] * cfg["seq"] / (ms / 1e3)), "loss_first": round(losses[0], 4),
            "loss_last": round(losses[-1], 4)}
@@ -207,7 +225,12 @@ def _run_child(row: str, cfg: dict, timeout: int) -> dict:
         return {"name": row, "error": f"timeout after {timeout} s"}
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[7:])
+            r = json.loads(line[7:])
+            warned = [ln.strip() for ln in proc.stderr.splitlines()
+                      if "Warning" in ln and ("src/adalomo/" in ln or "site-packages/adalomo/" in ln)]
+            if warned:  # e.g. a kernel setting turned off during the run: the row measured something else
+                r["warnings"] = list(dict.fromkeys(warned))[:5]
+            return r
     err = (proc.stderr or proc.stdout).strip().splitlines()
     oom = any("OutOfMemoryError" in ln or "out of memory" in ln for ln in err)
     return {"name": row, "error": "out of memory" if oom else " | ".join(err[-3:])[-400:]}
@@ -278,15 +301,17 @@ def _summarise(rounds: list[list[dict]], names: list[str]) -> list[dict]:
                     "peak_GB": max(r["peak_GB"] for r in got),
                     "mem_vs_floor": max(r["mem_vs_floor"] for r in got),
                     "tokens_per_s": int(statistics.median(r["tokens_per_s"] for r in got)),
+                    **({"host_issue_ms": round(statistics.median(r["host_issue_ms"] for r in got), 1)}
+                       if all("host_issue_ms" in r for r in got) else {}),
                     "note": got[0].get("note", "")})
     return out
 
 
 def _print_table(rows: list[dict]) -> None:
     """The short table: median step, its ratio to the floor [spread over rounds], the fastest step's ratio to the
-    floor's fastest, peak memory and its ratio, tokens/s."""
+    floor's fastest, peak memory and its ratio, tokens/s, the host's time to issue a step."""
     print(f"{'optimizer':26s} {'step ms':>8s} {'x floor':>8s} {'fastest':>8s} {'peak GB':>8s} {'x floor':>8s} "
-          f"{'tokens/s':>9s}")
+          f"{'tokens/s':>9s} {'host ms':>8s}")
     nan = float("nan")
     for r in rows:
         if "step_ms" in r:
@@ -295,7 +320,7 @@ def _print_table(rows: list[dict]) -> None:
             fastest = r.get("fastest_vs_floor")
             print(f"{r['name']:26s} {r['step_ms']:8.1f} {r.get('time_vs_floor', nan):8.3f} "
                   f"{nan if fastest is None else fastest:8.3f} {r['peak_GB']:8.2f} {r.get('mem_vs_floor', nan):8.3f} "
-                  f"{r['tokens_per_s']:9d}{spread}")
+                  f"{r['tokens_per_s']:9d} {r.get('host_issue_ms', nan):8.1f}{spread}")
         else:
             print(f"{r['name']:26s} {r.get('skipped') or r.get('error')}")
 

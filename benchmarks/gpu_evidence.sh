@@ -12,6 +12,7 @@ export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/device.txt" 2>&1
 date -Is >> "$out/device.txt"
+{ echo "cpus: $(nproc)"; uptime; } >> "$out/device.txt" 2>&1  # a busy host slows the rows whose hooks run in backward
 pack() {  # one tarball of everything so far, next to OUTDIR (for the device tool's 8-file limit)
   tar czf "${PACK_TO:-$out.tgz}" -C "$(dirname "$out")" "$(basename "$out")"
 }
@@ -472,6 +473,20 @@ torch_adamw_fused,lomo_optim_adalomo,torch_adafactor > "$out/bench_0.94b.log" 2>
     echo "bench 6.7b rc=$?"; tail -n 10 "$out/bench_6.7b_all.log"
     pack
     ;;
+  ah) # 1 GPU (2026-11-29, fifth session): af and ag ran on a noisy host (lomo-optim's Python loop 36% slower than
+      # in stage t; fused AdaLomo at 0.94B 87.6 ms, fastest step 77.1, against 71.3/70.2 in ae with the same code):
+      # every row of ours at 0.94B in two rounds, then 6.7B's noisiest rows in one, each row now recording the
+      # host's time to issue a step, a host-speed probe and every step's time
+    timeout 380 python3 benchmarks/bench_gpu.py --config 0.94b --rounds 2 --out "$out/bench_0.94b_all.json" --only \
+      floor,adalomo_fused,adalomo_classic,adafactor_fused,adafactor_classic,lomo_fused,lomo_classic,floor \
+      > "$out/bench_0.94b_all.log" 2>&1
+    echo "bench 0.94b rc=$?"; tail -n 9 "$out/bench_0.94b_all.log"; uptime
+    pack
+    timeout $((565 - SECONDS)) python3 benchmarks/bench_gpu.py --config 6.7b --steps 20 --out "$out/bench_6.7b.json" \
+      --only floor,adalomo_fused,adafactor_classic,lomo_fused,floor > "$out/bench_6.7b.log" 2>&1
+    echo "bench 6.7b rc=$?"; tail -n 6 "$out/bench_6.7b.log"
+    pack
+    ;;
   v)  # 1 GPU, NEXT SESSION (written 2026-11-29, not run yet): why the side stream is slower at 6.7B (1.315x against
       # 1.184x in stage r): a profile of each (do the update kernels overlap the backward's matmuls, and what do
       # they cost them), and both with --rounds
@@ -487,5 +502,5 @@ torch_adamw_fused,lomo_optim_adalomo,torch_adafactor > "$out/bench_0.94b.log" 2>
     exactness 150
     pack
     ;;
-  *) echo "unknown stage $stage (a-z, aa-ag)"; exit 2 ;;
+  *) echo "unknown stage $stage (a-z, aa-ah)"; exit 2 ;;
 esac
