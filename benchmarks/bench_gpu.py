@@ -146,7 +146,9 @@ def child(row: str, cfg: dict) -> dict:
         import adalomo
         from adalomo import kernels
         kind, *opts = row.split("_")
-        kw = dict(fused=fused, side_stream="side" in opts)
+        kw = dict(fused=fused, side_stream="side" in opts or "sidehi" in opts)
+        if "sidehi" in opts:  # the side stream at the device's highest priority
+            kernels.SIDE_STREAM_PRIORITY = -100
         for o in opts:
             if o[:1] == "b" and o[1:].isdigit():
                 kw["bucket_cap_mb"] = float(o[1:])

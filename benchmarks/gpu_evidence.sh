@@ -487,6 +487,17 @@ torch_adamw_fused,lomo_optim_adalomo,torch_adafactor > "$out/bench_0.94b.log" 2>
     echo "bench 6.7b rc=$?"; tail -n 6 "$out/bench_6.7b.log"
     pack
     ;;
+  ai) # 1 GPU (2026-11-29, fifth session, the last ~490 s): at 6.7B fused AdaLomo's host finished issuing a step
+      # 3.6 ms before the device finished it, the floor's 18 ms before (ah): is the fused step host-bound (device
+      # idle between kernels)? A profile of each; then the side stream at the device's highest priority (the
+      # update's blocks scheduled first whenever an SM frees up) against the plain one, one round
+    prof67 floor adalomo_fused
+    pack
+    timeout $((390 - SECONDS)) python3 benchmarks/bench_gpu.py --config 6.7b --steps 20 --out "$out/bench_6.7b_side.json" \
+      --only floor,adalomo_fused,adalomo_fused_sidehi,adalomo_fused_side,floor > "$out/bench_6.7b_side.log" 2>&1
+    echo "bench 6.7b rc=$?"; tail -n 6 "$out/bench_6.7b_side.log"
+    pack
+    ;;
   v)  # 1 GPU, NEXT SESSION (written 2026-11-29, not run yet): why the side stream is slower at 6.7B (1.315x against
       # 1.184x in stage r): a profile of each (do the update kernels overlap the backward's matmuls, and what do
       # they cost them), and both with --rounds
@@ -502,5 +513,5 @@ torch_adamw_fused,lomo_optim_adalomo,torch_adafactor > "$out/bench_0.94b.log" 2>
     exactness 150
     pack
     ;;
-  *) echo "unknown stage $stage (a-z, aa-ah)"; exit 2 ;;
+  *) echo "unknown stage $stage (a-z, aa-ai)"; exit 2 ;;
 esac

@@ -280,6 +280,9 @@ def _split_by_shard(ps, gs, states, shards, kind: str, per_tensor: dict, common:
 
 # ------------------------------------------------------------------------------------ side stream
 _STREAMS: dict[int, torch.cuda.Stream] = {}
+#: priority of the side stream when first created (lower = higher; torch clamps to the device's range): a high
+#: priority has the update's blocks scheduled before the backward's waiting ones whenever an SM frees up
+SIDE_STREAM_PRIORITY = 0
 
 
 @contextmanager
@@ -299,7 +302,7 @@ def update_stream(*grads: torch.Tensor):
     idx = grad.device.index if grad.device.index is not None else torch.cuda.current_device()
     side = _STREAMS.get(idx)
     if side is None:
-        side = _STREAMS[idx] = torch.cuda.Stream(device=idx)
+        side = _STREAMS[idx] = torch.cuda.Stream(device=idx, priority=SIDE_STREAM_PRIORITY)
     main = torch.cuda.current_stream(idx)
     side.wait_stream(main)
     for g in grads:
