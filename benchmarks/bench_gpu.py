@@ -118,30 +118,17 @@ def _host_probe_ms() -> float:
     return round(best * 1e3, 2)
 
 
-def child(row: str, cfg: dict) -> dict:
+def _optimizer(row: str, model, params: list, cuda: bool):
+    """A row's optimizer on ``params``: (optimizer or None, fused, note, undo) where ``undo()`` detaches it (the
+    floor's hooks, fused hooks) so that another row can run on the same model; None if the peer is missing."""
     import torch
-    host_probe_ms = _host_probe_ms()
-    if row == "adalomo_fused_torchpath":
-        os.environ["ADALOMO_DISABLE_TRITON"] = "1"
-    cuda = DEV == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        cap = float(os.environ.get("BENCH_CAP_GB", "0"))
-        if cap:  # emulate a smaller GPU (the 80 GB fit ladder on a 141 GB H200): the allocator refuses beyond it
-            total = torch.cuda.get_device_properties(0).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, cap * 1e9 / total))
-    model = _build(cfg)
-    params = list(model.parameters())
-    n_params = sum(p.numel() for p in params)
-    g = torch.Generator(device=DEV).manual_seed(1)
-    x = torch.randint(0, cfg.get("vocab", 32000), (cfg["batch"], cfg["seq"]), device=DEV, generator=g)
     fused = "_fused" in row and not row.startswith("torch_")  # torch_adamw_fused is a classic step()
     opt = None
     note = ""
+    undo = lambda: None  # noqa: E731
     if row == "floor":
-        for p in params:
-            p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+        handles = [p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None)) for p in params]
+        undo = lambda: [h.remove() for h in handles]  # noqa: E731
     elif row.startswith(("adalomo_", "adafactor_", "lomo_")) and not row.startswith("lomo_optim"):
         import adalomo
         from adalomo import kernels
@@ -164,6 +151,7 @@ def child(row: str, cfg: dict) -> dict:
             opt = adalomo.Lomo(params, lr=1e-4, **kw)
         note = f"triton={kernels.use_triton(params[0], params[0])}, bucket_cap_mb={opt.bucket_cap_mb}, " \
                f"side_stream={opt.side_stream}"
+        undo = opt.remove_hooks
     elif row == "torch_adamw_fused":
         opt = torch.optim.AdamW(params, lr=1e-4, fused=cuda)
     elif row == "torch_adafactor":
@@ -172,11 +160,14 @@ def child(row: str, cfg: dict) -> dict:
         try:
             from lomo_optim import AdaLomo, Lomo
         except ImportError:
-            return {"name": row, "skipped": "lomo_optim is not installed"}
+            return None
         opt = AdaLomo(model, lr=1e-3, loss_scale=None) if row.endswith("adalomo") else Lomo(model, lr=1e-4)
     else:
         raise ValueError(row)
+    return opt, fused, note, undo
 
+
+def _stepper(row: str, model, x, opt, fused: bool):
     def step():
         loss = _loss(model, x)
         if row.startswith("lomo_optim"):
@@ -187,6 +178,91 @@ def child(row: str, cfg: dict) -> dict:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
         return loss
+    return step
+
+
+def paired(row: str, cfg: dict) -> dict:
+    """``row`` and the floor in one process on one model, in alternating blocks of steps (floor, row, row, floor,
+    ...; each block after its own warm-up): the ratio then carries none of the differences between processes
+    (where the OS placed the process, the host's speed at the time), which move the one-process-per-row table by
+    several percent at 6.7B. Memory is not compared (both share the process's allocator)."""
+    import torch
+    cuda = DEV == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    model = _build(cfg)
+    params = list(model.parameters())
+    g = torch.Generator(device=DEV).manual_seed(1)
+    x = torch.randint(0, cfg.get("vocab", 32000), (cfg["batch"], cfg["seq"]), device=DEV, generator=g)
+    times: dict[str, list[float]] = {"floor": [], row: []}
+    blocks = cfg.get("blocks", 4)
+    order = [("floor", row), (row, "floor")]
+    note = ""
+    probe = min(params, key=lambda p: p.numel())  # a norm's weight
+    for k in range(blocks):
+        for name in order[k % 2]:
+            before = probe.detach().clone()
+            made = _optimizer(name, model, params, cuda)
+            if made is None:
+                return {"name": row, "skipped": "lomo_optim is not installed"}
+            opt, fused, n, undo = made
+            note = n or note
+            step = _stepper(name, model, x, opt, fused)
+            for i in range(cfg["warmup"] + cfg["steps"]):
+                sync()
+                t0 = time.perf_counter()
+                step()
+                sync()
+                if i >= cfg["warmup"]:
+                    times[name].append(time.perf_counter() - t0)
+            # the other mode's hooks are gone: the floor changed nothing, our optimizers counted every step
+            counted = (float(opt.state[probe]["step"]) if opt is not None and probe in opt.state
+                       and "step" in opt.state[probe] else None)
+            undo()
+            model.zero_grad(set_to_none=True)
+            del opt, step
+            if name == "floor" and not torch.equal(before, probe.detach()):
+                raise RuntimeError("paired: a floor block changed the weights (hooks of the row left behind)")
+            if counted is not None and counted != cfg["warmup"] + cfg["steps"]:
+                raise RuntimeError(f"paired: the {name} block updated {counted:g} times in "
+                                   f"{cfg['warmup'] + cfg['steps']} steps")
+    f, r = times["floor"], times[row]
+    out = {"name": row, "paired": True, "blocks": blocks, "steps_per_block": cfg["steps"],
+           "floor_ms": round(statistics.median(f) * 1e3, 1), "step_ms": round(statistics.median(r) * 1e3, 1),
+           "time_vs_floor": round(statistics.median(r) / statistics.median(f), 3),
+           "fastest_vs_floor": round(min(r) / min(f), 3),
+           # the ratio block by block: its spread says how far the host drifted within the process
+           "block_ratios": [round(statistics.median(r[b * cfg["steps"]:(b + 1) * cfg["steps"]])
+                                  / statistics.median(f[b * cfg["steps"]:(b + 1) * cfg["steps"]]), 3)
+                            for b in range(blocks)],
+           "floor_steps_ms": [round(t * 1e3, 1) for t in f], "steps_ms": [round(t * 1e3, 1) for t in r]}
+    if note:
+        out["note"] = note
+    return out
+
+
+def child(row: str, cfg: dict) -> dict:
+    import torch
+    host_probe_ms = _host_probe_ms()
+    if row == "adalomo_fused_torchpath":
+        os.environ["ADALOMO_DISABLE_TRITON"] = "1"
+    cuda = DEV == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        cap = float(os.environ.get("BENCH_CAP_GB", "0"))
+        if cap:  # emulate a smaller GPU (the 80 GB fit ladder on a 141 GB H200): the allocator refuses beyond it
+            total = torch.cuda.get_device_properties(0).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap * 1e9 / total))
+    model = _build(cfg)
+    params = list(model.parameters())
+    n_params = sum(p.numel() for p in params)
+    g = torch.Generator(device=DEV).manual_seed(1)
+    x = torch.randint(0, cfg.get("vocab", 32000), (cfg["batch"], cfg["seq"]), device=DEV, generator=g)
+    made = _optimizer(row, model, params, cuda)
+    if made is None:
+        return {"name": row, "skipped": "lomo_optim is not installed"}
+    opt, fused, note, _ = made
+    step = _stepper(row, model, x, opt, fused)
 
     times, issued, losses = [], [], []
     for i in range(cfg["warmup"] + cfg["steps"]):
@@ -327,10 +403,24 @@ def _print_table(rows: list[dict]) -> None:
             print(f"{r['name']:26s} {r.get('skipped') or r.get('error')}")
 
 
+def _print_paired(rows: list[dict]) -> None:
+    print(f"{'optimizer':26s} {'floor ms':>9s} {'step ms':>8s} {'x floor':>8s} {'fastest':>8s}  per block")
+    for r in rows:
+        if "step_ms" in r:
+            print(f"{r['name']:26s} {r['floor_ms']:9.1f} {r['step_ms']:8.1f} {r['time_vs_floor']:8.3f} "
+                  f"{r['fastest_vs_floor']:8.3f}  {' '.join(f'{b:.3f}' for b in r['block_ratios'])}")
+        else:
+            print(f"{r['name']:26s} {r.get('skipped') or r.get('error')}")
+
+
 def resummarise(path: str) -> list[dict]:
     """The table of a stored results file, its ratios recomputed from the raw rows (``--summarise``)."""
     with open(path) as f:
         res = json.load(f)
+    if res.get("config", {}).get("paired"):
+        print(f"{path}: rows against the floor in one process; {res.get('device', '')}")
+        _print_paired(res["rows"])
+        return res["rows"]
     rounds = res.get("rounds") or [res["rows"]]
     for rows in rounds:
         _ratios(rows)
@@ -354,6 +444,10 @@ def main() -> None:
                     help="run the rows this many times (the rows between the floors in another order each time) and "
                          "report each row's median ratio to the floors of its own round: drift of the machine "
                          "during a run (seen: 8%%) then biases no row")
+    ap.add_argument("--paired", type=int, default=0, metavar="BLOCKS",
+                    help="each row of --only against the floor in one process, in BLOCKS alternating blocks of "
+                         "--steps steps (floor, row, row, floor, ...): ratios free of the differences between "
+                         "processes; no memory figures")
     ap.add_argument("--fit", action="store_true", help="largest model that fits: adalomo_fused vs torch_adamw_fused")
     ap.add_argument("--fit-sizes", default=",".join(FIT_LADDER))
     ap.add_argument("--cap-gb", type=float, default=None,
@@ -368,7 +462,8 @@ def main() -> None:
 
     if args.child:
         try:
-            r = child(args.child, json.loads(args.cfg))
+            cfg = json.loads(args.cfg)
+            r = (paired if cfg.get("paired") else child)(args.child, cfg)
         except Exception as e:  # the parent reports it
             import traceback
             traceback.print_exc()
@@ -400,6 +495,23 @@ def main() -> None:
             best = max(ok, key=lambda r: r["params_M"]) if ok else None
             what = f"{best['size']} ({best['params_M']}M params, peak {best['peak_GB']} GB)" if best else "none"
             print(f"  {row:20s} {what}")
+    elif args.paired:
+        cfg = dict(CONFIGS[args.config], paired=True, blocks=args.paired)
+        if args.steps:
+            cfg["steps"] = args.steps
+        if args.warmup is not None:
+            cfg["warmup"] = args.warmup
+        res["config"] = {"name": args.config, **cfg}
+        rows = []
+        for row in [n for n in args.only.split(",") if n != "floor"]:
+            r = _run_child(row, cfg, args.timeout or (300 if args.config == "0.94b" else 600))
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+            _write(args.out, {**res, "rows": rows, "complete": False})
+        res["rows"], res["complete"] = rows, True
+        print(f"\n{args.config}: each row against the floor in one process, {args.paired} alternating blocks of "
+              f"{cfg['steps']} steps after {cfg['warmup']} each; {res['device']}")
+        _print_paired(rows)
     else:
         cfg = dict(CONFIGS[args.config])
         if args.steps:

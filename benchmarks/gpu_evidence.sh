@@ -498,6 +498,20 @@ torch_adamw_fused,lomo_optim_adalomo,torch_adafactor > "$out/bench_0.94b.log" 2>
     echo "bench 6.7b rc=$?"; tail -n 6 "$out/bench_6.7b_side.log"
     pack
     ;;
+  aj) # 1 GPU (2026-11-29, fifth session, the last ~280 s of device time): each row against the floor in ONE process,
+      # alternating blocks (bench_gpu --paired): what the one-process-per-row tables cannot separate from the host's
+      # process-to-process variation (ag/ah/ai: fused AdaLomo 1.12-1.15x median, 1.095-1.098x fastest step)
+    timeout 150 python3 benchmarks/bench_gpu.py --config 6.7b --paired 4 --steps 10 --warmup 2 \
+      --only adalomo_fused,lomo_fused,adalomo_classic,adafactor_fused --out "$out/paired_6.7b.json" \
+      > "$out/paired_6.7b.log" 2>&1
+    echo "paired 6.7b rc=$?"; tail -n 6 "$out/paired_6.7b.log"
+    pack
+    timeout $((200 - SECONDS)) python3 benchmarks/bench_gpu.py --config 0.94b --paired 4 --steps 10 \
+      --only adalomo_fused,adafactor_fused,adalomo_classic,lomo_fused --out "$out/paired_0.94b.json" \
+      > "$out/paired_0.94b.log" 2>&1
+    echo "paired 0.94b rc=$?"; tail -n 6 "$out/paired_0.94b.log"
+    pack
+    ;;
   v)  # 1 GPU, NEXT SESSION (written 2026-11-29, not run yet): why the side stream is slower at 6.7B (1.315x against
       # 1.184x in stage r): a profile of each (do the update kernels overlap the backward's matmuls, and what do
       # they cost them), and both with --rounds
@@ -513,5 +527,5 @@ torch_adamw_fused,lomo_optim_adalomo,torch_adafactor > "$out/bench_0.94b.log" 2>
     exactness 150
     pack
     ;;
-  *) echo "unknown stage $stage (a-z, aa-ai)"; exit 2 ;;
+  *) echo "unknown stage $stage (a-z, aa-aj)"; exit 2 ;;
 esac

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -116,3 +117,23 @@ def test_rows_finished_before_a_kill_are_kept(tmp_path, monkeypatch):
     rows = {r["name"]: r for r in B.resummarise(str(out))}
     assert rows["a"]["time_vs_floor"] == round(102 / 101, 3)
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_paired_dry_run_on_cpu(tmp_path):
+    """--paired: each row against the floor in one process, alternating blocks; the floor blocks must leave the
+    weights alone and the row's blocks change them (checked inside the child), so leftover hooks are caught."""
+    out = tmp_path / "p.json"
+    env = dict(os.environ, BENCH_DEVICE="cpu", PYTHONPATH=str(ROOT / "src"))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--config", "tiny", "--only",
+                           "floor,adalomo_fused,lomo_classic", "--paired", "3", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["complete"] and [r["name"] for r in res["rows"]] == ["adalomo_fused", "lomo_classic"]
+    for r in res["rows"]:
+        assert "error" not in r, r
+        assert len(r["block_ratios"]) == 3 and len(r["steps_ms"]) == len(r["floor_steps_ms"]) == 3 * 2
+        # the ratio of the medians of the steps listed (these rounded to 0.1 ms)
+        assert abs(r["time_vs_floor"] - statistics.median(r["steps_ms"]) / statistics.median(r["floor_steps_ms"])) \
+            < 0.03
+    assert "per block" in proc.stdout
