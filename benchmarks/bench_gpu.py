@@ -118,6 +118,59 @@ def _host_probe_ms() -> float:
     return round(best * 1e3, 2)
 
 
+def _counters() -> dict:
+    """What the process did besides running kernels, for telling a slow process from a fast one (a fused row at
+    0.94B ran at 69.6 ms in some processes and 77-106 ms in others, same code, same machine): Python garbage
+    collections, cudaMalloc calls and allocator retries, pinned host allocations, launch plans built, Python
+    threads (a busy one makes the backward's hooks wait for the GIL), and the CPU and NUMA node it runs on."""
+    import gc
+    import threading
+
+    import torch
+    out = {"gc": [st["collections"] for st in gc.get_stats()], "threads": threading.active_count()}
+    if torch.cuda.is_available() and DEV == "cuda":
+        ms = torch.cuda.memory_stats()
+        for k in ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams"):
+            if k in ms:
+                out[k] = ms[k]
+        host = getattr(torch.cuda, "host_memory_stats", None)
+        try:
+            hs = host() if host else {}
+            for k in ("num_host_alloc", "num_host_free"):
+                if k in hs:
+                    out[k] = hs[k]
+        except Exception:
+            pass
+    ker = sys.modules.get("adalomo.kernels._triton")
+    if ker is not None:
+        out["plans"] = len(ker._PLANS)
+        out["fast_launch"] = bool(ker._FAST)
+    try:
+        with open("/proc/self/stat") as f:
+            cpu = int(f.read().rsplit(")", 1)[1].split()[36])  # field 39: the CPU it last ran on
+        out["cpu"] = cpu
+        nodes = [d for d in os.listdir(f"/sys/devices/system/cpu/cpu{cpu}") if d.startswith("node")]
+        if nodes:
+            out["numa_node"] = int(nodes[0][4:])
+    except Exception:
+        pass
+    return out
+
+
+def _delta(before: dict, after: dict) -> dict:
+    """The counters' change over the timed steps (the state ones as they were at the end)."""
+    out = {}
+    for k, v in after.items():
+        b = before.get(k)
+        if k == "gc":
+            out[k] = [a - c for a, c in zip(v, b)]
+        elif k in ("threads", "fast_launch", "cpu", "numa_node") or not isinstance(v, int) or b is None:
+            out[k] = v
+        else:
+            out[k] = v - b
+    return out
+
+
 def _optimizer(row: str, model, params: list, cuda: bool):
     """A row's optimizer on ``params``: (optimizer or None, fused, note, undo) where ``undo()`` detaches it (the
     floor's hooks, fused hooks) so that another row can run on the same model; None if the peer is missing."""
@@ -198,9 +251,10 @@ def paired(row: str, cfg: dict) -> dict:
     order = [("floor", row), (row, "floor")]
     note = ""
     probe = min(params, key=lambda p: p.numel())  # a norm's weight
+    counters = []
     for k in range(blocks):
         for name in order[k % 2]:
-            before = probe.detach().clone()
+            weights = probe.detach().clone()
             made = _optimizer(name, model, params, cuda)
             if made is None:
                 return {"name": row, "skipped": "lomo_optim is not installed"}
@@ -209,18 +263,21 @@ def paired(row: str, cfg: dict) -> dict:
             step = _stepper(name, model, x, opt, fused)
             for i in range(cfg["warmup"] + cfg["steps"]):
                 sync()
+                if i == cfg["warmup"]:
+                    before = _counters()
                 t0 = time.perf_counter()
                 step()
                 sync()
                 if i >= cfg["warmup"]:
                     times[name].append(time.perf_counter() - t0)
+            counters.append({"block": name, **_delta(before, _counters())})
             # the other mode's hooks are gone: the floor changed nothing, our optimizers counted every step
             counted = (float(opt.state[probe]["step"]) if opt is not None and probe in opt.state
                        and "step" in opt.state[probe] else None)
             undo()
             model.zero_grad(set_to_none=True)
             del opt, step
-            if name == "floor" and not torch.equal(before, probe.detach()):
+            if name == "floor" and not torch.equal(weights, probe.detach()):
                 raise RuntimeError("paired: a floor block changed the weights (hooks of the row left behind)")
             if counted is not None and counted != cfg["warmup"] + cfg["steps"]:
                 raise RuntimeError(f"paired: the {name} block updated {counted:g} times in "
@@ -234,7 +291,8 @@ def paired(row: str, cfg: dict) -> dict:
            "block_ratios": [round(statistics.median(r[b * cfg["steps"]:(b + 1) * cfg["steps"]])
                                   / statistics.median(f[b * cfg["steps"]:(b + 1) * cfg["steps"]]), 3)
                             for b in range(blocks)],
-           "floor_steps_ms": [round(t * 1e3, 1) for t in f], "steps_ms": [round(t * 1e3, 1) for t in r]}
+           "floor_steps_ms": [round(t * 1e3, 1) for t in f], "steps_ms": [round(t * 1e3, 1) for t in r],
+           "counters": counters}
     if note:
         out["note"] = note
     return out
@@ -265,8 +323,11 @@ def child(row: str, cfg: dict) -> dict:
     step = _stepper(row, model, x, opt, fused)
 
     times, issued, losses = [], [], []
+    counters = None
     for i in range(cfg["warmup"] + cfg["steps"]):
         sync()
+        if i == cfg["warmup"]:
+            counters = _counters()
         t0 = time.perf_counter()
         loss = step()
         t_issued = time.perf_counter()
@@ -282,7 +343,7 @@ def child(row: str, cfg: dict) -> dict:
            # the host's time to issue a step (step() returned, the device not waited for): near step_ms = the
            # step is host-bound; and the host's speed on a fixed Python loop, to tell a slow or busy host
            "host_issue_ms": round(statistics.median(issued) * 1e3, 1), "host_probe_ms": host_probe_ms,
-           "steps_ms": [round(t * 1e3, 1) for t in times],
+           "steps_ms": [round(t * 1e3, 1) for t in times], "counters": _delta(counters, _counters()),
            "peak_GB": round(torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, 2),
            "tokens_per_s": round(cfg["batch"] * cfg["seq"] / (ms / 1e3)), "loss_first": round(losses[0], 4),
            "loss_last": round(losses[-1], 4)}

@@ -512,6 +512,21 @@ torch_adamw_fused,lomo_optim_adalomo,torch_adafactor > "$out/bench_0.94b.log" 2>
     echo "paired 0.94b rc=$?"; tail -n 6 "$out/paired_0.94b.log"
     pack
     ;;
+  ak) # 1 GPU, NEXT SESSION (written 2026-11-29, not run): why fused AdaLomo at 0.94B runs at ~69.6 ms in some
+      # processes and 77-106 ms in others (af: 87.6; ah: 69.4/69.7; aj --paired: 82.1 against the floor's 66.2 in
+      # the same process, all four blocks). Six rounds of one fused process each, every row now recording its
+      # counters (gc, cudaMalloc, pinned allocations, plans built, threads, CPU/NUMA node): compare a slow process
+      # with a fast one; then the paired rows aj could not finish
+    timeout 300 python3 benchmarks/bench_gpu.py --config 0.94b --rounds 6 --only floor,adalomo_fused,floor \
+      --out "$out/bench_0.94b_diag.json" > "$out/bench_0.94b_diag.log" 2>&1
+    echo "bench 0.94b rc=$?"; tail -n 5 "$out/bench_0.94b_diag.log"
+    pack
+    timeout $((570 - SECONDS)) python3 benchmarks/bench_gpu.py --config 6.7b --paired 4 --steps 10 --warmup 2 \
+      --only adalomo_classic,adafactor_fused,adafactor_classic,lomo_classic --out "$out/paired_6.7b.json" \
+      > "$out/paired_6.7b.log" 2>&1
+    echo "paired 6.7b rc=$?"; tail -n 6 "$out/paired_6.7b.log"
+    pack
+    ;;
   v)  # 1 GPU, NEXT SESSION (written 2026-11-29, not run yet): why the side stream is slower at 6.7B (1.315x against
       # 1.184x in stage r): a profile of each (do the update kernels overlap the backward's matmuls, and what do
       # they cost them), and both with --rounds
@@ -527,5 +542,5 @@ torch_adamw_fused,lomo_optim_adalomo,torch_adafactor > "$out/bench_0.94b.log" 2>
     exactness 150
     pack
     ;;
-  *) echo "unknown stage $stage (a-z, aa-aj)"; exit 2 ;;
+  *) echo "unknown stage $stage (a-z, aa-ak)"; exit 2 ;;
 esac

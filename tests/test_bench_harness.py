@@ -83,6 +83,8 @@ def test_dry_run_on_cpu_with_rounds(tmp_path):
     lomo = res["rows"][1]
     assert lomo["rounds"] == 2 and lomo["time_vs_floor_min"] <= lomo["time_vs_floor"] <= lomo["time_vs_floor_max"]
     assert "median over 2 rounds" in proc.stdout
+    raw = res["rounds"][0][1]
+    assert len(raw["counters"]["gc"]) == 3 and raw["counters"]["threads"] >= 1
 
 
 def test_row_suffixes_pick_kernel_settings():
@@ -137,3 +139,5 @@ def test_paired_dry_run_on_cpu(tmp_path):
         assert abs(r["time_vs_floor"] - statistics.median(r["steps_ms"]) / statistics.median(r["floor_steps_ms"])) \
             < 0.03
     assert "per block" in proc.stdout
+    assert [c["block"] for c in res["rows"][0]["counters"]] == ["floor", "adalomo_fused", "adalomo_fused", "floor",
+                                                                 "floor", "adalomo_fused"]  # ABBA order
