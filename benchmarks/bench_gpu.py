@@ -24,6 +24,9 @@ in the reverse order of the statistics pass (``reverse_usq``), ``_r{N}``/``_w{N}
 peers ``torch_adamw_fused`` (classic, ``fused=True``), ``torch_adafactor`` (foreach), ``lomo_optim_adalomo``,
 ``lomo_optim_lomo`` (skipped with a note when ``lomo_optim`` is not installed).
 
+``--paired BLOCKS``: each row against the floor in one process, in alternating blocks of steps (no memory figures):
+ratios free of what differs between processes (placement, the host's speed), which moves the table above.
+
 ``--fit``: the largest model whose training step (batch 1x1024, gradient checkpointing, bf16) fits, with
 our fused AdaLomo and with torch AdamW (fused), on a ladder of LLaMA shapes; ``--cap-gb 80`` caps the allocator
 (``torch.cuda.set_per_process_memory_fraction``) to answer "on an 80 GB GPU" from a larger one.

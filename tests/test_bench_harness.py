@@ -71,14 +71,18 @@ def test_summarise_reprints_a_stored_file(tmp_path, capsys):
     assert "x " in capsys.readouterr().out
 
 
-def test_dry_run_on_cpu_with_rounds(tmp_path):
+def _dry_run(tmp_path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """bench_gpu.py on the tiny config on the CPU: (the finished process, its results file)."""
     out = tmp_path / "b.json"
     env = dict(os.environ, BENCH_DEVICE="cpu", PYTHONPATH=str(ROOT / "src"))
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--config", "tiny", "--only",
-                           "floor,lomo_fused,floor", "--rounds", "2", "--out", str(out)],
-                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--config", "tiny", *args,
+                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    res = json.loads(out.read_text())
+    return proc, json.loads(out.read_text())
+
+
+def test_dry_run_on_cpu_with_rounds(tmp_path):
+    proc, res = _dry_run(tmp_path, "--only", "floor,lomo_fused,floor", "--rounds", "2")
     assert len(res["rounds"]) == 2 and [r["name"] for r in res["rows"]] == ["floor", "lomo_fused"]
     lomo = res["rows"][1]
     assert lomo["rounds"] == 2 and lomo["time_vs_floor_min"] <= lomo["time_vs_floor"] <= lomo["time_vs_floor_max"]
@@ -122,15 +126,9 @@ def test_rows_finished_before_a_kill_are_kept(tmp_path, monkeypatch):
 
 
 def test_paired_dry_run_on_cpu(tmp_path):
-    """--paired: each row against the floor in one process, alternating blocks; the floor blocks must leave the
-    weights alone and the row's blocks change them (checked inside the child), so leftover hooks are caught."""
-    out = tmp_path / "p.json"
-    env = dict(os.environ, BENCH_DEVICE="cpu", PYTHONPATH=str(ROOT / "src"))
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--config", "tiny", "--only",
-                           "floor,adalomo_fused,lomo_classic", "--paired", "3", "--out", str(out)],
-                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    res = json.loads(out.read_text())
+    """--paired: each row against the floor in one process, alternating blocks; the child checks that the floor
+    blocks leave the weights alone and that ours count every step (no hooks of the other mode left behind)."""
+    proc, res = _dry_run(tmp_path, "--only", "floor,adalomo_fused,lomo_classic", "--paired", "3")
     assert res["complete"] and [r["name"] for r in res["rows"]] == ["adalomo_fused", "lomo_classic"]
     for r in res["rows"]:
         assert "error" not in r, r
