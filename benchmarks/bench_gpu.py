@@ -19,7 +19,8 @@ Rows (``--only`` picks some): ``floor``; ours, for each of ``adalomo``/``adafact
 ``_carry``/``_nocarry`` take sum(p^2) from the previous write or not (kernel setting ``carry_psq``, on by
 default), ``_rev`` runs the RMS(u) pass
 in the reverse order of the statistics pass (``reverse_usq``), ``_r{N}``/``_w{N}`` set the kernel settings
-``stages_read``/``stages_write`` (software-pipelined row loops), e.g.
+``stages_read``/``stages_write`` (software-pipelined row loops), ``_timed`` adds up the host time inside the
+fused hooks and flushes (``counters``), e.g.
 ``adalomo_fused_b0_side``; ``adalomo_fused_torchpath`` (ADALOMO_DISABLE_TRITON=1);
 peers ``torch_adamw_fused`` (classic, ``fused=True``), ``torch_adafactor`` (foreach), ``lomo_optim_adalomo``,
 ``lomo_optim_lomo`` (skipped with a note when ``lomo_optim`` is not installed).
@@ -131,6 +132,9 @@ def _counters() -> dict:
 
     import torch
     out = {"gc": [st["collections"] for st in gc.get_stats()], "threads": threading.active_count()}
+    if HOST_PATH_S["hook"]:  # rows with the suffix _timed (ms, summed over the steps; per step in the result)
+        out["host_hook_ms"] = HOST_PATH_S["hook"] * 1e3
+        out["host_flush_ms"] = HOST_PATH_S["flush"] * 1e3
     if torch.cuda.is_available() and DEV == "cuda":
         ms = torch.cuda.memory_stats()
         for k in ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams"):
@@ -160,18 +164,49 @@ def _counters() -> dict:
     return out
 
 
-def _delta(before: dict, after: dict) -> dict:
-    """The counters' change over the timed steps (the state ones as they were at the end)."""
+def _delta(before: dict, after: dict, steps: int) -> dict:
+    """The counters' change over the ``steps`` timed steps (the state ones as they were at the end)."""
     out = {}
     for k, v in after.items():
         b = before.get(k)
         if k == "gc":
             out[k] = [a - c for a, c in zip(v, b)]
+        elif k in ("host_hook_ms", "host_flush_ms"):
+            out[k + "_per_step"] = round((v - (b or 0.0)) / steps, 3)
         elif k in ("threads", "fast_launch", "cpu", "numa_node") or not isinstance(v, int) or b is None:
             out[k] = v
         else:
             out[k] = v - b
     return out
+
+
+HOST_PATH_S = {"hook": 0.0, "flush": 0.0}
+
+
+def _time_host_path() -> None:
+    """Row suffix ``_timed``: total host time inside the fused hooks and, of that, inside the bucket flushes (added
+    up in ``HOST_PATH_S``; the wrappers themselves cost ~1 us per call). A slow process whose hooks take the same
+    time as a fast one's is slow elsewhere (the device, the allocator)."""
+    from adalomo.optim.base import LowMemoryOptimizer as L
+    if getattr(L, "_bench_timed", False):
+        return
+    hook, flush = L._hook, L._flush
+
+    def timed_hook(self, p):
+        t = time.perf_counter()
+        try:
+            return hook(self, p)
+        finally:
+            HOST_PATH_S["hook"] += time.perf_counter() - t
+
+    def timed_flush(self, gi):
+        t = time.perf_counter()
+        try:
+            return flush(self, gi)
+        finally:
+            HOST_PATH_S["flush"] += time.perf_counter() - t
+
+    L._hook, L._flush, L._bench_timed = timed_hook, timed_flush, True
 
 
 def _optimizer(row: str, model, params: list, cuda: bool):
@@ -195,6 +230,8 @@ def _optimizer(row: str, model, params: list, cuda: bool):
         for o in opts:
             if o[:1] == "b" and o[1:].isdigit():
                 kw["bucket_cap_mb"] = float(o[1:])
+        if "timed" in opts:
+            _time_host_path()
         settings = kernel_settings(opts)
         if cuda and settings:
             from adalomo.kernels import _triton
@@ -273,7 +310,7 @@ def paired(row: str, cfg: dict) -> dict:
                 sync()
                 if i >= cfg["warmup"]:
                     times[name].append(time.perf_counter() - t0)
-            counters.append({"block": name, **_delta(before, _counters())})
+            counters.append({"block": name, **_delta(before, _counters(), cfg["steps"])})
             # the other mode's hooks are gone: the floor changed nothing, our optimizers counted every step
             counted = (float(opt.state[probe]["step"]) if opt is not None and probe in opt.state
                        and "step" in opt.state[probe] else None)
@@ -346,7 +383,7 @@ def child(row: str, cfg: dict) -> dict:
            # the host's time to issue a step (step() returned, the device not waited for): near step_ms = the
            # step is host-bound; and the host's speed on a fixed Python loop, to tell a slow or busy host
            "host_issue_ms": round(statistics.median(issued) * 1e3, 1), "host_probe_ms": host_probe_ms,
-           "steps_ms": [round(t * 1e3, 1) for t in times], "counters": _delta(counters, _counters()),
+           "steps_ms": [round(t * 1e3, 1) for t in times], "counters": _delta(counters, _counters(), cfg["steps"]),
            "peak_GB": round(torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, 2),
            "tokens_per_s": round(cfg["batch"] * cfg["seq"] / (ms / 1e3)), "loss_first": round(losses[0], 4),
            "loss_last": round(losses[-1], 4)}

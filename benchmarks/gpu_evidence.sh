@@ -515,9 +515,10 @@ torch_adamw_fused,lomo_optim_adalomo,torch_adafactor > "$out/bench_0.94b.log" 2>
   ak) # 1 GPU, NEXT SESSION (written 2026-11-29, not run): why fused AdaLomo at 0.94B runs at ~69.6 ms in some
       # processes and 77-106 ms in others (af: 87.6; ah: 69.4/69.7; aj --paired: 82.1 against the floor's 66.2 in
       # the same process, all four blocks). Six rounds of one fused process each, every row now recording its
-      # counters (gc, cudaMalloc, pinned allocations, plans built, threads, CPU/NUMA node): compare a slow process
-      # with a fast one; then the paired rows aj could not finish
-    timeout 300 python3 benchmarks/bench_gpu.py --config 0.94b --rounds 6 --only floor,adalomo_fused,floor \
+      # counters (gc, cudaMalloc, pinned allocations, plans built, threads, CPU/NUMA node) and, with _timed, the
+      # host time inside the hooks and flushes: compare a slow process with a fast one (the same hook time in
+      # both = the cause is elsewhere); then the paired rows aj could not finish
+    timeout 330 python3 benchmarks/bench_gpu.py --config 0.94b --rounds 6 --only floor,adalomo_fused_timed,floor \
       --out "$out/bench_0.94b_diag.json" > "$out/bench_0.94b_diag.log" 2>&1
     echo "bench 0.94b rc=$?"; tail -n 5 "$out/bench_0.94b_diag.log"
     pack

@@ -82,13 +82,15 @@ def _dry_run(tmp_path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
 
 
 def test_dry_run_on_cpu_with_rounds(tmp_path):
-    proc, res = _dry_run(tmp_path, "--only", "floor,lomo_fused,floor", "--rounds", "2")
-    assert len(res["rounds"]) == 2 and [r["name"] for r in res["rows"]] == ["floor", "lomo_fused"]
+    proc, res = _dry_run(tmp_path, "--only", "floor,lomo_fused_timed,floor", "--rounds", "2")
+    assert len(res["rounds"]) == 2 and [r["name"] for r in res["rows"]] == ["floor", "lomo_fused_timed"]
     lomo = res["rows"][1]
     assert lomo["rounds"] == 2 and lomo["time_vs_floor_min"] <= lomo["time_vs_floor"] <= lomo["time_vs_floor_max"]
     assert "median over 2 rounds" in proc.stdout
     raw = res["rounds"][0][1]
     assert len(raw["counters"]["gc"]) == 3 and raw["counters"]["threads"] >= 1
+    assert raw["counters"]["host_hook_ms_per_step"] > 0  # _timed: the host time inside the hooks, per step
+    assert "host_hook_ms_per_step" not in res["rounds"][0][0]["counters"]  # the floor has no hooks of ours
 
 
 def test_row_suffixes_pick_kernel_settings():
