@@ -125,7 +125,8 @@ def _host_probe_ms() -> float:
 def _counters() -> dict:
     """What the process did besides running kernels, for telling a slow process from a fast one (a fused row at
     0.94B ran at 69.6 ms in some processes and 77-106 ms in others, same code, same machine): Python garbage
-    collections, cudaMalloc calls and allocator retries, pinned host allocations, launch plans built, Python
+    collections, cudaMalloc calls and allocator retries, pinned host allocations, launch plans built, launches
+    through Triton's Python path (a process whose direct launches were turned off takes it for every launch), Python
     threads (a busy one makes the backward's hooks wait for the GIL), and the CPU and NUMA node it runs on."""
     import gc
     import threading
@@ -152,6 +153,7 @@ def _counters() -> dict:
     if ker is not None:
         out["plans"] = len(ker._PLANS)
         out["fast_launch"] = bool(ker._FAST)
+        out["jit_launches"] = ker.JIT_LAUNCHES[0]  # through Triton's Python launch path (0 after warm-up)
     try:
         with open("/proc/self/stat") as f:
             cpu = int(f.read().rsplit(")", 1)[1].split()[36])  # field 39: the CPU it last ran on

@@ -656,6 +656,9 @@ def check_fast_launch_used(device: str) -> None:
     for _ in range(2):
         check_scaled(device, (64, 96), torch.bfloat16, steps=1)
     assert K._FAST and K._WRITE.cache and K._STATS.cache, "the direct launch path is not in use"
+    before = K.JIT_LAUNCHES[0]
+    check_scaled(device, (64, 96), torch.bfloat16, steps=1)  # the same variants again: no launch through Triton's
+    assert K.JIT_LAUNCHES[0] == before, f"{K.JIT_LAUNCHES[0] - before} launches went through Triton's Python path"
 
 
 # larger odd shapes: on the GPU only (the interpreter is too slow for them)
@@ -805,6 +808,7 @@ def test_direct_launch_cache(monkeypatch):
     fn = FakeFn()
     launcher = K._Launcher(fn, ("C",))
     monkeypatch.setattr(K, "_FAST", True)
+    monkeypatch.setattr(K, "JIT_LAUNCHES", [0])
     a, b = torch.zeros(8), torch.zeros(8, dtype=torch.bfloat16)
     launcher(4, (a, b, 8), (True,), 4, 123, 0, False)
     assert fn.slow == 1 and len(launcher.cache) == 1
@@ -819,7 +823,7 @@ def test_direct_launch_cache(monkeypatch):
     launcher(4, (a, b, 8), (True,), 4, 123, 0, False, rk)
     assert fn.slow == 4 and len(launcher.cache) == 4
     launcher(4, (a, b, 8), (True,), 4, None, -1, True)  # interpreter / no stream: always Triton's path
-    assert fn.slow == 5
+    assert fn.slow == 5 and K.JIT_LAUNCHES == [5], "JIT_LAUNCHES counts exactly the launches through Triton"
     from triton import knobs
     hook = lambda *a: None  # noqa: E731
     monkeypatch.setattr(knobs.runtime, "launch_enter_hook", hook)

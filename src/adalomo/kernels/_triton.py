@@ -1087,6 +1087,9 @@ def _fast_launch_supported() -> bool:
 
 
 _FAST = _fast_launch_supported() and os.environ.get("ADALOMO_FAST_LAUNCH", "1") not in ("0", "false", "False")
+#: launches that went through Triton's own (slower, Python) launch path: the first of each variant, and all of them
+#: once the direct call is off. Should stop growing after warm-up (benchmarks/bench_gpu.py records it per row)
+JIT_LAUNCHES = [0]
 
 
 class _Launcher:
@@ -1124,6 +1127,7 @@ class _Launcher:
                     _FAST = False
                     key = None
         opts = {} if maxnreg is None else {"maxnreg": maxnreg}
+        JIT_LAUNCHES[0] += 1
         k = self.fn[(grid,)](*args, **dict(zip(self.const_names, consts)), num_warps=num_warps, **opts)
         if key is not None and k is not None and _direct_call_ok(k, len(args) + len(consts), self.n_ptr):
             self.cache[key] = k
