@@ -824,6 +824,13 @@ def test_direct_launch_cache(monkeypatch):
     assert fn.slow == 4 and len(launcher.cache) == 4
     launcher(4, (a, b, 8), (True,), 4, None, -1, True)  # interpreter / no stream: always Triton's path
     assert fn.slow == 5 and K.JIT_LAUNCHES == [5], "JIT_LAUNCHES counts exactly the launches through Triton"
+    def broken(*a):
+        raise TypeError("another Triton's launcher signature")
+    k.run = broken  # a direct call that fails: back to Triton's path for good, and said so
+    with pytest.warns(RuntimeWarning, match="Triton's own launch path"):
+        launcher(4, (a, b, 8), (True,), 4, 123, 0, False)
+    assert K._FAST is False and fn.slow == 6 and K.JIT_LAUNCHES == [6]
+    monkeypatch.setattr(K, "_FAST", True)
     from triton import knobs
     hook = lambda *a: None  # noqa: E731
     monkeypatch.setattr(knobs.runtime, "launch_enter_hook", hook)

@@ -34,6 +34,7 @@ import math
 import os
 import struct
 import sys
+import warnings
 import weakref
 
 import torch
@@ -1123,9 +1124,12 @@ class _Launcher:
                 try:
                     k.run(grid, 1, 1, stream, k.function, k.packed_metadata, None, None, None, *args, *consts)
                     return
-                except (TypeError, AttributeError, ValueError, SystemError):  # another Triton: its own launch path
+                except (TypeError, AttributeError, ValueError, SystemError) as e:  # another Triton: its path
                     _FAST = False
                     key = None
+                    warnings.warn(f"adalomo.kernels: calling a compiled kernel directly failed ({e!r}); every "
+                                  "launch now goes through Triton's own launch path, which costs more host time "
+                                  "per launch (fused mode runs them inside backward)", RuntimeWarning, stacklevel=2)
         opts = {} if maxnreg is None else {"maxnreg": maxnreg}
         JIT_LAUNCHES[0] += 1
         k = self.fn[(grid,)](*args, **dict(zip(self.const_names, consts)), num_warps=num_warps, **opts)
