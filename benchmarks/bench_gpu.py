@@ -187,28 +187,21 @@ HOST_PATH_S = {"hook": 0.0, "flush": 0.0}
 
 def _time_host_path() -> None:
     """Row suffix ``_timed``: total host time inside the fused hooks and, of that, inside the bucket flushes (added
-    up in ``HOST_PATH_S``; the wrappers themselves cost ~1 us per call). A slow process whose hooks take the same
-    time as a fast one's is slow elsewhere (the device, the allocator)."""
+    up in ``HOST_PATH_S``; the wrappers add a little host time of their own to every call). A slow process whose
+    hooks take the same time as a fast one's is slow elsewhere (the device, the allocator)."""
     from adalomo.optim.base import LowMemoryOptimizer as L
     if getattr(L, "_bench_timed", False):
         return
-    hook, flush = L._hook, L._flush
+    def timed(fn, slot):
+        def wrapper(self, arg):
+            t = time.perf_counter()
+            try:
+                return fn(self, arg)
+            finally:
+                HOST_PATH_S[slot] += time.perf_counter() - t
+        return wrapper
 
-    def timed_hook(self, p):
-        t = time.perf_counter()
-        try:
-            return hook(self, p)
-        finally:
-            HOST_PATH_S["hook"] += time.perf_counter() - t
-
-    def timed_flush(self, gi):
-        t = time.perf_counter()
-        try:
-            return flush(self, gi)
-        finally:
-            HOST_PATH_S["flush"] += time.perf_counter() - t
-
-    L._hook, L._flush, L._bench_timed = timed_hook, timed_flush, True
+    L._hook, L._flush, L._bench_timed = timed(L._hook, "hook"), timed(L._flush, "flush"), True
 
 
 def _optimizer(row: str, model, params: list, cuda: bool):
