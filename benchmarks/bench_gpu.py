@@ -219,7 +219,7 @@ def _optimizer(row: str, model, params: list, cuda: bool):
         import adalomo
         from adalomo import kernels
         kind, *opts = row.split("_")
-        kw = dict(fused=fused, side_stream="side" in opts or "sidehi" in opts)
+        kw = dict(fused=fused, side_stream="side" in opts or "sidehi" in opts, flush_thread="thread" in opts)
         if "sidehi" in opts:  # the side stream at the device's highest priority
             kernels.SIDE_STREAM_PRIORITY = -100
         for o in opts:

@@ -543,5 +543,25 @@ torch_adamw_fused,lomo_optim_adalomo,torch_adafactor > "$out/bench_0.94b.log" 2>
     exactness 150
     pack
     ;;
-  *) echo "unknown stage $stage (a-z, aa-ak)"; exit 2 ;;
+  al) # 1 GPU (2026-11-30): ak showed the fused step host-bound with the host's speed drifting within a process (the
+      # slow fused processes spent 13-18 ms per step in the hooks against 11 in the fast one): flush_thread (the
+      # buckets' host work on a worker thread, overlapping the backward's issuing) and larger buckets (fewer
+      # flushes), each paired with the floor in its process; then the peaks, one process per row
+    timeout 220 python3 benchmarks/bench_gpu.py --config 0.94b --paired 4 \
+      --only adalomo_fused,adalomo_fused_thread,adalomo_fused_b256,adalomo_fused_thread_b256 \
+      --out "$out/paired_0.94b.json" > "$out/paired_0.94b.log" 2>&1
+    echo "paired 0.94b rc=$?"; tail -n 6 "$out/paired_0.94b.log"
+    pack
+    timeout $((440 - SECONDS)) python3 benchmarks/bench_gpu.py --config 6.7b --paired 4 --steps 10 --warmup 2 \
+      --only adalomo_fused,adalomo_fused_thread,lomo_fused_thread,adalomo_fused_thread_b512 \
+      --out "$out/paired_6.7b.json" > "$out/paired_6.7b.log" 2>&1
+    echo "paired 6.7b rc=$?"; tail -n 6 "$out/paired_6.7b.log"
+    pack
+    timeout $((575 - SECONDS)) python3 benchmarks/bench_gpu.py --config 0.94b \
+      --only floor,adalomo_fused_thread,adalomo_fused_thread_b256 --out "$out/bench_0.94b_peak.json" \
+      > "$out/bench_0.94b_peak.log" 2>&1
+    echo "bench 0.94b rc=$?"; tail -n 5 "$out/bench_0.94b_peak.log"
+    pack
+    ;;
+  *) echo "unknown stage $stage (a-z, aa-al)"; exit 2 ;;
 esac

@@ -301,7 +301,11 @@ def check_fused_buckets(device: str) -> None:
         modes = {"classic": dict(fused=False), "bucketed": dict(fused=True, bucket_cap_mb=cap),
                  "side": dict(fused=True, bucket_cap_mb=cap, side_stream=True),
                  "per_tensor": dict(fused=True, bucket_cap_mb=0),
-                 "carry": dict(fused=True, bucket_cap_mb=cap)}  # with the kernel setting carry_psq
+                 "carry": dict(fused=True, bucket_cap_mb=cap),  # with the kernel setting carry_psq
+                 # updates issued by the worker thread, from the hooks' stream (and then a side stream)
+                 "thread": dict(fused=True, bucket_cap_mb=cap, flush_thread=True),
+                 "thread_side": dict(fused=True, bucket_cap_mb=cap, flush_thread=True, side_stream=True),
+                 "thread_per_tensor": dict(fused=True, bucket_cap_mb=0, flush_thread=True)}
         from adalomo.kernels import _triton as K
         for name, make in makers.items():
             out, flushes = {}, {}
@@ -330,6 +334,10 @@ def check_fused_buckets(device: str) -> None:
             assert max(flushes["bucketed"]) < cap * 2**20 + biggest, f"{what}: a bucket held too much"
             assert torch.equal(out["bucketed"], out["classic"]), f"{what}: bucketed fused != classic grouped step"
             assert torch.equal(out["side"], out["bucketed"]), f"{what}: side stream changed the result"
+            for mode in ("thread", "thread_side"):
+                assert len(flushes[mode]) == len(flushes["bucketed"]), f"{what} {mode}: {flushes}"
+                assert torch.equal(out[mode], out["bucketed"]), f"{what}: {mode} changed the result"
+            assert torch.equal(out["thread_per_tensor"], out["per_tensor"]), f"{what}: per-tensor on the thread"
             if device == "cpu":  # interpreted: the carried sums are bit-identical to the re-read ones
                 assert torch.equal(out["carry"], out["bucketed"]), f"{what}: carry_psq changed the result"
             else:

@@ -41,7 +41,8 @@ class Adafactor(LowMemoryOptimizer):
                  warmup_init: bool = False, fused: bool = False, *, clip_grad_norm: float | None = None,
                  stochastic_rounding: bool | None = None, nonfinite: str = "warn",
                  loss_scaler: DynamicLossScaler | None = None, sr_seed: int = 0,
-                 bucket_cap_mb: float | str = DEFAULT_BUCKET_CAP_MB, side_stream: bool = False):
+                 bucket_cap_mb: float | str = DEFAULT_BUCKET_CAP_MB, side_stream: bool = False,
+                 flush_thread: bool = False):
         if lr is not None and relative_step:
             raise ValueError("Adafactor: cannot combine a manual lr with relative_step=True; pass "
                              "relative_step=False to use lr (and usually scale_parameter=False, warmup_init=False)")
@@ -55,7 +56,7 @@ class Adafactor(LowMemoryOptimizer):
                         warmup_init=warmup_init, stochastic_rounding=stochastic_rounding)
         super().__init__(params, defaults, fused=fused, nonfinite=nonfinite, loss_scaler=loss_scaler,
                          clip_grad_norm=clip_grad_norm, sr_seed=sr_seed,
-                         bucket_cap_mb=bucket_cap_mb, side_stream=side_stream)
+                         bucket_cap_mb=bucket_cap_mb, side_stream=side_stream, flush_thread=flush_thread)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         _check_number("lr", group["lr"], low=0.0)

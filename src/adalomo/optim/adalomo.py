@@ -37,13 +37,14 @@ class AdaLomo(LowMemoryOptimizer):
                  fused: bool = False, *, clip_grad_norm: float | None = None,
                  clip_grad_value: float | None = None, stochastic_rounding: bool | None = None,
                  nonfinite: str = "warn", loss_scaler: DynamicLossScaler | None = None, sr_seed: int = 0,
-                 bucket_cap_mb: float | str = DEFAULT_BUCKET_CAP_MB, side_stream: bool = False):
+                 bucket_cap_mb: float | str = DEFAULT_BUCKET_CAP_MB, side_stream: bool = False,
+                 flush_thread: bool = False):
         defaults = dict(lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate,
                         weight_decay=weight_decay, clip_grad_value=clip_grad_value,
                         stochastic_rounding=stochastic_rounding)
         super().__init__(params, defaults, fused=fused, nonfinite=nonfinite, loss_scaler=loss_scaler,
                          clip_grad_norm=clip_grad_norm, sr_seed=sr_seed,
-                         bucket_cap_mb=bucket_cap_mb, side_stream=side_stream)
+                         bucket_cap_mb=bucket_cap_mb, side_stream=side_stream, flush_thread=flush_thread)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         _check_number("lr", group["lr"], low=0.0, hint=" (AdaLomo's lr is relative to the weight RMS: "

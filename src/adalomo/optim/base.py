@@ -9,9 +9,13 @@ hook (fused), with the same code path so that both modes give bit-identical resu
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 import weakref
+from collections import deque
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from itertools import chain
 from typing import Any
 
@@ -103,6 +107,11 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         (device, dtype, ``ADALOMO_DISABLE_TRITON``) is decided at its first gradient.
         ``side_stream``: run those updates on a second CUDA stream so that the memory-bound update
         overlaps the compute-bound backward (joined before ``backward()`` returns).
+        ``flush_thread``: hand each bucket (and each CUDA tensor updated on its own) to one worker thread,
+        which issues its update on the stream the hook ran on, so that the host time of the update (Python,
+        kernel launches) overlaps the backward's own issuing instead of adding to it when the step is
+        host-bound. At most two buckets wait for the worker (the hook waits beyond that: bounded gradient
+        memory); ``backward()`` returns after the worker has issued every update. Same results bit for bit.
 
     Multi-GPU (see :mod:`adalomo.distributed`)
         FSDP2 ``DTensor`` parameters (``Shard(0)``, HSDP) are updated exactly as the full tensor would be
@@ -126,7 +135,7 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
                  nonfinite: str = "warn", loss_scaler: DynamicLossScaler | None = None,
                  clip_grad_norm: float | None = None, sr_seed: int = 0,
                  allow_unsharded_distributed: bool = False, bucket_cap_mb: float | str = DEFAULT_BUCKET_CAP_MB,
-                 side_stream: bool = False):
+                 side_stream: bool = False, flush_thread: bool = False):
         if nonfinite not in _NONFINITE:
             raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
         if clip_grad_norm is not None:
@@ -143,6 +152,8 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         self._fused = bool(fused)
         self.bucket_cap_mb = 0.0 if auto_cap else float(bucket_cap_mb)  # "auto": set once the groups are known
         self.side_stream = bool(side_stream)
+        self.flush_thread = bool(flush_thread)
+        self._handed: deque = deque()  # flush_thread: the futures of the work handed to the worker, oldest first
         self._pending: dict[int, list[tuple[Tensor, Tensor]]] = {}  # group index -> queued (param, grad)
         self._pending_bytes: dict[int, int] = {}
         # FSDP2 shards queued for _update_many(shards=...): (group index, process group) -> [(param, grad)], and
@@ -417,6 +428,12 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
                 return
         if grad.is_cuda:
             self._refuse_capture()
+        if self.flush_thread and layout is None:
+            self._hand_over(grad.device, self._apply_one, p, grad)
+            return
+        self._apply_one(p, grad)
+
+    def _apply_one(self, p: Tensor, grad: Tensor) -> None:
         if self.side_stream:
             with kernels.update_stream(grad):
                 self._apply(p, grad)
@@ -492,12 +509,43 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         if not items:
             return
         self._refuse_capture()
+        if self.flush_thread:
+            self._hand_over(items[0][1].device, self._update_bucket, gi, items)
+        else:
+            self._update_bucket(gi, items)
+
+    def _update_bucket(self, gi: int, items: list) -> None:
         ps, grads = [p for p, _ in items], [g for _, g in items]
         if self.side_stream:
             with kernels.update_stream(*grads):
                 self._update_queued(gi, items, ps, grads)
         else:
             self._update_queued(gi, items, ps, grads)
+
+    # ------------------------------------------------------------ flush thread
+    def _hand_over(self, device: torch.device, fn, *args) -> None:
+        """``flush_thread``: run ``fn(*args)`` on the worker, on this thread's current stream (the gradients were
+        produced on it, so the update is queued after them); wait for the oldest hand-over beyond two."""
+        stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+        handed = self._handed
+        while handed and handed[0].done():
+            handed.popleft().result()  # re-raises the worker's error in the backward
+        if len(handed) >= _MAX_HANDED:
+            handed.popleft().result()
+        handed.append(_flush_executor().submit(_on_worker, fn, stream, args))
+
+    def _drain(self, raise_errors: bool = True) -> None:
+        """Wait until the worker has issued everything handed to it (not for the device to run it)."""
+        error = None
+        handed = self._handed
+        while handed:
+            try:
+                handed.popleft().result()
+            except BaseException as e:  # noqa: BLE001 - the first one is raised once all are done
+                if error is None:
+                    error = e
+        if error is not None and raise_errors:
+            raise error
 
     def _update_queued(self, gi: int, items: list, ps: list[Tensor], grads: list[Tensor]) -> None:
         ok = self._update_many(ps, grads, self.param_groups[gi])
@@ -513,6 +561,7 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         self._pending_bytes.clear()
         self._pending_sh.clear()
         self._pending_sh_bytes.clear()
+        self._drain(raise_errors=False)  # what was handed over still applies (its gradients were complete)
         self._ddp_checked = False
 
     def _backward_end(self) -> None:
@@ -526,6 +575,12 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
             self._flush(gi)
         for key in list(self._pending_sh):
             self._flush_sharded(key)
+        if self._handed:
+            try:
+                self._drain()
+            except BaseException:
+                self._oks.clear()
+                raise
         kernels.join_update_stream()
         oks, self._oks = self._oks, []
         ok_all = None
@@ -720,6 +775,28 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
 
 #: step counters whose integral values up to this magnitude are exact (see ``_begin_many``)
 _EXACT_COUNT = {torch.float32: 2.0**24, torch.float64: 2.0**53, torch.int64: 2.0**53, torch.int32: 2.0**31}
+
+
+#: flush_thread: hand-overs that may wait for the worker before the hook waits (each holds a bucket's gradients)
+_MAX_HANDED = 2
+_EXECUTOR: ThreadPoolExecutor | None = None
+_EXECUTOR_LOCK = threading.Lock()
+
+
+def _flush_executor() -> ThreadPoolExecutor:
+    """The one worker thread of every optimizer in the process (updates are issued in hand-over order)."""
+    global _EXECUTOR
+    if _EXECUTOR is None:
+        with _EXECUTOR_LOCK:
+            if _EXECUTOR is None:
+                _EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adalomo-flush")
+    return _EXECUTOR
+
+
+def _on_worker(fn, stream, args) -> None:
+    # grad mode is per thread: off, as inside backward (the torch path updates leaves in place)
+    with torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else nullcontext()):
+        fn(*args)
 
 
 def _numpy_view(c: Tensor):
