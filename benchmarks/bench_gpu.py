@@ -20,13 +20,15 @@ Rows (``--only`` picks some): ``floor``; ours, for each of ``adalomo``/``adafact
 default), ``_rev`` runs the RMS(u) pass
 in the reverse order of the statistics pass (``reverse_usq``), ``_r{N}``/``_w{N}`` set the kernel settings
 ``stages_read``/``stages_write`` (software-pipelined row loops), ``_timed`` adds up the host time inside the
-fused hooks and flushes (``counters``), e.g.
+fused hooks and flushes (``counters``), ``_thread`` sets ``flush_thread=True``, ``_nograph`` turns the
+kernel setting ``graphs`` off, e.g.
 ``adalomo_fused_b0_side``; ``adalomo_fused_torchpath`` (ADALOMO_DISABLE_TRITON=1);
 peers ``torch_adamw_fused`` (classic, ``fused=True``), ``torch_adafactor`` (foreach), ``lomo_optim_adalomo``,
 ``lomo_optim_lomo`` (skipped with a note when ``lomo_optim`` is not installed).
 
 ``--paired BLOCKS``: each row against the floor in one process, in alternating blocks of steps (no memory figures):
 ratios free of what differs between processes (placement, the host's speed), which moves the table above.
+With ``--together`` all rows share one process and its drift (rounds of floor + every row, rotated).
 
 ``--fit``: the largest model whose training step (batch 1x1024, gradient checkpointing, bf16) fits, with
 our fused AdaLomo and with torch AdamW (fused), on a ladder of LLaMA shapes; ``--cap-gb 80`` caps the allocator
@@ -72,12 +74,15 @@ ROWS = ["floor", "adalomo_fused", "adalomo_fused_b0", "adalomo_fused_side", "ada
 def kernel_settings(opts: list[str]) -> dict:
     """The kernel settings (``kernels.set_config``) that a row's suffixes ask for: ``carry``/``nocarry`` (sum(p^2)
     carried from the previous write, the default, or not), ``rev`` (the RMS(u) pass in the reverse order of the
-    statistics pass, for L2 reuse), ``r{N}``/``w{N}`` (the read/write passes' row loops pipelined over N stages)."""
+    statistics pass, for L2 reuse), ``r{N}``/``w{N}`` (the read/write passes' row loops pipelined over N stages),
+    ``nograph`` (the grouped launches issued one by one, not replayed from CUDA graphs)."""
     out = {}
     if "carry" in opts or "nocarry" in opts:
         out["carry_psq"] = "carry" in opts
     if "rev" in opts:
         out["reverse_usq"] = True
+    if "nograph" in opts:
+        out["graphs"] = False
     for o in opts:
         if o[:1] in ("r", "w") and o[1:].isdigit():
             out["stages_read" if o[0] == "r" else "stages_write"] = int(o[1:])
@@ -269,11 +274,16 @@ def _stepper(row: str, model, x, opt, fused: bool):
     return step
 
 
-def paired(row: str, cfg: dict) -> dict:
+def paired(row: str, cfg: dict) -> dict | list[dict]:
     """``row`` and the floor in one process on one model, in alternating blocks of steps (floor, row, row, floor,
     ...; each block after its own warm-up): the ratio then carries none of the differences between processes
     (where the OS placed the process, the host's speed at the time), which move the one-process-per-row table by
-    several percent at 6.7B. Memory is not compared (both share the process's allocator)."""
+    several percent at 6.7B. Memory is not compared (both share the process's allocator).
+
+    ``row`` may name several rows (comma-separated, ``--together``): then each round runs the floor and every row,
+    the rows in a rotated order, and a final floor block closes the last round; each row's ratio in a round is its
+    block's median over the mean of the floor blocks that open this round and the next. The rows are then compared
+    with each other under the same drift of the host (seen: 1.08x to 1.36x for one row within one process)."""
     import torch
     cuda = DEV == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -281,56 +291,75 @@ def paired(row: str, cfg: dict) -> dict:
     params = list(model.parameters())
     g = torch.Generator(device=DEV).manual_seed(1)
     x = torch.randint(0, cfg.get("vocab", 32000), (cfg["batch"], cfg["seq"]), device=DEV, generator=g)
-    times: dict[str, list[float]] = {"floor": [], row: []}
+    rows = row.split(",")
+    together = len(rows) > 1
+    times: dict[str, list[list[float]]] = {n: [] for n in ["floor", *rows]}
     blocks = cfg.get("blocks", 4)
-    order = [("floor", row), (row, "floor")]
-    note = ""
+    if together:
+        order = [n for k in range(blocks) for n in ["floor", *(rows[k % len(rows):] + rows[:k % len(rows)])]]
+        order.append("floor")
+    else:
+        order = [n for k in range(blocks) for n in (("floor", row) if k % 2 == 0 else (row, "floor"))]
+    notes = {}
     probe = min(params, key=lambda p: p.numel())  # a norm's weight
     counters = []
-    for k in range(blocks):
-        for name in order[k % 2]:
-            weights = probe.detach().clone()
-            made = _optimizer(name, model, params, cuda)
-            if made is None:
-                return {"name": row, "skipped": "lomo_optim is not installed"}
-            opt, fused, n, undo = made
-            note = n or note
-            step = _stepper(name, model, x, opt, fused)
-            for i in range(cfg["warmup"] + cfg["steps"]):
-                sync()
-                if i == cfg["warmup"]:
-                    before = _counters()
-                t0 = time.perf_counter()
-                step()
-                sync()
-                if i >= cfg["warmup"]:
-                    times[name].append(time.perf_counter() - t0)
-            counters.append({"block": name, **_delta(before, _counters(), cfg["steps"])})
-            # the other mode's hooks are gone: the floor changed nothing, our optimizers counted every step
-            counted = (float(opt.state[probe]["step"]) if opt is not None and probe in opt.state
-                       and "step" in opt.state[probe] else None)
-            undo()
-            model.zero_grad(set_to_none=True)
-            del opt, step
-            if name == "floor" and not torch.equal(weights, probe.detach()):
-                raise RuntimeError("paired: a floor block changed the weights (hooks of the row left behind)")
-            if counted is not None and counted != cfg["warmup"] + cfg["steps"]:
-                raise RuntimeError(f"paired: the {name} block updated {counted:g} times in "
-                                   f"{cfg['warmup'] + cfg['steps']} steps")
-    f, r = times["floor"], times[row]
-    out = {"name": row, "paired": True, "blocks": blocks, "steps_per_block": cfg["steps"],
-           "floor_ms": round(statistics.median(f) * 1e3, 1), "step_ms": round(statistics.median(r) * 1e3, 1),
-           "time_vs_floor": round(statistics.median(r) / statistics.median(f), 3),
-           "fastest_vs_floor": round(min(r) / min(f), 3),
-           # the ratio block by block: its spread says how far the host drifted within the process
-           "block_ratios": [round(statistics.median(r[b * cfg["steps"]:(b + 1) * cfg["steps"]])
-                                  / statistics.median(f[b * cfg["steps"]:(b + 1) * cfg["steps"]]), 3)
-                            for b in range(blocks)],
-           "floor_steps_ms": [round(t * 1e3, 1) for t in f], "steps_ms": [round(t * 1e3, 1) for t in r],
-           "counters": counters}
-    if note:
-        out["note"] = note
-    return out
+    for name in order:
+        weights = probe.detach().clone()
+        made = _optimizer(name, model, params, cuda)
+        if made is None:
+            return {"name": row, "skipped": "lomo_optim is not installed"}
+        opt, fused, n, undo = made
+        if n:
+            notes[name] = n
+        step = _stepper(name, model, x, opt, fused)
+        block = []
+        for i in range(cfg["warmup"] + cfg["steps"]):
+            sync()
+            if i == cfg["warmup"]:
+                before = _counters()
+            t0 = time.perf_counter()
+            step()
+            sync()
+            if i >= cfg["warmup"]:
+                block.append(time.perf_counter() - t0)
+        times[name].append(block)
+        counters.append({"block": name, **_delta(before, _counters(), cfg["steps"])})
+        # the other mode's hooks are gone: the floor changed nothing, our optimizers counted every step
+        counted = (float(opt.state[probe]["step"]) if opt is not None and probe in opt.state
+                   and "step" in opt.state[probe] else None)
+        undo()
+        model.zero_grad(set_to_none=True)
+        del opt, step
+        if name == "floor" and not torch.equal(weights, probe.detach()):
+            raise RuntimeError("paired: a floor block changed the weights (hooks of the row left behind)")
+        if counted is not None and counted != cfg["warmup"] + cfg["steps"]:
+            raise RuntimeError(f"paired: the {name} block updated {counted:g} times in "
+                               f"{cfg['warmup'] + cfg['steps']} steps")
+    med = statistics.median
+    fb = times["floor"]
+    f = [t for b in fb for t in b]
+    out = []
+    for name in rows:
+        rb = times[name]
+        r = [t for b in rb for t in b]
+        if together:  # the floor blocks that open this round and the next
+            ratios = [med(rb[k]) / ((med(fb[k]) + med(fb[k + 1])) / 2) for k in range(blocks)]
+        else:
+            ratios = [med(rb[k]) / med(fb[k]) for k in range(blocks)]
+        o = {"name": name, "paired": True, "blocks": blocks, "steps_per_block": cfg["steps"],
+             "floor_ms": round(med(f) * 1e3, 1), "step_ms": round(med(r) * 1e3, 1),
+             "time_vs_floor": round(med(ratios) if together else med(r) / med(f), 3),
+             "fastest_vs_floor": round(min(r) / min(f), 3),
+             # the ratio block by block: its spread says how far the host drifted within the process
+             "block_ratios": [round(q, 3) for q in ratios],
+             "floor_steps_ms": [round(t * 1e3, 1) for t in f], "steps_ms": [round(t * 1e3, 1) for t in r],
+             "counters": [c for c in counters if c["block"] in ("floor", name)]}
+        if together:
+            o["together"] = rows
+        if name in notes:
+            o["note"] = notes[name]
+        out.append(o)
+    return out if together else out[0]
 
 
 def child(row: str, cfg: dict) -> dict:
@@ -390,7 +419,7 @@ def child(row: str, cfg: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ parent
-def _run_child(row: str, cfg: dict, timeout: int) -> dict:
+def _run_child(row: str, cfg: dict, timeout: int) -> dict | list[dict]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "src"), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, os.path.abspath(__file__), "--child", row, "--cfg", json.dumps(cfg)]
     try:
@@ -403,7 +432,8 @@ def _run_child(row: str, cfg: dict, timeout: int) -> dict:
             warned = [ln.strip() for ln in proc.stderr.splitlines()
                       if "Warning" in ln and ("src/adalomo/" in ln or "site-packages/adalomo/" in ln)]
             if warned:  # e.g. a kernel setting turned off during the run: the row measured something else
-                r["warnings"] = list(dict.fromkeys(warned))[:5]
+                for one in r if isinstance(r, list) else [r]:
+                    one["warnings"] = list(dict.fromkeys(warned))[:5]
             return r
     err = (proc.stderr or proc.stdout).strip().splitlines()
     oom = any("OutOfMemoryError" in ln or "out of memory" in ln for ln in err)
@@ -544,6 +574,9 @@ def main() -> None:
                     help="each row of --only against the floor in one process, in BLOCKS alternating blocks of "
                          "--steps steps (floor, row, row, floor, ...): ratios free of the differences between "
                          "processes; no memory figures")
+    ap.add_argument("--together", action="store_true",
+                    help="with --paired: every row of --only and the floor in ONE process, each round in a rotated "
+                         "order (the rows compared under the same drift of the host)")
     ap.add_argument("--fit", action="store_true", help="largest model that fits: adalomo_fused vs torch_adamw_fused")
     ap.add_argument("--fit-sizes", default=",".join(FIT_LADDER))
     ap.add_argument("--cap-gb", type=float, default=None,
@@ -599,14 +632,16 @@ def main() -> None:
             cfg["warmup"] = args.warmup
         res["config"] = {"name": args.config, **cfg}
         rows = []
-        for row in [n for n in args.only.split(",") if n != "floor"]:
+        names = [n for n in args.only.split(",") if n != "floor"]
+        for row in [",".join(names)] if args.together else names:
             r = _run_child(row, cfg, args.timeout or (300 if args.config == "0.94b" else 600))
-            rows.append(r)
+            rows.extend(r if isinstance(r, list) else [r])
             print(json.dumps(r), flush=True)
             _write(args.out, {**res, "rows": rows, "complete": False})
         res["rows"], res["complete"] = rows, True
-        print(f"\n{args.config}: each row against the floor in one process, {args.paired} alternating blocks of "
-              f"{cfg['steps']} steps after {cfg['warmup']} each; {res['device']}")
+        what = (f"all rows and the floor in one process, {args.paired} rounds of blocks of" if args.together else
+                f"each row against the floor in one process, {args.paired} alternating blocks of")
+        print(f"\n{args.config}: {what} {cfg['steps']} steps after {cfg['warmup']} each; {res['device']}")
         _print_paired(rows)
     else:
         cfg = dict(CONFIGS[args.config])

@@ -563,5 +563,28 @@ torch_adamw_fused,lomo_optim_adalomo,torch_adafactor > "$out/bench_0.94b.log" 2>
     echo "bench 0.94b rc=$?"; tail -n 5 "$out/bench_0.94b_peak.log"
     pack
     ;;
-  *) echo "unknown stage $stage (a-z, aa-al)"; exit 2 ;;
+  am) # 1 GPU (2026-11-30): the grouped launches replayed from CUDA graphs (kernel setting graphs, on by default
+      # from this stage) against launched one by one (_nograph), flush_thread and larger buckets, every row in ONE
+      # process with the floor (--together: the same drift of the host for all); correctness of the graph path
+      # first, then the peaks one process per row
+    timeout 110 python3 tests/test_kernels.py cuda gpu_graph_replay,fused_buckets,many_scaled,carry_psq \
+      > "$out/tests_cuda.json" 2> "$out/tests_cuda.err"
+    echo "kernel tests rc=$?"; cat "$out/tests_cuda.json"
+    pack
+    timeout 200 python3 benchmarks/bench_gpu.py --config 6.7b --paired 3 --together --steps 10 --warmup 2 \
+      --only floor,adalomo_fused,adalomo_fused_nograph,adalomo_fused_thread_b512,lomo_fused,adafactor_fused,adafactor_classic,adalomo_classic,lomo_classic \
+      --out "$out/together_6.7b.json" > "$out/together_6.7b.log" 2>&1
+    echo "together 6.7b rc=$?"; tail -n 10 "$out/together_6.7b.log"
+    pack
+    timeout $((430 - SECONDS)) python3 benchmarks/bench_gpu.py --config 0.94b --paired 4 --together \
+      --only floor,adalomo_fused,adalomo_fused_nograph,adalomo_fused_thread,adalomo_fused_b256,lomo_fused,adafactor_fused \
+      --out "$out/together_0.94b.json" > "$out/together_0.94b.log" 2>&1
+    echo "together 0.94b rc=$?"; tail -n 8 "$out/together_0.94b.log"
+    pack
+    timeout $((540 - SECONDS)) python3 benchmarks/bench_gpu.py --config 0.94b --only floor,adalomo_fused \
+      --out "$out/bench_0.94b_peak.json" > "$out/bench_0.94b_peak.log" 2>&1
+    echo "bench 0.94b rc=$?"; tail -n 4 "$out/bench_0.94b_peak.log"
+    pack
+    ;;
+  *) echo "unknown stage $stage (a-z, aa-am)"; exit 2 ;;
 esac

@@ -98,6 +98,7 @@ def test_row_suffixes_pick_kernel_settings():
     assert B.kernel_settings(["fused", "carry", "r3", "w2"]) == {"carry_psq": True, "stages_read": 3,
                                                                   "stages_write": 2}
     assert B.kernel_settings(["fused", "rev", "b256"]) == {"reverse_usq": True}
+    assert B.kernel_settings(["fused", "thread", "nograph"]) == {"graphs": False}
     assert B.kernel_settings(["fused", "nocarry"]) == {"carry_psq": False}
     from adalomo.kernels import _triton as K  # every setting a suffix names exists
     assert set(B.kernel_settings(["carry", "rev", "r2", "w2"])) <= set(K.CONFIG)
@@ -141,3 +142,21 @@ def test_paired_dry_run_on_cpu(tmp_path):
     assert "per block" in proc.stdout
     assert [c["block"] for c in res["rows"][0]["counters"]] == ["floor", "adalomo_fused", "adalomo_fused", "floor",
                                                                  "floor", "adalomo_fused"]  # ABBA order
+
+
+def test_paired_together_dry_run_on_cpu(tmp_path):
+    """--paired --together: the floor and every row in one process, rounds in rotated orders closed by a floor;
+    each round's ratio against the mean of the floors around it."""
+    proc, res = _dry_run(tmp_path, "--only", "floor,adalomo_fused,adalomo_fused_thread,lomo_classic", "--paired", "2",
+                         "--together")
+    rows = res["rows"]
+    assert res["complete"] and [r["name"] for r in rows] == ["adalomo_fused", "adalomo_fused_thread", "lomo_classic"]
+    for r in rows:
+        assert "error" not in r, r
+        assert len(r["block_ratios"]) == 2 and len(r["steps_ms"]) == 2 * 2 and len(r["floor_steps_ms"]) == 3 * 2
+        assert r["time_vs_floor"] == round(statistics.median(r["block_ratios"]), 3) or \
+            abs(r["time_vs_floor"] - statistics.median(r["block_ratios"])) < 2e-3
+    # one process: the floor blocks are shared; round 2 starts with the second row
+    blocks = [c["block"] for c in rows[0]["counters"]]
+    assert blocks == ["floor", "adalomo_fused", "floor", "adalomo_fused", "floor"], blocks
+    assert "one process" in proc.stdout

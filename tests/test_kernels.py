@@ -673,6 +673,45 @@ def check_fast_launch_used(device: str) -> None:
     assert K.JIT_LAUNCHES[0] == before, f"{K.JIT_LAUNCHES[0] - before} launches went through Triton's Python path"
 
 
+def check_graph_replay(device: str) -> None:
+    """The grouped launches captured in CUDA graphs and replayed (kernel setting ``graphs``): bit-identical to
+    launching them one by one, from the hooks and from the flush thread, for AdaLomo, Adafactor and Lomo."""
+    from adalomo import Adafactor, AdaLomo, Lomo
+    from adalomo.kernels import _triton as K
+
+    makers = {"adalomo": lambda ps, **kw: AdaLomo(ps, lr=1e-2, weight_decay=0.01, **kw),
+              "adafactor": lambda ps, **kw: Adafactor(ps, beta1=0.9, **kw),
+              "lomo": lambda ps, **kw: Lomo(ps, lr=1e-2, **kw)}
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(6, 13, generator=gen).to(device, torch.bfloat16) for _ in range(5)]
+    cap = 175 * 2 / 2**20
+    for name, make in makers.items():
+        out = {}
+        for mode in ("direct", "graphs", "graphs_thread", "classic_graphs"):
+            prev = K.set_config(graphs=mode != "direct")
+            before = K.GRAPH_CAPTURES[0]
+            try:
+                torch.manual_seed(0)
+                m = torch.nn.Sequential(torch.nn.Linear(13, 17), torch.nn.LayerNorm(17), torch.nn.Linear(17, 9),
+                                        torch.nn.Tanh(), torch.nn.Linear(9, 5)).to(device, torch.bfloat16)
+                opt = make(m.parameters(), fused=mode != "classic_graphs", bucket_cap_mb=cap,
+                           flush_thread=mode == "graphs_thread")
+                for x in xs:
+                    m(x).float().square().mean().backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                out[mode] = torch.cat([p.detach().float().flatten() for p in m.parameters()])
+                captured = K.GRAPH_CAPTURES[0] - before
+                if mode == "direct":
+                    assert captured == 0, f"{name}: {captured} graphs captured with graphs off"
+                elif device == "cuda":
+                    assert captured > 0 and K.CONFIG["graphs"], f"{name} {mode}: no graph was captured"
+            finally:
+                K.set_config(**prev)
+        for mode in ("graphs", "graphs_thread", "classic_graphs"):
+            assert torch.equal(out[mode], out["direct"]), f"{name}: {mode} changed the result"
+
+
 # larger odd shapes: on the GPU only (the interpreter is too slow for them)
 GPU_CASES: dict[str, Callable[[str], None]] = {
     "gpu_fac_big_bf16": lambda d: check_scaled(d, (1031, 2053), torch.bfloat16, rho=0.2, grad_scale=0.5),
@@ -684,6 +723,7 @@ GPU_CASES: dict[str, Callable[[str], None]] = {
     "gpu_lomo_big": lambda d: check_lomo(d, (1025, 3001), torch.bfloat16, wd=0.1, clip=1.0),
     "gpu_sr_big": lambda d: check_stochastic_rounding(d, (512, 1000)),
     "gpu_fast_launch_used": check_fast_launch_used,
+    "gpu_graph_replay": check_graph_replay,
 }
 
 

@@ -82,6 +82,13 @@ CONFIG = {
     # stages_write: the write passes (3: -2% without carry_psq; with it, the write needs 150 registers and lost)
     "stages_read": 3,
     "stages_write": 1,
+    # grouped updates on CUDA: the launches of a plan (5 per group of matrices, 3 per group of vectors) are captured
+    # once into a CUDA graph and replayed at every later call with the same arguments, one graph launch instead of
+    # several kernel launches of host time (fused mode pays them inside a host-bound backward). Their arguments
+    # are the plan's device buffers, fixed per plan and stream; what changes per call (gradient pointers,
+    # workspace, seeds, step sizes) travels in the metadata copied before the replay. Not with a grad_scale tensor
+    # (a new one each step). A capture that fails turns this off with a warning.
+    "graphs": True,
 }
 _POW2_KEYS = ("block_m", "block_n", "vec_block", "fin_block")
 _WARP_KEYS = ("warps_stats", "warps_usq", "warps_write")
@@ -96,7 +103,7 @@ def set_config(**changes) -> dict:
     for k, v in changes.items():
         if k not in CONFIG:
             raise ValueError(f"unknown kernel setting {k!r}; known: {', '.join(CONFIG)}")
-        if k in ("fast_launch", "carry_psq", "reverse_usq"):
+        if k in ("fast_launch", "carry_psq", "reverse_usq", "graphs"):
             if not isinstance(v, bool):
                 raise ValueError(f"{k} must be True or False")
             continue
@@ -1556,48 +1563,25 @@ def scaled_rms_update_many_(ps, gs, states, *, rhos, beta2s, eps, clip_threshold
     if not plan.groups:
         return _all(flags)
     bufs, ws = _upload(plan, ctx, dev, gs, seeds, stochastic_rounding, rhos, beta2s)  # ws: read through meta
-    run = (ctx.stream, ctx.device, ctx.interpreted, _grouped_key(ctx, scale))
     eps1, eps2, ct, wd = float(eps[0]), float(eps[1]), float(clip_threshold), float(weight_decay)
     bm, bn = CONFIG["block_m"], CONFIG["block_n"]
-    for gp, (meta_t, fmeta_t, oks) in zip(plan.groups, bufs.views):
-        fac, (pdt, gdt, align, g_unit, p_unit) = gp.fac, gp.layout
-        rs = _pipeline_stages(CONFIG["stages_read"], bm, bn, gdt, pdt)
-        wst = _pipeline_stages(CONFIG["stages_write"], bm, bn, gdt, pdt)
-        sr = bool(stochastic_rounding) and pdt == torch.bfloat16
-        n_t = len(gp.idx)
-        pm = gp.pmap
-        gd, pd = _TL_DT[gdt], _TL_DT[pdt]
-        if fac:
-            fb, rp_block = gp.fb, gp.rp_block
-            store = carry and sp_flag
-            carried = store and gp.psq_versions is not None and gp.psq_versions == [ps[i]._version for i in gp.idx] \
-                and all(r() is ps[i] for r, i in zip(gp.psq_owners, gp.idx))
-            _G_STATS(gp.prog, (meta_t, pm, scale, eps1),
-                     (gd, pd, has_scale, sp_flag and not carried, align, g_unit, p_unit, bm, bn, store, rs),
-                     CONFIG["warps_stats"], *run)
-            _G_FINALIZE(gp.fprog, (meta_t, fmeta_t, gp.fpmap), (fb, max(1, min(32, 4096 // fb))), 4, *run)
-            _G_USQ(gp.prog, (meta_t, pm, scale), (gd, has_scale, align, g_unit, bm, bn, rp_block, rev, rs),
-                   CONFIG["warps_usq"], *run, maxnreg=CONFIG["maxnreg_usq"] or None)
-            _G_FINISH(n_t, (meta_t, fmeta_t, scale, oks, eps2, ct), (False, True, sp_flag, carried, 1024), 4, *run)
-            # the check's sums take ~18 more registers per thread: capped (ptxas then fits 108 without spilling)
-            # so that the write keeps its two programs per SM
-            cap = CONFIG["maxnreg_write"] or None
-            if carried:
-                cap = min(cap or _VERIFY_MAXNREG, _VERIFY_MAXNREG)
-            if store:  # pipelined, the write that sums p^2 needs 150 registers (one program per SM) and took 92
-                wst = 1  # against 74 us (stage ab)
-            _G_WRITE(gp.prog, (meta_t, fmeta_t, pm, scale, oks, _stale_flag(dev) if carried else oks, wd, b1, omb1),
-                     (gd, pd, has_scale, sp_flag, hw, has_m, sr, store, align, g_unit, p_unit, bm, bn, rp_block,
-                      carried, wst), CONFIG["warps_write"], *run, maxnreg=cap)
-            if not store:
-                gp.psq_versions = None
-        else:
-            vb = CONFIG["vec_block"]
-            _G_VSTATS(gp.prog, (meta_t, fmeta_t, pm, scale, eps1), (gd, pd, has_scale, sp_flag, g_unit, p_unit, vb), 4,
-                      *run)
-            _G_FINISH(n_t, (meta_t, fmeta_t, scale, oks, eps2, ct), (False, True, sp_flag, False, 1024), 4, *run)
-            _G_VWRITE(gp.prog, (meta_t, fmeta_t, pm, scale, oks, wd, b1, omb1),
-                      (gd, pd, has_scale, sp_flag, hw, has_m, sr, g_unit, p_unit, vb), 4, *run)
+    store = carry and sp_flag
+    carried_all = tuple(gp.fac and store and gp.psq_versions is not None
+                        and gp.psq_versions == [ps[i]._version for i in gp.idx]
+                        and all(r() is ps[i] for r, i in zip(gp.psq_owners, gp.idx)) for gp in plan.groups)
+    stale = _stale_flag(dev) if any(carried_all) else None
+
+    def launch(run):
+        for gp, (meta_t, fmeta_t, oks), carried in zip(plan.groups, bufs.views, carried_all):
+            _scaled_group(gp, meta_t, fmeta_t, oks, carried, stale, run, scale, has_scale, sp_flag, hw, has_m,
+                          stochastic_rounding, store, rev, eps1, eps2, ct, wd, b1, omb1, bm, bn)
+
+    _launch_or_replay(launch, bufs, ctx, scale, has_scale,
+                      ("s", carried_all, stale is not None and stale.data_ptr(), eps1, eps2, ct, wd, b1, sp_flag,
+                       has_m, bool(stochastic_rounding)))
+    for gp in plan.groups:
+        if gp.fac and not store:
+            gp.psq_versions = None
     _bump(ps if not plan.single else [ps[i] for gp in plan.groups for i in gp.idx])
     if carry and sp_flag:  # the versions the carried sums of p^2 belong to: any later in-place change bumps them
         for gp in plan.groups:
@@ -1608,6 +1592,97 @@ def scaled_rms_update_many_(ps, gs, states, *, rhos, beta2s, eps, clip_threshold
                 gp.psq_owners = [weakref.ref(ps[i]) for i in gp.idx]
     flags.append(bufs.oks_all)
     return _all(flags)
+
+
+_CAPTURE_STREAMS: dict = {}
+GRAPH_CAPTURES = [0]  # CUDA graphs captured so far (tests, benchmarks)
+
+
+def _launch_or_replay(launch, bufs: _Bufs, ctx, scale, has_scale: bool, key: tuple) -> None:
+    """``launch(run)`` issues a grouped update's kernels; on CUDA with ``CONFIG["graphs"]`` they are captured into a
+    CUDA graph at the second call with the same ``key`` (the first compiles every variant) and replayed after."""
+    run = (ctx.stream, ctx.device, ctx.interpreted, _grouped_key(ctx, scale))
+    if ctx.stream is None or has_scale or not CONFIG["graphs"]:
+        launch(run)
+        return
+    graph = bufs.graphs.get(key)
+    if graph is None:
+        if key not in bufs.seen:
+            if len(bufs.seen) >= 64:  # keys that keep changing (Lomo's lr under a scheduler): launched directly
+                bufs.seen.clear()
+            bufs.seen.add(key)
+            launch(run)
+            return
+        graph = _capture(launch, ctx, scale)
+        if graph is None:
+            launch(run)
+            return
+        if len(bufs.graphs) >= 8:
+            bufs.graphs.clear()
+        bufs.graphs[key] = graph
+    graph.replay()  # on the current stream, after the metadata copy
+
+
+def _capture(launch, ctx, scale):
+    """The launches captured on a side stream (thread-local mode: other threads keep issuing work), or None."""
+    side = _CAPTURE_STREAMS.get(ctx.device)
+    if side is None:
+        side = _CAPTURE_STREAMS[ctx.device] = torch.cuda.Stream(ctx.device)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.stream(side):
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                launch((side.cuda_stream, ctx.device, False, _grouped_key(ctx, scale)))
+            finally:
+                graph.capture_end()
+    except Exception as e:  # noqa: BLE001 - any failure: launch directly from now on
+        CONFIG["graphs"] = False
+        warnings.warn(f"adalomo.kernels: capturing the grouped update's launches in a CUDA graph failed ({e!r}); "
+                      "they are launched one by one from now on (more host time per bucket). "
+                      "adalomo.kernels.set_config(graphs=False) skips the attempt.", RuntimeWarning, stacklevel=4)
+        return None
+    GRAPH_CAPTURES[0] += 1
+    return graph
+
+
+def _scaled_group(gp, meta_t, fmeta_t, oks, carried, stale, run, scale, has_scale, sp_flag, hw, has_m,
+                  stochastic_rounding, store, rev, eps1, eps2, ct, wd, b1, omb1, bm, bn) -> None:
+    """The launches of one group of a grouped AdaLomo/Adafactor update (``run``: stream, device, interpreted,
+    launch-cache key)."""
+    fac, (pdt, gdt, align, g_unit, p_unit) = gp.fac, gp.layout
+    rs = _pipeline_stages(CONFIG["stages_read"], bm, bn, gdt, pdt)
+    wst = _pipeline_stages(CONFIG["stages_write"], bm, bn, gdt, pdt)
+    sr = bool(stochastic_rounding) and pdt == torch.bfloat16
+    n_t = len(gp.idx)
+    pm = gp.pmap
+    gd, pd = _TL_DT[gdt], _TL_DT[pdt]
+    if fac:
+        fb, rp_block = gp.fb, gp.rp_block
+        _G_STATS(gp.prog, (meta_t, pm, scale, eps1),
+                 (gd, pd, has_scale, sp_flag and not carried, align, g_unit, p_unit, bm, bn, store, rs),
+                 CONFIG["warps_stats"], *run)
+        _G_FINALIZE(gp.fprog, (meta_t, fmeta_t, gp.fpmap), (fb, max(1, min(32, 4096 // fb))), 4, *run)
+        _G_USQ(gp.prog, (meta_t, pm, scale), (gd, has_scale, align, g_unit, bm, bn, rp_block, rev, rs),
+               CONFIG["warps_usq"], *run, maxnreg=CONFIG["maxnreg_usq"] or None)
+        _G_FINISH(n_t, (meta_t, fmeta_t, scale, oks, eps2, ct), (False, True, sp_flag, carried, 1024), 4, *run)
+        # the check's sums take ~18 more registers per thread: capped (ptxas then fits 108 without spilling)
+        # so that the write keeps its two programs per SM
+        cap = CONFIG["maxnreg_write"] or None
+        if carried:
+            cap = min(cap or _VERIFY_MAXNREG, _VERIFY_MAXNREG)
+        if store:  # pipelined, the write that sums p^2 needs 150 registers (one program per SM) and took 92
+            wst = 1  # against 74 us (stage ab)
+        _G_WRITE(gp.prog, (meta_t, fmeta_t, pm, scale, oks, stale if carried else oks, wd, b1, omb1),
+                 (gd, pd, has_scale, sp_flag, hw, has_m, sr, store, align, g_unit, p_unit, bm, bn, rp_block,
+                  carried, wst), CONFIG["warps_write"], *run, maxnreg=cap)
+    else:
+        vb = CONFIG["vec_block"]
+        _G_VSTATS(gp.prog, (meta_t, fmeta_t, pm, scale, eps1), (gd, pd, has_scale, sp_flag, g_unit, p_unit, vb), 4,
+                  *run)
+        _G_FINISH(n_t, (meta_t, fmeta_t, scale, oks, eps2, ct), (False, True, sp_flag, False, 1024), 4, *run)
+        _G_VWRITE(gp.prog, (meta_t, fmeta_t, pm, scale, oks, wd, b1, omb1),
+                  (gd, pd, has_scale, sp_flag, hw, has_m, sr, g_unit, p_unit, vb), 4, *run)
 
 
 # carry_psq's check: a write that used carried sums of p^2 compares them with the p it reads and sets this
@@ -1674,8 +1749,9 @@ class _Plan:
 
 
 class _Bufs:
-    """A plan's device buffer on one stream: the metadata (uploaded each call) and the finite flags."""
-    __slots__ = ("meta_region", "views", "oks_all")
+    """A plan's device buffer on one stream: the metadata (uploaded each call) and the finite flags; the CUDA
+    graphs of its launches (they read these buffers), by the rest of their arguments, and the keys launched once."""
+    __slots__ = ("meta_region", "views", "oks_all", "graphs", "seen")
 
 
 def _layout(plan: _Plan, metas: list, fmetas: list | None) -> None:
@@ -1714,6 +1790,7 @@ def _device_bufs(plan: _Plan, stream, dev: torch.device, floats: bool) -> _Bufs:
         oks.fill_(1)  # the padding between groups' flags stays True: ``all()`` reads the whole region
         bufs = plan.bufs[stream] = _Bufs()
         bufs.meta_region, bufs.oks_all = buf[:plan.meta_bytes], oks.view(torch.bool)
+        bufs.graphs, bufs.seen = {}, set()
         bufs.views = [(buf[gp.moff:gp.moff + len(gp.idx) * _ROW_BYTES].view(torch.int64),
                        buf[gp.foff:gp.foff + len(gp.idx) * _FROW_BYTES].view(torch.float32) if floats else None,
                        oks[gp.ooff:gp.ooff + len(gp.idx)].view(torch.bool)) for gp in plan.groups]
@@ -1875,22 +1952,27 @@ def lomo_update_many_(ps, gs, *, lr, weight_decay, clip_grad_value, grad_scale, 
     if not plan.groups:
         return _all(flags)
     bufs, ws = _upload(plan, ctx, dev, gs, seeds, stochastic_rounding, None, None)
-    run = (ctx.stream, ctx.device, ctx.interpreted, _grouped_key(ctx, scale))
     bm, bn = CONFIG["block_m"], CONFIG["block_n"]
-    cv = float(clip_grad_value) if clip else 0.0
-    for gp, (meta_t, _, oks) in zip(plan.groups, bufs.views):
-        pdt, gdt, align, g_unit, p_unit = gp.layout
-        sr = bool(stochastic_rounding) and pdt == torch.bfloat16
-        gd, pd = _TL_DT[gdt], _TL_DT[pdt]
-        _G_SUM(gp.prog, (meta_t, gp.pmap), (gd, align, g_unit, bm, bn, _pipeline_stages(CONFIG["stages_read"], bm, bn,
-                                                                                         gdt)),
-               CONFIG["warps_usq"], *run)
-        _G_FINISH(len(gp.idx), (meta_t, ws, scale, oks, 0.0, 1.0), (has_scale, False, False, False, 1024), 4,
-                  *run)  # no floats: any fp32 buffer for fmeta
-        _G_LWRITE(gp.prog, (meta_t, gp.pmap, scale, oks, float(lr), float(weight_decay), cv),
-                  (gd, pd, has_scale, weight_decay != 0, clip, sr, align, g_unit, p_unit, bm, bn,
-                   _pipeline_stages(CONFIG["stages_write"], bm, bn, gdt, pdt)),
-                  CONFIG["warps_write"], *run, maxnreg=CONFIG["maxnreg_write"] or None)
+    cv, lr, wd = float(clip_grad_value) if clip else 0.0, float(lr), float(weight_decay)
+
+    def launch(run):
+        for gp, (meta_t, _, oks) in zip(plan.groups, bufs.views):
+            pdt, gdt, align, g_unit, p_unit = gp.layout
+            sr = bool(stochastic_rounding) and pdt == torch.bfloat16
+            gd, pd = _TL_DT[gdt], _TL_DT[pdt]
+            _G_SUM(gp.prog, (meta_t, gp.pmap),
+                   (gd, align, g_unit, bm, bn, _pipeline_stages(CONFIG["stages_read"], bm, bn, gdt)),
+                   CONFIG["warps_usq"], *run)
+            # no floats are used: the group's own metadata (as fp32, in bounds, fixed) stands for fmeta
+            _G_FINISH(len(gp.idx), (meta_t, meta_t.view(torch.float32), scale, oks, 0.0, 1.0),
+                      (has_scale, False, False, False, 1024), 4, *run)
+            _G_LWRITE(gp.prog, (meta_t, gp.pmap, scale, oks, lr, wd, cv),
+                      (gd, pd, has_scale, wd != 0, clip, sr, align, g_unit, p_unit, bm, bn,
+                       _pipeline_stages(CONFIG["stages_write"], bm, bn, gdt, pdt)),
+                      CONFIG["warps_write"], *run, maxnreg=CONFIG["maxnreg_write"] or None)
+
+    _launch_or_replay(launch, bufs, ctx, scale, has_scale, ("l", lr, wd, cv, bool(stochastic_rounding)))
+    del ws  # read through the metadata: kept until the launches above were issued
     _bump(ps if not plan.single else [ps[i] for gp in plan.groups for i in gp.idx])
     flags.append(bufs.oks_all)
     return _all(flags)
