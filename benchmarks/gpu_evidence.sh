@@ -586,5 +586,23 @@ torch_adamw_fused,lomo_optim_adalomo,torch_adafactor > "$out/bench_0.94b.log" 2>
     echo "bench 0.94b rc=$?"; tail -n 4 "$out/bench_0.94b_peak.log"
     pack
     ;;
-  *) echo "unknown stage $stage (a-z, aa-am)"; exit 2 ;;
+  an) # 1 GPU (2026-11-30), with the lomo-optim wheel (prefix above): this version's defaults (256 MiB buckets from
+      # ~0.9B parameters, graphs on) with every row of ours and the peers in ONE process per size (--together), then
+      # the peaks at 0.94B one process per row
+    timeout 150 python3 benchmarks/bench_gpu.py --config 0.94b --paired 3 --together \
+      --only floor,adalomo_fused,adafactor_fused,lomo_fused,adalomo_classic,adafactor_classic,lomo_classic,torch_adamw_fused,torch_adafactor,lomo_optim_adalomo \
+      --out "$out/together_0.94b.json" > "$out/together_0.94b.log" 2>&1
+    echo "together 0.94b rc=$?"; tail -n 11 "$out/together_0.94b.log"
+    pack
+    timeout $((270 - SECONDS)) python3 benchmarks/bench_gpu.py --config 6.7b --paired 2 --together --steps 10 \
+      --warmup 2 --only floor,adalomo_fused,torch_adamw_fused,torch_adafactor,lomo_optim_adalomo \
+      --out "$out/together_6.7b.json" > "$out/together_6.7b.log" 2>&1
+    echo "together 6.7b rc=$?"; tail -n 6 "$out/together_6.7b.log"
+    pack
+    timeout $((320 - SECONDS)) python3 benchmarks/bench_gpu.py --config 0.94b --only floor,adalomo_fused \
+      --out "$out/bench_0.94b_peak.json" > "$out/bench_0.94b_peak.log" 2>&1
+    echo "bench 0.94b rc=$?"; tail -n 4 "$out/bench_0.94b_peak.log"
+    pack
+    ;;
+  *) echo "unknown stage $stage (a-z, aa-an)"; exit 2 ;;
 esac

@@ -147,9 +147,14 @@ def test_paired_dry_run_on_cpu(tmp_path):
 def test_paired_together_dry_run_on_cpu(tmp_path):
     """--paired --together: the floor and every row in one process, rounds in rotated orders closed by a floor;
     each round's ratio against the mean of the floors around it."""
-    proc, res = _dry_run(tmp_path, "--only", "floor,adalomo_fused,adalomo_fused_thread,lomo_classic", "--paired", "2",
-                         "--together")
+    import importlib.util
+    peer = importlib.util.find_spec("lomo_optim") is None  # a missing peer is skipped, the other rows still run
+    proc, res = _dry_run(tmp_path, "--only", "floor,adalomo_fused,adalomo_fused_thread,lomo_classic"
+                         + (",lomo_optim_adalomo" if peer else ""), "--paired", "2", "--together")
     rows = res["rows"]
+    if peer:
+        assert rows[-1] == {"name": "lomo_optim_adalomo", "skipped": "lomo_optim is not installed"}
+        rows = rows[:-1]
     assert res["complete"] and [r["name"] for r in rows] == ["adalomo_fused", "adalomo_fused_thread", "lomo_classic"]
     for r in rows:
         assert "error" not in r, r

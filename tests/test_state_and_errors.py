@@ -285,15 +285,16 @@ def test_loss_scaler_state_round_trips():
 
 
 def test_auto_bucket_cap():
-    """``bucket_cap_mb="auto"`` (default): 2% of the trainable bytes within [64, 256] MiB (frozen ones excluded)."""
+    """``bucket_cap_mb="auto"`` (default): 15% of the trainable bytes within [64, 256] MiB (frozen ones excluded)."""
     from adalomo.optim.base import auto_bucket_cap_mb
 
     def bf16(n, grad=True):
         return torch.empty(int(n), dtype=torch.bfloat16, device="meta").requires_grad_(grad)
-    assert auto_bucket_cap_mb([bf16(0.94e9)]) == 64.0
+    assert auto_bucket_cap_mb([bf16(0.94e9)]) == 256.0
     assert auto_bucket_cap_mb([bf16(6.74e9)]) == 256.0
-    assert auto_bucket_cap_mb([bf16(2e9), bf16(2e9)]) == pytest.approx(4e9 * 2 * 0.02 / 2**20)
-    assert auto_bucket_cap_mb([bf16(2e9), bf16(50e9, grad=False)]) == 76.2939453125
+    assert auto_bucket_cap_mb([bf16(0.1e9), bf16(0.2e9)]) == pytest.approx(0.3e9 * 2 * 0.15 / 2**20)
+    assert auto_bucket_cap_mb([bf16(0.3e9), bf16(50e9, grad=False)]) == pytest.approx(85.8306884765625)
+    assert auto_bucket_cap_mb([bf16(0.1e9)]) == 64.0
     assert AdaLomo(nn.Linear(2, 2).parameters(), fused=True).bucket_cap_mb == 64.0
     assert AdaLomo(nn.Linear(2, 2).parameters(), fused=True, bucket_cap_mb=8).bucket_cap_mb == 8.0
 
