@@ -38,6 +38,7 @@ our fused AdaLomo and with torch AdamW (fused), on a ladder of LLaMA shapes; ``-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -254,10 +255,37 @@ def _optimizer(row: str, model, params: list, cuda: bool):
             from lomo_optim import AdaLomo, Lomo
         except ImportError:
             return None
-        opt = AdaLomo(model, lr=1e-3, loss_scale=None) if row.endswith("adalomo") else Lomo(model, lr=1e-4)
+        with _hooks_registered() as handles:  # lomo-optim keeps no handle of the hooks it registers
+            opt = AdaLomo(model, lr=1e-3, loss_scale=None) if row.endswith("adalomo") else Lomo(model, lr=1e-4)
+        undo = lambda: [h.remove() for h in handles]  # noqa: E731
     else:
         raise ValueError(row)
     return opt, fused, note, undo
+
+
+@contextlib.contextmanager
+def _hooks_registered():
+    """The handles of the tensor hooks (``Tensor.register_hook``) registered inside the block, so that they can be
+    removed: lomo-optim registers one per parameter and keeps none, and in one process (``--paired``) they would
+    slow every later block (stage an: the floor from 239 to 400-730 ms at 6.7B) and drop classic rows' gradients."""
+    import torch
+    handles, orig = [], torch.Tensor.register_hook
+
+    def register(self, hook):
+        h = orig(self, hook)
+        handles.append(h)
+        return h
+    torch.Tensor.register_hook = register
+    try:
+        yield handles
+    finally:
+        torch.Tensor.register_hook = orig
+
+
+def _left_hooks(params) -> int:
+    """Gradient hooks still on ``params`` (a row's undo must leave none for the next block)."""
+    return sum(len(getattr(p, "_backward_hooks", None) or {}) + len(getattr(p, "_post_accumulate_grad_hooks", None)
+                                                                      or {}) for p in params)
 
 
 def _stepper(row: str, model, x, opt, fused: bool):
@@ -334,6 +362,8 @@ def paired(row: str, cfg: dict) -> dict | list[dict]:
         undo()
         model.zero_grad(set_to_none=True)
         del opt, step
+        if _left_hooks(params):
+            raise RuntimeError(f"paired: the {name} block left {_left_hooks(params)} gradient hooks behind")
         if name == "floor" and not torch.equal(weights, probe.detach()):
             raise RuntimeError("paired: a floor block changed the weights (hooks of the row left behind)")
         if counted is not None and counted != cfg["warmup"] + cfg["steps"]:

@@ -165,3 +165,22 @@ def test_paired_together_dry_run_on_cpu(tmp_path):
     blocks = [c["block"] for c in rows[0]["counters"]]
     assert blocks == ["floor", "adalomo_fused", "floor", "adalomo_fused", "floor"], blocks
     assert "one process" in proc.stdout
+
+
+def test_hooks_of_a_peer_are_removed_by_its_undo():
+    """A peer that registers tensor hooks and keeps no handle (lomo-optim) is undone through the handles captured
+    while it was built; the paired runs check that no block leaves a hook behind."""
+    import torch
+    p = torch.nn.Parameter(torch.ones(3))
+    with B._hooks_registered() as handles:
+        p.register_hook(lambda g: g * 2)
+    assert len(handles) == 1 and B._left_hooks([p]) == 1
+    (p * 1).sum().backward()
+    assert torch.equal(p.grad, torch.full((3,), 2.0))
+    for h in handles:
+        h.remove()
+    assert B._left_hooks([p]) == 0
+    h = p.register_post_accumulate_grad_hook(lambda q: None)
+    assert B._left_hooks([p]) == 1
+    h.remove()
+    assert B._left_hooks([p]) == 0
