@@ -512,7 +512,7 @@ torch_adamw_fused,lomo_optim_adalomo,torch_adafactor > "$out/bench_0.94b.log" 2>
     echo "paired 0.94b rc=$?"; tail -n 6 "$out/paired_0.94b.log"
     pack
     ;;
-  ak) # 1 GPU, NEXT SESSION (written 2026-11-29, not run): why fused AdaLomo at 0.94B runs at ~69.6 ms in some
+  ak) # 1 GPU (written 2026-11-29, ran 2026-11-30: the host's speed drifts; docs/kernels.md): why fused AdaLomo at 0.94B runs at ~69.6 ms in some
       # processes and 77-106 ms in others (af: 87.6; ah: 69.4/69.7; aj --paired: 82.1 against the floor's 66.2 in
       # the same process, all four blocks). Six rounds of one fused process each, every row now recording its
       # counters (gc, cudaMalloc, pinned allocations, plans built, threads, CPU/NUMA node) and, with _timed, the
@@ -588,7 +588,9 @@ torch_adamw_fused,lomo_optim_adalomo,torch_adafactor > "$out/bench_0.94b.log" 2>
     ;;
   an) # 1 GPU (2026-11-30), with the lomo-optim wheel (prefix above): this version's defaults (256 MiB buckets from
       # ~0.9B parameters, graphs on) with every row of ours and the peers in ONE process per size (--together), then
-      # the peaks at 0.94B one process per row
+      # the peaks at 0.94B one process per row. Ran once: lomo-optim's hooks stayed on the model (the harness now
+      # removes them and refuses a block that leaves hooks), so the 0.94B part stopped and the 6.7B rounds after the
+      # first were slowed: RERUN NEXT SESSION (the device time was spent)
     timeout 150 python3 benchmarks/bench_gpu.py --config 0.94b --paired 3 --together \
       --only floor,adalomo_fused,adafactor_fused,lomo_fused,adalomo_classic,adafactor_classic,lomo_classic,torch_adamw_fused,torch_adafactor,lomo_optim_adalomo \
       --out "$out/together_0.94b.json" > "$out/together_0.94b.log" 2>&1
