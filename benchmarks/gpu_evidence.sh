@@ -590,18 +590,23 @@ torch_adamw_fused,lomo_optim_adalomo,torch_adafactor > "$out/bench_0.94b.log" 2>
       # ~0.9B parameters, graphs on) with every row of ours and the peers in ONE process per size (--together), then
       # the peaks at 0.94B one process per row. Ran once: lomo-optim's hooks stayed on the model (the harness now
       # removes them and refuses a block that leaves hooks), so the 0.94B part stopped and the 6.7B rounds after the
-      # first were slowed: RERUN NEXT SESSION (the device time was spent)
-    timeout 150 python3 benchmarks/bench_gpu.py --config 0.94b --paired 3 --together \
+      # first were slowed: RERUN NEXT SESSION (the device time was spent). First the CUDA cases of grouped Lomo with
+      # its lr in the metadata (graphs under an LR scheduler), written after the last run
+    timeout 90 python3 tests/test_kernels.py cuda gpu_graph_replay,many_lomo,many_scaled,fused_buckets \
+      > "$out/tests_cuda.json" 2> "$out/tests_cuda.err"
+    echo "kernel tests rc=$?"; cat "$out/tests_cuda.json"
+    pack
+    timeout $((240 - SECONDS)) python3 benchmarks/bench_gpu.py --config 0.94b --paired 3 --together \
       --only floor,adalomo_fused,adafactor_fused,lomo_fused,adalomo_classic,adafactor_classic,lomo_classic,torch_adamw_fused,torch_adafactor,lomo_optim_adalomo \
       --out "$out/together_0.94b.json" > "$out/together_0.94b.log" 2>&1
     echo "together 0.94b rc=$?"; tail -n 11 "$out/together_0.94b.log"
     pack
-    timeout $((270 - SECONDS)) python3 benchmarks/bench_gpu.py --config 6.7b --paired 2 --together --steps 10 \
+    timeout $((360 - SECONDS)) python3 benchmarks/bench_gpu.py --config 6.7b --paired 2 --together --steps 10 \
       --warmup 2 --only floor,adalomo_fused,torch_adamw_fused,torch_adafactor,lomo_optim_adalomo \
       --out "$out/together_6.7b.json" > "$out/together_6.7b.log" 2>&1
     echo "together 6.7b rc=$?"; tail -n 6 "$out/together_6.7b.log"
     pack
-    timeout $((320 - SECONDS)) python3 benchmarks/bench_gpu.py --config 0.94b --only floor,adalomo_fused \
+    timeout $((420 - SECONDS)) python3 benchmarks/bench_gpu.py --config 0.94b --only floor,adalomo_fused \
       --out "$out/bench_0.94b_peak.json" > "$out/bench_0.94b_peak.log" 2>&1
     echo "bench 0.94b rc=$?"; tail -n 4 "$out/bench_0.94b_peak.log"
     pack

@@ -418,8 +418,9 @@ def check_many(device: str, lomo: bool = False) -> None:
         st_before = [{k: v.clone() for k, v in st.items()} for st in sts]
         rhos = [0.05 + 0.01 * i for i in range(len(specs))]
         betas = [F.beta2_at(float(step), -0.8)] * len(specs)
+        lr, wd = 0.05 * step, 0.1 / step  # another lr and weight decay at each call (they travel in the metadata)
         if lomo:
-            ok = K.lomo_update_many_(ps, gs, lr=0.05, weight_decay=0.1, clip_grad_value=0.8, grad_scale=scale,
+            ok = K.lomo_update_many_(ps, gs, lr=lr, weight_decay=wd, clip_grad_value=0.8, grad_scale=scale,
                                      stochastic_rounding=False, seeds=[0] * len(specs))
         else:
             ok = K.scaled_rms_update_many_(ps, gs, sts, rhos=rhos, beta2s=betas, eps=EPS, clip_threshold=1.0,
@@ -432,7 +433,7 @@ def check_many(device: str, lomo: bool = False) -> None:
             st_t = st_before[i]
             with _TorchPath():
                 if lomo:
-                    F.lomo_update_(p_t, gs[i], lr=0.05, weight_decay=0.1, clip_grad_value=0.8, grad_scale=scale)
+                    F.lomo_update_(p_t, gs[i], lr=lr, weight_decay=wd, clip_grad_value=0.8, grad_scale=scale)
                 else:
                     F._scaled_rms_update_(p_t, gs[i], st_t, rho=rhos[i], eps=EPS, clip_threshold=1.0, beta2=betas[i],
                                           weight_decay=0.1, scale_parameter=True, beta1=beta1, grad_scale=scale,
@@ -696,10 +697,13 @@ def check_graph_replay(device: str) -> None:
                                         torch.nn.Tanh(), torch.nn.Linear(9, 5)).to(device, torch.bfloat16)
                 opt = make(m.parameters(), fused=mode != "classic_graphs", bucket_cap_mb=cap,
                            flush_thread=mode == "graphs_thread")
+                # another lr every step: the graphs must follow it (it travels in the metadata, not the launch)
+                sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1.0 + t))
                 for x in xs:
                     m(x).float().square().mean().backward()
                     opt.step()
                     opt.zero_grad(set_to_none=True)
+                    sched.step()
                 out[mode] = torch.cat([p.detach().float().flatten() for p in m.parameters()])
                 captured = K.GRAPH_CAPTURES[0] - before
                 if mode == "direct":

@@ -1068,13 +1068,18 @@ def _g_sum_kernel(meta_ptr, pmap_ptr, G_DT: tl.constexpr, ALIGN: tl.constexpr, G
 
 
 @triton.jit
-def _g_lomo_write_kernel(meta_ptr, pmap_ptr, scale_ptr, oks_ptr, lr, weight_decay, clip_value, G_DT: tl.constexpr,
+def _g_lomo_write_kernel(meta_ptr, fmeta_ptr, pmap_ptr, scale_ptr, oks_ptr, clip_value, G_DT: tl.constexpr,
                          P_DT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_WD: tl.constexpr, HAS_CLIP: tl.constexpr,
                          SR: tl.constexpr, ALIGN: tl.constexpr, G_UNIT: tl.constexpr, P_UNIT: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
+    # lr and weight decay come with the per-call metadata (the fp32 row's rho and beta2 columns), not as arguments:
+    # a replayed CUDA graph then follows an LR scheduler
     pid = tl.program_id(0)
     t = tl.load(pmap_ptr + pid).to(tl.int64)
     row = meta_ptr + t * _CW
+    frow = fmeta_ptr + t * _CWF
+    lr = tl.load(frow + _F_RHO)
+    weight_decay = tl.load(frow + _F_BETA2)
     _lomo_write_body(pid - _mi(row, _C_START), _mp(row, _C_G, G_DT, ALIGN), _mp(row, _C_P, P_DT, ALIGN), scale_ptr,
                      _mp(row, _C_WS, tl.float32, True), oks_ptr + t, oks_ptr + t, tl.load(row + _C_SEED),
                      _mi(row, _C_M_), _mi(row, _C_N), _mi(row, _C_TM), _mi(row, _C_TN), _mi(row, _C_RPP),
@@ -1951,27 +1956,29 @@ def lomo_update_many_(ps, gs, *, lr, weight_decay, clip_grad_value, grad_scale, 
                                   seed=seeds[i] if seeds is not None else None))
     if not plan.groups:
         return _all(flags)
-    bufs, ws = _upload(plan, ctx, dev, gs, seeds, stochastic_rounding, None, None)
+    n = len(ps)
+    lr, wd = float(lr), float(weight_decay)
+    # lr and weight decay travel in the fp32 rows' rho and beta2 columns (per call: schedulers), like AdaLomo's rho
+    bufs, ws = _upload(plan, ctx, dev, gs, seeds, stochastic_rounding, [lr] * n, [wd] * n)
     bm, bn = CONFIG["block_m"], CONFIG["block_n"]
-    cv, lr, wd = float(clip_grad_value) if clip else 0.0, float(lr), float(weight_decay)
+    cv = float(clip_grad_value) if clip else 0.0
 
     def launch(run):
-        for gp, (meta_t, _, oks) in zip(plan.groups, bufs.views):
+        for gp, (meta_t, fmeta_t, oks) in zip(plan.groups, bufs.views):
             pdt, gdt, align, g_unit, p_unit = gp.layout
             sr = bool(stochastic_rounding) and pdt == torch.bfloat16
             gd, pd = _TL_DT[gdt], _TL_DT[pdt]
             _G_SUM(gp.prog, (meta_t, gp.pmap),
                    (gd, align, g_unit, bm, bn, _pipeline_stages(CONFIG["stages_read"], bm, bn, gdt)),
                    CONFIG["warps_usq"], *run)
-            # no floats are used: the group's own metadata (as fp32, in bounds, fixed) stands for fmeta
-            _G_FINISH(len(gp.idx), (meta_t, meta_t.view(torch.float32), scale, oks, 0.0, 1.0),
-                      (has_scale, False, False, False, 1024), 4, *run)
-            _G_LWRITE(gp.prog, (meta_t, gp.pmap, scale, oks, lr, wd, cv),
+            _G_FINISH(len(gp.idx), (meta_t, fmeta_t, scale, oks, 0.0, 1.0), (has_scale, False, False, False, 1024), 4,
+                      *run)  # its floats are not used here
+            _G_LWRITE(gp.prog, (meta_t, fmeta_t, gp.pmap, scale, oks, cv),
                       (gd, pd, has_scale, wd != 0, clip, sr, align, g_unit, p_unit, bm, bn,
                        _pipeline_stages(CONFIG["stages_write"], bm, bn, gdt, pdt)),
                       CONFIG["warps_write"], *run, maxnreg=CONFIG["maxnreg_write"] or None)
 
-    _launch_or_replay(launch, bufs, ctx, scale, has_scale, ("l", lr, wd, cv, bool(stochastic_rounding)))
+    _launch_or_replay(launch, bufs, ctx, scale, has_scale, ("l", wd != 0, cv, bool(stochastic_rounding)))
     del ws  # read through the metadata: kept until the launches above were issued
     _bump(ps if not plan.single else [ps[i] for gp in plan.groups for i in gp.idx])
     flags.append(bufs.oks_all)
@@ -1998,10 +2005,11 @@ def _lomo_plan(ps, gs, dev) -> _Plan:
             plan.single.append(i)
             continue
         groups.setdefault(c[0][1:], []).append((i, p, c[1], c[2], c[3]))
-    metas = []
+    metas, fmetas = [], []
     for layout, items in groups.items():
         gp = _GroupPlan()
         gp.fac, gp.layout, gp.idx, gp.fpmap = False, layout, [it[0] for it in items], None
+        fmetas.append([0.0] * (_WF * len(items)))  # lr and weight decay, written per call
         prog, counts, rows, ws_total, statics = 0, [], [], 0, []
         for _, p, sg, sp, (B, M, N) in items:
             geo = _geometry(B, M, N, "lomo", 1)
@@ -2018,7 +2026,7 @@ def _lomo_plan(ps, gs, dev) -> _Plan:
         gp.pmap = _pmap(tuple(counts), dev)
         plan.groups.append(gp)
         metas.append(rows)
-    _layout(plan, metas, None)
+    _layout(plan, metas, fmetas)
     _PLANS[key] = plan
     return plan
 
