@@ -1613,7 +1613,7 @@ def _launch_or_replay(launch, bufs: _Bufs, ctx, scale, has_scale: bool, key: tup
     graph = bufs.graphs.get(key)
     if graph is None:
         if key not in bufs.seen:
-            if len(bufs.seen) >= 64:  # keys that keep changing (Lomo's lr under a scheduler): launched directly
+            if len(bufs.seen) >= 64:  # keys that keep changing (a hyper-parameter set every step): launched directly
                 bufs.seen.clear()
             bufs.seen.add(key)
             launch(run)

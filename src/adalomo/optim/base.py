@@ -115,6 +115,7 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         kernel launches) overlaps the backward's own issuing instead of adding to it when the step is
         host-bound. At most two buckets wait for the worker (the hook waits beyond that: bounded gradient
         memory); ``backward()`` returns after the worker has issued every update. Same results bit for bit.
+        Off by default: on an H200 it measured no gain (docs/kernels.md).
 
     Multi-GPU (see :mod:`adalomo.distributed`)
         FSDP2 ``DTensor`` parameters (``Shard(0)``, HSDP) are updated exactly as the full tensor would be
@@ -248,6 +249,7 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
 
     def remove_hooks(self) -> None:
         """Detach the fused hooks; the optimizer then behaves as ``fused=False``."""
+        self._drain(raise_errors=False)
         for h in self._handles.values():
             h.remove()
         self._handles.clear()
@@ -750,6 +752,7 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
 
     # ---------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
+        self._drain(raise_errors=False)  # flush_thread: nothing half-issued after a backward that raised
         self._warn_nonfinite(block=True)  # a checkpoint does not hide a warning still in flight
         sd = super().state_dict()
         if self.loss_scaler is not None:
@@ -757,6 +760,7 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._drain(raise_errors=False)
         state_dict = dict(state_dict)
         scaler = state_dict.pop("loss_scaler", None)
         saved_state = state_dict["state"]
