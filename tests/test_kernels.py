@@ -832,6 +832,76 @@ def test_use_triton_rules(monkeypatch):
         assert not kernels.use_triton(torch.zeros(0, 3, device="cuda"))
 
 
+def test_graph_replay_state_machine(monkeypatch):
+    """``_launch_or_replay`` without a GPU (fake graphs and streams): a key's first call launches directly (it
+    compiles), the second captures on the side stream and replays, later ones only replay; a grad_scale tensor
+    always launches directly; kept keys and graphs are bounded; a failed capture warns, turns the setting off
+    and launches directly."""
+    pytest.importorskip("triton")
+    import contextlib
+
+    from adalomo.kernels import _triton as K
+
+    replayed = []
+
+    class FakeGraph:
+        def capture_begin(self, capture_error_mode):
+            assert capture_error_mode == "thread_local"
+
+        def capture_end(self):
+            pass
+
+        def replay(self):
+            replayed.append(self)
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda dev: type("S", (), {"cuda_stream": 7})())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(K, "_CAPTURE_STREAMS", {})
+    ctx = type("Ctx", (), {"stream": 5, "device": 0, "interpreted": False})()
+    bufs = K._Bufs()
+    bufs.graphs, bufs.seen = {}, set()
+    launches = []
+
+    def launch(run):
+        launches.append(run[0])  # the stream launched on: 5 = the current one, 7 = the capture stream
+
+    scale = torch.zeros(4)
+    prev = K.set_config(graphs=True)
+    try:
+        before = K.GRAPH_CAPTURES[0]
+        go = lambda key, has_scale=False: K._launch_or_replay(launch, bufs, ctx, scale, has_scale, key)  # noqa: E731
+        go(("k",))
+        assert launches == [5] and not replayed, "the first call launches directly (it compiles the variants)"
+        go(("k",))
+        assert launches == [5, 7] and len(replayed) == 1 and K.GRAPH_CAPTURES[0] == before + 1
+        go(("k",))
+        assert launches == [5, 7] and len(replayed) == 2, "a captured key only replays"
+        go(("other",))
+        assert launches == [5, 7, 5] and len(replayed) == 2, "another key launches directly first"
+        go(("k",), has_scale=True)
+        assert launches[-1] == 5 and len(replayed) == 2, "a grad_scale tensor (new every step) is never captured"
+        for i in range(70):
+            go(("many", i))
+        assert len(bufs.seen) <= 64
+        for i in range(10):
+            go(("g", i))
+            go(("g", i))
+        assert 0 < len(bufs.graphs) <= 8
+
+        class Broken(FakeGraph):
+            def capture_begin(self, capture_error_mode):
+                raise RuntimeError("operation not permitted when stream is capturing")
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", Broken)
+        go(("third",))
+        n = len(launches)
+        with pytest.warns(RuntimeWarning, match="capturing the grouped update"):
+            go(("third",))
+        assert K.CONFIG["graphs"] is False and launches[n:] == [5], "after a failed capture: a direct launch"
+    finally:
+        K.set_config(**prev)
+
+
 def test_direct_launch_cache(monkeypatch):
     """The launch cache (no GPU needed): first launch through Triton, later ones direct, a new variant
     for another alignment or constexpr; nothing cached when a launch hook is installed."""
