@@ -590,7 +590,7 @@ torch_adamw_fused,lomo_optim_adalomo,torch_adafactor > "$out/bench_0.94b.log" 2>
       # ~0.9B parameters, graphs on) with every row of ours and the peers in ONE process per size (--together), then
       # the peaks at 0.94B one process per row. Ran once: lomo-optim's hooks stayed on the model (the harness now
       # removes them and refuses a block that leaves hooks), so the 0.94B part stopped and the 6.7B rounds after the
-      # first were slowed: RERUN NEXT SESSION (the device time was spent). First the CUDA cases of grouped Lomo with
+      # first were slowed. Rerun 2026-11-30 after the fix (results/h200_2026-11-30b/an). First the CUDA cases of grouped Lomo with
       # its lr in the metadata (graphs under an LR scheduler), written after the last run
     timeout 90 python3 tests/test_kernels.py cuda gpu_graph_replay,many_lomo,many_scaled,fused_buckets \
       > "$out/tests_cuda.json" 2> "$out/tests_cuda.err"
@@ -611,5 +611,25 @@ torch_adamw_fused,lomo_optim_adalomo,torch_adafactor > "$out/bench_0.94b.log" 2>
     echo "bench 0.94b rc=$?"; tail -n 4 "$out/bench_0.94b_peak.log"
     pack
     ;;
-  *) echo "unknown stage $stage (a-z, aa-an)"; exit 2 ;;
+  ao) # 1 GPU (2026-11-30): a second 6.7B run with every row of ours in one process (an had only fused AdaLomo and
+      # the peers: 1.100x against am's 1.082x), with the variants that could move the fused row at this size (smaller
+      # buckets, updates on a side stream, graphs off), then the 6.7B peaks at this version's defaults, one process
+      # per row
+    timeout 330 python3 benchmarks/bench_gpu.py --config 6.7b --paired 3 --together --steps 10 --warmup 2 \
+      --only floor,adalomo_fused,adalomo_classic,adafactor_fused,adafactor_classic,lomo_fused,lomo_classic,adalomo_fused_b64,adalomo_fused_side,adalomo_fused_nograph,torch_adamw_fused \
+      --out "$out/together_6.7b.json" > "$out/together_6.7b.log" 2>&1
+    echo "together 6.7b rc=$?"; tail -n 12 "$out/together_6.7b.log"
+    pack
+    timeout $((540 - SECONDS)) python3 benchmarks/bench_gpu.py --config 6.7b --only floor,adalomo_fused,adafactor_fused,lomo_fused \
+      --out "$out/bench_6.7b_peak.json" > "$out/bench_6.7b_peak.log" 2>&1
+    echo "bench 6.7b rc=$?"; tail -n 6 "$out/bench_6.7b_peak.log"
+    pack
+    ;;
+  ap) # 1 GPU (2026-11-30): can the statistics and RMS(u) passes share one read of g (8 instead of 10 bytes per
+      # parameter)? benchmarks/probe_one_read_stats.py against this version's grouped kernels on the same tensors
+    timeout 420 python3 benchmarks/probe_one_read_stats.py --out "$out/probe_one_read.json" > "$out/probe_one_read.log" 2>&1
+    echo "probe rc=$?"; tail -n 7 "$out/probe_one_read.log"
+    pack
+    ;;
+  *) echo "unknown stage $stage (a-z, aa-ap)"; exit 2 ;;
 esac
