@@ -21,7 +21,7 @@ default), ``_rev`` runs the RMS(u) pass
 in the reverse order of the statistics pass (``reverse_usq``), ``_r{N}``/``_w{N}`` set the kernel settings
 ``stages_read``/``stages_write`` (software-pipelined row loops), ``_timed`` adds up the host time inside the
 fused hooks and flushes (``counters``), ``_thread`` sets ``flush_thread=True``, ``_nograph`` turns the
-kernel setting ``graphs`` off, e.g.
+kernel setting ``graphs`` off, ``_three`` the setting ``one_read``, e.g.
 ``adalomo_fused_b0_side``; ``adalomo_fused_torchpath`` (ADALOMO_DISABLE_TRITON=1);
 peers ``torch_adamw_fused`` (classic, ``fused=True``), ``torch_adafactor`` (foreach), ``lomo_optim_adalomo``,
 ``lomo_optim_lomo`` (skipped with a note when ``lomo_optim`` is not installed).
@@ -41,6 +41,7 @@ import argparse
 import contextlib
 import datetime
 import gc
+import importlib.util
 import json
 import os
 import statistics
@@ -76,7 +77,8 @@ def kernel_settings(opts: list[str]) -> dict:
     """The kernel settings (``kernels.set_config``) that a row's suffixes ask for: ``carry``/``nocarry`` (sum(p^2)
     carried from the previous write, the default, or not), ``rev`` (the RMS(u) pass in the reverse order of the
     statistics pass, for L2 reuse), ``r{N}``/``w{N}`` (the read/write passes' row loops pipelined over N stages),
-    ``nograph`` (the grouped launches issued one by one, not replayed from CUDA graphs)."""
+    ``nograph`` (the grouped launches issued one by one, not replayed from CUDA graphs), ``three`` (the statistics
+    and RMS(u) in three passes, kernel setting ``one_read`` off)."""
     out = {}
     if "carry" in opts or "nocarry" in opts:
         out["carry_psq"] = "carry" in opts
@@ -84,6 +86,8 @@ def kernel_settings(opts: list[str]) -> dict:
         out["reverse_usq"] = True
     if "nograph" in opts:
         out["graphs"] = False
+    if "three" in opts:
+        out["one_read"] = False
     for o in opts:
         if o[:1] in ("r", "w") and o[1:].isdigit():
             out["stages_read" if o[0] == "r" else "stages_write"] = int(o[1:])
@@ -226,6 +230,7 @@ def _optimizer(row: str, model, params: list, cuda: bool):
         from adalomo import kernels
         kind, *opts = row.split("_")
         kw = dict(fused=fused, side_stream="side" in opts or "sidehi" in opts, flush_thread="thread" in opts)
+        prio = kernels.SIDE_STREAM_PRIORITY
         if "sidehi" in opts:  # the side stream at the device's highest priority
             kernels.SIDE_STREAM_PRIORITY = -100
         for o in opts:
@@ -234,9 +239,10 @@ def _optimizer(row: str, model, params: list, cuda: bool):
         if "timed" in opts:
             _time_host_path()
         settings = kernel_settings(opts)
-        if cuda and settings:
+        prev = {}
+        if settings and (cuda or importlib.util.find_spec("triton") is not None):
             from adalomo.kernels import _triton
-            _triton.set_config(**settings)
+            prev = _triton.set_config(**settings)
         if kind == "adalomo":
             opt = adalomo.AdaLomo(params, lr=1e-3, **kw)
         elif kind == "adafactor":
@@ -245,7 +251,12 @@ def _optimizer(row: str, model, params: list, cuda: bool):
             opt = adalomo.Lomo(params, lr=1e-4, **kw)
         note = f"triton={kernels.use_triton(params[0], params[0])}, bucket_cap_mb={opt.bucket_cap_mb}, " \
                f"side_stream={opt.side_stream}"
-        undo = opt.remove_hooks
+        def undo(opt=opt):  # the row's settings end with its block (--together: later rows get the defaults)
+            opt.remove_hooks()
+            kernels.SIDE_STREAM_PRIORITY = prio
+            if prev:
+                from adalomo.kernels import _triton
+                _triton.set_config(**prev)
     elif row == "torch_adamw_fused":
         opt = torch.optim.AdamW(params, lr=1e-4, fused=cuda)
     elif row == "torch_adafactor":

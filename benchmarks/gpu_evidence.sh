@@ -16,6 +16,12 @@ date -Is >> "$out/device.txt"
 pack() {  # one tarball of everything so far, next to OUTDIR (for the device tool's 8-file limit)
   tar czf "${PACK_TO:-$out.tgz}" -C "$(dirname "$out")" "$(basename "$out")"
 }
+sweep_table() {  # bench_kernels.py --sweep's lines: per configuration, AdaLomo's total us per bucket
+  grep -E "^sweep" "$1" | python3 -c "
+import sys, json
+for l in sys.stdin:
+    r = json.loads(l[6:]); print(json.dumps(r['config']), {b: t['total_us'] for b, t in r['buckets'].items() if 'adalomo' in b})"
+}
 gpt() {  # gpt-lm comparison: name, seconds, then CLI flags
   local name=$1 limit=$2; shift 2
   timeout "$limit" python3 -m adalomo.cli experiment gpt-lm --data-dir "$data" --dtype bf16 --device cuda \
@@ -631,5 +637,83 @@ torch_adamw_fused,lomo_optim_adalomo,torch_adafactor > "$out/bench_0.94b.log" 2>
     echo "probe rc=$?"; tail -n 7 "$out/probe_one_read.log"
     pack
     ;;
-  *) echo "unknown stage $stage (a-z, aa-ap)"; exit 2 ;;
+  aq) # 1 GPU (2026-11-30): the one-read statistics (kernel setting one_read, from this stage on by default): the
+      # CUDA cases first (stop if they fail), then the grouped kernels per bucket with and without it and a few
+      # geometries, then 6.7B with every row of ours in one process against the same rows in three passes (_three)
+    timeout 150 python3 tests/test_kernels.py cuda one_read,many_scaled,fused_buckets,carry_psq,gpu_fac_big_bf16,gpu_fac_big_fp32_beta1,gpu_fac_wide,gpu_graph_replay,optimizers_end_to_end \
+      > "$out/tests_cuda.json" 2> "$out/tests_cuda.err"
+    echo "kernel tests rc=$?"; cat "$out/tests_cuda.json"
+    pack
+    if ! python3 -c "import json,sys; d=json.load(open('$out/tests_cuda.json')); sys.exit(any(v not in ('ok',) for k,v in d.items() if not k.endswith(':seconds')))"; then
+      echo "CUDA cases failed: no benchmarks"; exit 1
+    fi
+    timeout 200 python3 benchmarks/bench_kernels.py --skip-correctness --shapes "" --sweep --out "$out/kernels_one_read.json" \
+      --sweep-configs '[{"one_read": false}, {}, {"one_read_tm": 32}, {"one_read_tm": 128}, {"one_read_elems": 16384, "warps_one_read": 8}, {"one_read_elems": 4096, "warps_one_read": 8}, {"one_read_max_n": 16384}]' \
+      > "$out/kernels_one_read.log" 2>&1
+    echo "kernels rc=$?"; sweep_table "$out/kernels_one_read.log"
+    pack
+    timeout $((570 - SECONDS)) python3 benchmarks/bench_gpu.py --config 6.7b --paired 3 --together --steps 10 --warmup 2 \
+      --only floor,adalomo_fused,adalomo_fused_three,adafactor_fused,adalomo_classic,adalomo_classic_three \
+      --out "$out/together_6.7b.json" > "$out/together_6.7b.log" 2>&1
+    echo "together 6.7b rc=$?"; tail -n 8 "$out/together_6.7b.log"
+    pack
+    ;;
+  ar) # 1 GPU (2026-11-30): one_read's tile geometry from aq's sweep as the default (16384 elements, 8 warps), a
+      # few geometries around it per bucket, then both sizes with every row of ours in one process, one-read
+      # against three passes (_three), the peers at 6.7B (AdamW) for scale
+    timeout 150 python3 benchmarks/bench_kernels.py --skip-correctness --shapes "" --sweep --out "$out/kernels_one_read.json" \
+      --sweep-configs '[{"one_read": false}, {}, {"one_read_tm": 128}, {"one_read_elems": 8192}, {"one_read_elems": 8192, "warps_one_read": 16}]' \
+      > "$out/kernels_one_read.log" 2>&1
+    echo "kernels rc=$?"; sweep_table "$out/kernels_one_read.log"
+    pack
+    timeout 150 python3 benchmarks/bench_gpu.py --config 0.94b --paired 3 --together \
+      --only floor,adalomo_fused,adalomo_fused_three,adalomo_classic,adalomo_classic_three,adafactor_fused,lomo_fused \
+      --out "$out/together_0.94b.json" > "$out/together_0.94b.log" 2>&1
+    echo "together 0.94b rc=$?"; tail -n 8 "$out/together_0.94b.log"
+    pack
+    timeout $((580 - SECONDS)) python3 benchmarks/bench_gpu.py --config 6.7b --paired 3 --together --steps 10 --warmup 2 \
+      --only floor,adalomo_fused,adalomo_fused_three,adalomo_classic,adalomo_classic_three,adafactor_fused,adafactor_classic,lomo_fused,lomo_classic,torch_adamw_fused \
+      --out "$out/together_6.7b.json" > "$out/together_6.7b.log" 2>&1
+    echo "together 6.7b rc=$?"; tail -n 12 "$out/together_6.7b.log"
+    pack
+    ;;
+  as) # 1 GPU (2026-11-30): more rounds of one-read against three passes, fused AdaLomo only, at both sizes (ar:
+      # 0.94B 1.082x against 1.052x, 6.7B 1.100x against 1.103x, three rounds each), then the 6.7B peaks
+    timeout 130 python3 benchmarks/bench_gpu.py --config 0.94b --paired 6 --together \
+      --only floor,adalomo_fused,adalomo_fused_three --out "$out/together_0.94b.json" > "$out/together_0.94b.log" 2>&1
+    echo "together 0.94b rc=$?"; tail -n 3 "$out/together_0.94b.log"
+    pack
+    timeout 190 python3 benchmarks/bench_gpu.py --config 6.7b --paired 6 --together --steps 10 --warmup 2 \
+      --only floor,adalomo_fused,adalomo_fused_three --out "$out/together_6.7b.json" > "$out/together_6.7b.log" 2>&1
+    echo "together 6.7b rc=$?"; tail -n 3 "$out/together_6.7b.log"
+    pack
+    timeout $((450 - SECONDS)) python3 benchmarks/bench_gpu.py --config 6.7b --only floor,adalomo_fused \
+      --out "$out/bench_6.7b_peak.json" > "$out/bench_6.7b_peak.log" 2>&1
+    echo "bench 6.7b rc=$?"; tail -n 3 "$out/bench_6.7b_peak.log"
+    pack
+    ;;
+  at) # 1 GPU (2026-11-30): one_read with at least one_read_programs=128 programs per group (a matrix alone in its
+      # group gets 128 row groups, as ar measured faster): the CUDA cases, then the buckets against three passes.
+      # That rule made the geometry depend on the group (fused buckets and classic groups would round apart); it was
+      # replaced after this run by one of the shape alone (one_read_rows): stage au
+    timeout 100 python3 tests/test_kernels.py cuda one_read,many_scaled,fused_buckets,gpu_fac_big_bf16 \
+      > "$out/tests_cuda.json" 2> "$out/tests_cuda.err"
+    echo "kernel tests rc=$?"; cat "$out/tests_cuda.json"
+    pack
+    timeout 120 python3 benchmarks/bench_kernels.py --skip-correctness --shapes "" --sweep --out "$out/kernels_one_read.json" \
+      --sweep-configs '[{"one_read": false}, {}]' > "$out/kernels_one_read.log" 2>&1
+    echo "kernels rc=$?"; sweep_table "$out/kernels_one_read.log"
+    pack
+    ;;
+  au) # 1 GPU (2026-11-30): the one-read geometry as a function of the shape alone (64 row groups, more for tall
+      # matrices: one_read_rows=256): the CUDA case (fused buckets bit-identical to classic with several programs
+      # per matrix), then the buckets against three passes
+    timeout 60 python3 tests/test_kernels.py cuda one_read > "$out/tests_cuda.json" 2> "$out/tests_cuda.err"
+    echo "kernel tests rc=$?"; cat "$out/tests_cuda.json"
+    timeout 90 python3 benchmarks/bench_kernels.py --skip-correctness --shapes "" --sweep --out "$out/kernels_one_read.json" \
+      --sweep-configs '[{}]' > "$out/kernels_one_read.log" 2>&1
+    echo "kernels rc=$?"; sweep_table "$out/kernels_one_read.log"
+    pack
+    ;;
+  *) echo "unknown stage $stage (a-z, aa-au)"; exit 2 ;;
 esac

@@ -140,7 +140,8 @@ def main():
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
     print("\none read (probe, best config) against statistics + RMS(u) today (us per tensor, bf16 g)")
-    print(f"{'shape':>12s} {'stats+fin+usq us':>17s} {'probe us':>9s} {'GB/s of g':>10s} {'config':>22s} {'rel err':>9s}")
+    print(f"{'shape':>12s} {'stats+fin+usq us':>17s} {'probe us':>9s} {'GB/s of g':>10s} {'config':>22s} "
+          f"{'rel err':>9s}")
     for key, cur in res["current"].items():
         today = sum(v["us"] for k, v in cur.items() if any(s in k for s in ("stats", "finalize", "usq")))
         ok = [r for r in res["probe"] if "us" in r and f"{r['shape'][0]}x{r['shape'][1]}" == key]
@@ -150,7 +151,7 @@ def main():
         best = min(ok, key=lambda r: r["us"])
         errs = [r["usq_rel_err"] for r in ok if "usq_rel_err" in r]
         print(f"{key:>12s} {today:17.1f} {best['us']:9.1f} {best['GBps_g']:10d} "
-              f"{'m%d p%d w%d' % (best['block_m'], best['programs'], best['warps']):>22s} "
+              f"{'m{} p{} w{}'.format(best['block_m'], best['programs'], best['warps']):>22s} "
               f"{max(errs) if errs else float('nan'):9.1e}")
 
 

@@ -184,3 +184,23 @@ def test_hooks_of_a_peer_are_removed_by_its_undo():
     assert B._left_hooks([p]) == 1
     h.remove()
     assert B._left_hooks([p]) == 0
+
+
+def test_row_settings_end_with_its_block():
+    """A row's kernel settings (suffixes ``_nograph``, ``_three``) and side-stream priority hold for its own block
+    only: in one process (``--together``) the rows after it run with the defaults (stages am and ao did not: every
+    block after the first ``_nograph`` one ran without graphs)."""
+    pytest.importorskip("triton")
+    import torch
+
+    from adalomo import kernels
+    from adalomo.kernels import _triton as K
+    model = torch.nn.Linear(4, 3)
+    params = list(model.parameters())
+    before, prio = dict(K.CONFIG), kernels.SIDE_STREAM_PRIORITY
+    opt, fused, _, undo = B._optimizer("adalomo_fused_nograph_three_sidehi", model, params, cuda=False)
+    assert fused and K.CONFIG["graphs"] is False and K.CONFIG["one_read"] is False
+    assert kernels.SIDE_STREAM_PRIORITY == -100
+    undo()
+    assert K.CONFIG == before and kernels.SIDE_STREAM_PRIORITY == prio
+    assert not B._left_hooks(params)

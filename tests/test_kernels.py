@@ -446,6 +446,72 @@ def check_many(device: str, lomo: bool = False) -> None:
                     _close(sts[i][k], st_t[k], 1e-5, f"{what} state {k}")
 
 
+def check_one_read(device: str) -> None:
+    """``one_read``: the statistics and RMS(u) from one read of g (``_g_fac_stats1_kernel``) give the updates of
+    the three passes within rounding, in one call with matrices too wide for it (three passes, another group),
+    with a gradient scale, a non-finite gradient, several row tiles per program and carried sums of p^2."""
+    from adalomo.kernels import _triton as K
+    gen = torch.Generator().manual_seed(5)
+    specs = [((37, 53), torch.float32), ((16, 130), torch.bfloat16), ((2, 9, 33), torch.float32),
+             ((300, 3), torch.float32), ((5, 70), torch.bfloat16), ((1, 77), torch.float32)]
+    init = [_rand(s, gen, device, dt) for s, dt in specs]
+    grads = [[_rand(s, gen, device, dt) * (1 + 2 * i) for s, dt in specs] for i in range(3)]
+    grads[1][2][1, 4, 7] = float("inf")  # step 2: that tensor is left alone, the others updated
+    scale = torch.tensor(0.37, device=device)
+
+    def run(cfg: dict):
+        prev = K.set_config(**cfg)
+        try:
+            ps = [p.clone() for p in init]
+            sts = [_state(p, None) for p in ps]
+            for step, gs in enumerate(grads):
+                ok = K.scaled_rms_update_many_(ps, gs, sts, rhos=[0.05] * len(ps),
+                                               beta2s=[F.beta2_at(step + 1.0, -0.8)] * len(ps), eps=EPS,
+                                               clip_threshold=0.7, weight_decay=0.1, scale_parameter=True,
+                                               beta1=None, grad_scale=scale, stochastic_rounding=False,
+                                               seeds=[0] * len(ps))
+                assert bool(ok) == (step != 1), f"step {step}: finite flag {bool(ok)}"
+            plans = [gp for plan in K._PLANS.values() for gp in plan.groups if gp.fac]
+            return ps, sts, {gp.nb for gp in plans}
+        finally:
+            K.set_config(**prev)
+
+    base, base_st, nbs = run(dict(one_read=False))
+    assert nbs == {0}, nbs
+    # fused buckets (a matrix or two each) and the classic step's one group sum alike: bit-identical, with
+    # several programs per matrix (its geometry depends on its shape alone)
+    from adalomo import AdaLomo
+    prev = K.set_config(one_read_tm=2, one_read_elems=128)
+    try:
+        out = {}
+        xs = [torch.randn(8, 13, generator=gen).to(device, torch.bfloat16) for _ in range(3)]
+        for mode in ("classic", "fused"):
+            torch.manual_seed(0)
+            m = torch.nn.Sequential(torch.nn.Linear(13, 40), torch.nn.Tanh(), torch.nn.Linear(40, 70),
+                                    torch.nn.Tanh(), torch.nn.Linear(70, 33)).to(device, torch.bfloat16)
+            opt = AdaLomo(m.parameters(), lr=1e-2, fused=mode == "fused", bucket_cap_mb=3000 * 2 / 2**20)
+            for x in xs:
+                m(x).float().square().mean().backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            out[mode] = torch.cat([p.detach().float().flatten() for p in m.parameters()])
+        geo = K._geometry1(1, 70, 40, 64, 128)
+        assert geo["TM1"] == 2 and geo["RPP1"] < 70, geo
+        assert torch.equal(out["fused"], out["classic"]), "one_read: fused buckets and the classic step differ"
+    finally:
+        K.set_config(**prev)
+    for cfg in (dict(one_read_max_n=64), dict(one_read_max_n=64, one_read_tm=2, one_read_elems=64)):
+        K._PLANS.clear()
+        ps, sts, nbs = run(cfg)
+        assert 64 in nbs and 0 in nbs, f"{cfg}: expected one-read and three-pass groups, got tile widths {nbs}"
+        for i, (s, dt) in enumerate(specs):
+            what = f"one_read {cfg} {s}"
+            _check_ulps(ps[i], base[i], dt, what, init[i])
+            for k in ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq"):
+                if k in sts[i]:
+                    _close(sts[i][k], base_st[i][k], 1e-5, f"{what} state {k}")
+
+
 class _Seed:
     """What the kernels need of a generator: its initial seed (no device generator has to be created)."""
 
@@ -591,7 +657,8 @@ def check_other_configs(device: str) -> None:
     per tensor and grouped; bad settings are refused with the known keys named."""
     from adalomo.kernels import _triton as K
     for bad in (dict(block_m=48), dict(max_tm=0), dict(warps_usq=64), dict(nonsense=1), dict(fast_launch=1),
-                dict(reverse_usq="yes"), dict(maxnreg_write=-1), dict(stages_read=0), dict(stages_write=9)):
+                dict(reverse_usq="yes"), dict(maxnreg_write=-1), dict(stages_read=0), dict(stages_write=9),
+                dict(one_read="yes"), dict(one_read_max_n=100), dict(one_read_tm=0), dict(warps_one_read=3)):
         try:
             K.set_config(**bad)
         except ValueError:
@@ -608,7 +675,9 @@ def check_other_configs(device: str) -> None:
                 dict(block_m=16, max_tm=2, reverse_usq=True, maxnreg_usq=96, maxnreg_write=80),
                 # software-pipelined row loops (cp.async on a GPU; the same loop, unprefetched, in the interpreter)
                 dict(block_m=16, max_tm=2, stages_read=3, stages_write=3, reverse_usq=True),
-                dict(stages_read=4, stages_write=2)):
+                dict(stages_read=4, stages_write=2),
+                # the statistics in three passes; one read with several row tiles per program and small tiles
+                dict(one_read=False), dict(one_read_tm=2, one_read_elems=256, warps_one_read=4)):
         prev = K.set_config(**cfg)
         try:
             check_scaled(device, (37, 53), torch.bfloat16, rho=0.2, steps=2)
@@ -658,6 +727,7 @@ CASES: dict[str, Callable[[str], None]] = {
     "many_lomo": lambda d: check_many(d, lomo=True),
     "other_configs": check_other_configs,
     "carry_psq": check_carry_psq,
+    "one_read": check_one_read,
     "carry_stale_reported": check_carry_stale_reported,
 }
 

@@ -5,7 +5,8 @@ interpreted and fail in the compiler (a dtype the lowering rejects, a constexpr 
 takes). This compiles every kernel, single-tensor and grouped, in the variants the optimizers launch, and reads
 the machine code (``cuobjdump -sass``, shipped with Triton) for two properties that only show there:
 
-* no register spills (local-memory loads/stores) in the streaming kernels at the default launch geometry;
+* no register spills (local-memory loads/stores) in the streaming kernels at the default launch geometry (a few
+  allowed in the one-read statistics, whose measured-fastest geometry has them);
 * the software-pipelined variants (kernel settings ``stages_read``/``stages_write``) really copy their tiles
   asynchronously (LDGSTS), which is what those settings are for;
 * stochastic rounding's random bits stay cheap: at most 25 more instructions per element in the write kernels
@@ -99,7 +100,13 @@ def _variants(K, tl):
         ("g_fac_write_stages3", K._g_fac_write_kernel, dict(tile, **bf, **wr, SR=True, STORE_PSQ=True, RP_BLOCK=64,
                                                             VERIFY=False, STAGES=3), ww, True),
         ("g_lomo_write_stages3", K._g_lomo_write_kernel, dict(tile, **bf, **lw, SR=True, STAGES=3), ww, True),
+        # the one-read statistics (kernel setting one_read) at the row widths of LLaMA 0.94B/6.7B and the widest
+        ("g_fac_finalize1", K._g_fac_finalize1_kernel, dict(BLOCK=128, PB=32), 4, False),
     ]
+    for nb in (2048, 4096, C["one_read_max_n"]):
+        out.append((f"g_fac_stats1_{nb}", K._g_fac_stats1_kernel,
+                    dict(G_DT=tl.bfloat16, HAS_SCALE=False, ALIGN=True, G_UNIT=True, BLOCK_M=K._one_read_rows(nb),
+                         NB=nb), C["warps_one_read"], True))
     for sr in (True, False):
         tag = "" if sr else "_nosr"
         out += [
@@ -184,7 +191,11 @@ def test_kernels_compile_for_sm90():
     res = json.loads(lines[-1])
     failed = {k: v["error"] for k, v in res.items() if not k.startswith("_") and not v["ok"]}
     assert not failed, failed
-    spilled = {k: v["spills"] for k, v in res.items() if not k.startswith("_") and v["streaming"] and v["spills"]}
+    # the one-read statistics hold whole rows and two row-wide accumulators: at the measured-fastest geometry
+    # (16384 elements per tile, 8 warps; docs/kernels.md) ptxas spills a few instructions' worth, no more
+    allowed = {k: 8 for k in res if k.startswith("g_fac_stats1_")}
+    spilled = {k: v["spills"] for k, v in res.items() if not k.startswith("_") and v["streaming"]
+               and v["spills"] > allowed.get(k, 0)}
     assert not spilled, f"register spills (local memory) in streaming kernels: {spilled}"
     not_pipelined = [k for k, v in res.items() if k.endswith("_stages3") and not v["async_copies"]]
     assert not not_pipelined, f"STAGES=3 left these loops unpipelined (no LDGSTS): {not_pipelined}"

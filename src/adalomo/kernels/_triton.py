@@ -89,9 +89,27 @@ CONFIG = {
     # workspace, seeds, step sizes) travels in the metadata copied before the replay. Not with a grad_scale tensor
     # (a new one each step). A capture that fails turns this off with a warning.
     "graphs": True,
+    # grouped AdaLomo/Adafactor: the statistics and RMS(u) passes from ONE read of g (10 -> 8 bytes per bf16
+    # parameter with carry_psq). A program owns whole rows, so a row's new factor r_i is known once the row is
+    # read, and sum u^2 = mean(r) * sum_j W_j / c_j with W_j = sum_i g_ij^2 / r_i (accumulated with the column
+    # sums) needs no second read: the finalize pass forms it with the new column factors. For matrices whose rows
+    # fit one tile (next power of two of the row length <= one_read_max_n); others take the three passes.
+    # H200, stage aq (grouped kernels of a bucket, all passes): a 6.7B MLP's three matrices 273 against 404 us,
+    # two 4096x4096 105 against 125, six 0.94B matrices 136 against 157; in a classic 6.7B step 1.067x of the
+    # floor against 1.102x (one process). Tile geometry from the same sweep (16 warps: 2x slower at width 2048).
+    "one_read": True,
+    "one_read_max_n": 8192,
+    "one_read_elems": 16384,  # elements per row tile (rows = this / row length)
+    # programs (row groups) per matrix: this many, fewer for short matrices, more for tall ones (at most
+    # one_read_rows rows each). A function of the shape alone, so that fused buckets and classic groups sum alike
+    # (bit-identical). H200 (ar/at): 64 suits groups of several matrices (two 11008x4096 73 us against 84 at 128);
+    # the 32000x4096 embedding, alone in its bucket, 315 us at 128 against 391 at 64
+    "one_read_tm": 64,
+    "one_read_rows": 256,
+    "warps_one_read": 8,
 }
-_POW2_KEYS = ("block_m", "block_n", "vec_block", "fin_block")
-_WARP_KEYS = ("warps_stats", "warps_usq", "warps_write")
+_POW2_KEYS = ("block_m", "block_n", "vec_block", "fin_block", "one_read_max_n", "one_read_elems")
+_WARP_KEYS = ("warps_stats", "warps_usq", "warps_write", "warps_one_read")
 
 
 def set_config(**changes) -> dict:
@@ -103,7 +121,7 @@ def set_config(**changes) -> dict:
     for k, v in changes.items():
         if k not in CONFIG:
             raise ValueError(f"unknown kernel setting {k!r}; known: {', '.join(CONFIG)}")
-        if k in ("fast_launch", "carry_psq", "reverse_usq", "graphs"):
+        if k in ("fast_launch", "carry_psq", "reverse_usq", "graphs", "one_read"):
             if not isinstance(v, bool):
                 raise ValueError(f"{k} must be True or False")
             continue
@@ -914,11 +932,12 @@ def _lomo_write_kernel(g_ptr, p_ptr, scale_ptr, ws_ptr, ok_ptr, okacc_ptr, seed,
 # Classic ``step()``: one launch per pass for a whole group of tensors (same dtypes and layout class).
 # Each tensor has a row of int64 metadata (pointers, geometry, strides, workspace offsets) and a row of
 # fp32 metadata (per-tensor step-dependent floats); ``pmap`` maps a program id to its tensor.
-_W = 40  # int64 metadata columns
+_W = 42  # int64 metadata columns (even: the fp32 rows after them stay 16-byte aligned)
 (_C_G, _C_P, _C_ROW, _C_COL, _C_M, _C_WS, _C_B, _C_M_, _C_N, _C_TM, _C_TN, _C_RPP, _C_SGB, _C_SGM, _C_SGN, _C_SPB,
  _C_SPM, _C_SPN, _C_NRP, _C_NCP, _C_START, _C_FSTART, _C_SEED, _C_NFIN, _C_NUSQ, _C_NPSQ, _C_OROWPART, _C_OCOLPART,
- _C_ONEWROW, _C_ONEWCOL, _C_ORSUM, _C_OFIN, _C_OUSQ, _C_OPSQ, _C_OSCAL, _C_NVEC, _C_PSQC) = (tl.constexpr(i)
-                                                                                            for i in range(37))
+ _C_ONEWROW, _C_ONEWCOL, _C_ORSUM, _C_OFIN, _C_OUSQ, _C_OPSQ, _C_OSCAL, _C_NVEC, _C_PSQC,
+ # the one-read statistics (``one_read``): row groups, rows per program, its partial rows, its first program
+ _C_TM1, _C_RPP1, _C_OCOLPART1, _C_OWPART, _C_START1) = (tl.constexpr(i) for i in range(42))
 _WF = 8  # fp32 metadata columns
 (_F_RHO, _F_BETA2, _F_OMB2, _F_NUMEL, _F_SQRTN) = (tl.constexpr(i) for i in range(5))
 _CW = tl.constexpr(_W)
@@ -982,6 +1001,110 @@ def _g_fac_usq_kernel(meta_ptr, pmap_ptr, scale_ptr, G_DT: tl.constexpr, HAS_SCA
                   _mi(row, _C_RPP), _mi(row, _C_SGB), _mi(row, _C_SGM), _mi(row, _C_SGN), _mi(row, _C_NRP),
                   _mi(row, _C_ONEWROW), _mi(row, _C_ONEWCOL), _mi(row, _C_ORSUM), _mi(row, _C_OUSQ),
                   HAS_SCALE, ALIGN, G_UNIT, BLOCK_M, BLOCK_N, RP_BLOCK, REVERSE, STAGES)
+
+
+@triton.jit
+def _g_fac_stats1_kernel(meta_ptr, fmeta_ptr, pmap_ptr, scale_ptr, eps1, G_DT: tl.constexpr, HAS_SCALE: tl.constexpr,
+                         ALIGN: tl.constexpr, G_UNIT: tl.constexpr, BLOCK_M: tl.constexpr, NB: tl.constexpr):
+    """The statistics and what RMS(u) needs from one read of g (``one_read``). A program owns whole rows of one
+    matrix (a row per tile line, NB >= its length): each row's new factor r_i (EMA of the row mean of g^2 + eps1)
+    is known once the row is read, so besides the column sums of g^2 + eps1 it accumulates W_j = sum_i g_ij^2 / r_i;
+    the finalize pass then has sum u^2 = mean(r) * sum_j W_j / c_j. Per program: one partial row of each, the sum
+    of its new r_i and of its row means (the finite test)."""
+    pid = tl.program_id(0)
+    t = tl.load(pmap_ptr + pid).to(tl.int64)
+    row = meta_ptr + t * _CW
+    frow = fmeta_ptr + t * _CWF
+    local = pid - _mi(row, _C_START1)
+    g_ptr = _mp(row, _C_G, G_DT, ALIGN)
+    ws_ptr = _mp(row, _C_WS, tl.float32, True)
+    old_ptr = _mp(row, _C_ROW, tl.float32, True)
+    B, M, N = _mi(row, _C_B), _mi(row, _C_M_), _mi(row, _C_N)
+    TM1, rpp = _mi(row, _C_TM1), _mi(row, _C_RPP1)
+    sg_b, sg_m, sg_n = _mi(row, _C_SGB), _mi(row, _C_SGM), _mi(row, _C_SGN)
+    if ALIGN:
+        N, sg_b, sg_m = _a16(N), _a16(sg_b), _a16(sg_m)
+    if G_UNIT:
+        sg_n = 1
+    beta2, omb2 = tl.load(frow + _F_BETA2), tl.load(frow + _F_OMB2)
+    b = local // TM1
+    i = local % TM1
+    b64 = b.to(tl.int64)
+    cols = tl.arange(0, NB)
+    cmask = cols < N
+    lrows = tl.arange(0, BLOCK_M)
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr).to(tl.float32)
+    r0 = i * rpp
+    lim = tl.minimum(M, r0 + rpp)
+    g_base = g_ptr + b64 * sg_b + r0.to(tl.int64) * sg_m
+    offs = lrows[:, None] * sg_m + cols[None, :] * sg_n
+    newrow = ws_ptr + _a16(_mi(row, _C_ONEWROW)) + b64 * M + r0
+    old = old_ptr + b64 * M + r0
+    c_acc = tl.zeros([NB], dtype=tl.float32)
+    w_acc = tl.zeros([NB], dtype=tl.float32)
+    r_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    f_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    nx = _tile(g_base, 0, sg_m, offs, r0, lrows, lim, cmask)
+    for m0 in range(0, rpp, BLOCK_M):
+        g = nx.to(tl.float32)
+        nx = _tile(g_base, m0 + BLOCK_M, sg_m, offs, r0, lrows, lim, cmask)  # the next rows in flight
+        rmask = r0 + m0 + lrows < lim
+        if HAS_SCALE:
+            g = g * scale
+        g2 = g * g
+        a = tl.where(rmask[:, None] & cmask[None, :], g2 + eps1, 0.0)
+        mean = tl.sum(a, axis=1) / N
+        r = tl.load(old + m0 + lrows, mask=rmask, other=0.0) * beta2 + mean * omb2
+        tl.store(newrow + m0 + lrows, r, mask=rmask)
+        r_acc += tl.where(rmask, r, 0.0)
+        f_acc += tl.where(rmask, mean, 0.0)
+        c_acc += tl.sum(a, axis=0)
+        w_acc += tl.sum(g2 * tl.where(rmask, 1.0 / tl.where(rmask, r, 1.0), 0.0)[:, None], axis=0)
+    part = (i * B + b).to(tl.int64) * _a16(N + 15)
+    tl.store(ws_ptr + _a16(_mi(row, _C_OCOLPART1)) + part + cols, c_acc, mask=cmask)
+    tl.store(ws_ptr + _a16(_mi(row, _C_OWPART)) + part + cols, w_acc, mask=cmask)
+    tl.store(ws_ptr + _mi(row, _C_ORSUM) + b * TM1 + i, tl.sum(r_acc, axis=0))
+    tl.store(ws_ptr + _mi(row, _C_OFIN) + B * _mi(row, _C_NCP) + b * TM1 + i, tl.sum(f_acc, axis=0))
+
+
+@triton.jit
+def _g_fac_finalize1_kernel(meta_ptr, fmeta_ptr, pmap_ptr, BLOCK: tl.constexpr, PB: tl.constexpr):
+    """After ``_g_fac_stats1_kernel``: per block of columns the new column factors c_j (EMA of the column means),
+    their share of the finite test and of sum u^2 = mean(r) * sum_j W_j / c_j."""
+    pid = tl.program_id(0)
+    t = tl.load(pmap_ptr + pid).to(tl.int64)
+    row = meta_ptr + t * _CW
+    frow = fmeta_ptr + t * _CWF
+    local = pid - _mi(row, _C_FSTART)
+    ws_ptr = _mp(row, _C_WS, tl.float32, True)
+    col_ptr = _mp(row, _C_COL, tl.float32, True)
+    B, M, N, n_cp, TM1 = _mi(row, _C_B), _mi(row, _C_M_), _mi(row, _C_N), _mi(row, _C_NCP), _mi(row, _C_TM1)
+    b = local // n_cp
+    k = local % n_cp
+    b64 = b.to(tl.int64)
+    idx = k * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < N
+    Np = _a16(N + 15)  # the partials' row stride: loads up to Np are in bounds and vectorise
+    parts = tl.arange(0, PB)
+    cpart = ws_ptr + _a16(_mi(row, _C_OCOLPART1))
+    wpart = ws_ptr + _a16(_mi(row, _C_OWPART))
+    sc = tl.zeros([PB, BLOCK], dtype=tl.float32)
+    sw = tl.zeros([PB, BLOCK], dtype=tl.float32)
+    for i0 in range(0, TM1, PB):
+        ii = i0 + parts
+        offs = ((ii * B).to(tl.int64) + b64)[:, None] * Np + idx[None, :]
+        m2 = (ii < TM1)[:, None] & (idx < Np)[None, :]
+        sc += tl.load(cpart + offs, mask=m2, other=0.0)
+        sw += tl.load(wpart + offs, mask=m2, other=0.0)
+    mean = tl.sum(sc, axis=0) / M
+    new = tl.load(col_ptr + b64 * N + idx, mask=mask, other=0.0) * tl.load(frow + _F_BETA2) \
+        + mean * tl.load(frow + _F_OMB2)
+    tl.store(ws_ptr + _a16(_mi(row, _C_ONEWCOL)) + b64 * N + idx, new, mask=mask)
+    tl.store(ws_ptr + _mi(row, _C_OFIN) + local, tl.sum(tl.where(mask, mean, 0.0), axis=0))
+    row_mean = _sum_parts(ws_ptr, _mi(row, _C_ORSUM) + b * TM1, TM1, 64) / M
+    usq = tl.sum(tl.where(mask, tl.sum(sw, axis=0) / tl.where(mask, new, 1.0), 0.0), axis=0) * row_mean
+    tl.store(ws_ptr + _mi(row, _C_OUSQ) + local, usq)
 
 
 @triton.jit
@@ -1265,6 +1388,41 @@ def _geometry(B: int, M: int, N: int, kind: str, grouped_fb: int = 0) -> dict:
     return geo
 
 
+def _one_read_nb(N: int) -> int:
+    """The row tile width of the one-read statistics (``one_read``) for rows of N elements, 0 for three passes."""
+    nb = max(16, _next_pow2(N))
+    return nb if CONFIG["one_read"] and nb <= CONFIG["one_read_max_n"] else 0
+
+
+def _one_read_rows(nb: int) -> int:
+    """Rows per tile of the one-read statistics (one per group: a constexpr)."""
+    return min(max(1, CONFIG["one_read_elems"] // nb), 256)
+
+
+def _geometry1(B: int, M: int, N: int, nb: int, fb: int) -> dict:
+    """``_geometry`` of a grouped matrix whose statistics take one read (``one_read``): the write's tiles and the
+    three-pass statistics' regions as there (that pass still runs, for the sums of p^2 only, when they are not
+    carried), the one-read programs (TM1 row groups of RPP1 rows, BM1 rows per tile) and their regions: partial
+    column sums and W, the sums of the new rows (TM1 per matrix), the finite test's and sum u^2's partials."""
+    geo = dict(_geometry(B, M, N, "fac", fb))
+    bm1 = _one_read_rows(nb)
+    m_tiles = _cdiv(M, bm1)
+    tm_cap = max(CONFIG["one_read_tm"], _cdiv(M, CONFIG["one_read_rows"]))
+    rpp1 = _cdiv(m_tiles, min(m_tiles, tm_cap)) * bm1
+    tm1 = _cdiv(M, rpp1)
+    n_cp = geo["n_cp"]
+    geo.update(BM1=bm1, TM1=tm1, RPP1=rpp1, n_prog1=B * tm1, n_rp=tm1, RP_BLOCK=max(2, _next_pow2(tm1)),
+               n_fin=B * (n_cp + tm1), n_usq=B * n_cp, n_fprog=B * n_cp)
+    np_ = _cdiv(N, 16) * 16
+    off = geo["ws_numel"]
+    for name, size in dict(rsum=B * tm1, fin=B * (n_cp + tm1), usq=B * n_cp, colpart1=tm1 * B * np_,
+                           wpart=tm1 * B * np_).items():
+        geo["off_" + name] = off
+        off += _cdiv(size, 16) * 16
+    geo["ws_numel"] = off
+    return geo
+
+
 def _seed(stochastic_rounding: bool, generator, seed: int | None) -> int:
     if not stochastic_rounding:
         return _SEED_BIT
@@ -1489,6 +1647,8 @@ _G_STATS = _consts(_g_fac_stats_kernel, "G_DT", "P_DT", "HAS_SCALE", "SUM_P", "A
 _G_FINALIZE = _consts(_g_fac_finalize_kernel, "BLOCK", "PB")
 _G_USQ = _consts(_g_fac_usq_kernel, "G_DT", "HAS_SCALE", "ALIGN", "G_UNIT", "BLOCK_M", "BLOCK_N", "RP_BLOCK",
                  "REVERSE", "STAGES")
+_G_STATS1 = _consts(_g_fac_stats1_kernel, "G_DT", "HAS_SCALE", "ALIGN", "G_UNIT", "BLOCK_M", "NB")
+_G_FINALIZE1 = _consts(_g_fac_finalize1_kernel, "BLOCK", "PB")
 _G_FINISH = _consts(_g_finish_kernel, "FIN_SCALE", "HAS_USQ", "HAS_PSQ", "PSQ_CARRIED", "BLOCK")
 _G_WRITE = _consts(_g_fac_write_kernel, "G_DT", "P_DT", "HAS_SCALE", "SCALE_PARAM", "HAS_WD", "HAS_M", "SR",
                    "STORE_PSQ", "ALIGN", "G_UNIT", "P_UNIT", "BLOCK_M", "BLOCK_N", "RP_BLOCK", "VERIFY",
@@ -1664,12 +1824,19 @@ def _scaled_group(gp, meta_t, fmeta_t, oks, carried, stale, run, scale, has_scal
     gd, pd = _TL_DT[gdt], _TL_DT[pdt]
     if fac:
         fb, rp_block = gp.fb, gp.rp_block
-        _G_STATS(gp.prog, (meta_t, pm, scale, eps1),
-                 (gd, pd, has_scale, sp_flag and not carried, align, g_unit, p_unit, bm, bn, store, rs),
-                 CONFIG["warps_stats"], *run)
-        _G_FINALIZE(gp.fprog, (meta_t, fmeta_t, gp.fpmap), (fb, max(1, min(32, 4096 // fb))), 4, *run)
-        _G_USQ(gp.prog, (meta_t, pm, scale), (gd, has_scale, align, g_unit, bm, bn, rp_block, rev, rs),
-               CONFIG["warps_usq"], *run, maxnreg=CONFIG["maxnreg_usq"] or None)
+        sum_p = sp_flag and not carried
+        if not gp.nb or sum_p:  # one_read: this pass only for the sums of p^2 (in the order the write carries)
+            _G_STATS(gp.prog, (meta_t, pm, scale, eps1),
+                     (gd, pd, has_scale, sum_p, align, g_unit, p_unit, bm, bn, store, rs),
+                     CONFIG["warps_stats"], *run)
+        if gp.nb:
+            _G_STATS1(gp.prog1, (meta_t, fmeta_t, gp.pmap1, scale, eps1),
+                      (gd, has_scale, align, g_unit, gp.bm1, gp.nb), CONFIG["warps_one_read"], *run)
+            _G_FINALIZE1(gp.fprog, (meta_t, fmeta_t, gp.fpmap), (fb, max(1, min(32, 4096 // fb))), 4, *run)
+        else:
+            _G_FINALIZE(gp.fprog, (meta_t, fmeta_t, gp.fpmap), (fb, max(1, min(32, 4096 // fb))), 4, *run)
+            _G_USQ(gp.prog, (meta_t, pm, scale), (gd, has_scale, align, g_unit, bm, bn, rp_block, rev, rs),
+                   CONFIG["warps_usq"], *run, maxnreg=CONFIG["maxnreg_usq"] or None)
         _G_FINISH(n_t, (meta_t, fmeta_t, scale, oks, eps2, ct), (False, True, sp_flag, carried, 1024), 4, *run)
         # the check's sums take ~18 more registers per thread: capped (ptxas then fits 108 without spilling)
         # so that the write keeps its two programs per SM
@@ -1746,7 +1913,7 @@ _S3F = struct.Struct("<3f")  # RHO, BETA2, 1 - BETA2
 
 class _GroupPlan:
     __slots__ = ("fac", "layout", "idx", "prog", "fprog", "fb", "rp_block", "ws_total", "pmap", "fpmap", "statics",
-                 "moff", "foff", "ooff", "psqc", "psq_versions", "psq_owners")
+                 "moff", "foff", "ooff", "psqc", "psq_versions", "psq_owners", "nb", "bm1", "prog1", "pmap1")
 
 
 class _Plan:
@@ -1882,14 +2049,20 @@ def _build_scaled_plan(ps, gs, states, has_m: bool, dev) -> _Plan:
         if c is None or not _state_ok(*sts):
             plan.single.append(i)
             continue
-        groups.setdefault(c[0], []).append((i, p, g, sts, c[1], c[2], c[3]))
+        nb = _one_read_nb(c[3][2]) if c[0][0] else 0  # matrices: one tile width per group of one-read ones
+        groups.setdefault(c[0] + (nb,), []).append((i, p, g, sts, c[1], c[2], c[3]))
     metas, fmetas = [], []
-    for (fac, pdt, gdt, align, g_unit, p_unit), items in groups.items():
+    for (fac, pdt, gdt, align, g_unit, p_unit, nb), items in groups.items():
         gp = _GroupPlan()
         gp.fac, gp.layout, gp.idx = fac, (pdt, gdt, align, g_unit, p_unit), [it[0] for it in items]
         fb = max(_fin_block(M, N) for *_, (B, M, N) in items) if fac else 0
-        geos = [_geometry(B, M, N, "fac" if fac else "vec", fb) for *_, (B, M, N) in items]
+        if nb:
+            geos = [_geometry1(B, M, N, nb, fb) for *_, (B, M, N) in items]
+        else:
+            geos = [_geometry(B, M, N, "fac" if fac else "vec", fb) for *_, (B, M, N) in items]
+        gp.nb, gp.bm1 = nb, _one_read_rows(nb) if nb else 0
         prog, fprog, counts, fcounts, rows, frows, ws_total, statics = 0, 0, [], [], [], [], 0, []
+        prog1, counts1 = 0, []
         # the sums of p^2 that a write leaves for the next step (``carry_psq``): n_psq floats per tensor, 16-byte
         # aligned; a few KB per tensor, kept with the plan
         psq_offs = [0]
@@ -1904,7 +2077,7 @@ def _build_scaled_plan(ps, gs, states, has_m: bool, dev) -> _Plan:
             col_ptr = sts[1].data_ptr() if fac else 0
             statics.append((p.data_ptr(), sts[0].data_ptr(), col_ptr, m_ptr, 4 * ws_off))
             if fac:
-                nf = B * (geo["n_rp"] + geo["n_cp"])
+                nf = geo["n_fprog"] if nb else B * (geo["n_rp"] + geo["n_cp"])
                 row = [0, p.data_ptr(), sts[0].data_ptr(), col_ptr, m_ptr, 4 * ws_off,
                        B, M, N, geo["TM"], geo["TN"], geo["rows_per_prog"], *sg, *sp, geo["n_rp"], geo["n_cp"],
                        prog, fprog, 0, geo["n_fin"], geo["n_usq"], geo["n_psq"], geo["off_rowpart"],
@@ -1921,6 +2094,10 @@ def _build_scaled_plan(ps, gs, states, has_m: bool, dev) -> _Plan:
             row = row + [0] * (_W - len(row))
             if fac:
                 row[_COL_PSQC] = gp.psqc.data_ptr() + 4 * psq_offs[k]
+            if nb:
+                row[_COL_PSQC + 1:] = [geo["TM1"], geo["RPP1"], geo["off_colpart1"], geo["off_wpart"], prog1]
+                counts1.append(geo["n_prog1"])
+                prog1 += geo["n_prog1"]
             rows.extend(row)
             frows.extend([0.0, 0.0, 0.0, float(numel), math.sqrt(numel), 0.0, 0.0, 0.0])
             counts.append(n)
@@ -1929,6 +2106,7 @@ def _build_scaled_plan(ps, gs, states, has_m: bool, dev) -> _Plan:
         gp.rp_block = max(g_["RP_BLOCK"] for g_ in geos) if fac else 0
         gp.pmap = _pmap(tuple(counts), dev)
         gp.fpmap = _pmap(tuple(fcounts), dev) if fac else None
+        gp.prog1, gp.pmap1 = prog1, (_pmap(tuple(counts1), dev) if nb else None)
         plan.groups.append(gp)
         metas.append(rows)
         fmetas.append(frows)
