@@ -436,6 +436,19 @@ _FAC_FIN_INTS = ["B", "M", "N", "TM", "TN", "n_rp", "n_cp", "off_rowpart", "off_
 
 
 @triton.jit
+def _partial_rows_sum(base, B, b64, idx, Np, n, PB: tl.constexpr, BLOCK: tl.constexpr):
+    """Entries ``idx`` of matrix ``b`` summed over the ``n`` partial rows at ``base`` (row ``i * B + b``, stride
+    ``Np``: padded to 16, so loads up to Np are in bounds and vectorise), in a fixed order."""
+    parts = tl.arange(0, PB)
+    s = tl.zeros([PB, BLOCK], dtype=tl.float32)
+    for i0 in range(0, n, PB):
+        ii = i0 + parts
+        ptrs = base + ((ii * B).to(tl.int64) + b64)[:, None] * Np + idx[None, :]
+        s += tl.load(ptrs, mask=(ii < n)[:, None] & (idx < Np)[None, :], other=0.0)
+    return tl.sum(s, axis=0)
+
+
+@triton.jit
 def _fac_finalize_body(pid, row_ptr, col_ptr, ws_ptr, B, M, N, TM, TN, n_rp, n_cp,
                          off_rowpart, off_colpart, off_newrow, off_newcol, off_rsum, off_fin,
                          beta2, one_minus_beta2, col_count,
@@ -449,17 +462,10 @@ def _fac_finalize_body(pid, row_ptr, col_ptr, ws_ptr, B, M, N, TM, TN, n_rp, n_c
     k = pid % per_b
     b64 = b.to(tl.int64)
     offs = tl.arange(0, BLOCK)
-    parts = tl.arange(0, PB)
     if k < n_rp:
         idx = k * BLOCK + offs
         mask = idx < M
-        Mp = _a16(M + 15)  # the partials' row stride: loads up to Mp are in bounds and vectorise
-        s = tl.zeros([PB, BLOCK], dtype=tl.float32)
-        for j0 in range(0, TN, PB):
-            jj = j0 + parts
-            ptrs = ws_ptr + off_rowpart + ((jj * B).to(tl.int64) + b64)[:, None] * Mp + idx[None, :]
-            s += tl.load(ptrs, mask=(jj < TN)[:, None] & (idx < Mp)[None, :], other=0.0)
-        mean = tl.sum(s, axis=0) / N
+        mean = _partial_rows_sum(ws_ptr + off_rowpart, B, b64, idx, _a16(M + 15), TN, PB, BLOCK) / N
         old = tl.load(row_ptr + b64 * M + idx, mask=mask, other=0.0)
         new = old * beta2 + mean * one_minus_beta2
         tl.store(ws_ptr + off_newrow + b64 * M + idx, new, mask=mask)
@@ -468,13 +474,7 @@ def _fac_finalize_body(pid, row_ptr, col_ptr, ws_ptr, B, M, N, TM, TN, n_rp, n_c
     else:
         idx = (k - n_rp) * BLOCK + offs
         mask = idx < N
-        Np = _a16(N + 15)
-        s = tl.zeros([PB, BLOCK], dtype=tl.float32)
-        for i0 in range(0, TM, PB):
-            ii = i0 + parts
-            ptrs = ws_ptr + off_colpart + ((ii * B).to(tl.int64) + b64)[:, None] * Np + idx[None, :]
-            s += tl.load(ptrs, mask=(ii < TM)[:, None] & (idx < Np)[None, :], other=0.0)
-        mean = tl.sum(s, axis=0) / col_count
+        mean = _partial_rows_sum(ws_ptr + off_colpart, B, b64, idx, _a16(N + 15), TM, PB, BLOCK) / col_count
         old = tl.load(col_ptr + b64 * N + idx, mask=mask, other=0.0)
         new = old * beta2 + mean * one_minus_beta2
         tl.store(ws_ptr + off_newcol + b64 * N + idx, new, mask=mask)
@@ -1085,25 +1085,15 @@ def _g_fac_finalize1_kernel(meta_ptr, fmeta_ptr, pmap_ptr, BLOCK: tl.constexpr, 
     b64 = b.to(tl.int64)
     idx = k * BLOCK + tl.arange(0, BLOCK)
     mask = idx < N
-    Np = _a16(N + 15)  # the partials' row stride: loads up to Np are in bounds and vectorise
-    parts = tl.arange(0, PB)
-    cpart = ws_ptr + _a16(_mi(row, _C_OCOLPART1))
-    wpart = ws_ptr + _a16(_mi(row, _C_OWPART))
-    sc = tl.zeros([PB, BLOCK], dtype=tl.float32)
-    sw = tl.zeros([PB, BLOCK], dtype=tl.float32)
-    for i0 in range(0, TM1, PB):
-        ii = i0 + parts
-        offs = ((ii * B).to(tl.int64) + b64)[:, None] * Np + idx[None, :]
-        m2 = (ii < TM1)[:, None] & (idx < Np)[None, :]
-        sc += tl.load(cpart + offs, mask=m2, other=0.0)
-        sw += tl.load(wpart + offs, mask=m2, other=0.0)
-    mean = tl.sum(sc, axis=0) / M
+    Np = _a16(N + 15)
+    mean = _partial_rows_sum(ws_ptr + _a16(_mi(row, _C_OCOLPART1)), B, b64, idx, Np, TM1, PB, BLOCK) / M
+    w = _partial_rows_sum(ws_ptr + _a16(_mi(row, _C_OWPART)), B, b64, idx, Np, TM1, PB, BLOCK)
     new = tl.load(col_ptr + b64 * N + idx, mask=mask, other=0.0) * tl.load(frow + _F_BETA2) \
         + mean * tl.load(frow + _F_OMB2)
     tl.store(ws_ptr + _a16(_mi(row, _C_ONEWCOL)) + b64 * N + idx, new, mask=mask)
     tl.store(ws_ptr + _mi(row, _C_OFIN) + local, tl.sum(tl.where(mask, mean, 0.0), axis=0))
     row_mean = _sum_parts(ws_ptr, _mi(row, _C_ORSUM) + b * TM1, TM1, 64) / M
-    usq = tl.sum(tl.where(mask, tl.sum(sw, axis=0) / tl.where(mask, new, 1.0), 0.0), axis=0) * row_mean
+    usq = tl.sum(tl.where(mask, w / tl.where(mask, new, 1.0), 0.0), axis=0) * row_mean
     tl.store(ws_ptr + _mi(row, _C_OUSQ) + local, usq)
 
 
