@@ -479,17 +479,20 @@ def check_one_read(device: str) -> None:
     base, base_st, nbs = run(dict(one_read=False))
     assert nbs == {0}, nbs
     # fused buckets (a matrix or two each) and the classic step's one group sum alike: bit-identical, with
-    # several programs per matrix (its geometry depends on its shape alone)
+    # several programs per matrix (its geometry depends on its shape alone; one row per tile, so that a geometry
+    # that followed the group's size would give these matrices another number of programs)
     from adalomo import AdaLomo
-    prev = K.set_config(one_read_tm=2, one_read_elems=128)
+    prev = K.set_config(one_read_tm=2, one_read_elems=16)
     try:
         out = {}
-        xs = [torch.randn(8, 13, generator=gen).to(device, torch.bfloat16) for _ in range(3)]
+        xs = [torch.randn(8, 13, generator=gen).to(device) for _ in range(3)]  # fp32: every last bit kept
         for mode in ("classic", "fused"):
             torch.manual_seed(0)
-            m = torch.nn.Sequential(torch.nn.Linear(13, 40), torch.nn.Tanh(), torch.nn.Linear(40, 70),
-                                    torch.nn.Tanh(), torch.nn.Linear(70, 33)).to(device, torch.bfloat16)
-            opt = AdaLomo(m.parameters(), lr=1e-2, fused=mode == "fused", bucket_cap_mb=3000 * 2 / 2**20)
+            # 100x40 and 90x60: one group (tile width 64) in the classic step, a bucket each when fused
+            m = torch.nn.Sequential(torch.nn.Linear(13, 40), torch.nn.Tanh(), torch.nn.Linear(40, 100),
+                                    torch.nn.Tanh(), torch.nn.Linear(100, 60), torch.nn.Tanh(),
+                                    torch.nn.Linear(60, 90), torch.nn.Tanh(), torch.nn.Linear(90, 5)).to(device)
+            opt = AdaLomo(m.parameters(), lr=1e-2, fused=mode == "fused", bucket_cap_mb=6000 / 2**20)
             for x in xs:
                 m(x).float().square().mean().backward()
                 opt.step()

@@ -102,7 +102,7 @@ CONFIG = {
     "one_read_elems": 16384,  # elements per row tile (rows = this / row length)
     # programs (row groups) per matrix: this many, fewer for short matrices, more for tall ones (at most
     # one_read_rows rows each). A function of the shape alone, so that fused buckets and classic groups sum alike
-    # (bit-identical). H200 (ar/at): 64 suits groups of several matrices (two 11008x4096 73 us against 84 at 128);
+    # (bit-identical). H200 (ar/at): 64 suits groups of several matrices (two 11008x4096 73 us against 78 at 128);
     # the 32000x4096 embedding, alone in its bucket, 315 us at 128 against 391 at 64
     "one_read_tm": 64,
     "one_read_rows": 256,
@@ -1392,8 +1392,9 @@ def _one_read_rows(nb: int) -> int:
 def _geometry1(B: int, M: int, N: int, nb: int, fb: int) -> dict:
     """``_geometry`` of a grouped matrix whose statistics take one read (``one_read``): the write's tiles and the
     three-pass statistics' regions as there (that pass still runs, for the sums of p^2 only, when they are not
-    carried), the one-read programs (TM1 row groups of RPP1 rows, BM1 rows per tile) and their regions: partial
-    column sums and W, the sums of the new rows (TM1 per matrix), the finite test's and sum u^2's partials."""
+    carried), the one-read programs (TM1 row groups of RPP1 rows, ``_one_read_rows(nb)`` rows per tile) and their
+    regions: partial column sums and W, the sums of the new rows (TM1 per matrix), the finite test's and sum u^2's
+    partials."""
     geo = dict(_geometry(B, M, N, "fac", fb))
     bm1 = _one_read_rows(nb)
     m_tiles = _cdiv(M, bm1)
@@ -1401,7 +1402,7 @@ def _geometry1(B: int, M: int, N: int, nb: int, fb: int) -> dict:
     rpp1 = _cdiv(m_tiles, min(m_tiles, tm_cap)) * bm1
     tm1 = _cdiv(M, rpp1)
     n_cp = geo["n_cp"]
-    geo.update(BM1=bm1, TM1=tm1, RPP1=rpp1, n_prog1=B * tm1, n_rp=tm1, RP_BLOCK=max(2, _next_pow2(tm1)),
+    geo.update(TM1=tm1, RPP1=rpp1, n_prog1=B * tm1, n_rp=tm1, RP_BLOCK=max(2, _next_pow2(tm1)),
                n_fin=B * (n_cp + tm1), n_usq=B * n_cp, n_fprog=B * n_cp)
     np_ = _cdiv(N, 16) * 16
     off = geo["ws_numel"]
