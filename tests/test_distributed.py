@@ -216,10 +216,14 @@ def _scenario_fsdp_exact(rank: int, tmp: str):
 
 
 def _scenario_functional(rank: int):
-    """The functional API with an explicit ShardInfo: equal to the full-tensor update; a NaN/inf in one
-    rank's rows only makes every rank skip (the finite flag is global)."""
+    """The sharded maths (adalomo.distributed.functional) with an explicit ShardInfo: equal to the full-tensor
+    update; a NaN/inf in one rank's rows only makes every rank skip (the finite flag is global)."""
     from adalomo import functional as F
     from adalomo.distributed import ShardInfo
+    from adalomo.distributed import functional as DF
+
+    plain = dict(grad_scale=None, stochastic_rounding=False, generator=None)
+    core = dict(eps=(1e-30, 1e-3), clip_threshold=1.0, scale_parameter=True, beta1=None, **plain)
 
     group = dist.group.WORLD
     for shape, block_numel in [((7, 5), None), ((9,), None), ((3, 4, 6), None), ((1, 5), None), ((31, 6), 40)]:
@@ -243,14 +247,17 @@ def _scenario_functional(rank: int):
                 gl = gr[sl].clone()
                 if i == 2 and rank == WORLD - 1 and gl.numel():
                     gl.view(-1)[0] = float("nan")  # only the last rank sees it
+                t = float(i + 1)
                 if name == "adalomo":
-                    ok = F.adalomo_update_(p, gl, st, lr=1e-2, weight_decay=0.1, shard=info)
+                    ok = DF.scaled_rms_update_(p, gl, st, rho=1e-2, beta2=F.beta2_at(t, -0.8), weight_decay=0.1,
+                                               **core, shard=info)
                     ref_ok = F.adalomo_update_(ref_p, gr, ref_st, lr=1e-2, weight_decay=0.1) if i < 2 else None
                 elif name == "adafactor":
-                    ok = F.adafactor_update_(p, gl, st, lr=1e-2, relative_step=True, shard=info)
+                    ok = DF.scaled_rms_update_(p, gl, st, rho=F.relative_step_size(t, False, 1e-2),
+                                               beta2=F.beta2_at(t, -0.8), weight_decay=0.0, **core, shard=info)
                     ref_ok = F.adafactor_update_(ref_p, gr, ref_st, lr=1e-2, relative_step=True) if i < 2 else None
                 else:
-                    ok = F.lomo_update_(p, gl, lr=1e-2, weight_decay=0.1, shard=info)
+                    ok = DF.lomo_update_(p, gl, lr=1e-2, weight_decay=0.1, clip_grad_value=None, **plain, shard=info)
                     ref_ok = F.lomo_update_(ref_p, gr, lr=1e-2, weight_decay=0.1) if i < 2 else None
                 if i < 2:
                     assert bool(ok) and bool(ref_ok)
@@ -360,7 +367,6 @@ def _scenario_fsdp_kernels(rank: int, tmp: str):
     the collectives it makes (two all-reduces per bucket, Lomo one) counted; no host synchronisation."""
     os.environ["ADALOMO_TRITON_INTERPRET"] = "1"
     os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton (nothing has, in this process)
-    os.environ["ADALOMO_SEPARATE_STATS_GROUP"] = "1"  # the opt-in second communicator, exercised here
     from adalomo import kernels
     from adalomo.kernels import _sharded
 
@@ -458,10 +464,6 @@ def _scenario_fsdp_kernels(rank: int, tmp: str):
             assert torch.equal(ps[3], before[3]), f"{fn}: the 3-D tensor with the NaN was updated"
             assert not torch.equal(ps[2], before[2]), f"{fn}: a finite tensor was not updated"
             assert rank == 1 or not torch.equal(ps[4], before[4]), f"{fn}: the one-matrix 3-D tensor was not updated"
-        # ADALOMO_SEPARATE_STATS_GROUP=1: the statistics go over their own communicator (same ranks)
-        info = opt._shard_layouts[id(model.l1.weight)].shard
-        assert info.stats_group is not info.group
-        assert dist.get_process_group_ranks(info.stats_group) == dist.get_process_group_ranks(info.group)
         # one tensor per bucket (a tiny cap): the same result, one call per tensor
         os.environ["ADALOMO_DISABLE_TRITON"] = "1"
         ref = make_model()

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from adalomo import Adafactor, AdaLomo, Lomo
-from adalomo.fused import DoubleFiringError
+from adalomo.optim.engine import DoubleFiringError
 
 OPTIMIZERS = {
     "adalomo": lambda ps, fused: AdaLomo(ps, lr=1e-2, weight_decay=0.01, fused=fused),
@@ -275,68 +275,9 @@ def test_a_failed_backward_does_not_stall_later_steps():
     x = torch.randn(5, 4)
     with pytest.raises(RuntimeError, match="boom"):
         lin2(_Boom.apply(lin1(x))).sum().backward()  # lin2's hooks fire, then the backward dies
-    opt._pending[0] = [(lin1.weight, torch.full_like(lin1.weight, 1e3))]  # as if queued by the failed backward
+    opt._engine.pending[0] = [(lin1.weight, torch.full_like(lin1.weight, 1e3))]  # as if queued by the failed backward
     before = lin1.weight.detach().clone()
     lin2(lin1(x)).sum().mul(float("nan")).backward()  # non-finite: nothing changes, the step is counted
     assert opt.skipped_updates is not None and int(opt.skipped_updates) == 1, "the step did not end"
     assert torch.equal(lin1.weight, before), "a gradient queued by the failed backward was applied"
-    assert not opt._pending
-
-
-@pytest.mark.parametrize("name", ["adalomo", "lomo"])
-def test_flush_thread_equals_hook_thread(name):
-    """flush_thread: the same updates, issued by the worker thread (with grad mode off there: the torch path
-    updates leaves in place), and backward() returns only once every one of them has been issued."""
-    make = {"adalomo": lambda ps, **kw: AdaLomo(ps, lr=1e-2, weight_decay=0.01, fused=True, **kw),
-            "lomo": lambda ps, **kw: Lomo(ps, lr=1e-2, clip_grad_value=1.0, fused=True, **kw)}[name]
-    torch.manual_seed(0)
-    base = TinyNet()
-    batches = _batches(4)
-    out = []
-    for thread in (False, True):
-        model = copy.deepcopy(base)
-        opt = make(model.parameters(), flush_thread=thread)
-        losses = _train(model, opt, batches)
-        assert not opt._handed, "backward returned with updates still waiting for the worker"
-        out.append((losses, [p.detach().clone() for p in model.parameters()]))
-    assert out[0][0] == out[1][0]
-    for a, b in zip(out[0][1], out[1][1]):
-        assert torch.equal(a, b)
-
-
-def test_flush_thread_bounds_waiting_work_and_reraises(monkeypatch):
-    """At most two hand-overs wait for a slow worker (each holds gradients); an error on the worker is raised
-    by the backward that handed the work over, and the next backward works."""
-    import threading
-    import time
-
-    from adalomo.optim import base as B
-
-    torch.manual_seed(0)
-    model = TinyNet(tie=False)
-    opt = AdaLomo(model.parameters(), lr=1e-2, fused=True, flush_thread=True)
-    waiting, workers = [], set()
-    orig = type(opt)._apply_one
-
-    def slow(self, p, grad):
-        workers.add(threading.current_thread().name)
-        time.sleep(0.002)
-        waiting.append(len(self._handed))
-        orig(self, p, grad)
-    monkeypatch.setattr(type(opt), "_apply_one", slow)
-    x = _batches(1)[0]
-    _loss(model, x).backward()
-    assert waiting and max(waiting) <= B._MAX_HANDED, waiting
-    assert workers == {n for n in workers if n.startswith("adalomo-flush")}, workers
-    assert all(float(st["step"]) == 1 for st in opt.state.values())
-
-    def boom(self, p, grad):
-        raise ValueError("worker failed")
-    monkeypatch.setattr(type(opt), "_apply_one", boom)
-    with pytest.raises(ValueError, match="worker failed"):
-        _loss(model, x).backward()
-    monkeypatch.setattr(type(opt), "_apply_one", orig)
-    before = [p.detach().clone() for p in model.parameters()]
-    _loss(model, x).backward()
-    assert not opt._handed
-    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters())), "the next step did not update"
+    assert not opt._engine.pending

@@ -1,69 +1,66 @@
-"""The maths of the optimizers, one tensor at a time, shared by classic and fused modes.
+"""The maths of the optimizers on one tensor, in plain torch: the reference, the CPU path and the fallback.
 
-Small composable pieces (optax-style) and the three algorithms built from them:
+Small composable pieces (optax-style) and the updates built from them:
 
 * ``update_second_moment_``: EMA of g^2 + eps1, factored over the last two dims (row/column means)
   for tensors with >= 2 dims, full for 0-D/1-D tensors;
 * ``preconditioner`` / ``precondition``: u = g / sqrt(v_hat);
 * ``clip_by_rms``: u / max(1, RMS(u) / d) (the "grouped update normalisation");
 * ``param_scale``: max(eps2, RMS(p)) (AdaLomo's and Adafactor's relative step size);
-* ``apply_update_``: p <- p * (1 - lr_t * wd) - lr_t * u, computed in fp32, written back with
-  optional bf16 stochastic rounding, masked so that a non-finite gradient never touches ``p``.
+* ``apply_update_``: p <- p * (1 - lr_t * wd) - lr_t * u, computed in fp32 (fp64 for fp64 tensors),
+  written back with optional bf16 stochastic rounding, masked so that a non-finite gradient never
+  touches ``p``.
 
-``adalomo_update_``, ``adafactor_update_`` and ``lomo_update_`` compose them. Everything stays on
-the device (no ``.item()``): step counts are CPU tensors, every scalar derived from the gradient is a
-0-d device tensor. Large 2-D tensors are processed in row blocks so that fp32 temporaries stay
-bounded (the gradient is read three times: statistics, RMS(u), write-back).
-
-Sharded tensors (FSDP2): the update functions take an optional ``shard`` (an
-:class:`adalomo.distributed.ShardInfo`) when ``p``/``g``/``state`` are the *local* rows of a tensor sharded
-on dim 0. Row statistics stay local; column sums, mean(row), RMS(u), RMS(p) and the finite flag are
-reduced over the shard group (two batched all-reduces per tensor, on the device), so the result equals
-the single-process update of the full tensor. ``shard=None`` (the default) is the single-process path,
-unchanged; the optimizers pass ``shard`` implicitly through :func:`sharding` so that subclasses calling
-these functions need no change.
+``scaled_rms_update_`` (the shared core of AdaLomo and Adafactor), ``adalomo_update_``,
+``adafactor_update_`` and ``lomo_update_`` compose them. Nothing here chooses a backend or talks to other
+processes: the Triton kernels (``adalomo.kernels``) and the FSDP2 maths (``adalomo.distributed.functional``)
+are picked by ``adalomo.optim.dispatch``. Everything stays on the device (no ``.item()``): every scalar
+derived from the gradient is a 0-d device tensor. Large 2-D tensors are processed in row blocks so that
+the temporaries stay bounded.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import threading
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from . import kernels
 from .precision import write_back_
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .distributed import ShardInfo
 
 __all__ = [
     "BLOCK_NUMEL",
+    "compute_dtype",
     "init_factored_state",
+    "factored_state_numel",
     "is_factored",
     "rms",
     "param_scale",
     "beta2_at",
     "relative_step_size",
+    "row_means_col_sums",
+    "masked_ema_",
     "update_second_moment_",
     "preconditioner",
     "precondition",
     "sum_of_squares",
     "clip_by_rms",
     "apply_update_",
+    "clip_and_apply_",
+    "scaled_rms_update_",
     "adalomo_update_",
     "adafactor_update_",
     "lomo_update_",
-    "sharding",
-    "current_shard",
 ]
 
 #: 2-D tensors with more elements than this are updated in row blocks of about this size.
 BLOCK_NUMEL = 1 << 24
+
+
+def compute_dtype(t: Tensor) -> torch.dtype:
+    """The dtype the maths runs in for tensor ``t``: float64 for float64 tensors, float32 otherwise."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def is_factored(p: Tensor) -> bool:
@@ -71,18 +68,26 @@ def is_factored(p: Tensor) -> bool:
 
 
 def init_factored_state(p: Tensor) -> dict[str, Tensor]:
-    """fp32 second-moment state: rows+cols for >= 2-D tensors, a full copy for 0-D/1-D."""
-    kw = dict(dtype=torch.float32, device=p.device)
+    """Second-moment state (fp32; fp64 for fp64 tensors): rows+cols for >= 2-D tensors, a full copy for 0-D/1-D."""
+    kw = dict(dtype=compute_dtype(p), device=p.device)
     if is_factored(p):
         return {"exp_avg_sq_row": torch.zeros(p.shape[:-1], **kw),
                 "exp_avg_sq_col": torch.zeros(p.shape[:-2] + p.shape[-1:], **kw)}
     return {"exp_avg_sq": torch.zeros(p.shape, **kw)}
 
 
+def factored_state_numel(shape: tuple[int, ...] | torch.Size) -> int:
+    """Values ``init_factored_state`` keeps for a tensor of ``shape`` (the memory planner counts with this)."""
+    shape = tuple(shape)
+    if len(shape) < 2:
+        return math.prod(shape)
+    return math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1]
+
+
 def rms(x: Tensor) -> Tensor:
-    """Root mean square in fp32 without an fp32 copy of ``x``."""
+    """Root mean square in the compute dtype, without an upcast copy of ``x``."""
     n = max(x.numel(), 1)
-    return torch.linalg.vector_norm(x, dtype=torch.float32) / math.sqrt(n)
+    return torch.linalg.vector_norm(x, dtype=compute_dtype(x)) / math.sqrt(n)
 
 
 def param_scale(p: Tensor, eps2: float) -> Tensor:
@@ -100,8 +105,8 @@ def relative_step_size(step: float, warmup_init: bool, cap: float = 1e-2) -> flo
     return min(min_step, 1.0 / math.sqrt(step))
 
 
-def _blocks(t: Tensor) -> Iterator[slice]:
-    """Row slices of a 2-D tensor bounding fp32 temporaries; the whole tensor otherwise."""
+def row_blocks(t: Tensor) -> Iterator[slice]:
+    """Row slices of a 2-D tensor bounding the temporaries; the whole tensor otherwise."""
     if t.dim() != 2 or t.numel() <= BLOCK_NUMEL:
         yield slice(None)
         return
@@ -110,104 +115,69 @@ def _blocks(t: Tensor) -> Iterator[slice]:
         yield slice(start, start + rows)
 
 
-_AMBIENT = threading.local()
-
-
-@contextlib.contextmanager
-def sharding(shard: ShardInfo | None) -> Iterator[None]:
-    """Within the block, the whole-update functions (``adalomo_update_``, ``adafactor_update_``,
-    ``lomo_update_``) called without ``shard=`` use this one: the optimizers' glue for FSDP2 parameters.
-
-    The pieces (``update_second_moment_``, ``preconditioner``, ``clip_by_rms``, ``param_scale``) never
-    use it: a composition of pieces must pass ``shard=`` itself and reduce what it needs (see
-    :func:`current_shard`).
-    """
-    prev = getattr(_AMBIENT, "shard", None)
-    _AMBIENT.shard = shard
-    try:
-        yield
-    finally:
-        _AMBIENT.shard = prev
-
-
-def current_shard() -> ShardInfo | None:
-    """The :class:`~adalomo.distributed.ShardInfo` of the parameter being updated (None: not sharded)."""
-    return getattr(_AMBIENT, "shard", None)
-
-
-def _resolve_shard(shard: ShardInfo | None) -> ShardInfo | None:
-    if shard is None:
-        shard = getattr(_AMBIENT, "shard", None)
-    if shard is not None:
-        shard.used = True
-    return shard
-
-
-def _fp32(g: Tensor, grad_scale: Tensor | float | None) -> Tensor:
-    """A fresh fp32 copy of ``g`` (times ``grad_scale``) that callers may modify in place."""
+def upcast(g: Tensor, grad_scale: Tensor | float | None) -> Tensor:
+    """A fresh copy of ``g`` in the compute dtype (times ``grad_scale``) that callers may modify in place."""
     if grad_scale is not None:
-        return g.float() * grad_scale
-    return g.to(torch.float32, copy=True)
+        return g.to(compute_dtype(g)) * grad_scale
+    return g.to(compute_dtype(g), copy=True)
 
 
-def _square(g: Tensor, grad_scale: Tensor | float | None) -> Tensor:
-    """(g * grad_scale)^2 in fp32, a fresh tensor (one pass for fp32 gradients)."""
-    if grad_scale is None and g.dtype == torch.float32:
+def square(g: Tensor, grad_scale: Tensor | float | None) -> Tensor:
+    """(g * grad_scale)^2 in the compute dtype, a fresh tensor (one pass when ``g`` is in it already)."""
+    if grad_scale is None and g.dtype == compute_dtype(g):
         return g.square()
-    return _fp32(g, grad_scale).square_()
+    return upcast(g, grad_scale).square_()
 
 
 def sum_of_squares(u: Tensor) -> Tensor:
-    """sum(u^2) as a 0-d fp32 tensor, in one pass without a temporary (the input of ``clip_by_rms``)."""
-    return torch.linalg.vector_norm(u, dtype=torch.float32).square()
+    """sum(u^2) as a 0-d tensor, in one pass without a temporary (the input of ``clip_by_rms``)."""
+    return torch.linalg.vector_norm(u, dtype=compute_dtype(u)).square()
 
 
-def _row_means_col_sums(g: Tensor, eps1: float, grad_scale: Tensor | float | None) -> tuple[Tensor, Tensor]:
+def row_means_col_sums(g: Tensor, eps1: float, grad_scale: Tensor | float | None) -> tuple[Tensor, Tensor]:
     """Row means and column sums of U = g^2 + eps1 over the last two dims, in row blocks for large tensors.
 
     eps1 is added to the (small) reductions, not to every element: sum(g^2 + eps1) = sum(g^2) + n eps1.
     """
-    blocks = list(_blocks(g))
+    blocks = list(row_blocks(g))
     if len(blocks) == 1:
-        sq = _square(g, grad_scale)
+        sq = square(g, grad_scale)
         return sq.mean(-1).add_(eps1), sq.sum(-2).add_(eps1 * g.shape[-2])
-    row_mean = torch.empty(g.shape[:-1], dtype=torch.float32, device=g.device)
-    col_sum = torch.full(g.shape[:-2] + g.shape[-1:], eps1 * g.shape[-2], dtype=torch.float32, device=g.device)
+    kw = dict(dtype=compute_dtype(g), device=g.device)
+    row_mean = torch.empty(g.shape[:-1], **kw)
+    col_sum = torch.full(g.shape[:-2] + g.shape[-1:], eps1 * g.shape[-2], **kw)
     for b in blocks:
-        sq = _square(g[b], grad_scale)
+        sq = square(g[b], grad_scale)
         row_mean[b] = sq.mean(-1).add_(eps1)
         col_sum += sq.sum(-2)
     return row_mean, col_sum
 
 
-def update_second_moment_(state: dict[str, Tensor], g: Tensor, *, beta2: float, eps1: float,
-                          grad_scale: Tensor | float | None = None, shard: ShardInfo | None = None) -> Tensor:
-    """EMA of U = g^2 + eps1 (row/col means, or full); returns a 0-d bool: were the stats finite?
-
-    When they are not (NaN/inf in ``g``), the state is left as it was. With ``shard`` (local rows of a
-    dim-0-sharded tensor) the column means and the finite flag are global (one all-reduce); the row mean
-    that ``preconditioner`` needs is then global too: use ``_sharded_second_moment_``'s, or reduce it.
-    """
-    if shard is not None:
-        return _sharded_second_moment_(state, g, beta2=beta2, eps1=eps1, grad_scale=grad_scale, shard=shard)[0]
-    if is_factored(g):
-        row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-        row_mean, col_sum = _row_means_col_sums(g, eps1, grad_scale)
-        col_mean = col_sum.div_(g.shape[-2])
-        ok = torch.isfinite(row_mean.sum() + col_mean.sum())
-        _masked_ema_(row, row_mean, beta2, ok)
-        _masked_ema_(col, col_mean, beta2, ok)
-        return ok
-    v = state["exp_avg_sq"]
-    u = _square(g, grad_scale).add_(eps1)
-    ok = torch.isfinite(u.sum())
-    _masked_ema_(v, u, beta2, ok)
-    return ok
-
-
-def _masked_ema_(avg: Tensor, new: Tensor, beta2: float, ok: Tensor) -> None:
+def masked_ema_(avg: Tensor, new: Tensor, beta2: float, ok: Tensor) -> None:
+    """avg <- beta2 avg + (1 - beta2) new where ``ok`` (a 0-d bool tensor), else unchanged."""
     updated = avg * beta2 + new * (1.0 - beta2)
     avg.copy_(torch.where(ok, updated, avg))
+
+
+def update_second_moment_(state: dict[str, Tensor], g: Tensor, *, beta2: float, eps1: float,
+                          grad_scale: Tensor | float | None = None) -> Tensor:
+    """EMA of U = g^2 + eps1 (row/col means, or full); returns a 0-d bool: were the stats finite?
+
+    When they are not (NaN/inf in ``g``), the state is left as it was.
+    """
+    if is_factored(g):
+        row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+        row_mean, col_sum = row_means_col_sums(g, eps1, grad_scale)
+        col_mean = col_sum.div_(g.shape[-2])
+        ok = torch.isfinite(row_mean.sum() + col_mean.sum())
+        masked_ema_(row, row_mean, beta2, ok)
+        masked_ema_(col, col_mean, beta2, ok)
+        return ok
+    v = state["exp_avg_sq"]
+    u = square(g, grad_scale).add_(eps1)
+    ok = torch.isfinite(u.sum())
+    masked_ema_(v, u, beta2, ok)
+    return ok
 
 
 def preconditioner(state: dict[str, Tensor], row_mean: Tensor | None = None) -> tuple[Tensor, ...]:
@@ -228,13 +198,14 @@ def preconditioner(state: dict[str, Tensor], row_mean: Tensor | None = None) -> 
 
 def precondition(g: Tensor, factors: tuple[Tensor, ...], rows: slice = slice(None),
                  grad_scale: Tensor | float | None = None) -> Tensor:
-    """u = g / sqrt(v_hat) in fp32 for the rows ``rows`` of a 2-D tensor (or all of it)."""
+    """u = g / sqrt(v_hat) in the compute dtype for the rows ``rows`` of a 2-D tensor (or all of it)."""
     g = g[rows] if rows != slice(None) else g
     first = factors[0][rows] if len(factors) == 2 and rows != slice(None) else factors[0]
     if grad_scale is not None:
         first = first * grad_scale  # a row (or v-sized) factor, cheaper than scaling g
-    # fp32 g: one multiply into a fresh tensor; bf16/fp16: an fp32 copy first (mixed-dtype multiplies are slow)
-    u = torch.mul(g, first) if g.dtype == torch.float32 else g.float().mul_(first)
+    # g in the compute dtype: one multiply into a fresh tensor; bf16/fp16: an upcast copy first (mixed-dtype
+    # multiplies are slow)
+    u = torch.mul(g, first) if g.dtype == compute_dtype(g) else g.to(compute_dtype(g)).mul_(first)
     return u.mul_(factors[1]) if len(factors) == 2 else u
 
 
@@ -247,71 +218,49 @@ def clip_by_rms(sum_sq: Tensor, numel: int, threshold: float) -> Tensor:
 def apply_update_(p: Tensor, u: Tensor, step_size: Tensor, weight_decay: float, ok: Tensor,
                   stochastic_rounding: bool = False, generator: torch.Generator | None = None,
                   u_scale: Tensor | None = None) -> None:
-    """p <- p * (1 - step_size * wd) - step_size * u_scale * u in fp32, or p unchanged if ``ok`` is False.
+    """p <- p * (1 - step_size * wd) - step_size * u_scale * u in the compute dtype, or p unchanged if ``ok``
+    is False.
 
     ``u_scale`` (0-d, e.g. the RMS clip factor) folds into the step instead of costing a pass over ``u``.
     On CPU the flag is read on the host (no device to wait for): a skipped update costs nothing and the
     arithmetic runs in place; on accelerators it stays a device-side select (no synchronisation).
     """
     coef = -step_size if u_scale is None else -(step_size * u_scale)
+    cdt = compute_dtype(p)
     if p.device.type == "cpu":
         if not bool(ok):
             return
-        p32 = p if p.dtype == torch.float32 else p.float()  # updated in place: p itself, or a copy
+        pc = p if p.dtype == cdt else p.to(cdt)  # updated in place: p itself, or a copy
         if weight_decay != 0:
-            p32.mul_(1.0 - step_size * weight_decay)
-        p32.addcmul_(u, coef)
-        if p32 is not p:
-            write_back_(p, p32, stochastic_rounding, generator)
+            pc.mul_(1.0 - step_size * weight_decay)
+        pc.addcmul_(u, coef)
+        if pc is not p:
+            write_back_(p, pc, stochastic_rounding, generator)
         return
-    p32 = p.float()
-    new = p32 * (1.0 - step_size * weight_decay) if weight_decay != 0 else p32
+    pc = p.to(cdt)
+    new = pc * (1.0 - step_size * weight_decay) if weight_decay != 0 else pc
     new = torch.addcmul(new, u, coef)
-    new = torch.where(ok, new, p32)
+    new = torch.where(ok, new, pc)
     write_back_(p, new, stochastic_rounding, generator)
 
 
-def _scaled_rms_update_(p: Tensor, g: Tensor, state: dict[str, Tensor], *, rho: float, eps: tuple[float, float],
-                        clip_threshold: float, beta2: float, weight_decay: float, scale_parameter: bool,
-                        beta1: float | None, grad_scale: Tensor | float | None, stochastic_rounding: bool,
-                        generator: torch.Generator | None, shard: ShardInfo | None = None) -> Tensor:
-    """The shared core of AdaLomo and Adafactor: factored second moment -> clip -> relative step."""
-    shard = _resolve_shard(shard)
-    if shard is not None:
-        return _sharded_scaled_rms_update_(p, g, state, rho=rho, eps=eps, clip_threshold=clip_threshold,
-                                           beta2=beta2, weight_decay=weight_decay, scale_parameter=scale_parameter,
-                                           beta1=beta1, grad_scale=grad_scale, stochastic_rounding=stochastic_rounding,
-                                           generator=generator, shard=shard)
-    if kernels.use_triton(p, g):
-        return kernels.scaled_rms_update_(p, g, state, rho=rho, eps=eps, clip_threshold=clip_threshold,
-                                          beta2=beta2, weight_decay=weight_decay,
-                                          scale_parameter=scale_parameter, beta1=beta1, grad_scale=grad_scale,
-                                          stochastic_rounding=stochastic_rounding, generator=generator)
-    ok = update_second_moment_(state, g, beta2=beta2, eps1=eps[0], grad_scale=grad_scale)
-    step_size = param_scale(p, eps[1]) * rho if scale_parameter else torch.full((), rho, device=p.device)
-    _clip_and_apply_(p, g, state, preconditioner(state), ok, step_size, numel=g.numel(),
-                     clip_threshold=clip_threshold, weight_decay=weight_decay, beta1=beta1, grad_scale=grad_scale,
-                     stochastic_rounding=stochastic_rounding, generator=generator)
-    return ok
-
-
-def _clip_and_apply_(p: Tensor, g: Tensor, state: dict[str, Tensor], factors: tuple[Tensor, ...], ok: Tensor,
-                     step_size: Tensor, *, numel: int, clip_threshold: float,
-                     weight_decay: float, beta1: float | None, grad_scale: Tensor | float | None,
-                     stochastic_rounding: bool, generator: torch.Generator | None,
-                     reduce_sum_sq: Callable[[Tensor], Tensor] | None = None) -> None:
+def clip_and_apply_(p: Tensor, g: Tensor, state: dict[str, Tensor], factors: tuple[Tensor, ...], ok: Tensor,
+                    step_size: Tensor, *, numel: int, clip_threshold: float,
+                    weight_decay: float, beta1: float | None, grad_scale: Tensor | float | None,
+                    stochastic_rounding: bool, generator: torch.Generator | None,
+                    reduce_sum_sq: Callable[[Tensor], Tensor] | None = None) -> None:
     """u = precondition(g); clip by RMS(u) (over ``numel`` elements: the whole tensor, all shards);
     optional first moment; apply. One precondition pass per row block when u does not fit at once.
 
-    ``reduce_sum_sq`` sums sum(u^2) over the shards (FSDP2).
+    ``reduce_sum_sq`` sums sum(u^2) over the shards of a sharded tensor (``adalomo.distributed.functional``).
     """
-    blocks = list(_blocks(g))
+    blocks = list(row_blocks(g))
     if len(blocks) == 1:
         u = precondition(g, factors, grad_scale=grad_scale)
         sum_sq = sum_of_squares(u)
     else:
         u = None
-        sum_sq = torch.zeros((), dtype=torch.float32, device=g.device)
+        sum_sq = torch.zeros((), dtype=compute_dtype(g), device=g.device)
         for b in blocks:
             sum_sq += sum_of_squares(precondition(g, factors, b, grad_scale))
     if reduce_sum_sq is not None:
@@ -328,68 +277,23 @@ def _clip_and_apply_(p: Tensor, g: Tensor, state: dict[str, Tensor], factors: tu
                       stochastic_rounding, generator, u_scale=u_scale)
 
 
-# ----------------------------------------------------------------------------------- sharded (FSDP2)
-def _sharded_second_moment_(state: dict[str, Tensor], g: Tensor, *, beta2: float, eps1: float,
-                            grad_scale: Tensor | float | None, shard: ShardInfo,
-                            extra: tuple[Tensor, ...] = ()) -> tuple[Tensor, Tensor | None, list[Tensor]]:
-    """``update_second_moment_`` on the local rows of a dim-0-sharded tensor, in one all-reduce.
+def scaled_rms_update_(p: Tensor, g: Tensor, state: dict[str, Tensor], *, rho: float, eps: tuple[float, float],
+                       clip_threshold: float, beta2: float, weight_decay: float, scale_parameter: bool,
+                       beta1: float | None, grad_scale: Tensor | float | None = None,
+                       stochastic_rounding: bool = False, generator: torch.Generator | None = None) -> Tensor:
+    """The shared core of AdaLomo and Adafactor: factored second moment -> clip -> relative step.
 
-    ``g`` and the state hold local rows (dim 0). For a 2-D tensor the column statistics reduce over the
-    sharded dim: their sums are all-reduced and divided by the global row count. For 1-D and >= 3-D
-    tensors every statistic is local. The non-finite count, the sums needed for the global mean of the
-    new row statistics (2-D) and the caller's ``extra`` partial sums ride in the same all-reduce.
-    Returns (ok, global mean of the new row statistics as a 0-d tensor or None, reduced ``extra``).
+    ``state['step']`` is not touched (the caller counts steps). Returns the 0-d bool "g was finite"; when it
+    is False, ``p`` and ``state`` are left unchanged.
     """
-    if not is_factored(g):
-        v = state["exp_avg_sq"]
-        u = _square(g, grad_scale).add_(eps1)
-        bad = (~torch.isfinite(u.sum())).float()
-        out = shard.all_reduce_sum_([bad, *extra])
-        ok = out[0] == 0
-        _masked_ema_(v, u, beta2, ok)
-        return ok, None, out[1:]
-    row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-    row_mean, col_sum = _row_means_col_sums(g, eps1, grad_scale)
-    bad = (~torch.isfinite(row_mean.sum() + col_sum.sum())).float()
-    if g.dim() != 2:  # dim 0 is a batch dim of the factorisation: everything is local but the flag
-        out = shard.all_reduce_sum_([bad, *extra])
-        ok = out[0] == 0
-        _masked_ema_(row, row_mean, beta2, ok)
-        _masked_ema_(col, col_sum.div_(g.shape[-2]), beta2, ok)
-        return ok, None, out[1:]
-    row_new = row * beta2 + row_mean * (1.0 - beta2)
-    out = shard.all_reduce_sum_([col_sum, bad, row_new.sum(), row.sum(), *extra])
-    col_sum, bad, new_sum, old_sum = out[:4]
-    ok = bad == 0
-    m = shard.global_shape[0]
-    row.copy_(torch.where(ok, row_new, row))
-    _masked_ema_(col, col_sum / m, beta2, ok)
-    row_mean_global = torch.where(ok, new_sum, old_sum) / m
-    return ok, row_mean_global, out[4:]
-
-
-def _sharded_scaled_rms_update_(p: Tensor, g: Tensor, state: dict[str, Tensor], *, rho: float,
-                                eps: tuple[float, float], clip_threshold: float, beta2: float, weight_decay: float,
-                                scale_parameter: bool, beta1: float | None, grad_scale: Tensor | float | None,
-                                stochastic_rounding: bool, generator: torch.Generator | None,
-                                shard: ShardInfo) -> Tensor:
-    """``_scaled_rms_update_`` on the local rows of a dim-0-sharded tensor: two all-reduces.
-
-    1. [column sums | non-finite count | sums of the old and new row statistics | sum p^2];
-    2. [sum u^2]. Both are device tensors: no host synchronisation.
-    """
-    extra = (torch.linalg.vector_norm(p, dtype=torch.float32).square(),) if scale_parameter else ()
-    ok, row_mean, extra = _sharded_second_moment_(state, g, beta2=beta2, eps1=eps[0], grad_scale=grad_scale,
-                                                  shard=shard, extra=extra)
-    numel = shard.numel
+    ok = update_second_moment_(state, g, beta2=beta2, eps1=eps[0], grad_scale=grad_scale)
     if scale_parameter:
-        step_size = (extra[0].sqrt() / math.sqrt(max(numel, 1))).clamp_min(eps[1]) * rho
+        step_size = param_scale(p, eps[1]) * rho
     else:
-        step_size = torch.full((), rho, device=p.device)
-    _clip_and_apply_(p, g, state, preconditioner(state, row_mean), ok, step_size, numel=numel,
-                     clip_threshold=clip_threshold, weight_decay=weight_decay, beta1=beta1, grad_scale=grad_scale,
-                     stochastic_rounding=stochastic_rounding, generator=generator,
-                     reduce_sum_sq=lambda x: shard.all_reduce_sum_([x])[0])
+        step_size = torch.full((), rho, dtype=compute_dtype(p), device=p.device)
+    clip_and_apply_(p, g, state, preconditioner(state), ok, step_size, numel=g.numel(),
+                    clip_threshold=clip_threshold, weight_decay=weight_decay, beta1=beta1, grad_scale=grad_scale,
+                    stochastic_rounding=stochastic_rounding, generator=generator)
     return ok
 
 
@@ -397,17 +301,16 @@ def adalomo_update_(p: Tensor, g: Tensor, state: dict[str, Tensor], *, lr: float
                     eps: tuple[float, float] = (1e-30, 1e-3), clip_threshold: float = 1.0,
                     decay_rate: float = -0.8, weight_decay: float = 0.0,
                     grad_scale: Tensor | float | None = None, stochastic_rounding: bool = False,
-                    generator: torch.Generator | None = None, shard: ShardInfo | None = None) -> Tensor:
+                    generator: torch.Generator | None = None) -> Tensor:
     """One AdaLomo step on ``p`` (in place). ``state`` holds ``step`` and the second moment.
 
     Returns a 0-d bool tensor: False when ``g`` was not finite and nothing was changed.
     """
     state["step"] += 1
     beta2 = beta2_at(float(state["step"]), decay_rate)
-    return _scaled_rms_update_(p, g, state, rho=lr, eps=eps, clip_threshold=clip_threshold, beta2=beta2,
-                               weight_decay=weight_decay, scale_parameter=True, beta1=None,
-                               grad_scale=grad_scale, stochastic_rounding=stochastic_rounding,
-                               generator=generator, shard=shard)
+    return scaled_rms_update_(p, g, state, rho=lr, eps=eps, clip_threshold=clip_threshold, beta2=beta2,
+                              weight_decay=weight_decay, scale_parameter=True, beta1=None,
+                              grad_scale=grad_scale, stochastic_rounding=stochastic_rounding, generator=generator)
 
 
 def adafactor_update_(p: Tensor, g: Tensor, state: dict[str, Tensor], *, lr: float, relative_step: bool,
@@ -415,7 +318,7 @@ def adafactor_update_(p: Tensor, g: Tensor, state: dict[str, Tensor], *, lr: flo
                       eps: tuple[float, float] = (1e-30, 1e-3), clip_threshold: float = 1.0,
                       decay_rate: float = -0.8, beta1: float | None = None, weight_decay: float = 0.0,
                       grad_scale: Tensor | float | None = None, stochastic_rounding: bool = False,
-                      generator: torch.Generator | None = None, shard: ShardInfo | None = None) -> Tensor:
+                      generator: torch.Generator | None = None) -> Tensor:
     """One Adafactor step (Shazeer & Stern, transformers conventions) on ``p`` (in place).
 
     With ``relative_step`` the step is rho_t = min(lr, 1/sqrt(t)) (``lr`` is the cap, 1e-2 by
@@ -426,34 +329,28 @@ def adafactor_update_(p: Tensor, g: Tensor, state: dict[str, Tensor], *, lr: flo
     state["step"] += 1
     t = float(state["step"])
     rho = relative_step_size(t, warmup_init, lr) if relative_step else lr
-    return _scaled_rms_update_(p, g, state, rho=rho, eps=eps, clip_threshold=clip_threshold,
-                               beta2=beta2_at(t, decay_rate), weight_decay=weight_decay,
-                               scale_parameter=scale_parameter, beta1=beta1, grad_scale=grad_scale,
-                               stochastic_rounding=stochastic_rounding, generator=generator, shard=shard)
+    return scaled_rms_update_(p, g, state, rho=rho, eps=eps, clip_threshold=clip_threshold,
+                              beta2=beta2_at(t, decay_rate), weight_decay=weight_decay,
+                              scale_parameter=scale_parameter, beta1=beta1, grad_scale=grad_scale,
+                              stochastic_rounding=stochastic_rounding, generator=generator)
 
 
 def lomo_update_(p: Tensor, g: Tensor, *, lr: float, weight_decay: float = 0.0,
                  clip_grad_value: float | None = None, grad_scale: Tensor | float | None = None,
                  stochastic_rounding: bool = False, generator: torch.Generator | None = None,
-                 shard: ShardInfo | None = None) -> Tensor:
+                 ok: Tensor | None = None) -> Tensor:
     """LOMO (fused SGD): p <- p * (1 - lr * wd) - lr * clamp(g, -c, c). Returns the finite flag.
 
-    With ``shard`` only the finite flag needs the other ranks (all of them skip together).
+    ``ok``: the finite flag, when the caller has it already (all shards of a sharded tensor skip together).
     """
-    shard = _resolve_shard(shard)
-    if shard is None and kernels.use_triton(p, g):
-        return kernels.lomo_update_(p, g, lr=lr, weight_decay=weight_decay, clip_grad_value=clip_grad_value,
-                                    grad_scale=grad_scale, stochastic_rounding=stochastic_rounding,
-                                    generator=generator)
-    scaled_sum = g.sum(dtype=torch.float32)
-    ok = torch.isfinite(scaled_sum if grad_scale is None else scaled_sum * grad_scale)
-    if shard is not None:
-        ok = shard.all_reduce_sum_([(~ok).float()])[0] == 0
-    step_size = torch.full((), lr, dtype=torch.float32, device=p.device)
-    for b in _blocks(g):
+    if ok is None:
+        scaled_sum = g.sum(dtype=compute_dtype(g))
+        ok = torch.isfinite(scaled_sum if grad_scale is None else scaled_sum * grad_scale)
+    step_size = torch.full((), lr, dtype=compute_dtype(p), device=p.device)
+    for b in row_blocks(g):
         gb = g if b == slice(None) else g[b]
-        if gb.dtype != torch.float32 or grad_scale is not None or clip_grad_value is not None:
-            gb = _fp32(gb, grad_scale)  # a copy only when it must change (apply_update_ only reads it)
+        if gb.dtype != compute_dtype(gb) or grad_scale is not None or clip_grad_value is not None:
+            gb = upcast(gb, grad_scale)  # a copy only when it must change (apply_update_ only reads it)
         if clip_grad_value is not None:
             gb = gb.clamp_(-clip_grad_value, clip_grad_value)
         apply_update_(p if b == slice(None) else p[b], gb, step_size, weight_decay, ok,

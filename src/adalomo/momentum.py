@@ -92,9 +92,11 @@ def low_rank_layout(shape, rank: int) -> tuple[str, int, tuple[int, int], tuple[
     return "right", r, (b, r), (a, r)
 
 
-def init_momentum_state(kind: str, shape, rank: int, device=None, prefix: str = "") -> dict[str, Tensor]:
-    """fp32 zero state for one momentum kind: ``exp_avg`` (full), ``proj`` + ``exp_avg_lr`` (low_rank)."""
-    kw = dict(dtype=torch.float32, device=device)
+def init_momentum_state(kind: str, shape, rank: int, device=None, prefix: str = "",
+                        dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    """Zero state (fp32 by default) for one momentum kind: ``exp_avg`` (full), ``proj`` + ``exp_avg_lr``
+    (low_rank)."""
+    kw = dict(dtype=dtype, device=device)
     if kind == "full":
         return {prefix + "exp_avg": torch.zeros(tuple(shape), **kw)}
     if kind == "low_rank":

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._optim import UnshardedDistributedError
-from .shard import ParamLayout, ShardInfo, UnsupportedShardingError, is_dtensor, param_layout, stats_group
+from .shard import ParamLayout, ShardInfo, UnsupportedShardingError, is_dtensor, param_layout
+from .state import UnshardedDistributedError
 
-__all__ = ["ShardInfo", "ParamLayout", "param_layout", "stats_group", "is_dtensor", "check_not_ddp", "hsdp_mesh",
+__all__ = ["ShardInfo", "ParamLayout", "param_layout", "is_dtensor", "check_not_ddp", "hsdp_mesh",
            "UnshardedDistributedError", "UnsupportedShardingError"]
 
 

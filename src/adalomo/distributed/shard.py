@@ -16,38 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["ShardInfo", "ParamLayout", "is_dtensor", "param_layout", "UnsupportedShardingError", "stats_group"]
-
-_STATS_GROUPS: dict = {}
-
-
-def stats_group(group: object) -> object:
-    """A second process group over the ranks of ``group``, created once per group (by its members only).
-
-    Opt-in (``ADALOMO_SEPARATE_STATS_GROUP=1``; otherwise ``group`` itself is returned). On NCCL the collectives
-    of one communicator run in issue order, so the optimizer's small all-reduces, issued from the gradient hooks,
-    queue with FSDP2's reduce-scatters and all-gathers; on their own communicator they need not. Measured at 1B
-    on 2 H200s it made no difference (30,380 vs 31,492 tokens/s per GPU, within run-to-run noise;
-    ``benchmarks/results/h200x2_2026-11-29/m/``), and a communicator costs GPU memory: hence off by default.
-    """
-    import os
-
-    import torch.distributed as dist
-
-    if os.environ.get("ADALOMO_SEPARATE_STATS_GROUP", "") in ("", "0"):
-        return group
-    key = id(group)
-    hit = _STATS_GROUPS.get(key)
-    if hit is not None and hit[0] is group:
-        return hit[1]
-    ranks = dist.get_process_group_ranks(group)
-    try:
-        new = dist.new_group(ranks=ranks, use_local_synchronization=True)
-    except TypeError:  # torch without use_local_synchronization: every rank of the world must call new_group
-        return group
-    _STATS_GROUPS[key] = (group, new)
-    return new
-
+__all__ = ["ShardInfo", "ParamLayout", "is_dtensor", "param_layout", "UnsupportedShardingError"]
 
 class UnsupportedShardingError(ValueError):
     """A DTensor parameter whose placements are not FSDP2's dim-0 sharding (optionally HSDP)."""
@@ -66,22 +35,13 @@ class ShardInfo:
     """The local rows of a tensor sharded on dim 0 over ``group`` (the shard dimension of the mesh).
 
     ``all_reduce_sum_`` concatenates its tensors into one flat fp32 buffer and does a single all-reduce
-    (SUM) over ``group``, on the tensors' device and without host synchronisation. ``used`` is set by
-    the update functions of :mod:`adalomo.functional` that consume it (the optimizer checks it).
+    (SUM) over ``group``, on the tensors' device and without host synchronisation.
     """
 
     group: object  # torch.distributed.ProcessGroup
     global_shape: torch.Size
     row_offset: int = 0
     local_rows: int = 0
-    used: bool = field(default=False, compare=False)
-    #: the group the statistics are summed over when not ``group`` itself: a second communicator over the same
-    #: ranks (opt-in, see :func:`stats_group`)
-    reduce_group: object = field(default=None, compare=False)
-
-    @property
-    def stats_group(self) -> object:
-        return self.group if self.reduce_group is None else self.reduce_group
 
     @property
     def numel(self) -> int:
@@ -95,7 +55,7 @@ class ShardInfo:
         if not tensors:
             return []
         flat = torch.cat([t.reshape(-1).to(torch.float32) for t in tensors])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.stats_group)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
         out = flat.split([t.numel() for t in tensors])
         return [o.view(t.shape) for o, t in zip(out, tensors)]
 

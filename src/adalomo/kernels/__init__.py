@@ -104,6 +104,16 @@ def set_config(**changes) -> dict:
     return impl.set_config(**changes)
 
 
+def carried_sums_stale() -> list:
+    """``carry_psq``'s check since the last call: one 0-d bool device flag per device on which sums were carried
+    (True: a carried sum of p^2 did not match the parameter the write read)."""
+    impl = _impl
+    if impl is None:
+        return []
+    flags = (impl.take_carry_stale(dev) for dev in list(impl._STALE))
+    return [f for f in flags if f is not None]
+
+
 def triton_available() -> bool:
     """True when the Triton kernels can be imported (on CPU: in interpreter mode only)."""
     return _load(_flag("ADALOMO_TRITON_INTERPRET")) is not None

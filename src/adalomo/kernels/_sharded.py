@@ -159,7 +159,7 @@ def scaled_rms_update_sharded_(ps, gs, states, shards, *, rhos, beta2s, eps, cli
                                               clip_threshold=clip_threshold, weight_decay=weight_decay,
                                               scale_parameter=scale_parameter, beta1=beta1, grad_scale=grad_scale,
                                               stochastic_rounding=stochastic_rounding, seeds=seeds)
-    group = shards[0].stats_group
+    group = shards[0].group
     plan = _plan(ps, shards, dev)
     has_scale, scale = K._scale_arg(grad_scale, ps[0])
     has_m = beta1 is not None
@@ -354,7 +354,7 @@ def lomo_update_sharded_(ps, gs, shards, *, lr, weight_decay, clip_grad_value, g
                (align, g_unit, geo["BLOCK_M"], geo["BLOCK_N"]), K.CONFIG["warps_usq"], *run)
         work.append((g, sg, p_work, sp, ws, M, N, align, g_unit, p_unit))
     fin = ws_all[plan.gather].sum(1)  # one partial sum per tensor (0 for an empty shard)
-    dist.all_reduce(fin, op=dist.ReduceOp.SUM, group=shards[0].stats_group)
+    dist.all_reduce(fin, op=dist.ReduceOp.SUM, group=shards[0].group)
     if plan.dst.numel():
         ws_all[plan.dst] = fin[plan.live]  # slot 0 of each workspace: the write kernels read it as one partial
     clip = clip_grad_value is not None

@@ -24,8 +24,7 @@ from torch import Tensor, nn
 from .. import functional as F
 from .. import momentum as M
 from ..momentum import KINDS, SplitMomentum
-from ..precision import DynamicLossScaler
-from .base import LowMemoryOptimizer, _check_number
+from .base import LowMemoryOptimizer, _check_number, as_float
 
 __all__ = ["AdaPM", "SplitMomentum", "adapm_policy", "resolve_policy", "adapm_param_groups", "momentum_kinds",
            "state_bytes", "adamw_state_bytes", "llama_shapes", "gpt2_shapes", "PRESETS"]
@@ -233,9 +232,7 @@ class AdaPM(LowMemoryOptimizer):
                  second_moment: str = "adam", momentum_policy: Policy = "adapm", fused: bool = False, *,
                  proj_method: str = "randomized", clip_threshold: float | None = 1.0, relative_lr: bool = False,
                  decay_rate: float | None = None, refresh_fill: bool = True, proj_seed: int = 0,
-                 clip_grad_norm: float | None = None,
-                 stochastic_rounding: bool | None = None, nonfinite: str = "warn",
-                 loss_scaler: DynamicLossScaler | None = None, sr_seed: int = 0):
+                 stochastic_rounding: bool | None = None, **options: Any):
         self._policy = resolve_policy(momentum_policy)
         self._policy_is_named = momentum_policy in ("adapm", adapm_policy) or isinstance(momentum_policy, Mapping)
         self._kinds: dict[int, Kind] = {}
@@ -246,29 +243,9 @@ class AdaPM(LowMemoryOptimizer):
                         update_proj_gap=update_proj_gap, second_moment=second_moment, momentum=None,
                         proj_method=proj_method, clip_threshold=clip_threshold, relative_lr=relative_lr,
                         decay_rate=decay_rate, refresh_fill=refresh_fill, stochastic_rounding=stochastic_rounding)
-        super().__init__(params, defaults, fused=fused, nonfinite=nonfinite, loss_scaler=loss_scaler,
-                         clip_grad_norm=clip_grad_norm, sr_seed=sr_seed)
+        super().__init__(params, defaults, fused=fused, **options)
 
     # -------------------------------------------------------------------------------- wiring
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        group = dict(param_group)
-        params = group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
-        if params and all(isinstance(x, tuple) and len(x) == 2 for x in params):  # named_parameters()
-            group["param_names"] = [n for n, _ in params]
-            params = [p for _, p in params]
-        elif any(isinstance(x, tuple) for x in params):
-            raise TypeError("AdaPM: params mixes (name, tensor) pairs and tensors; pass model.named_parameters(), "
-                            "model.parameters() or adapm_param_groups(model)")
-        group["params"] = params
-        names = group.get("param_names")
-        if names is not None and len(names) != len(params):
-            raise ValueError(f"AdaPM: a group has {len(params)} params but {len(names)} param_names")
-        for i, p in enumerate(params):
-            if isinstance(p, Tensor):
-                self._names[id(p)] = None if names is None else names[i]
-        super().add_param_group(group)
-
     def _validate_group(self, group: dict[str, Any]) -> None:
         _check_number("lr", group["lr"], low=0.0)
         betas = group["betas"]
@@ -300,7 +277,12 @@ class AdaPM(LowMemoryOptimizer):
         if group["momentum"] is not None:  # stored as a plain str / tuple: checkpoints load with weights_only
             kind = _check_kind(group["momentum"], "param group 'momentum'")
             group["momentum"] = (kind.dim, tuple(kind.kinds)) if isinstance(kind, SplitMomentum) else kind
-        for p in group["params"]:
+        self._resolve_group(group)
+
+    def _resolve_group(self, group: dict[str, Any]) -> None:
+        names = group.get("param_names")
+        for i, p in enumerate(group["params"]):
+            self._names[id(p)] = None if names is None else names[i]
             self._kinds[id(p)] = self._resolve(p, group)
 
     def _resolve(self, p: Tensor, group: dict[str, Any]) -> Kind:
@@ -327,17 +309,18 @@ class AdaPM(LowMemoryOptimizer):
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
         kind = self._kinds[id(p)]
         state: dict[str, Tensor] = {"step": torch.tensor(0.0)}
+        dt = F.compute_dtype(p)
         if isinstance(kind, SplitMomentum):
             cs = _chunk_shape(p.shape, kind)
             for i, k in enumerate(kind.kinds):
-                state.update(M.init_momentum_state(k, cs, self._rank_for(cs, group["rank"]), p.device, f"{i}."))
+                state.update(M.init_momentum_state(k, cs, self._rank_for(cs, group["rank"]), p.device, f"{i}.", dt))
         else:
             rank = self._rank_for(p.shape, group["rank"]) if kind == "low_rank" else 1
-            state.update(M.init_momentum_state(kind, p.shape, rank, p.device))
+            state.update(M.init_momentum_state(kind, p.shape, rank, p.device, dtype=dt))
         if group["second_moment"] == "factored":
             state.update(F.init_factored_state(p))
         else:
-            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=dt, device=p.device)
         return state
 
     def momentum_kind(self, p: Tensor) -> Kind:
@@ -361,7 +344,7 @@ class AdaPM(LowMemoryOptimizer):
         state["step"] += 1
         t = float(state["step"])
         beta1, beta2 = group["betas"]
-        g = grad.float() if grad_scale is None else grad.float() * grad_scale  # read-only from here on
+        g = F.upcast(grad, grad_scale)  # read-only from here on
         ok = torch.isfinite(g.sum())
         kind = self._kinds[id(p)]
         refresh = (int(t) - 1) % group["update_proj_gap"] == 0
@@ -379,12 +362,12 @@ class AdaPM(LowMemoryOptimizer):
             beta2, bc2 = F.beta2_at(t, group["decay_rate"]), 1.0
         else:
             bc2 = 1.0 - beta2 ** t
-        lr, u_scale = group["lr"], None
+        lr, u_scale = as_float(group["lr"]), None
         if group["second_moment"] == "adam":
             v = state["exp_avg_sq"]
             v.copy_(torch.where(ok, torch.lerp(g * g, v, beta2), v))
             u = m_hat / (v / bc2).sqrt_().add_(group["eps"])
-            step_size = torch.full((), lr, dtype=torch.float32, device=p.device)
+            step_size = torch.full((), lr, dtype=g.dtype, device=p.device)
         else:
             ok = ok & F.update_second_moment_(state, g, beta2=beta2, eps1=group["eps"] ** 2)
             factors = F.preconditioner(state)
@@ -398,7 +381,7 @@ class AdaPM(LowMemoryOptimizer):
             if group["relative_lr"]:
                 step_size = F.param_scale(p, PARAM_SCALE_EPS) * lr
             else:
-                step_size = torch.full((), lr, dtype=torch.float32, device=p.device)
+                step_size = torch.full((), lr, dtype=g.dtype, device=p.device)
         F.apply_update_(p, u, step_size, group["weight_decay"], ok, stochastic_rounding, generator, u_scale=u_scale)
         return ok
 
@@ -418,6 +401,21 @@ class AdaPM(LowMemoryOptimizer):
                                  f"this optimizer expects {want}: it was saved with another momentum policy, "
                                  "rank or second_moment")
         super().load_state_dict(state_dict)
+
+    # ---------------------------------------------------------------------------------- copies
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update(_policy=self._policy, _policy_is_named=self._policy_is_named, proj_seed=self.proj_seed)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        copy = "_policy" in state  # not torch's load_state_dict, which passes state and param_groups only
+        if copy:
+            self._kinds, self._names, self._warned_unnamed = {}, {}, True
+        super().__setstate__(state)
+        if copy:
+            for group in self.param_groups:
+                self._resolve_group(group)
 
 
 # --------------------------------------------------------------------------------------------- memory

@@ -1,9 +1,8 @@
-"""Glue between :class:`adalomo.optim.base.LowMemoryOptimizer` and FSDP2 ``DTensor`` parameters.
+"""Optimizer state of FSDP2 ``DTensor`` parameters, norms over shards, and the check against DDP.
 
-The base class calls these few functions; nothing here runs for plain tensors. Subclasses keep their
-API: ``_init_state`` receives the *local* tensor and its state is wrapped into ``DTensor``s here;
-``_update`` receives local tensors and the functional update functions find the :class:`ShardInfo`
-through :func:`adalomo.functional.sharding`.
+The optimizer base calls these few functions; nothing here runs for plain tensors. ``_init_state`` receives
+the *local* tensor and its state is wrapped into ``DTensor``s here, so that ``torch.distributed.checkpoint``
+saves and reshards it.
 """
 
 from __future__ import annotations
@@ -13,11 +12,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import functional as F
 from .shard import ParamLayout, is_dtensor, param_layout
 
-__all__ = ["UnshardedDistributedError", "check_unsharded", "init_sharded_state", "sharded_update",
-           "local_norm", "reduce_sq_norms", "global_norm", "conform_loaded_state"]
+__all__ = ["UnshardedDistributedError", "check_unsharded", "init_sharded_state", "local_norm", "reduce_sq_norms",
+           "global_norm", "conform_loaded_state"]
 
 
 class UnshardedDistributedError(RuntimeError):
@@ -70,9 +68,7 @@ def init_sharded_state(opt: Any, p: Tensor, group: dict[str, Any], layout: Param
             raise NotImplementedError(
                 f"{type(opt).__name__}._init_state failed on the local shard (shape {tuple(local_p.shape)}) of an "
                 f"FSDP2 parameter of shape {tuple(p.shape)}: {type(e).__name__}: {e}. Sharded parameters need "
-                "an _init_state that depends only on the tensor it is given, and an _update that goes through "
-                "adalomo.functional's adalomo_update_/adafactor_update_/lomo_update_ (AdaLomo, Adafactor, "
-                "Lomo).") from e
+                "an _init_state that depends only on the tensor it is given (AdaLomo, Adafactor, Lomo).") from e
         shape_a = torch.Size(p.shape)
         shape_b = torch.Size((shape_a[0] + 1,) + tuple(shape_a[1:]))
         try:
@@ -107,43 +103,6 @@ def init_sharded_state(opt: Any, p: Tensor, group: dict[str, Any], layout: Param
         layout.state_layout[k] = kind
         layout.state_shapes[k] = (sa, v.dtype)
     return out
-
-
-def sharded_update(opt: Any, layout: ParamLayout, p: Tensor, grad: Tensor, group: dict[str, Any],
-                   state: dict[str, Tensor], grad_scale: Tensor | None, stochastic_rounding: bool,
-                   generator: torch.Generator | None) -> Tensor:
-    """``opt._update`` on the local rows, with the shard info available to :mod:`adalomo.functional`."""
-    if not is_dtensor(grad):
-        raise RuntimeError(f"{type(opt).__name__}: parameter of shape {tuple(p.shape)} is a DTensor but its "
-                           f"gradient is a {type(grad).__name__}")
-    if tuple(grad.placements) != layout.placements:
-        raise RuntimeError(f"{type(opt).__name__}: parameter of shape {tuple(p.shape)} has placements "
-                           f"{layout.placements} but its gradient has {tuple(grad.placements)} (a Partial "
-                           "gradient has not been reduced yet; FSDP2 reduces before calling the hooks)")
-    with torch.no_grad():
-        p_l, g_l = p.to_local(), grad.to_local()
-        local = {k: (v.to_local() if is_dtensor(v) else v) for k, v in state.items()}
-        before = dict(local)
-        shard = layout.shard
-        if shard is not None:
-            shard.used = False
-        with F.sharding(shard):
-            ok = opt._update(p_l, g_l, group, local, grad_scale, stochastic_rounding, generator)
-        if shard is not None and not shard.used and not getattr(opt, "_sharding_aware", False):
-            raise NotImplementedError(
-                f"{type(opt).__name__} does not support FSDP2-sharded parameters: its _update did not go through "
-                "a whole-update function of adalomo.functional (adalomo_update_, adafactor_update_, "
-                "lomo_update_), so its statistics would cover only this rank's rows. (A subclass that reduces "
-                "its statistics itself, using adalomo.functional.current_shard(), sets _sharding_aware = True.)")
-        for k, v in local.items():
-            if before.get(k) is v:
-                continue
-            old = state.get(k)
-            if is_dtensor(old) and isinstance(v, Tensor) and v.shape == old.to_local().shape:
-                old.to_local().copy_(v)
-            else:
-                state[k] = v
-    return ok
 
 
 def local_norm(layout: ParamLayout | None, grad: Tensor) -> tuple[Tensor, object]:
