@@ -26,7 +26,6 @@ Trainer's own clipping, fp16 and DDP.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -46,11 +45,6 @@ __all__ = ["OPTIMIZERS", "AdaLomoTrainer", "check_training_args", "create_optimi
 
 #: names accepted by :func:`create_optimizer` and ``AdaLomoTrainer(adalomo_optimizer=...)``
 OPTIMIZERS: dict[str, type[LowMemoryOptimizer]] = {"adalomo": AdaLomo, "lomo": Lomo, "adafactor": Adafactor}
-
-_ADALOMO_LR_ADVICE = ("AdaLomo's lr is relative to the weight RMS (step = lr * max(1e-3, RMS(weight))): use "
-                      "1e-3 or 5e-4 to fine-tune a pretrained model (the authors' values) and ~1e-2 to 3e-2 "
-                      "from scratch, not an AdamW value such as 2e-5")
-
 
 _FSDP_MESSAGE = (
     "adalomo optimizers cannot be used with the Trainer's FSDP: accelerate replaces the model's parameters by "
@@ -116,8 +110,6 @@ def create_optimizer(model: nn.Module, args: Any = None, name: str = "adalomo", 
             kw.setdefault("warmup_init", False)
     if lr is not None:
         kw["lr"] = lr
-    if cls is AdaLomo and lr is not None and lr < 1e-4:
-        warnings.warn(f"AdaLomo with lr={lr:g}: {_ADALOMO_LR_ADVICE}.", UserWarning, stacklevel=2)
     groups = parameter_groups(model, weight_decay, decay_parameters)
     if not groups:
         raise ValueError(f"{cls.__name__}: the model has no trainable parameters")

@@ -170,6 +170,7 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         self._group_index: dict[int, int] = {}
         self._param_index: dict[int, int] = {}
         self._shard_layouts: dict[int, Any] = {}  # id(p) -> distributed.ParamLayout, for DTensor parameters
+        self._fits: dict[int, bool] = {}  # id(p) -> the grouped kernels take p (dispatch.grouped_fits)
         # id(p) -> (its step counter, that tensor's _version after our last write, the value written, exact below)
         self._step_cache: dict[int, tuple] = {}
         self._clip_coef: Tensor | None = None

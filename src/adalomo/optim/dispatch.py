@@ -28,7 +28,7 @@ from ..precision import sr_generator
 if TYPE_CHECKING:  # pragma: no cover
     from .base import LowMemoryOptimizer
 
-__all__ = ["update", "sharded_kernels_fit", "advance_steps"]
+__all__ = ["update", "update_grouped", "grouped_fits", "sharded_kernels_fit", "check_placements", "advance_steps"]
 
 #: step counters whose integral values up to this magnitude are exact (see ``advance_steps``)
 _EXACT_COUNT = {torch.float32: 2.0**24, torch.float64: 2.0**53, torch.int64: 2.0**53, torch.int32: 2.0**31}
@@ -36,34 +36,39 @@ _EXACT_COUNT = {torch.float32: 2.0**24, torch.float64: 2.0**53, torch.int64: 2.0
 
 def update(opt: LowMemoryOptimizer, gi: int, items: list[tuple[Tensor, Tensor]]) -> None:
     """Update the pairs ``items`` of param group ``gi`` (in place); their finite flags go to ``opt._oks``."""
-    group = opt.param_groups[gi]
     layouts = opt._shard_layouts
-    grouped: list[tuple[Tensor, Tensor]] = []
-    sharded: dict[Any, list[tuple[Tensor, Tensor]]] = {}
+    grouped: dict[Any, list[tuple[Tensor, Tensor]]] = {}
     single: list[tuple[Tensor, Tensor]] = []
-    many = opt._has_many and opt._grouped_supported(group)
     for p, g in items:
         opt._check_grad(g)
-        if p.numel() == 0:
-            opt.state[p]["step"] += 1
-            continue
         layout = layouts.get(id(p)) if layouts else None
         if layout is not None:
-            _check_placements(opt, p, g, layout)
-            if many and opt._sharded_many and sharded_kernels_fit(p, g, layout):
-                sharded.setdefault(layout.group, []).append((p, g))
-            else:
-                single.append((p, g))
-        elif many and kernels.use_triton(p, g):
-            grouped.append((p, g))
+            check_placements(opt, p, g, layout)
+        if grouped_fits(opt, p, g, layout):
+            grouped.setdefault(None if layout is None else layout.group, []).append((p, g))
         else:
             single.append((p, g))
-    if grouped:
-        _run_many(opt, group, grouped, None)
-    for pairs in sharded.values():  # FSDP2 shards: two all-reduces per process group
-        _run_many(opt, group, pairs, [layouts[id(p)].shard for p, _ in pairs])
+    for key, pairs in grouped.items():  # FSDP2 shards: two all-reduces per process group
+        update_grouped(opt, gi if key is None else (gi, key), pairs)
     for p, g in single:
-        _update_one(opt, group, p, g)
+        _update_one(opt, opt.param_groups[gi], p, g)
+
+
+def grouped_fits(opt: LowMemoryOptimizer, p: Tensor, grad: Tensor, layout: Any) -> bool:
+    """Whether the optimizer's grouped kernels take ``p`` with this gradient. The parameter's part (device, dtype,
+    shape, the environment) is decided at its first gradient and kept; for FSDP2 parameters alike on every rank."""
+    fits = opt._fits.get(id(p))
+    if fits is None:
+        if not opt._has_many:
+            fits = False
+        elif layout is None:
+            fits = kernels.use_triton(p)
+        else:
+            fits = opt._sharded_many and sharded_kernels_fit(p, grad, layout)
+        opt._fits[id(p)] = fits
+    if not fits or torch.compiler.is_compiling():
+        return False
+    return layout is not None or kernels.gradient_fits(grad, p)
 
 
 def sharded_kernels_fit(p: Tensor, grad: Tensor, layout: Any) -> bool:
@@ -74,8 +79,17 @@ def sharded_kernels_fit(p: Tensor, grad: Tensor, layout: Any) -> bool:
     return kernels.sharded_fits(p, grad)
 
 
-def _run_many(opt: LowMemoryOptimizer, group: dict, pairs: list[tuple[Tensor, Tensor]], shards: list | None) -> None:
+def update_grouped(opt: LowMemoryOptimizer, key: Any, pairs: list[tuple[Tensor, Tensor]]) -> None:
+    """The grouped kernels on ``pairs`` that ``grouped_fits`` accepted: ``key`` is the param group's index, or
+    (index, process group) for FSDP2 parameters (whose shards every rank updates in the same calls)."""
+    gi = key if isinstance(key, int) else key[0]
+    group = opt.param_groups[gi]
+    if not opt._grouped_supported(group):  # settings without a grouped kernel (e.g. AdaLomo's clip_grad_value)
+        for p, g in pairs:
+            _update_one(opt, group, p, g)
+        return
     ps, gs = [p for p, _ in pairs], [g for _, g in pairs]
+    shards = None if isinstance(key, int) else [opt._shard_layouts[id(p)].shard for p in ps]
     states, seeds, steps, sr = advance_steps(opt, ps, group)
     opt._oks.append(opt._update_many(ps, gs, group, states=states, steps=steps, seeds=seeds, sr=sr,
                                      grad_scale=opt._grad_scale(ps[0].device), shards=shards))
@@ -84,6 +98,9 @@ def _run_many(opt: LowMemoryOptimizer, group: dict, pairs: list[tuple[Tensor, Te
 def _update_one(opt: LowMemoryOptimizer, group: dict, p: Tensor, grad: Tensor) -> None:
     """The torch maths on one tensor (its local rows for an FSDP2 shard)."""
     state = opt.state[p]
+    if p.numel() == 0:  # nothing to update (and an empty factored mean would read as "not finite")
+        state["step"] += 1
+        return
     layout = opt._shard_layouts.get(id(p)) if opt._shard_layouts else None
     sr = opt._sr_enabled(group, p)
     gen = None
@@ -115,7 +132,7 @@ def _update_one(opt: LowMemoryOptimizer, group: dict, p: Tensor, grad: Tensor) -
     opt._oks.append(ok)
 
 
-def _check_placements(opt: LowMemoryOptimizer, p: Tensor, grad: Tensor, layout: Any) -> None:
+def check_placements(opt: LowMemoryOptimizer, p: Tensor, grad: Tensor, layout: Any) -> None:
     if not is_dtensor(grad):
         raise RuntimeError(f"{type(opt).__name__}: parameter of shape {tuple(p.shape)} is a DTensor but its "
                            f"gradient is a {type(grad).__name__}")

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .. import _compat, kernels
+from .. import _compat
 from ..distributed import state as _dist_state
 from . import dispatch
 
@@ -56,7 +56,6 @@ class FusedEngine:
         self.unhooked: dict[int, Tensor] = {}  # parameters given to the optimizer without a hook yet (frozen)
         self.pending: dict[Any, list[tuple[Tensor, Tensor]]] = {}  # bucket key -> queued (param, grad)
         self.pending_bytes: dict[Any, int] = {}
-        self.fits: dict[int, bool] = {}  # id(p) -> the grouped kernels can take p (decided at its first gradient)
         self.norm_sq: Tensor | None = None
         self.norm_sq_groups: dict[Any, Tensor] = {}
         self.updating_backwards = 0  # backwards that updated since the last step()
@@ -124,20 +123,14 @@ class FusedEngine:
             self._add_norm(layout, grad)
             return
         cap = self.bucket_cap_mb
-        if cap > 0:
-            key = id(p)
-            if layout is not None:
-                if opt._sharded_many and self._sharded_fits(p, grad, layout):
-                    self._queue((opt._group_index[key], layout.group), p, grad, grad.numel() * grad.element_size(),
-                                cap)
-                    return
-            elif opt._has_many and grad.numel():
-                fits = self.fits.get(key)
-                if fits is None:
-                    fits = self.fits[key] = kernels.use_triton(p)
-                if fits and kernels.gradient_fits(grad, p) and not torch.compiler.is_compiling():
-                    self._queue(opt._group_index[key], p, grad, grad.nbytes, cap)
-                    return
+        if cap > 0 and dispatch.grouped_fits(opt, p, grad, layout):
+            gi = opt._group_index[id(p)]
+            if layout is None:
+                self._queue(gi, p, grad, grad.nbytes, cap)
+            else:  # every rank flushes FSDP2 buckets at the same point: their bytes are global
+                dispatch.check_placements(opt, p, grad, layout)
+                self._queue((gi, layout.group), p, grad, grad.numel() * grad.element_size(), cap)
+            return
         if grad.is_cuda:
             opt._refuse_capture()
         dispatch.update(opt, opt._group_index[id(p)], [(p, grad)])
@@ -156,19 +149,13 @@ class FusedEngine:
 
     def flush(self, key: Any) -> None:
         """Update the queued tensors of bucket ``key`` (a param group index, or (index, process group) for FSDP2
-        shards, which every rank flushes at the same point: their bytes are global) in one grouped call."""
+        parameters) in one grouped call."""
         items = self.pending.pop(key, None)
         self.pending_bytes[key] = 0
         if not items:
             return
         self.opt._refuse_capture()
-        dispatch.update(self.opt, key if isinstance(key, int) else key[0], items)
-
-    def _sharded_fits(self, p: Tensor, grad: Tensor, layout: Any) -> bool:
-        fits = self.fits.get(id(p))
-        if fits is None:
-            fits = self.fits[id(p)] = dispatch.sharded_kernels_fit(p, grad, layout)
-        return fits and not torch.compiler.is_compiling()
+        dispatch.update_grouped(self.opt, key, items)
 
     # ------------------------------------------------------------------------------- end of backward
     def _backward_abandoned(self) -> None:
