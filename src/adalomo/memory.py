@@ -349,13 +349,9 @@ def num_params(model: Any) -> int:
 # Optimizer state
 # --------------------------------------------------------------------------------------------------
 
-def _meta(shape: Sequence[int]) -> torch.Tensor:
-    return torch.empty(tuple(shape), device="meta")
-
-
 def _factored_numel(shape: Sequence[int]) -> int:
     """fp32 values of the factored second moment, as :func:`adalomo.functional.init_factored_state` makes it."""
-    return sum(t.numel() for t in F.init_factored_state(_meta(shape)).values())
+    return sum(t.numel() for t in F.init_factored_state(torch.empty(tuple(shape), device="meta")).values())
 
 
 def _adapm_momentum_numel(kind: Any, shape: Sequence[int], rank: int | float) -> int:
@@ -966,10 +962,14 @@ def run(args: argparse.Namespace) -> int:
     name = spec.name or str(src)
     params = sum(_numel(s) for _, s in shapes)
     if args.json:
-        print(json.dumps({"model": name, "params": params, "spec": {k: v for k, v in vars(spec).items()},
-                          "gpus": GPUS, "rows": rows}, indent=1))
+        text = json.dumps({"model": name, "params": params, "spec": {k: v for k, v in vars(spec).items()},
+                           "gpus": GPUS, "rows": rows}, indent=1)
     else:
-        print(_table(rows, name, params))
+        text = _table(rows, name, params)
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # the reader stopped early (| head): not an error; silence the flush at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
