@@ -11,19 +11,9 @@ import torch
 from torch import nn
 
 from adalomo import momentum as M
+from adalomo.memory import ModelSpec, model_shapes
 from adalomo.optim.adalomo import AdaLomo
-from adalomo.optim.adapm import (
-    PRESETS,
-    AdaPM,
-    SplitMomentum,
-    adamw_state_bytes,
-    adapm_param_groups,
-    gpt2_shapes,
-    llama_shapes,
-    main,
-    momentum_kinds,
-    state_bytes,
-)
+from adalomo.optim.adapm import AdaPM, SplitMomentum, adapm_param_groups, momentum_kinds
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -349,12 +339,13 @@ def test_default_policy_on_names():
     kinds = momentum_kinds(TinyLM().named_parameters())
     for name, kind in EXPECTED_KINDS.items():
         assert kinds[name] == kind, name
-    hf = momentum_kinds(llama_shapes(64, 2, 96, 100, 4, n_kv_heads=2))
+    hf = momentum_kinds(model_shapes(ModelSpec("llama", 100, 64, 2, 4, 96, num_kv_heads=2)))
     assert hf["model.embed_tokens.weight"] == hf["lm_head.weight"] == "none"
     assert hf["model.layers.1.self_attn.o_proj.weight"] == "none"
     assert hf["model.layers.1.self_attn.v_proj.weight"] == "full"
     assert hf["model.layers.1.mlp.up_proj.weight"] == hf["model.layers.0.self_attn.k_proj.weight"] == "low_rank"
-    g2 = momentum_kinds(gpt2_shapes(32, 1, 50, 16))
+    g2 = momentum_kinds(model_shapes(ModelSpec("gpt2", 50, 32, 1, 4, tie_word_embeddings=True,
+                                               max_position_embeddings=16)))
     assert g2["transformer.wpe.weight"] == "none" and g2["transformer.h.0.mlp.c_proj.weight"] == "low_rank"
     assert g2["transformer.h.0.attn.c_proj.weight"] == "none"
     ours = momentum_kinds([("tok_emb.weight", (50, 8)), ("layers.0.attn.wq.weight", (8, 8)),
@@ -431,27 +422,6 @@ def test_unnamed_params_warn_and_keep_full_momentum():
     with pytest.warns(UserWarning, match="without names"):
         opt = AdaPM(model.parameters())
     assert all(opt.momentum_kind(p) == "full" for p in model.parameters())
-
-
-def test_state_bytes_matches_allocated_state_and_targets():
-    model = TinyLM()
-    for second in ("adam", "factored"):
-        opt = AdaPM(model.named_parameters(), rank=3, second_moment=second)
-        allocated = sum(v.numel() * v.element_size() for st in opt.state.values() for k, v in st.items()
-                        if k != "step")
-        assert state_bytes(model, "adapm", 3, second)["total"] == allocated
-    shapes = PRESETS["llama-7b"]()
-    adamw = adamw_state_bytes(shapes)
-    assert adamw["params"] == 6_738_415_616
-    ours = state_bytes(shapes, rank=64, second_moment="factored")
-    assert 1 - ours["momentum"] / adamw["momentum"] >= 0.90
-    assert 1 - ours["total"] / adamw["total"] >= 0.95
-
-
-def test_cli_prints_table(capsys):
-    main(["--preset", "llama-130m", "--rank", "32"])
-    out = capsys.readouterr().out
-    assert "adapm (factored)" in out and "adamw" in out
 
 
 # ------------------------------------------------------------------------------------ robustness & errors

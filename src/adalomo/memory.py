@@ -8,14 +8,20 @@ of each component of one training step on one GPU:
 ``weights``
     every parameter in the parameter dtype (``--dtype``); divided by N under FSDP.
 ``grads``
-    the gradient memory alive at the peak. Classic optimizers (step after backward) hold a full
-    gradient set in the parameter dtype. Fused ones (``lomo``, ``adalomo``, ``adafactor-fused``,
-    ``adapm-fused``: each parameter updated in backward, its gradient freed at once) hold the largest
-    single gradient plus the update's fp32 transient (``4 * 4 * min(numel, 2**24)`` bytes: the
-    library works on row blocks of at most 2**24 elements).
+    the gradient memory at its largest. Classic optimizers (step after backward) hold a full
+    gradient set in the parameter dtype. Fused ones update inside backward: ``lomo``, ``adalomo`` and
+    ``adafactor-fused`` queue gradients into buckets of ``bucket_cap_mb`` (``"auto"``: the optimizers'
+    own rule, 15% of the trainable bytes within [64, 256] MiB) and hold at most one bucket;
+    ``adapm-fused`` holds one gradient at a time. A tied embedding's gradient is alive from the LM head
+    to the end of backward. Never more than a full set.
 ``state``
     the optimizer state, see :func:`optimizer_state_bytes`. With ``master_weights`` the classic
     optimizers also keep an fp32 copy of the weights (mixed precision, 16 bytes/param for AdamW).
+``temporaries``
+    the update's own memory at its largest: AdaPM's whole-tensor torch maths (about 30 bytes per
+    element of the largest tensor in bf16, see :func:`_adapm_update_bytes`), torch's foreach
+    Adafactor (gradient-sized). The Triton kernels of the other optimizers of this library need only
+    fp32 partial sums (0.1-0.5 bytes per parameter updated at once), which are not counted.
 ``activations``
     what autograd saves in forward, plus the fp32 transients of the loss backward (see below).
 ``fsdp_buffers``
@@ -24,11 +30,12 @@ of each component of one training step on one GPU:
 
 and ``peak``, the modelled peak (the ``total`` column of the CLI). It is *not* the plain sum
 (``sum``, an upper bound): gradients appear while activations are freed, so the peak is the largest
-of four moments: the start of backward (weights + state + all activations + the loss-backward
-transients), after the LM head (its gradient has appeared, the loss tensors are gone), the end of
-backward (weights + state + all gradients + the first layer's activations not yet freed) and the
-optimizer step (weights + state + gradients + the step's own temporaries, e.g. torch's foreach
-Adafactor makes gradient-sized temporaries).
+of four moments (``moments``): the start of backward (weights + state + all activations + the
+loss-backward transients), after the LM head (its gradient, or the first bucket, has appeared and
+is updated if fused; the loss tensors are gone), the end of backward (weights + state + all gradients,
+or the largest bucket with its update, + the first layer's activations not yet freed) and the
+optimizer step of a classic optimizer (weights + state + gradients + temporaries). ``notes`` says in
+words what dominates where the column names do not.
 
 Activations (``activation_model="hf"``, the default): what a Hugging Face ``LlamaForCausalLM`` /
 ``GPT2LMHeadModel`` saves for backward, counted tensor by tensor on an H100 (torch 2.11,
@@ -64,7 +71,7 @@ for the CUDA context and the caching allocator's fragmentation, which the model 
 
 Command line: ``adalomo memory llama-7b --seq-len 2048 --batch 1 --grad-ckpt`` (or
 ``python -m adalomo.memory ...``), ``--config config.json`` for a HF config, ``--json`` for machine
-output. Everything is in GiB (2**30 bytes) on output, bytes in the dict.
+output. The table is in GiB (2**30 bytes; MiB for models under 1 GiB), the dict in bytes.
 """
 
 from __future__ import annotations
@@ -75,9 +82,17 @@ import math
 import os
 import re
 import sys
-from collections.abc import Callable, Iterable, Sequence
+import textwrap
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
+
+from . import functional as F
+from .momentum import SplitMomentum, momentum_state_numel
+from .optim.adapm import SECOND_MOMENTS, AdaPM, _chunk_shape, momentum_kinds
+from .optim.base import auto_bucket_cap_mb
 
 __all__ = [
     "PRESETS",
@@ -85,13 +100,12 @@ __all__ = [
     "DEFAULT_OPTIMIZERS",
     "GPUS",
     "ModelSpec",
-    "AdaPMRule",
-    "default_adapm_policy",
     "model_spec",
     "model_shapes",
     "num_params",
     "optimizer_state_bytes",
     "activation_bytes",
+    "bucket_cap_bytes",
     "estimate",
     "add_arguments",
     "run",
@@ -107,9 +121,9 @@ DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "half": 2, "fp
 #: Cards for the "fits" columns: label -> memory.total as nvidia-smi reports it (bytes).
 GPUS = {"24": 24564 * MiB, "40": 40536 * MiB, "80": 81559 * MiB, "141": 143771 * MiB}
 
-#: The library's fused/blocked updates work on at most this many elements at a time in fp32
-#: (``adalomo.functional.BLOCK_NUMEL``).
-BLOCK_NUMEL = 1 << 24
+#: Fused optimizers whose hooks queue gradients into buckets for the grouped Triton kernels on GPUs (the
+#: others update each tensor as its gradient arrives). A test checks this against the optimizer classes.
+BUCKETED = ("lomo", "adalomo", "adafactor-fused")
 
 #: Optimizers: name -> (fused backward?, description).
 OPTIMIZERS: dict[str, tuple[bool, str]] = {
@@ -335,105 +349,31 @@ def num_params(model: Any) -> int:
 # Optimizer state
 # --------------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class AdaPMRule:
-    """AdaPM's treatment of one tensor.
-
-    ``momentum``: 'full', 'low_rank', 'none', or a tuple of those for a tensor split into equal chunks
-    along ``split_dim`` (GPT-2's fused ``c_attn``: Q, K low rank, V full); ``second_moment``: 'adam'
-    (a full fp32 v), 'factored' (fp32 rows + cols) or None (the caller's ``adapm_second_moment``).
-    """
-
-    momentum: str | tuple[str, ...]
-    second_moment: str | None = None
-    split_dim: int = -1
-
-
-class _Shape(tuple):
-    """A shape that also answers like a tensor (``.shape``, ``.dim()``, ``.ndim``, ``.numel()``), so that
-    policies written for tensors (``adalomo.optim.adapm.adapm_policy``) can be plugged in as they are."""
-
-    @property
-    def shape(self):
-        return self
-
-    @property
-    def ndim(self) -> int:
-        return len(self)
-
-    def dim(self) -> int:
-        return len(self)
-
-    def numel(self) -> int:
-        return math.prod(self)
-
-    def size(self, d: int | None = None):
-        return self if d is None else self[d]
-
-
-_ADAPM_NONE = ("embed", "wte.", "wpe.", "lm_head", "o_proj", "attn.c_proj")
-_ADAPM_LOW_RANK = ("q_proj", "k_proj", "gate_proj", "up_proj", "down_proj", "mlp.c_fc", "mlp.c_proj")
-
-
-def default_adapm_policy(name: str, shape: Sequence[int]) -> AdaPMRule:
-    """The default AdaPM momentum policy, as ``adalomo.optim.adapm.adapm_policy`` has it (LLaMA and GPT-2
-    names).
-
-    Embeddings, lm_head and the attention output (``o_proj``, GPT-2's ``attn.c_proj``): no momentum;
-    ``q_proj``, ``k_proj`` and the MLP: low rank; ``v_proj``: full; GPT-2's fused ``c_attn`` split
-    in three along its last dim (Q, K low rank, V full); any other matrix and every 0-D/1-D tensor
-    (norms, biases): full. The second moment is left to ``adapm_second_moment``.
-    """
-    if len(shape) < 2:
-        return AdaPMRule("full")
-    n = "." + name.lower()
-    if any(k in n for k in _ADAPM_NONE):
-        return AdaPMRule("none")
-    if "v_proj" in n:
-        return AdaPMRule("full")
-    if "c_attn." in n and shape[-1] % 3 == 0:
-        return AdaPMRule(("low_rank", "low_rank", "full"), split_dim=-1)
-    if any(k in n for k in _ADAPM_LOW_RANK) or "c_attn." in n:
-        return AdaPMRule("low_rank")
-    return AdaPMRule("full")
-
-
-def _as_rule(x: Any) -> AdaPMRule:
-    """An AdaPMRule from what a policy returned: an AdaPMRule, a kind string, or a split (``.kinds``,
-    ``.dim``: ``adalomo.momentum.SplitMomentum``)."""
-    if isinstance(x, AdaPMRule):
-        return x
-    if isinstance(x, str):
-        return AdaPMRule(x)
-    if hasattr(x, "kinds") and hasattr(x, "dim"):
-        return AdaPMRule(tuple(x.kinds), split_dim=int(x.dim))
-    raise ValueError(f"an AdaPM policy returned {x!r}: an AdaPMRule, 'full', 'low_rank' or 'none' expected")
-
-
-def _adapm_momentum_numel(kind: str, shape: Sequence[int], rank: int | float) -> int:
-    if kind == "none":
-        return 0
-    if kind == "full" or len(shape) < 2:  # low rank on a 1-D tensor falls back to full
-        return _numel(shape)
-    if kind == "low_rank":
-        rows, cols = shape[0], _numel(shape[1:])  # the 2-D view of adalomo.momentum
-        r = max(1, round(rank * min(rows, cols))) if isinstance(rank, float) else int(rank)
-        r = max(1, min(r, rows, cols))
-        return r * (rows + cols)  # basis P on the smaller side (x r) + momentum M (r x the other side)
-    raise ValueError(f"AdaPM momentum {kind!r}: 'full', 'low_rank' or 'none'")
-
-
 def _factored_numel(shape: Sequence[int]) -> int:
-    """Elements of a factored second moment: rows (shape[:-1]) + cols (shape[:-2] + shape[-1:])."""
-    if len(shape) < 2:
-        return _numel(shape)
-    return _numel(shape[:-1]) + _numel(shape[:-2]) * shape[-1]
+    """fp32 values of the factored second moment, as :func:`adalomo.functional.init_factored_state` makes it."""
+    return sum(t.numel() for t in F.init_factored_state(torch.empty(tuple(shape), device="meta")).values())
 
 
-def _tensor_state_bytes(name: str, shape: Sequence[int], optimizer: str, *, param_bytes: int,
-                        master_weights: bool, adafactor_beta1: float | None, bnb_blocksize: int,
-                        bnb_min_8bit_size: int, adapm_rank: int | float, adapm_policy: Callable[..., Any],
-                        adapm_second_moment: str, adapm_momentum_bytes: int) -> int:
+def _adapm_momentum_numel(kind: Any, shape: Sequence[int], rank: int | float) -> int:
+    """fp32 values of AdaPM's momentum of ``kind`` (its effective kind, see ``momentum_kinds``) for ``shape``."""
+    if isinstance(kind, SplitMomentum):
+        chunk = _chunk_shape(torch.Size(shape), kind)
+        return sum(_adapm_momentum_numel(k, chunk, rank) for k in kind.kinds)
+    r = AdaPM._rank_for(torch.Size(shape), rank) if kind == "low_rank" else 1
+    return momentum_state_numel(kind, shape, r)
+
+
+def _adapm_kinds(shapes: Shapes, policy: Any) -> dict[str, Any]:
+    """AdaPM's momentum kind per tensor, resolved exactly as the optimizer resolves it."""
+    try:
+        return momentum_kinds(shapes, policy)
+    except TypeError as e:  # a policy that cannot take (name, tensor)
+        raise ValueError(f"adapm_policy: {e}") from None
+
+
+def _tensor_state_bytes(shape: Sequence[int], optimizer: str, *, param_bytes: int, master_weights: bool,
+                        adafactor_beta1: float | None, bnb_blocksize: int, bnb_min_8bit_size: int,
+                        adapm_kind: Any, adapm_rank: int | float, adapm_second_moment: str) -> int:
     n = _numel(shape)
     fused = OPTIMIZERS[optimizer][0]
     master = 4 * n if (master_weights and not fused) else 0
@@ -446,41 +386,20 @@ def _tensor_state_bytes(name: str, shape: Sequence[int], optimizer: str, *, para
     if optimizer in ("sgd", "lomo"):
         return master
     if optimizer in ("adafactor", "adafactor-fused", "adalomo"):
-        s = 4 * _factored_numel(shape)
-        if adafactor_beta1 is not None and optimizer != "adalomo":
-            s += param_bytes * n
-        return master + s
+        momentum = 4 * n if (adafactor_beta1 is not None and optimizer != "adalomo") else 0  # fp32 exp_avg
+        return master + 4 * _factored_numel(shape) + momentum
     if optimizer == "adafactor-torch":
         return master + param_bytes * _factored_numel(shape)
     if optimizer in ("adapm", "adapm-fused"):
-        rule = _as_rule(adapm_policy(name, _Shape(shape)))
-        sm = rule.second_moment or adapm_second_moment
-        if sm == "factored":
-            v = 4 * _factored_numel(shape)
-        elif sm == "adam":
-            v = 4 * n
-        else:
-            raise ValueError(f"AdaPM second moment {sm!r}: 'adam' or 'factored'")
-        if isinstance(rule.momentum, str):
-            m = _adapm_momentum_numel(rule.momentum, shape, adapm_rank)
-        elif len(shape) < 2:
-            m = 0 if all(k == "none" for k in rule.momentum) else n
-        else:
-            d, k = rule.split_dim % len(shape), len(rule.momentum)
-            if shape[d] % k:
-                raise ValueError(f"{name}: cannot split dim {d} of {tuple(shape)} into {k} equal chunks")
-            chunk = tuple(x // k if j == d else x for j, x in enumerate(shape))
-            m = sum(_adapm_momentum_numel(kind, chunk, adapm_rank) for kind in rule.momentum)
-        return master + v + adapm_momentum_bytes * m
+        second = _factored_numel(shape) if adapm_second_moment == "factored" else n
+        return master + 4 * (second + _adapm_momentum_numel(adapm_kind, shape, adapm_rank))
     raise ValueError(f"unknown optimizer {optimizer!r} (known: {', '.join(OPTIMIZERS)})")
 
 
 def optimizer_state_bytes(shapes: Any, optimizer: str, *, dtype: str = "bf16", master_weights: bool = False,
                           adafactor_beta1: float | None = None, bnb_blocksize: int = 256,
-                          bnb_min_8bit_size: int = 4096, adapm_rank: int | float = 64,
-                          adapm_policy: Callable[..., Any] | None = None,
-                          adapm_second_moment: str = "adam", adapm_momentum_bytes: int = 4,
-                          per_tensor: bool = False) -> int | dict[str, int]:
+                          bnb_min_8bit_size: int = 4096, adapm_rank: int | float = 64, adapm_policy: Any = "adapm",
+                          adapm_second_moment: str = "adam", per_tensor: bool = False) -> int | dict[str, int]:
     """Bytes of optimizer state for ``shapes`` (anything :func:`model_shapes` takes), unsharded.
 
     * ``adamw``: m and v in the parameter dtype (pure bf16 training, torch AdamW with bf16 params);
@@ -488,33 +407,34 @@ def optimizer_state_bytes(shapes: Any, optimizer: str, *, dtype: str = "bf16", m
     * ``adamw-8bit`` (bitsandbytes ``AdamW8bit``): 1 + 1 byte/param plus one fp32 absmax per block of
       ``bnb_blocksize`` elements for each state (bitsandbytes allocates 256-element blocks; the paper
       used 2048); tensors under ``bnb_min_8bit_size`` (4096) elements keep fp32 states (8 bytes).
-    * ``adafactor`` / ``adafactor-fused`` / ``adalomo``: fp32 rows + cols per matrix (last two dims),
-      a full fp32 copy for 1-D tensors; Adafactor with ``adafactor_beta1`` adds momentum in the
-      parameter dtype. ``adafactor-torch``: the same in the parameter dtype (torch keeps it so).
+    * ``adafactor`` / ``adafactor-fused`` / ``adalomo``: the fp32 state of this library's optimizers:
+      rows + cols per matrix (last two dims), a full copy for 0-D/1-D tensors
+      (``adalomo.functional.init_factored_state``); Adafactor with ``adafactor_beta1`` adds an fp32
+      momentum. ``adafactor-torch``: rows + cols in the parameter dtype (torch keeps them so).
     * ``lomo``, ``sgd``: nothing.
-    * ``adapm`` / ``adapm-fused``: ``adapm_policy(name, shape) -> AdaPMRule`` (or a kind string, or a
-      ``SplitMomentum``) per tensor, default :func:`default_adapm_policy`; ``shape`` also answers
-      ``.dim()``/``.shape``, so ``adalomo.optim.adapm.adapm_policy`` plugs in as it is. Momentum
-      (``adapm_momentum_bytes``, fp32): 'full' = numel, 'low_rank' = r * (rows + cols) with
-      r = min(``adapm_rank``, rows, cols) (a float rank is a fraction of the smaller side), 'none' = 0;
-      second moment (``adapm_second_moment`` unless the rule says): 'adam' = 4 * numel, 'factored' =
-      4 * (rows + cols). The defaults (rank 64, Adam v) are those of ``adalomo.optim.adapm.AdaPM``.
+    * ``adapm`` / ``adapm-fused``: what :class:`adalomo.AdaPM` allocates, all fp32: the momentum kind of
+      each tensor from ``adapm_policy`` (anything ``AdaPM(momentum_policy=...)`` takes, default
+      ``"adapm"``), resolved by ``adalomo.optim.adapm.momentum_kinds``; ``full`` = numel, ``low_rank`` =
+      basis + momentum (``adalomo.momentum.momentum_state_numel``, rank ``adapm_rank``: an int or a
+      fraction of the smaller side), ``none`` = 0; plus the second moment, ``adam`` = numel, ``factored``
+      = rows + cols.
     * ``master_weights`` adds an fp32 copy of the weights (4 bytes/param) to the classic optimizers
       (not to fused ones, which update the low-precision weights in place).
 
-    ``per_tensor=True`` returns ``{name: bytes}``.
+    ``per_tensor=True`` returns ``{name: bytes}``. Step counters are not counted.
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r} (known: {', '.join(OPTIMIZERS)})")
+    if adapm_second_moment not in SECOND_MOMENTS:
+        raise ValueError(f"unknown AdaPM second moment {adapm_second_moment!r} ({', '.join(SECOND_MOMENTS)})")
     pb = _dtype_bytes(dtype)
-    if adapm_policy is None:
-        adapm_policy = default_adapm_policy
-    res = {name: _tensor_state_bytes(name, shape, optimizer, param_bytes=pb, master_weights=master_weights,
+    shapes = model_shapes(shapes)
+    kinds = _adapm_kinds(shapes, adapm_policy) if optimizer in ("adapm", "adapm-fused") else {}
+    res = {name: _tensor_state_bytes(shape, optimizer, param_bytes=pb, master_weights=master_weights,
                                      adafactor_beta1=adafactor_beta1, bnb_blocksize=bnb_blocksize,
-                                     bnb_min_8bit_size=bnb_min_8bit_size, adapm_rank=adapm_rank,
-                                     adapm_policy=adapm_policy, adapm_second_moment=adapm_second_moment,
-                                     adapm_momentum_bytes=adapm_momentum_bytes)
-           for name, shape in model_shapes(shapes)}
+                                     bnb_min_8bit_size=bnb_min_8bit_size, adapm_kind=kinds.get(name),
+                                     adapm_rank=adapm_rank, adapm_second_moment=adapm_second_moment)
+           for name, shape in shapes}
     return res if per_tensor else sum(res.values())
 
 
@@ -523,7 +443,6 @@ def _dtype_bytes(dtype: str) -> int:
         return DTYPE_BYTES[str(dtype).lower().replace("torch.", "")]
     except KeyError:
         raise ValueError(f"unknown dtype {dtype!r} (bf16, fp16, fp32)") from None
-
 
 # --------------------------------------------------------------------------------------------------
 # Activations
@@ -587,6 +506,75 @@ def activation_bytes(model: Any, *, seq_len: int, batch: int, dtype: str = "bf16
 
 
 # --------------------------------------------------------------------------------------------------
+# Gradients and update temporaries
+# --------------------------------------------------------------------------------------------------
+
+def _adapm_update_bytes(shape: Sequence[int], kind: Any, second_moment: str, param_bytes: int) -> int:
+    """Bytes of the temporaries alive at once while AdaPM updates one tensor on an accelerator.
+
+    AdaPM's update is torch maths on the whole tensor (no Triton kernel, no row blocks): per element 12
+    bytes of fp32 tensors for the second moment's update, u and the new weights, 4 for the momentum
+    estimate (not for ``none``; 4 more for a split tensor, whose chunks are estimated apart and then
+    joined), 4 for a 1-D tensor's factored second moment, 8 for fp32 copies of a 16-bit gradient and
+    weights, 10 for bf16 stochastic rounding (on by default: random bits and the rounded values).
+    Counted with a tracker of live tensors; tests/test_memory.py checks it against one CPU step.
+    """
+    per = 12
+    if isinstance(kind, SplitMomentum):
+        per += 8
+    elif kind != "none":
+        per += 4
+    if second_moment == "factored" and len(shape) < 2:
+        per += 4
+    if param_bytes == 2:
+        per += 18  # bf16: stochastic rounding; fp16 has no rounding but the same fp32 copies (+8)
+    return per * _numel(shape)
+
+
+def _arrival_order(shapes: Shapes, tied: str | None) -> Shapes:
+    """The order in which backward completes the gradients: the reverse of the parameters' (the LM head
+    first), a tied embedding last (its gradient is complete only after the embedding's backward)."""
+    return [x for x in reversed(shapes) if x[0] != tied] + [x for x in shapes if x[0] == tied]
+
+
+def _fused_updates(shapes: Shapes, param_bytes: int, cap_bytes: float, tied: str | None) -> list[tuple[int, Shapes]]:
+    """The updates a fused optimizer makes inside backward: (gradient bytes alive then, tensors updated).
+
+    As ``LowMemoryOptimizer``'s hook: each gradient is queued until the queue holds ``cap_bytes``
+    (0: every tensor is updated on its own), then the queue is updated and freed; the rest at the end of
+    backward. A tied embedding's gradient is alive from the LM head on.
+    """
+    pending = next((param_bytes * _numel(s) for n, s in shapes if n == tied), 0)
+    out: list[tuple[int, Shapes]] = []
+    queue: Shapes = []
+    queued = 0
+    for name, shape in _arrival_order(shapes, tied):
+        if name == tied:
+            pending = 0  # now in the queue
+        queue.append((name, shape))
+        queued += param_bytes * _numel(shape)
+        if queued >= cap_bytes:
+            out.append((queued + pending, queue))
+            queue, queued = [], 0
+    if queue:
+        out.append((queued + pending, queue))
+    return out
+
+
+def bucket_cap_bytes(params: int, dtype: str = "bf16", bucket_cap_mb: float | str = "auto") -> int:
+    """The bucket size of the fused optimizers for ``params`` trainable parameters (``"auto"``: the
+    optimizers' own rule, ``adalomo.optim.base.auto_bucket_cap_mb``; 0: no buckets)."""
+    if isinstance(bucket_cap_mb, str):
+        if bucket_cap_mb != "auto":
+            raise ValueError(f"bucket_cap_mb must be 'auto' or MiB >= 0, got {bucket_cap_mb!r}")
+        dt = torch.float32 if _dtype_bytes(dtype) == 4 else torch.bfloat16
+        bucket_cap_mb = auto_bucket_cap_mb([torch.empty(params, dtype=dt, device="meta", requires_grad=True)])
+    if not bucket_cap_mb >= 0:
+        raise ValueError(f"bucket_cap_mb must be 'auto' or MiB >= 0, got {bucket_cap_mb!r}")
+    return int(bucket_cap_mb * MiB)
+
+
+# --------------------------------------------------------------------------------------------------
 # Estimate
 # --------------------------------------------------------------------------------------------------
 
@@ -610,18 +598,18 @@ def _shard(nbytes: int, n_gpus: int) -> int:
 def estimate(model: Any, optimizer: str, *, seq_len: int = 1024, batch: int = 1, dtype: str = "bf16",
              grad_ckpt: bool = False, n_gpus: int = 1, master_weights: bool = False, attention: str = "sdpa",
              activation_model: str = "hf", activations: int | None = None, overhead: int = GiB,
-             **state_kw) -> dict[str, Any]:
+             bucket_cap_mb: float | str = "auto", **state_kw) -> dict[str, Any]:
     """Bytes per component of one training step on one GPU, and the modelled peak.
 
     ``model``: anything :func:`model_shapes` takes (a bare shape list needs ``activations=`` bytes,
     or activations count 0); ``optimizer``: a key of :data:`OPTIMIZERS`; ``seq_len``, ``batch``: per
     GPU; ``n_gpus``: FSDP world size (weights, gradients, state divided, plus ``fsdp_buffers``);
-    ``overhead``: added to the peak for the ``fits`` verdicts; ``state_kw``: passed to
-    :func:`optimizer_state_bytes`.
+    ``overhead``: added to the peak for the ``fits`` verdicts; ``bucket_cap_mb``: the fused optimizers'
+    setting (``"auto"``, MiB, or 0 for no buckets); ``state_kw``: passed to :func:`optimizer_state_bytes`.
 
-    Returns ints (bytes) ``params, weights, grads, state, activations, fsdp_buffers, sum, peak,
-    overhead``, ``peak_at`` (which moment is the peak), ``fits`` ({'24': bool, ...}) and the
-    settings.
+    Returns ints (bytes) ``params, weights, grads, state, temporaries, activations, fsdp_buffers, sum,
+    peak, overhead, bucket_cap``, ``moments`` (bytes at each moment of the step), ``peak_at`` (the
+    largest), ``fits`` ({'24': bool, ...}), ``notes`` (what dominates, in words) and the settings.
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r} (known: {', '.join(OPTIMIZERS)})")
@@ -638,26 +626,34 @@ def estimate(model: Any, optimizer: str, *, seq_len: int = 1024, batch: int = 1,
             if not hasattr(model, "named_parameters"):
                 raise
             spec = None  # a module without a (supported) HF config: exact shapes, no activations
-    numels = [_numel(s) for _, s in shapes]
-    params = sum(numels)
+    params = sum(_numel(s) for _, s in shapes)
     N = n_gpus
+    cap = bucket_cap_bytes(params, dtype, bucket_cap_mb) if optimizer in BUCKETED else 0
 
     weights = _shard(pb * params, N)
-    state = _shard(optimizer_state_bytes(shapes, optimizer, dtype=dtype, master_weights=master_weights,
-                                         **state_kw), N)
-    largest = max(numels, default=0)
-    transient = 4 * 4 * min(_shard(largest, N), BLOCK_NUMEL)  # fp32 block temporaries of one update
+    per_tensor_state = optimizer_state_bytes(shapes, optimizer, dtype=dtype, master_weights=master_weights,
+                                             per_tensor=True, **state_kw)
+    state = _shard(sum(per_tensor_state.values()), N)
+    adapm = optimizer in ("adapm", "adapm-fused")
+    if adapm:
+        second = state_kw.get("adapm_second_moment", "adam")
+        kinds = _adapm_kinds(shapes, state_kw.get("adapm_policy", "adapm"))
+        temps_of = {n: _adapm_update_bytes(s, kinds[n], second, pb) for n, s in shapes}
+    else:
+        temps_of = {}  # Triton kernels: their fp32 partial sums are left to the overhead (see docs/memory.md)
+    tied = shapes[0][0] if spec is not None and spec.tie_word_embeddings and shapes else None
     if fused:
-        grads = _shard(pb * largest, N) + transient
-        step_extra = 0
+        updates = [(_shard(held, N), _shard(max((temps_of.get(n, 0) for n, _ in group), default=0), N))
+                   for held, group in _fused_updates(shapes, pb, cap, tied)] or [(0, 0)]
+        grads = max(h for h, _ in updates)
+        temps = max(t for _, t in updates)
+        first_update, worst_update = sum(updates[0]), max(h + t for h, t in updates)
     else:
         grads = _shard(pb * params, N)
         if optimizer == "adafactor-torch":
-            step_extra = grads  # foreach temporaries of gradient size
-        elif optimizer in ("adafactor", "adapm"):
-            step_extra = transient
+            temps = grads  # foreach temporaries of gradient size
         else:
-            step_extra = 0
+            temps = _shard(max(temps_of.values(), default=0), N)
 
     if activations is not None:
         act = {"saved": int(activations), "loss_transient": 0, "layer": 0, "per_layer_saved": 0,
@@ -673,6 +669,7 @@ def estimate(model: Any, optimizer: str, *, seq_len: int = 1024, batch: int = 1,
 
     # The moments of a step (see the module docstring).
     t = seq_len * batch
+    largest = max((_numel(s) for _, s in shapes), default=0)
     head_grad = pb * (spec.vocab_size * spec.hidden_size if spec is not None else largest)
     layer_grad = pb * max((v for k, v in units.items() if k.startswith("layer")), default=0)
     grad_flow = 2 * pb * (spec.hidden_size if spec else 0) * t  # two hidden-state gradients in flight
@@ -681,21 +678,78 @@ def estimate(model: Any, optimizer: str, *, seq_len: int = 1024, batch: int = 1,
     moments = {
         "backward start": base + act["peak"],
         "after lm head": base + act["saved"] - 4 * (spec.vocab_size if spec else 0) * t
-        + (act["layer"] if grad_ckpt else 0) + (transient if fused else _shard(head_grad, N)),
-        "backward end": base + grads + first_layer_left + grad_flow,
-        "optimizer step": base + grads + step_extra if not fused else 0,
+        + (act["layer"] if grad_ckpt else 0) + (first_update if fused else _shard(head_grad, N)),
+        "backward end": base + (worst_update if fused else grads) + first_layer_left + grad_flow,
+        "optimizer step": 0 if fused else base + grads + temps,
     }
+    moments = {k: int(v) for k, v in moments.items()}
     peak_at = max(moments, key=moments.get)
-    peak = int(moments[peak_at])
-    total_sum = weights + grads + state + act["peak"] + fsdp_buffers
-    return {
+    peak = moments[peak_at]
+    total_sum = weights + grads + state + temps + act["peak"] + fsdp_buffers
+    row = {
         "optimizer": optimizer, "fused": fused, "params": params, "weights": int(weights), "grads": int(grads),
         "state": int(state), "activations": int(act["peak"]), "fsdp_buffers": int(fsdp_buffers),
         "sum": int(total_sum), "peak": peak, "peak_at": peak_at, "overhead": int(overhead),
-        "fits": {k: peak + overhead <= cap for k, cap in GPUS.items()},
+        "fits": {k: peak + overhead <= gpu for k, gpu in GPUS.items()},
         "seq_len": seq_len, "batch": batch, "dtype": dtype, "grad_ckpt": grad_ckpt, "n_gpus": N,
         "master_weights": master_weights, "attention": attention, "activation_model": activation_model,
+        "temporaries": int(temps), "bucket_cap": cap, "moments": moments,
     }
+    row["notes"] = _notes(row, shapes, per_tensor_state, temps_of, pb, state_kw)
+    return row
+
+
+def _momentum_shares(shapes: Shapes, policy: Any) -> dict[str, float]:
+    """The fraction of the parameters under each AdaPM momentum kind."""
+    kinds = _adapm_kinds(shapes, policy)
+    count = dict.fromkeys(("full", "low_rank", "none"), 0)
+    for name, shape in shapes:
+        kind = kinds[name]
+        for k in kind.kinds if isinstance(kind, SplitMomentum) else (kind,):
+            count[k] += _numel(shape) // (len(kind.kinds) if isinstance(kind, SplitMomentum) else 1)
+    total = max(sum(count.values()), 1)
+    return {k: v / total for k, v in count.items()}
+
+
+def _notes(row: dict[str, Any], shapes: Shapes, per_tensor_state: dict[str, int], temps_of: dict[str, int],
+           pb: int, state_kw: dict[str, Any]) -> list[str]:
+    """One line for each thing in ``row`` that dominates for a reason the column names do not tell."""
+    notes = []
+    opt, params, N = row["optimizer"], row["params"], row["n_gpus"]
+    full_grads = _shard(pb * params, N)
+    if row["fused"] and params and row["grads"] >= full_grads:
+        how = (f"fits in one bucket ({row['bucket_cap'] / MiB:.0f} MiB, bucket_cap_mb='auto')" if row["bucket_cap"]
+               else "is one tensor")
+        notes.append(f"grads: the whole gradient set ({_size(full_grads)}) {how}, so updating in backward "
+                     "saves no gradient memory on this model")
+    if opt in ("adapm", "adapm-fused") and params:
+        master = row["master_weights"]
+        adamw_bpp = 12 if master else 2 * pb
+        bpp = sum(per_tensor_state.values()) / params - (4 if master else 0)
+        if bpp + (4 if master else 0) > adamw_bpp:
+            second = state_kw.get("adapm_second_moment", "adam")
+            factored = optimizer_state_bytes(shapes, opt, dtype=row["dtype"], master_weights=master,
+                                             **{**state_kw, "adapm_second_moment": "factored"})
+            v = ("a full fp32 second moment (4 bytes/param" + (", as much as AdamW's bf16 m and v together)"
+                                                               if pb == 2 and not master else ")")
+                 if second == "adam" else "fp32 row and column statistics")
+            share = _momentum_shares(shapes, state_kw.get("adapm_policy", "adapm"))
+            notes.append(f"state: {bpp:.2f} bytes/param against AdamW's {adamw_bpp} in {row['dtype']}"
+                         + (" with fp32 master weights" if master else "") + f": AdaPM keeps {v} plus fp32 "
+                         "momentum (" + ", ".join(f"{k.replace('_', '-')} for {share[k]:.0%}" for k in share
+                                                  if share[k]) + " of the parameters)"
+                         + (f"; --adapm-second-moment factored: {_size(_shard(factored, N))}"
+                            if second == "adam" else ""))
+    if row["temporaries"] >= 0.05 * row["peak"] > 0:
+        if temps_of:
+            name, nbytes = max(temps_of.items(), key=lambda kv: kv[1])
+            n = _numel(dict(shapes)[name])
+            notes.append(f"temps: AdaPM updates each tensor with torch maths on the whole tensor, {nbytes // n} "
+                         f"bytes of temporaries per element: {_size(_shard(nbytes, N))} for {name} "
+                         f"({_count(n)} elements)")
+        elif opt == "adafactor-torch":
+            notes.append("temps: torch's foreach Adafactor makes gradient-sized temporaries at the step")
+    return notes
 
 
 # --------------------------------------------------------------------------------------------------
@@ -725,6 +779,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapm-rank", type=int, default=64, help="AdaPM low-rank momentum rank (default: 64)")
     p.add_argument("--adapm-second-moment", default="adam",
                    help="AdaPM second moment: adam (full fp32 v) or factored (fp32 rows+cols) (default: adam)")
+    p.add_argument("--bucket-cap-mb", default="auto",
+                   help="the fused optimizers' bucket_cap_mb: auto, MiB, or 0 for none (default: auto)")
     p.add_argument("--bnb-blocksize", type=int, default=256,
                    help="bitsandbytes absmax block size (256 in bitsandbytes, 2048 in the paper)")
     p.add_argument("--overhead-gib", type=float, default=1.0,
@@ -733,34 +789,117 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--list-presets", action="store_true", help="list the presets and exit")
 
 
-def _gib(x: int) -> str:
-    return f"{x / GiB:.2f}"
+_UNITS = (("GiB", GiB), ("MiB", MiB), ("KiB", 1 << 10))
+
+
+def _unit(nbytes: int) -> tuple[str, int]:
+    """The largest unit in which ``nbytes`` is at least 1 (KiB at the least)."""
+    return next(((name, u) for name, u in _UNITS if nbytes >= u), _UNITS[-1])
+
+
+def _size(nbytes: int) -> str:
+    name, u = _unit(nbytes)
+    return f"{nbytes / u:.2f} {name}"
+
+
+def _count(n: int) -> str:
+    return next((f"{n / d:.3g}{s}" for s, d in (("B", 1e9), ("M", 1e6), ("K", 1e3)) if n >= d), str(n))
+
+
+#: What the state column holds for each optimizer, for the legend ({dt}: the parameter dtype).
+_STATE_WORDS = {
+    "adamw": "m, v in {dt}",
+    "adamw-8bit": "8-bit m, v + fp32 block scales",
+    "sgd": "none",
+    "adafactor": "fp32 row/column statistics (+ fp32 momentum with --adafactor-beta1)",
+    "adafactor-fused": "as adafactor",
+    "adafactor-torch": "row/column statistics in {dt}",
+    "lomo": "none",
+    "adalomo": "fp32 row/column statistics",
+    "adapm": "fp32 second moment + fp32 momentum per the policy (full, low-rank or none)",
+    "adapm-fused": "as adapm",
+}
+
+_WIDTH = 110  # text lines of the table's legend and notes
+
+_MOMENT_SHORT = {"backward start": "bwd start", "after lm head": "lm head", "backward end": "bwd end",
+                 "optimizer step": "step"}
+
+
+def _legend(rows: list[dict[str, Any]]) -> list[str]:
+    r0 = rows[0]
+    names = [r["optimizer"] for r in rows]
+    classic = [n for n in names if not OPTIMIZERS[n][0]]
+    bucketed = [r for r in rows if r["optimizer"] in BUCKETED]
+    one_at_a_time = [n for n in names if OPTIMIZERS[n][0] and n not in BUCKETED]
+    dt, master = r0["dtype"], r0["master_weights"]
+    grads = []
+    if classic:
+        grads.append(f"{', '.join(classic)} keep every gradient until step()")
+    if bucketed:
+        cap = bucketed[0]["bucket_cap"]
+        who = ", ".join(r["optimizer"] for r in bucketed)
+        grads.append(f"{who} update inside backward and hold one bucket of gradients at most ({cap / MiB:.0f} MiB)"
+                     if cap else f"{who} update inside backward, one gradient at a time")
+    if one_at_a_time:
+        grads.append(f"{', '.join(one_at_a_time)} update inside backward, one gradient at a time")
+    items = [
+        ("weights", f"every parameter in {dt}"
+         + (f", divided over {r0['n_gpus']} GPUs (FSDP)" if r0["n_gpus"] > 1 else "")),
+        ("grads", "gradient memory at its largest: " + "; ".join(grads)),
+        ("state", "; ".join(f"{n}: {_STATE_WORDS[n].format(dt='fp32' if master and n == 'adamw' else dt)}"
+                            for n in names)
+         + ("; the classic ones also an fp32 master copy of the weights" if master and classic else "")),
+        ("temps", "the update's own temporaries at their largest (the Triton kernels' partial sums, 0.1-0.5 bytes "
+                  "per parameter updated at once, are not counted)"),
+        ("activ", "activations saved by forward, plus the loss backward's fp32 transients"),
+    ]
+    if r0["n_gpus"] > 1:
+        items.append(("fsdp", "two all-gathered decoder layers and one unsharded layer gradient"))
+    items += [
+        ("total", "the modelled peak, at the moment 'peak at' (start of backward, after the LM head, end of "
+                  "backward, optimizer step): less than the sum, as activations are freed while gradients appear"),
+        ("fits", f"total + {r0['overhead'] / GiB:g} GiB (CUDA context, fragmentation) <= "
+                 + ", ".join(f"{k}GB={v / GiB:.1f} GiB" for k, v in GPUS.items())),
+    ]
+    return [line for key, text in items for line in _wrap(f"  {key:8s} {text}", 11)]
+
+
+def _wrap(text: str, indent: int) -> list[str]:
+    return textwrap.wrap(text, width=_WIDTH, subsequent_indent=" " * indent, break_on_hyphens=False)
 
 
 def _table(rows: list[dict[str, Any]], spec_name: str, params: int) -> str:
     r0 = rows[0]
-    lines = [f"{spec_name}: {params / 1e9:.3f}B params, seq {r0['seq_len']} x batch {r0['batch']} per GPU, "
+    unit, u = _unit(max(r["peak"] for r in rows))
+    fmt_bytes = lambda x: f"{x / u:.2f}"
+    lines = [f"{spec_name}: {_count(params)} params, seq {r0['seq_len']} x batch {r0['batch']} per GPU, "
              f"{r0['dtype']}, grad ckpt {'on' if r0['grad_ckpt'] else 'off'}, {r0['n_gpus']} GPU(s)"
              + (" (FSDP)" if r0["n_gpus"] > 1 else "") + (", fp32 master weights" if r0["master_weights"] else "")
              + f", {r0['attention']} attention"]
-    cols = ["optimizer", "weights", "grads", "state", "activ", "fsdp", "total"] + [f"{k}GB" for k in GPUS]
-    if r0["n_gpus"] == 1:
-        cols.remove("fsdp")
+    fsdp = r0["n_gpus"] > 1
+    cols = (["optimizer", "weights", "grads", "state", "temps", "activ"] + (["fsdp"] if fsdp else [])
+            + ["total", "peak at"] + [f"{k}GB" for k in GPUS])
     data = []
     for r in rows:
-        row = [r["optimizer"], _gib(r["weights"]), _gib(r["grads"]), _gib(r["state"]), _gib(r["activations"])]
-        if r0["n_gpus"] > 1:
-            row.append(_gib(r["fsdp_buffers"]))
-        row.append(_gib(r["peak"]))
+        row = [r["optimizer"]] + [fmt_bytes(r[k]) for k in ("weights", "grads", "state", "temporaries", "activations")]
+        if fsdp:
+            row.append(fmt_bytes(r["fsdp_buffers"]))
+        row += [fmt_bytes(r["peak"]), _MOMENT_SHORT[r["peak_at"]]]
         row += ["yes" if r["fits"][k] else "no" for k in GPUS]
         data.append(row)
     widths = [max(len(c), *(len(d[j]) for d in data)) for j, c in enumerate(cols)]
     fmt = lambda cells: "  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(cells, widths)))
-    lines += ["GiB per GPU; total = modelled peak (grads and activations peak at different moments, so it is "
-              "less than the sum)", fmt(cols)]
+    lines += [f"{unit} per GPU", fmt(cols)]
     lines += [fmt(d) for d in data]
-    lines.append(f"fits: total + {r0['overhead'] / GiB:g} GiB (CUDA context, fragmentation) <= "
-                 + ", ".join(f"{k}GB={v / GiB:.1f} GiB" for k, v in GPUS.items()))
+    lines += _legend(rows)
+    by_note: dict[str, list[str]] = {}  # rows with the same note (adapm and adapm-fused) share one line
+    for r in rows:
+        for note in r["notes"]:
+            by_note.setdefault(note, []).append(r["optimizer"])
+    if by_note:
+        lines.append("Notes:")
+        lines += [line for note, who in by_note.items() for line in _wrap(f"  {', '.join(who)}: {note}", 4)]
     return "\n".join(lines)
 
 
@@ -802,10 +941,19 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"--{k.replace('_', '-')} must be >= 1")
         if args.overhead_gib < 0:
             raise ValueError("--overhead-gib must be >= 0")
+        cap = args.bucket_cap_mb
+        if cap != "auto":
+            try:
+                cap = float(cap)
+            except ValueError:
+                raise ValueError(f"--bucket-cap-mb must be auto or MiB >= 0, got {cap!r}") from None
+            if not cap >= 0:
+                raise ValueError(f"--bucket-cap-mb must be auto or MiB >= 0, got {args.bucket_cap_mb!r}")
         shapes = model_shapes(spec)
         rows = [estimate(spec, o, seq_len=args.seq_len, batch=args.batch, dtype=args.dtype, grad_ckpt=args.grad_ckpt,
                          n_gpus=args.n_gpus, master_weights=args.master_weights, attention=args.attention,
                          activation_model=args.activation_model, overhead=int(args.overhead_gib * GiB),
+                         bucket_cap_mb=cap,
                          adafactor_beta1=args.adafactor_beta1, adapm_rank=args.adapm_rank,
                          adapm_second_moment=args.adapm_second_moment, bnb_blocksize=args.bnb_blocksize)
                 for o in opts]
@@ -814,10 +962,14 @@ def run(args: argparse.Namespace) -> int:
     name = spec.name or str(src)
     params = sum(_numel(s) for _, s in shapes)
     if args.json:
-        print(json.dumps({"model": name, "params": params, "spec": {k: v for k, v in vars(spec).items()},
-                          "gpus": GPUS, "rows": rows}, indent=1))
+        text = json.dumps({"model": name, "params": params, "spec": {k: v for k, v in vars(spec).items()},
+                           "gpus": GPUS, "rows": rows}, indent=1)
     else:
-        print(_table(rows, name, params))
+        text = _table(rows, name, params)
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # the reader stopped early (| head): not an error; silence the flush at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -2,15 +2,12 @@
 
 Our reading of the paper (its code is not public); docs/adapm.md says which parts are the paper's and
 which are ours. The momentum maths is in :mod:`adalomo.momentum`, the second moment in
-:mod:`adalomo.functional`; this module wires them, resolves the per-tensor momentum policy, builds
-parameter groups for Hugging Face / our models, and counts optimizer-state bytes::
-
-    python -m adalomo.optim.adapm --preset llama-7b --rank 64
+:mod:`adalomo.functional`; this module wires them, resolves the per-tensor momentum policy and builds
+parameter groups for Hugging Face / our models. Its memory: ``adalomo memory MODEL --optimizers adamw,adapm``.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
 import warnings
@@ -26,8 +23,7 @@ from .. import momentum as M
 from ..momentum import KINDS, SplitMomentum
 from .base import LowMemoryOptimizer, _check_number, as_float
 
-__all__ = ["AdaPM", "SplitMomentum", "adapm_policy", "resolve_policy", "adapm_param_groups", "momentum_kinds",
-           "state_bytes", "adamw_state_bytes", "llama_shapes", "gpt2_shapes", "PRESETS"]
+__all__ = ["AdaPM", "SplitMomentum", "adapm_policy", "resolve_policy", "adapm_param_groups", "momentum_kinds"]
 
 Kind = str | SplitMomentum
 Policy = str | Mapping[str, Kind] | Callable[[str | None, Tensor], Kind]
@@ -416,132 +412,3 @@ class AdaPM(LowMemoryOptimizer):
         if copy:
             for group in self.param_groups:
                 self._resolve_group(group)
-
-
-# --------------------------------------------------------------------------------------------- memory
-
-
-def _named_shapes(model) -> list[tuple[str, torch.Size]]:
-    if isinstance(model, nn.Module):
-        return [(n, p.shape) for n, p in model.named_parameters() if p.requires_grad]
-    return [(n, torch.Size(s.shape if isinstance(s, Tensor) else s)) for n, s in model]
-
-
-def state_bytes(model, policy: Policy = "adapm", rank: int | float = 64, second_moment: str = "adam",
-                bytes_per_value: int = 4) -> dict[str, Any]:
-    """Optimizer-state bytes of AdaPM for ``model`` (an ``nn.Module``, also on the meta device, or a list of
-    (name, shape)), without allocating anything; compare with :func:`adamw_state_bytes`.
-
-    Returns {"momentum", "second_moment", "total", "params", "by_kind": {kind: {"params", "momentum"}}}
-    in bytes (fp32 state; step counters not counted). ``low_rank`` counts the basis P and M:
-    r * (m + n) values per matrix.
-    """
-    if second_moment not in SECOND_MOMENTS:
-        raise ValueError(f"second_moment must be one of {SECOND_MOMENTS}, got {second_moment!r}")
-    fn = resolve_policy(policy)
-    mom = sec = nparams = 0
-    by_kind: dict[str, dict[str, int]] = {}
-    for name, shape in _named_shapes(model):
-        meta = torch.empty(shape, device="meta")
-        kind = _effective_kind(_check_kind(fn(name, meta), f"momentum_policy({name!r})"), shape, name)
-        n = math.prod(shape)
-        nparams += n
-        parts = ([(k, _chunk_shape(shape, kind)) for k in kind.kinds] if isinstance(kind, SplitMomentum)
-                 else [(kind, shape)])
-        for k, s in parts:
-            r = AdaPM._rank_for(s, rank) if k == "low_rank" else 1
-            vals = M.momentum_state_numel(k, s, r)
-            mom += vals
-            entry = by_kind.setdefault(k, {"params": 0, "momentum": 0})
-            entry["params"] += math.prod(s)
-            entry["momentum"] += vals * bytes_per_value
-        if second_moment == "factored" and len(shape) >= 2:
-            sec += math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1]
-        else:
-            sec += n
-    return {"momentum": mom * bytes_per_value, "second_moment": sec * bytes_per_value,
-            "total": (mom + sec) * bytes_per_value, "params": nparams, "by_kind": by_kind}
-
-
-def adamw_state_bytes(model, bytes_per_value: int = 4) -> dict[str, Any]:
-    """AdamW's fp32 exp_avg + exp_avg_sq for ``model`` (same input as :func:`state_bytes`)."""
-    n = sum(math.prod(s) for _, s in _named_shapes(model))
-    return {"momentum": n * bytes_per_value, "second_moment": n * bytes_per_value,
-            "total": 2 * n * bytes_per_value, "params": n}
-
-
-def llama_shapes(dim: int = 4096, n_layers: int = 32, ffn_dim: int = 11008, vocab_size: int = 32000,
-                 n_heads: int = 32, n_kv_heads: int | None = None, tie_embeddings: bool = False
-                 ) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of a Hugging Face LLaMA (``LlamaForCausalLM`` names), without building it."""
-    kv = dim // n_heads * (n_kv_heads or n_heads)
-    out = [("model.embed_tokens.weight", (vocab_size, dim))]
-    for i in range(n_layers):
-        pre = f"model.layers.{i}."
-        out += [(pre + "self_attn.q_proj.weight", (dim, dim)), (pre + "self_attn.k_proj.weight", (kv, dim)),
-                (pre + "self_attn.v_proj.weight", (kv, dim)), (pre + "self_attn.o_proj.weight", (dim, dim)),
-                (pre + "mlp.gate_proj.weight", (ffn_dim, dim)), (pre + "mlp.up_proj.weight", (ffn_dim, dim)),
-                (pre + "mlp.down_proj.weight", (dim, ffn_dim)),
-                (pre + "input_layernorm.weight", (dim,)), (pre + "post_attention_layernorm.weight", (dim,))]
-    out.append(("model.norm.weight", (dim,)))
-    if not tie_embeddings:
-        out.append(("lm_head.weight", (vocab_size, dim)))
-    return out
-
-
-def gpt2_shapes(dim: int = 768, n_layers: int = 12, vocab_size: int = 50257, n_positions: int = 1024
-                ) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of a Hugging Face GPT-2 (``GPT2LMHeadModel``; lm_head tied to wte)."""
-    out = [("transformer.wte.weight", (vocab_size, dim)), ("transformer.wpe.weight", (n_positions, dim))]
-    for i in range(n_layers):
-        pre = f"transformer.h.{i}."
-        out += [(pre + "ln_1.weight", (dim,)), (pre + "ln_1.bias", (dim,)),
-                (pre + "attn.c_attn.weight", (dim, 3 * dim)), (pre + "attn.c_attn.bias", (3 * dim,)),
-                (pre + "attn.c_proj.weight", (dim, dim)), (pre + "attn.c_proj.bias", (dim,)),
-                (pre + "ln_2.weight", (dim,)), (pre + "ln_2.bias", (dim,)),
-                (pre + "mlp.c_fc.weight", (dim, 4 * dim)), (pre + "mlp.c_fc.bias", (4 * dim,)),
-                (pre + "mlp.c_proj.weight", (4 * dim, dim)), (pre + "mlp.c_proj.bias", (dim,))]
-    out += [("transformer.ln_f.weight", (dim,)), ("transformer.ln_f.bias", (dim,))]
-    return out
-
-
-PRESETS: dict[str, Callable[[], list[tuple[str, tuple[int, ...]]]]] = {
-    "llama-60m": lambda: llama_shapes(512, 8, 1376, 32000, 8),
-    "llama-130m": lambda: llama_shapes(768, 12, 2048, 32000, 12),
-    "llama-350m": lambda: llama_shapes(1024, 24, 2736, 32000, 16),
-    "llama-1b": lambda: llama_shapes(2048, 24, 5461, 32000, 32),
-    "llama-7b": lambda: llama_shapes(4096, 32, 11008, 32000, 32),
-    "gpt2-125m": lambda: gpt2_shapes(768, 12),
-    "gpt2-1.5b": lambda: gpt2_shapes(1600, 48),
-}
-
-
-def memory_report(shapes, rank: int | float = 64, policy: Policy = "adapm") -> str:
-    """A text table: AdamW vs AdaPM (adam and factored second moments) optimizer-state bytes."""
-    base = adamw_state_bytes(shapes)
-    lines = [f"parameters: {base['params'] / 1e6:,.1f}M   rank: {rank}",
-             f"{'optimizer':<26}{'momentum':>12}{'2nd moment':>12}{'total':>12}{'momentum saved':>16}"
-             f"{'total saved':>13}"]
-
-    def row(label, d):
-        lines.append(f"{label:<26}{d['momentum'] / 2**30:>10.3f}Gi{d['second_moment'] / 2**30:>10.3f}Gi"
-                     f"{d['total'] / 2**30:>10.3f}Gi{1 - d['momentum'] / base['momentum']:>16.1%}"
-                     f"{1 - d['total'] / base['total']:>13.1%}")
-    row("adamw", base)
-    for sm in SECOND_MOMENTS:
-        row(f"adapm ({sm})", state_bytes(shapes, policy, rank, sm))
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m adalomo.optim.adapm",
-                                 description="AdaPM optimizer-state memory vs AdamW (fp32 states, shapes only)")
-    ap.add_argument("--preset", default="llama-7b", choices=sorted(PRESETS))
-    ap.add_argument("--rank", default="64", help="int, or a fraction of min(m, n) such as 0.0625")
-    args = ap.parse_args(argv)
-    rank: int | float = float(args.rank) if "." in args.rank else int(args.rank)
-    print(f"{args.preset}: " + memory_report(PRESETS[args.preset](), rank))
-
-
-if __name__ == "__main__":
-    main()
