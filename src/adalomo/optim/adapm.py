@@ -340,7 +340,8 @@ class AdaPM(LowMemoryOptimizer):
         state["step"] += 1
         t = float(state["step"])
         beta1, beta2 = group["betas"]
-        g = F.upcast(grad, grad_scale)  # read-only from here on
+        # read-only from here on: no copy when the gradient is in the compute dtype already
+        g = grad.to(F.compute_dtype(grad)) if grad_scale is None else F.upcast(grad, grad_scale)
         ok = torch.isfinite(g.sum())
         kind = self._kinds[id(p)]
         refresh = (int(t) - 1) % group["update_proj_gap"] == 0
