@@ -43,12 +43,44 @@ def _one_line_error(capsys, argv, match):
     (["experiment", "lstm-lm", "--max-steps", "ten"], "invalid int value"),
     (["experiment", "lstm-lm", "--dtype", "fp8"], "invalid choice"),
     (["experiment", "lstm-lm", "--bogus"], "unrecognized arguments"),
+    (["experiment", "lstm-lm", "--n-layers", "0"], "--n-layers must be positive"),
+    (["experiment", "gpt-lm", "--dim", "0"], "--dim must be positive"),
+    (["experiment", "lstm-lm", "--dropout", "2"], "--dropout must be in [0, 1)"),
+    (["experiment", "lstm-lm", "--warmup-steps", "-5"], "--warmup-steps must be >= 0"),
+    (["experiment", "lstm-lm", "--weight-decay", "-1"], "--weight-decay must be >= 0"),
+    (["experiment", "lstm-lm", "--min-lr-ratio", "1.5"], "--min-lr-ratio must be in [0, 1]"),
+    (["experiment", "lstm-lm", "--threads", "0"], "--threads must be positive"),
+    (["experiment", "lstm-lm", "--tie", "--adaptive-softmax"], "cannot be combined"),
+    (["experiment", "gpt-lm", "--dim", "30", "--n-heads", "4", "--data-limit", "50"], "not divisible"),
+    (["experiment", "lstm-lm", "--corpus", "wikitext-2"], "needs a data directory"),
+    (["experiment", "lstm-lm", "--device", "tpu"], "unknown --device"),
+    (["memory", "--bogus"], "unrecognized arguments"),
+    (["memory", "llama-7b", "--seq-len", "abc"], "invalid int value"),
     (["experiment"], "required: TASK"),
     ([], "missing command"),
     (["train"], "invalid choice"),
 ])
-def test_bad_arguments_one_line(capsys, argv, match):
+def test_bad_arguments_one_line(capsys, argv, match, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     _one_line_error(capsys, argv, match)
+    assert not (tmp_path / "runs").exists()  # nothing written before the settings are checked
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["memory", "no-such-model"], "unknown preset 'no-such-model'"),
+    (["memory", "llama-7b", "--optimizers", "rmsprop"], "unknown optimizer(s) rmsprop"),
+    (["memory"], "give exactly one model"),
+])
+def test_memory_errors_one_line(capsys, argv, match):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("adalomo memory: error: ") and match in err[0], err
+
+
+def test_unwritable_output_dir(capsys, tmp_path):
+    (tmp_path / "afile").touch()
+    _one_line_error(capsys, ["experiment", "lstm-lm", "--data-limit", "50", "--out", str(tmp_path / "afile" / "x")],
+                    "cannot create output directory")
 
 
 def test_missing_data_dir(capsys, tmp_path):

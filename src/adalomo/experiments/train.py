@@ -306,12 +306,19 @@ class ExperimentConfig:
             raise ExperimentError(f"unknown --dtype {self.dtype!r} (fp32, bf16, bf16-autocast)")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ExperimentError(f"unknown --schedule {self.schedule!r} (cosine, linear, constant)")
-        for name in ("max_steps", "batch_size", "seq_len", "data_limit", "threads"):
+        for name in ("max_steps", "epochs", "batch_size", "seq_len", "data_limit", "threads", "dim", "n_layers",
+                     "n_heads", "ffn_dim", "vocab_size", "max_len", "eval_batches", "test_batches", "log_every"):
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ExperimentError(f"--{name.replace('_', '-')} must be positive, got {v}")
-        if self.epochs is not None and self.epochs <= 0:
-            raise ExperimentError(f"--epochs must be positive, got {self.epochs}")
+        for name in ("warmup_steps", "eval_every", "weight_decay", "grad_clip"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise ExperimentError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise ExperimentError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ExperimentError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.out is None:
             self.out = f"runs/{self.task}"
         return self
@@ -923,12 +930,12 @@ def _train_all(cfg: ExperimentConfig, runs: list[RunSpec], device, log) -> dict:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 runs use TF32 tensor cores
         torch.backends.cudnn.allow_tf32 = True
+    task, corpus = load_task(cfg, device)  # checks the data and the model settings before anything is written
     out = Path(cfg.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ExperimentError(f"cannot create output directory {str(out)!r}: {e.strerror}") from None
-    task, corpus = load_task(cfg, device)
     if cfg.dtype == "bf16-autocast":
         task.autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     info = corpus.info()
