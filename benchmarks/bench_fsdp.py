@@ -13,7 +13,7 @@ the model and sharding are those of ``examples/fsdp_train.py`` (GPT from ``adalo
 
 Weights: AdaLomo keeps bf16 weights (stochastic rounding) and no gradients or moments beyond one block;
 AdamW runs the usual recipe, fp32 master weights and moments with bf16 compute (``--adamw-dtype bf16``
-for bf16 weights and moments). Activation checkpointing is on by default (``--no-ac`` to disable).
+for bf16 weights and moments). Gradient checkpointing is on by default (``--no-gradient-checkpointing`` to disable).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def gpt_config(size: str, seq_len: int, ac: bool):
         cfg = replace(GPTConfig.preset("1b"), **EXTRA_SIZES[size])
     else:
         raise SystemExit(f"unknown size {size!r}: {', '.join([*GPT_PRESETS, *EXTRA_SIZES])}")
-    return replace(cfg, max_seq=max(cfg.max_seq, seq_len), grad_checkpointing=ac)
+    return replace(cfg, max_seq=max(cfg.max_seq, seq_len), gradient_checkpointing=ac)
 
 
 def _load_example():
@@ -70,14 +70,14 @@ def worker(args) -> None:
     ex = _load_example()
     rank, world, device = ex.setup(args.device)
     cuda = device.type == "cuda"
-    cfg = gpt_config(args.size, args.seq_len, not args.no_ac)
+    cfg = gpt_config(args.size, args.seq_len, args.gradient_checkpointing)
     if args.optimizer == "adalomo":
         dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     else:
         dtype = torch.bfloat16 if args.adamw_dtype == "bf16" else torch.float32
     result = dict(size=args.size, optimizer=args.optimizer, gpus=world, device=args.device,
                   weights=str(dtype).removeprefix("torch."), batch_per_gpu=args.batch_size, seq_len=args.seq_len,
-                  activation_checkpointing=not args.no_ac, status="ok")
+                  activation_checkpointing=args.gradient_checkpointing, status="ok")
     # an OOM is not caught: torchrun then stops every rank (a caught one would hang the others' collectives)
     model = ex.build_model(cfg, device, dtype, None, True, 0)
     result["params"] = sum(p.numel() for p in model.parameters())
@@ -159,7 +159,7 @@ def run_one(args, size: str, optimizer: str, gpus: int) -> dict:
                "--warmup", str(args.warmup), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
                "--device", args.device, "--dtype", args.dtype, "--adamw-dtype", args.adamw_dtype,
                "--json-out", out, "--adalomo-kwargs", args.adalomo_kwargs or ""] + (
-                   ["--no-ac"] if args.no_ac else []) + (
+                   ["--no-gradient-checkpointing"] if not args.gradient_checkpointing else []) + (
                    ["--profile-out", f"{args.profile_out}.{size}.{optimizer}.x{gpus}.txt"] if args.profile_out else [])
         t0 = time.time()
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -250,7 +250,8 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="AdaLomo weights")
     ap.add_argument("--adamw-dtype", choices=["bf16", "fp32"], default="fp32",
                     help="AdamW weights and moments (fp32 master weights + bf16 compute is the usual recipe)")
-    ap.add_argument("--no-ac", action="store_true", help="no activation checkpointing")
+    ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                    help="recompute each block in backward (default: on)")
     ap.add_argument("--adalomo-kwargs", default="",
                     help='JSON of AdaLomo attributes to set, e.g. \'{"bucket_cap_mb": 256, "side_stream": true}\'')
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")

@@ -4,8 +4,8 @@ Each parameter is updated inside ``loss.backward()`` right after FSDP2's reduce-
 gradient shard, and the gradient is freed at once: no full set of gradients and no Adam moments ever
 exist. The update equals the single-process AdaLomo update of the full tensor (see docs/distributed.md).
 
-    # 2 GPUs, ~1B model, bf16 weights (stochastic rounding), activation checkpointing
-    torchrun --nproc-per-node=2 examples/fsdp_train.py --size 1b --activation-checkpointing
+    # 2 GPUs, ~1B model, bf16 weights (stochastic rounding), gradient checkpointing
+    torchrun --nproc-per-node=2 examples/fsdp_train.py --size 1b --gradient-checkpointing
 
     # WikiText-2 (word level) instead of random tokens, checkpoint + resume with torch.distributed.checkpoint
     torchrun --nproc-per-node=2 examples/fsdp_train.py --size 125m --data-dir ../shared/data --checkpoint-dir ck
@@ -56,7 +56,7 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", choices=list(DTYPES), default=None,
                     help="storage dtype of the weights (default bf16 on GPU, fp32 on CPU); bf16 weights get "
                          "stochastic rounding; compute is bf16 on GPU either way")
-    ap.add_argument("--activation-checkpointing", action="store_true", help="non-reentrant, per block")
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="non-reentrant, per block")
     ap.add_argument("--hsdp", action="store_true", help="mesh (replicate=world, shard=1): full replicas")
     ap.add_argument("--no-reshard-after-forward", action="store_true",
                     help="keep the blocks unsharded between forward and backward (faster, more memory)")
@@ -84,8 +84,8 @@ def build_model(cfg: GPTConfig, device: torch.device, dtype: torch.dtype, mesh=N
     """GPT built on the meta device, ``fully_shard`` per block and at the root, then materialised shard by
     shard (no rank ever holds the full model). bf16 compute with fp32 gradient reduction on GPU."""
     with torch.device("meta"):
-        model = GPT(replace(cfg, grad_checkpointing=False)).to(dtype)
-    if cfg.grad_checkpointing:
+        model = GPT(replace(cfg, gradient_checkpointing=False)).to(dtype)
+    if cfg.gradient_checkpointing:
         # checkpoint *inside* each FSDP unit (as torchtitan does): FSDP2's hooks (all-gather, input casts) then
         # run outside the recomputed region; checkpointing the FSDP module itself fails on CUDA with a
         # metadata mismatch at recomputation
@@ -162,7 +162,7 @@ def main(argv=None) -> None:
     rank, world, device = setup(device_type)
     dtype = DTYPES[args.dtype or ("bf16" if device_type == "cuda" else "fp32")]
     data = None
-    cfg = GPTConfig.preset(args.size, grad_checkpointing=args.activation_checkpointing,
+    cfg = GPTConfig.preset(args.size, gradient_checkpointing=args.gradient_checkpointing,
                            max_seq=max(args.seq_len, GPT_PRESETS[args.size].max_seq))
     if args.data_dir:
         from pathlib import Path

@@ -4,17 +4,24 @@
     adalomo experiment seq2seq --data-dir ../shared/data
     adalomo experiment gpt-lm --size 125m --dtype bf16 --device cuda --optimizers adalomo,adamw,adafactor,lomo
     adalomo memory ...                                             # memory estimates (adalomo.memory)
+    adalomo --version
 
-Usage errors are one line on stderr (``adalomo: error: ...``) with exit status 2, never a traceback.
+Usage errors are one line on stderr (``adalomo: error: ...``) with exit status 2, never a traceback. A reader
+that closes the pipe early (``adalomo memory llama-7b --json | head -1``) ends the command quietly with status
+141, as ``yes | head`` does.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 
+from ._cli_flags import DeprecatedAlias
+
 PROG = "adalomo"
+EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a process killed by SIGPIPE
 
 
 class UsageError(Exception):
@@ -70,7 +77,8 @@ def add_experiment_arguments(p: argparse.ArgumentParser) -> None:
                    help="bf16 = parameters in bf16 (pure bf16); bf16-autocast = fp32 params + autocast")
     g.add_argument("--seed", type=int, default=0, help="model init, data order and seq2seq split (default: 0)")
     g.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's choice; 1 on a CPU shared with other jobs)")
+                   help="CPU threads for torch (default on CPU: 1, which suits the small models and a shared "
+                   "machine; more can help larger models on free cores)")
     g.add_argument("--eval-every", type=int, default=0, help="validation loss every N steps (default: end only)")
     g.add_argument("--eval-batches", type=int, default=20, help="batches per periodic validation (default: 20)")
     g.add_argument("--test-batches", type=int, default=None,
@@ -85,7 +93,9 @@ def add_experiment_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dropout", type=float, default=None)
     g.add_argument("--tie", action=argparse.BooleanOptionalAction, default=None,
                    help="tie input embedding and output layer (lstm-lm default on; gpt-lm per size)")
-    g.add_argument("--grad-checkpointing", action="store_true", help="gpt-lm: recompute blocks in backward")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="gpt-lm: recompute blocks in backward")
+    g.add_argument("--grad-checkpointing", dest="gradient_checkpointing", action=DeprecatedAlias,
+                   new="--gradient-checkpointing")
     g.add_argument("--vocab-size", type=int, default=None,
                    help="gpt-lm: embedding rows (at least the corpus vocabulary), e.g. 32000 for LLaMA-sized "
                    "memory numbers on a small-vocabulary corpus")
@@ -98,7 +108,10 @@ def add_experiment_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = _Parser(prog=PROG, description="AdaLomo and other memory-light optimizers: experiments and tools.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     exp = sub.add_parser("experiment", help="compare optimizers on lstm-lm, seq2seq or gpt-lm and write a report",
                          description="Train the same model with each optimizer (same seed and data order) and "
@@ -121,29 +134,49 @@ def _run_experiment(args, argv) -> int:
 
 
 def _run_memory(rest) -> int:
-    try:
-        from . import memory
-    except ImportError as e:
-        return _error(f"the memory command is not available in this install (adalomo.memory: {e})")
+    from . import memory
+
     p = _Parser(prog=f"{PROG} memory", description=(memory.__doc__ or "").strip().split("\n")[0] or None)
     memory.add_arguments(p)
     return int(memory.run(p.parse_args(rest)) or 0)
 
 
+def _dispatch(argv) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command is None:
+        return _error("missing command: experiment or memory (see adalomo -h)")
+    if args.command == "memory":
+        return _run_memory(rest)
+    if rest:
+        return _error(f"unrecognized arguments: {' '.join(rest)}")
+    return _run_experiment(args, argv)
+
+
+def _silence_stdout() -> None:
+    """After a closed pipe: point stdout at /dev/null so that the interpreter's final flush cannot fail again
+    (the recipe of Python's signal-module docs, "Note on SIGPIPE")."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # stdout replaced by an object without a descriptor
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        parser = build_parser()
-        args, rest = parser.parse_known_args(argv)
-        if args.command is None:
-            return _error("missing command: experiment or memory (see adalomo -h)")
-        if args.command == "memory":
-            return _run_memory(rest)
-        if rest:
-            return _error(f"unrecognized arguments: {' '.join(rest)}")
-        return _run_experiment(args, argv)
+        try:
+            return _dispatch(argv)
+        finally:  # also after --help/--version: a closed pipe must show here, not in the interpreter's exit
+            sys.stdout.flush()
     except UsageError as e:
         return _error(e)
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

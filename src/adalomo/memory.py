@@ -69,7 +69,7 @@ Fits: ``peak + overhead`` against the memory a card reports (RTX 4090 24 GB: 245
 40536 MiB, H100 80 GB: 81559 MiB, H200 141 GB: 143771 MiB); ``overhead`` (1 GiB by default) stands
 for the CUDA context and the caching allocator's fragmentation, which the model does not count.
 
-Command line: ``adalomo memory llama-7b --seq-len 2048 --batch 1 --grad-ckpt`` (or
+Command line: ``adalomo memory llama-7b --seq-len 2048 --batch 1 --gradient-checkpointing`` (or
 ``python -m adalomo.memory ...``), ``--config config.json`` for a HF config, ``--json`` for machine
 output. The table is in GiB (2**30 bytes; MiB for models under 1 GiB), the dict in bytes.
 """
@@ -90,6 +90,7 @@ from typing import Any
 import torch
 
 from . import functional as F
+from ._cli_flags import DeprecatedAlias
 from .momentum import SplitMomentum, momentum_state_numel
 from .optim.adapm import SECOND_MOMENTS, AdaPM, _chunk_shape, momentum_kinds
 from .optim.base import auto_bucket_cap_mb
@@ -765,8 +766,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default: %(default)s)")
     p.add_argument("--batch", type=int, default=1, help="sequences per GPU micro-batch (default: %(default)s)")
     p.add_argument("--dtype", default="bf16", help="parameter dtype: bf16, fp16, fp32 (default: %(default)s)")
-    p.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=False,
-                   help="full gradient checkpointing, one checkpoint per layer (default: off)")
+    p.add_argument("--gradient-checkpointing", dest="grad_ckpt", action=argparse.BooleanOptionalAction,
+                   default=False, help="full gradient checkpointing, one checkpoint per layer (default: off)")
+    p.add_argument("--grad-ckpt", dest="grad_ckpt", action=DeprecatedAlias, new="--gradient-checkpointing")
+    p.add_argument("--no-grad-ckpt", dest="grad_ckpt", action=DeprecatedAlias, new="--no-gradient-checkpointing",
+                   const=False)
     p.add_argument("--n-gpus", type=int, default=1, help="FSDP world size (default: %(default)s)")
     p.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS),
                    help="comma-separated, from: " + ", ".join(OPTIMIZERS) + " (default: %(default)s)")

@@ -156,7 +156,7 @@ class GPTConfig:
     ffn_dim: int = 2048  # SwiGLU hidden size (LLaMA: ~8/3 * dim rounded)
     max_seq: int = 2048
     tie_embeddings: bool = False
-    grad_checkpointing: bool = False
+    gradient_checkpointing: bool = False
     dropout: float = 0.0
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
@@ -304,7 +304,7 @@ class GPT(nn.Module):
         cos, sin = rotary_cos_sin(T, self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta, idx.device)
         x = self.tok_emb(idx)
         for layer in self.layers:
-            if self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
+            if self.cfg.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
                 x = layer(x, cos, sin)

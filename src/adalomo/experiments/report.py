@@ -109,8 +109,9 @@ def write_markdown(results: dict, path: Path, plots=()) -> Path:
                         "state (activations, temporaries, allocator slack)." if any(
                             r["memory"].get("peak_total") for r in results["runs"].values()) else
                         " On CPU the process peak is not attributable, so no total is reported."),
-        "- wall s: the whole training loop (evaluation excluded); ms/step and tokens/s: steady state, "
-        "without the first min(10, steps/5) steps (one-off kernel compilation and warm-up).",
+        "- wall s: the whole training loop (evaluation excluded); ms/step: the median step after the first "
+        "min(10, steps/5) (one-off kernel compilation and warm-up), so that another job's burst on a shared "
+        "machine does not count against one optimizer; tokens/s: tokens per step over that median.",
         "",
     ]
     for p in plots:
@@ -255,11 +256,6 @@ def write_all(results: dict, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     plots = []
     if results["runs"]:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:  # pragma: no cover - matplotlib is a dependency
-            results.setdefault("notes", []).append("matplotlib is not installed: no plots")
-        else:
-            plots = [plot_losses(results, out / "loss.png"), plot_memory(results, out / "memory.png")]
+        plots = [plot_losses(results, out / "loss.png"), plot_memory(results, out / "memory.png")]
     return {"json": write_json(results, out / "results.json"),
             "md": write_markdown(results, out / "results.md", plots), "plots": plots}

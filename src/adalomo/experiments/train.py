@@ -26,6 +26,7 @@ import contextlib
 import gc
 import importlib
 import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -268,7 +269,7 @@ class ExperimentConfig:
     ffn_dim: int | None = None
     dropout: float | None = None
     tie: bool | None = None
-    grad_checkpointing: bool = False
+    gradient_checkpointing: bool = False
     adaptive_softmax: bool = False
     vocab_size: int | None = None
     max_len: int = 10
@@ -305,12 +306,19 @@ class ExperimentConfig:
             raise ExperimentError(f"unknown --dtype {self.dtype!r} (fp32, bf16, bf16-autocast)")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ExperimentError(f"unknown --schedule {self.schedule!r} (cosine, linear, constant)")
-        for name in ("max_steps", "batch_size", "seq_len", "data_limit", "threads"):
+        for name in ("max_steps", "epochs", "batch_size", "seq_len", "data_limit", "threads", "dim", "n_layers",
+                     "n_heads", "ffn_dim", "vocab_size", "max_len", "eval_batches", "test_batches", "log_every"):
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ExperimentError(f"--{name.replace('_', '-')} must be positive, got {v}")
-        if self.epochs is not None and self.epochs <= 0:
-            raise ExperimentError(f"--epochs must be positive, got {self.epochs}")
+        for name in ("warmup_steps", "eval_every", "weight_decay", "grad_clip"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise ExperimentError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise ExperimentError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ExperimentError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.out is None:
             self.out = f"runs/{self.task}"
         return self
@@ -421,7 +429,7 @@ class GPTTask(LSTMLMTask):
                                       tie_embeddings=cfg.tie).items() if v is not None}
         vocab = max(_round_up(len(corpus.vocab), 64), cfg.vocab_size or 0)  # --vocab-size: LLaMA-size tables
         self.gcfg = GPTConfig.preset(cfg.size, vocab_size=vocab,
-                                     max_seq=max(cfg.seq_len, 16), grad_checkpointing=cfg.grad_checkpointing,
+                                     max_seq=max(cfg.seq_len, 16), gradient_checkpointing=cfg.gradient_checkpointing,
                                      **over)
         if self.gcfg.dim % self.gcfg.n_heads:
             raise ExperimentError(f"--dim {self.gcfg.dim} is not divisible by --n-heads {self.gcfg.n_heads}")
@@ -565,11 +573,9 @@ class Seq2SeqTask:
 
 
 def compute_bleu(hyps, refs):
-    """Corpus BLEU with sacrebleu (optional dependency: ``pip install adalomo[bleu]``)."""
-    try:
-        import sacrebleu
-    except ImportError:
-        return None, None, "sacrebleu is not installed (pip install 'adalomo[bleu]'): BLEU not computed"
+    """Corpus BLEU with sacrebleu."""
+    import sacrebleu
+
     # the sentences are already normalised and split into words (punctuation included): no re-tokenising
     metric = sacrebleu.metrics.BLEU(tokenize="none", force=True)
     score = metric.corpus_score(hyps, [refs])
@@ -747,11 +753,14 @@ def train_one(task, run: RunSpec, cfg: ExperimentConfig, device, progress: Calla
     if evals and "valid_loss" not in metrics:
         metrics["valid_loss"] = evals[-1][2]
     # steady-state speed: skip the first steps (one-off kernel compilation, allocator growth, the memory
-    # meter's hooks), which otherwise dominate short runs; wall_time_s keeps everything
+    # meter's hooks), which otherwise dominate short runs; wall_time_s keeps everything. The median step, not
+    # the mean: on a CPU shared with other jobs, a burst of theirs stalls the steps of whichever optimizer runs
+    # at that moment, and a mean would charge the stall to that optimizer (to the order of the runs).
     n = len(losses)
     skip = min(10, n // 5) if n >= 5 else 0
-    t_skip, tok_skip = (times[skip - 1], tok_hist[skip - 1]) if skip else (0.0, 0)
-    steady_t = max(wall - t_skip, 1e-9)
+    step_times = [b - a for a, b in zip([0.0, *times], times)][skip:]
+    step_s = max(statistics.median(step_times), 1e-9)
+    tokens_per_step = (tokens - (tok_hist[skip - 1] if skip else 0)) / len(step_times)
     n_last = max(1, min(50, len(losses) // 10))
     finite = [x for x in losses[-n_last:] if math.isfinite(x)]
     result = {
@@ -771,8 +780,8 @@ def train_one(task, run: RunSpec, cfg: ExperimentConfig, device, progress: Calla
         "final_train_loss_window": n_last,
         **metrics,
         "wall_time_s": round(wall, 3),
-        "time_per_step_s": steady_t / max(1, n - skip),
-        "tokens_per_s": (tokens - tok_skip) / steady_t,
+        "time_per_step_s": step_s,
+        "tokens_per_s": tokens_per_step / step_s,
         "timing_skipped_steps": skip,
         "n_params": count_params(model),
         "memory": memory,
@@ -800,12 +809,9 @@ class Progress:
         self.step, self.ema = 0, None
         self.bar = None
         if not quiet:
-            try:
-                from tqdm.auto import tqdm
-            except ImportError:  # pragma: no cover - tqdm is a dependency; fall back to log lines
-                self.quiet = True
-            else:
-                self.bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, mininterval=0.5)
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, mininterval=0.5)
 
     def update(self, loss, tok_s, lr):
         self.step += 1
@@ -869,28 +875,67 @@ def _warmup(task, cfg, device, steps=2):
     gc.collect()
 
 
+def require_experiment_packages(task: str) -> None:
+    """The experiments' own dependencies (the ``experiments`` extra) are not needed by the optimizers, so a
+    plain ``pip install adalomo`` lacks them: say so in one line before any work is done."""
+    needed = ["tqdm", "matplotlib"] + (["sacrebleu"] if task == "seq2seq" else [])
+    missing = []
+    for name in needed:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise ExperimentError(f"the experiments need {', '.join(missing)}, not installed: "
+                              'pip install "adalomo[experiments]"')
+
+
+# Threads for a CPU run without --threads. The experiments' models are small, so an op has little work to
+# split: a second thread on a free core shortens a step by about a third at best. On a CPU shared with other
+# jobs, a thread whose core is busy stalls every parallel region, which makes steps many times slower, and
+# unevenly so across the optimizers being compared. One thread keeps the time predictable and the comparison
+# fair.
+CPU_THREADS = 1
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    """``torch.set_num_threads(n)`` for the duration (a programmatic caller keeps its own setting)."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
     """Load the data, train one model per optimizer (same seed and data order), write the report."""
-    from pathlib import Path
-
-    from . import report
-
     cfg.resolve()
+    require_experiment_packages(cfg.task)
     runs = parse_runs(cfg.optimizers, cfg.lr, cfg.task)
     for r in runs:
         check_optimizer_available(r.optimizer)
     device = resolve_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    with _torch_threads(cfg.threads or (CPU_THREADS if device.type == "cpu" else None)):
+        return _train_all(cfg, runs, device, log)
+
+
+def _train_all(cfg: ExperimentConfig, runs: list[RunSpec], device, log) -> dict:
+    from pathlib import Path
+
+    from . import report
+
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 runs use TF32 tensor cores
         torch.backends.cudnn.allow_tf32 = True
+    task, corpus = load_task(cfg, device)  # checks the data and the model settings before anything is written
     out = Path(cfg.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ExperimentError(f"cannot create output directory {str(out)!r}: {e.strerror}") from None
-    task, corpus = load_task(cfg, device)
     if cfg.dtype == "bf16-autocast":
         task.autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     info = corpus.info()
@@ -899,7 +944,9 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
         log(f"  note: {note}")
     steps = total_steps(cfg, task.steps_per_epoch)
     log(f"  {steps} steps per optimizer ({steps / task.steps_per_epoch:.3g} epochs of {task.steps_per_epoch} "
-        f"steps), batch {cfg.batch_size}, device {device}, dtype {cfg.dtype}, seed {cfg.seed}; "
+        f"steps), batch {cfg.batch_size}, device {device}"
+        + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else "")
+        + f", dtype {cfg.dtype}, seed {cfg.seed}; "
         f"runs: {', '.join(f'{r.label} (lr {r.lr:g})' for r in runs)}")
     results = {
         "schema_version": 1,
