@@ -32,6 +32,12 @@ MARKER = re.compile(r"^<!--\s*(run|not run):\s*(.*?)\s*-->$")
 TORCHRUN = re.compile(r"^torchrun --nproc-per-node (\d+)$")
 SHELLS = {"", "bash", "sh", "shell", "console"}
 OPTIONAL = ("transformers", "accelerate", "triton")  # extras a block may import
+# (page, first line of the block): blocks known not to run yet, each with the reason. Strict: once such a block
+# runs, its test fails until the entry is removed.
+PENDING = {
+    ("docs/memory.md", "from adalomo import memory"): "a fragment (uses `model`, `my_policy`, `cfg` before defining "
+    "them); the memory planner's page is being rewritten",
+}
 
 
 @dataclass
@@ -122,7 +128,10 @@ def test_every_page_has_its_blocks_found():
 
 
 @pytest.mark.parametrize("block", PYTHON, ids=[b.id for b in PYTHON])
-def test_python_block_runs(block: Block, tmp_path):
+def test_python_block_runs(block: Block, tmp_path, request):
+    pending = PENDING.get((block.page, block.code.split("\n", 1)[0]))
+    if pending:
+        request.applymarker(pytest.mark.xfail(reason=pending, strict=True))
     for mod in OPTIONAL:
         if re.search(rf"^\s*(from|import) {mod}\b", block.code, re.M) and importlib.util.find_spec(mod) is None:
             pytest.skip(f"needs {mod}")
