@@ -576,15 +576,6 @@ def test_python_dash_m():
     assert r.returncode == 2 and r.stderr.count("\n") == 1
 
 
-def test_a_closed_pipe_is_not_an_error():
-    """``adalomo memory --json | head``: the reader closes the pipe before the table is written."""
-    proc = subprocess.Popen([sys.executable, "-m", "adalomo.memory", "llama-7b", "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    proc.stdout.close()  # long before the planner, which first imports torch, prints anything
-    err = proc.stderr.read().decode()
-    assert proc.wait(timeout=120) == 0 and "Traceback" not in err, err
-
-
 def test_adalomo_cli_memory_subcommand(capsys):
     cli = pytest.importorskip("adalomo.cli")
     assert cli.main(["memory", "gpt2", "--optimizers", "adalomo,adamw"]) == 0

@@ -970,10 +970,7 @@ def run(args: argparse.Namespace) -> int:
                            "gpus": GPUS, "rows": rows}, indent=1)
     else:
         text = _table(rows, name, params)
-    try:
-        print(text, flush=True)
-    except BrokenPipeError:  # the reader stopped early (| head): not an error; silence the flush at exit
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    print(text, flush=True)  # a closed pipe (| head) is cli.main's to handle
     return 0
 
 
@@ -984,4 +981,6 @@ def main(argv: Iterable[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .cli import main as cli_main  # one handler for bad arguments and closed pipes
+
+    sys.exit(cli_main(["memory", *sys.argv[1:]]))
