@@ -229,6 +229,7 @@ class AdaPM(LowMemoryOptimizer):
                  proj_method: str = "randomized", clip_threshold: float | None = 1.0, relative_lr: bool = False,
                  decay_rate: float | None = None, refresh_fill: bool = True, proj_seed: int = 0,
                  stochastic_rounding: bool | None = None, **options: Any):
+        self._policy_spec = momentum_policy  # what a copy resolves again (a resolved kind policy is a closure)
         self._policy = resolve_policy(momentum_policy)
         self._policy_is_named = momentum_policy in ("adapm", adapm_policy) or isinstance(momentum_policy, Mapping)
         self._kinds: dict[int, Kind] = {}
@@ -402,13 +403,14 @@ class AdaPM(LowMemoryOptimizer):
     # ---------------------------------------------------------------------------------- copies
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state.update(_policy=self._policy, _policy_is_named=self._policy_is_named, proj_seed=self.proj_seed)
+        state.update(_policy_spec=self._policy_spec, _policy_is_named=self._policy_is_named, proj_seed=self.proj_seed)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        copy = "_policy" in state  # not torch's load_state_dict, which passes state and param_groups only
+        copy = "_policy_spec" in state  # not torch's load_state_dict, which passes state and param_groups only
         if copy:
             self._kinds, self._names, self._warned_unnamed = {}, {}, True
+            self._policy = resolve_policy(state["_policy_spec"])
         super().__setstate__(state)
         if copy:
             for group in self.param_groups:
