@@ -34,10 +34,7 @@ SHELLS = {"", "bash", "sh", "shell", "console"}
 OPTIONAL = ("transformers", "accelerate", "triton")  # extras a block may import
 # (page, first line of the block): blocks known not to run yet, each with the reason. Strict: once such a block
 # runs, its test fails until the entry is removed.
-PENDING = {
-    ("docs/memory.md", "from adalomo import memory"): "a fragment (uses `model`, `my_policy`, `cfg` before defining "
-    "them); the memory planner's page is being rewritten",
-}
+PENDING: dict = {}
 
 
 @dataclass
