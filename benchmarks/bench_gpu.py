@@ -199,8 +199,8 @@ def _time_host_path() -> None:
     """Row suffix ``_timed``: total host time inside the fused hooks and, of that, inside the bucket flushes (added
     up in ``HOST_PATH_S``; the wrappers add a little host time of their own to every call). A slow process whose
     hooks take the same time as a fast one's is slow elsewhere (the device, the allocator)."""
-    from adalomo.optim.base import LowMemoryOptimizer as L
-    if getattr(L, "_bench_timed", False):
+    from adalomo.optim.engine import FusedEngine as E
+    if getattr(E, "_bench_timed", False):
         return
     def timed(fn, slot):
         def wrapper(self, arg):
@@ -211,7 +211,7 @@ def _time_host_path() -> None:
                 HOST_PATH_S[slot] += time.perf_counter() - t
         return wrapper
 
-    L._hook, L._flush, L._bench_timed = timed(L._hook, "hook"), timed(L._flush, "flush"), True
+    E.hook, E.flush, E._bench_timed = timed(E.hook, "hook"), timed(E.flush, "flush"), True
 
 
 def _optimizer(row: str, model, params: list, cuda: bool):
@@ -229,10 +229,7 @@ def _optimizer(row: str, model, params: list, cuda: bool):
         import adalomo
         from adalomo import kernels
         kind, *opts = row.split("_")
-        kw = dict(fused=fused, side_stream="side" in opts or "sidehi" in opts, flush_thread="thread" in opts)
-        prio = kernels.SIDE_STREAM_PRIORITY
-        if "sidehi" in opts:  # the side stream at the device's highest priority
-            kernels.SIDE_STREAM_PRIORITY = -100
+        kw = dict(fused=fused)
         for o in opts:
             if o[:1] == "b" and o[1:].isdigit():
                 kw["bucket_cap_mb"] = float(o[1:])
@@ -249,11 +246,9 @@ def _optimizer(row: str, model, params: list, cuda: bool):
             opt = adalomo.Adafactor(params, **kw)
         else:
             opt = adalomo.Lomo(params, lr=1e-4, **kw)
-        note = f"triton={kernels.use_triton(params[0], params[0])}, bucket_cap_mb={opt.bucket_cap_mb}, " \
-               f"side_stream={opt.side_stream}"
+        note = f"triton={kernels.use_triton(params[0], params[0])}, bucket_cap_mb={opt.bucket_cap_mb}"
         def undo(opt=opt):  # the row's settings end with its block (--together: later rows get the defaults)
             opt.remove_hooks()
-            kernels.SIDE_STREAM_PRIORITY = prio
             if prev:
                 from adalomo.kernels import _triton
                 _triton.set_config(**prev)
