@@ -5,7 +5,7 @@
 On CUDA the fused backward of a ~1B model is host-bound (docs/kernels.md): every microsecond of Python per
 hook or per flush adds to the step. This measures that Python on any machine: a chain of small linear
 layers (so autograd itself is cheap), each parameter's update going through the real hook, queue, flush and
-grouped-launch preparation (``kernels._triton.scaled_rms_update_many_`` up to the launches), with the
+grouped-launch preparation (``kernels.updates.scaled_rms_update_many_`` up to the launches), with the
 Triton launchers replaced by no-ops and the "device" being the CPU. Prints microseconds per parameter.
 (``bucket_cap_mb`` 0, the per-tensor path, looks cheap here only because its launches, its main host
 cost on a GPU, are stubbed out: compare the bucketed rows with each other.)
@@ -44,13 +44,13 @@ def main() -> None:
 
     import adalomo
     from adalomo import kernels
-    from adalomo.kernels import _triton as K
-
     if not kernels.use_triton(torch.zeros(2)):
         raise SystemExit("triton is needed (pip install triton): its interpreter stands in for the GPU here")
-    for name in dir(K):  # the launches: grouped (_G_*) and per tensor (_STATS, _WRITE, ... are _Launcher objects)
-        if name.startswith("_G_") or isinstance(getattr(K, name), K._Launcher):
-            setattr(K, name, lambda *a, **k: None)
+    from adalomo.kernels import factored, grouped, launch, lomo, one_read, vector
+    for mod in (factored, grouped, lomo, one_read, vector):  # the launches (Launcher objects) of every family
+        for name in dir(mod):
+            if isinstance(getattr(mod, name), launch.Launcher):
+                setattr(mod, name, lambda *a, **k: None)
     torch.set_num_threads(1)
     torch.manual_seed(0)
     # 147 tensors: 7 matrices and 2 norms per layer (a LLaMA block) + the rest, 64x64 so autograd is cheap

@@ -108,8 +108,7 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         within [64, 256] MiB (the value is in ``opt.bucket_cap_mb``). ``0`` updates each tensor on its own.
         Results are the same as classic mode's grouped ``step()``. Whether a parameter can use the kernels
         (device, dtype, ``ADALOMO_DISABLE_TRITON``) is decided at its first gradient.
-        ``side_stream``: run those updates on a second CUDA stream so that the memory-bound update
-        overlaps the compute-bound backward (joined before ``backward()`` returns).
+        ``side_stream``: accepted and ignored (the side stream measured no gain and was removed).
         ``flush_thread``: hand each bucket (and each CUDA tensor updated on its own) to one worker thread,
         which issues its update on the stream the hook ran on, so that the host time of the update (Python,
         kernel launches) overlaps the backward's own issuing instead of adding to it when the step is
@@ -439,11 +438,7 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         self._apply_one(p, grad)
 
     def _apply_one(self, p: Tensor, grad: Tensor) -> None:
-        if self.side_stream:
-            with kernels.update_stream(grad):
-                self._apply(p, grad)
-        else:
-            self._apply(p, grad)
+        self._apply(p, grad)
 
     def _kernels_fit(self, p: Tensor, grad: Tensor) -> bool:
         """``kernels.use_triton(p, grad)``, with the parameter's part decided once, at its first gradient."""
@@ -492,11 +487,7 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         self._refuse_capture()
         ps, grads = [p for p, _ in items], [g for _, g in items]
         shards = [self._shard_layouts[id(p)].shard for p in ps]
-        if self.side_stream:
-            with kernels.update_stream(*(kernels._local(g) for g in grads)):
-                ok = self._update_many(ps, grads, self.param_groups[gi], shards=shards)
-        else:
-            ok = self._update_many(ps, grads, self.param_groups[gi], shards=shards)
+        ok = self._update_many(ps, grads, self.param_groups[gi], shards=shards)
         if ok is None:  # this group's settings have no grouped kernel: one by one, in the same order everywhere
             for p, g in items:
                 self._apply(p, g)
@@ -521,11 +512,7 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
 
     def _update_bucket(self, gi: int, items: list) -> None:
         ps, grads = [p for p, _ in items], [g for _, g in items]
-        if self.side_stream:
-            with kernels.update_stream(*grads):
-                self._update_queued(gi, items, ps, grads)
-        else:
-            self._update_queued(gi, items, ps, grads)
+        self._update_queued(gi, items, ps, grads)
 
     # ------------------------------------------------------------ flush thread
     def _hand_over(self, device: torch.device, fn, *args) -> None:
@@ -586,7 +573,6 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
             except BaseException:
                 self._oks.clear()
                 raise
-        kernels.join_update_stream()
         oks, self._oks = self._oks, []
         ok_all = None
         if oks:
