@@ -923,6 +923,21 @@ def test_graph_replay_state_machine(monkeypatch):
         kernels.set_config(**prev)
 
 
+def test_matrix_geometry_depends_on_its_shape_alone():
+    """A matrix's finalize block (how its row and column sums are blocked, hence their rounding) is a function of its
+    shape, not of the group it is launched with: a matrix wider than 128K columns (a larger finalize block) shares no
+    group with narrower ones, so that a fused bucket without it and the classic step's group with it sum alike."""
+    pytest.importorskip("triton")
+    from adalomo.kernels import config, updates
+    shapes = [(4, 9008), (2, 140000), (3, 9008)]  # three-pass statistics (rows wider than one_read's tiles), aligned
+    ps = [torch.zeros(s) for s in shapes]
+    sts = [F.init_factored_state(p) for p in ps]
+    plan = updates._build_scaled_plan(ps, [torch.zeros_like(p) for p in ps], sts, False, torch.device("cpu"))
+    blocks = {tuple(gp.idx): gp.fb for gp in plan.groups}
+    assert blocks == {(0, 2): config.fin_block(4, 9008), (1,): config.fin_block(2, 140000)}, blocks
+    assert config.fin_block(2, 140000) > config.fin_block(4, 9008)
+
+
 def test_direct_launch_cache(monkeypatch):
     """The launch cache (no GPU needed): first launch through Triton, later ones direct, a new variant
     for another alignment or constexpr; nothing cached when a launch hook is installed."""

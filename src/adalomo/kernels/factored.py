@@ -441,11 +441,11 @@ _GEOMETRY_COLUMNS = {"row_groups": "TM", "col_tiles": "TN", "rows_per_prog": "ro
                                                          "psq", "scal")}}
 
 
-def plan_group(items: list, layout: tuple, nb: int, has_m: bool, dev: torch.device) -> grouped.GroupPlan:
-    """A group of matrices (``items``: (index, p, g, state tensors, g strides, p strides, (B, M, N))) whose
-    statistics take ``one_read``'s pass when ``nb`` (its row tile width) is not 0."""
+def plan_group(items: list, layout: tuple, nb: int, fb: int, has_m: bool, dev: torch.device) -> grouped.GroupPlan:
+    """A group of matrices (``items``: (index, p, g, state tensors, g strides, p strides, (B, M, N))) with finalize
+    block ``fb``, whose statistics take ``one_read``'s pass when ``nb`` (its row tile width) is not 0."""
     gp = grouped.GroupPlan(True, layout, [it[0] for it in items])
-    gp.fb = fb = max(fin_block(M, N) for *_, (B, M, N) in items)
+    gp.fb = fb
     geos = [geometry(B, M, N, fb) for *_, (B, M, N) in items]
     if nb:
         geos = [one_read.geometry(geo, B, M, N, nb) for geo, (*_, (B, M, N)) in zip(geos, items)]

@@ -1,7 +1,8 @@
 """The Triton update path (imported lazily by ``adalomo.kernels``; needs ``triton``): AdaLomo/Adafactor and LOMO over
 a list of tensors in a few grouped launches, and over one tensor as a list of one.
 
-Tensors are grouped by dtypes and layout class (and, for matrices, by the one-read statistics' tile width); each
+Tensors are grouped by dtypes and layout class (and, for matrices, by the one-read statistics' tile width and the
+finalize block, functions of the shape: a matrix computes alike in a fused bucket and in the classic step); each
 group runs its family's passes (``factored``, ``one_read``, ``vector``, ``lomo``) as one launch per pass. A tensor
 that the grouped kernels cannot take as it is (leading dims that do not merge into one stride, state that is not
 contiguous 16-byte-aligned fp32) is updated through contiguous copies, written back. Scalars derived from device data
@@ -17,7 +18,7 @@ import torch
 
 from .. import _compat
 from . import factored, lomo, one_read, vector
-from .config import CONFIG, on_change, set_config
+from .config import CONFIG, fin_block, on_change, set_config
 from .graphs import launch_or_replay
 from .grouped import Plan, make_plan, upload
 from .launch import LaunchContext, align_flags, aligned, on_tensor_device, scale_arg, shape3, strides3
@@ -117,10 +118,11 @@ def _build_scaled_plan(ps, gs, states, has_m: bool, dev) -> Plan:
             unfit.append(i)
             continue
         layout, sg, sp, (B, M, N) = c
-        nb = one_read.tile_width(N) if fac else 0  # matrices: one tile width per group of one-read ones
-        groups.setdefault((fac, layout, nb), []).append((i, p, g, sts, sg, sp, (B, M, N)))
-    plan = make_plan([factored.plan_group(items, layout, nb, has_m, dev) if fac else
-                      vector.plan_group(items, layout, has_m, dev) for (fac, layout, nb), items in groups.items()])
+        # matrices: one one-read tile width and one finalize block per group (constexprs), both functions of the shape
+        shape_key = (one_read.tile_width(N), fin_block(M, N)) if fac else (0, 0)
+        groups.setdefault((fac, layout) + shape_key, []).append((i, p, g, sts, sg, sp, (B, M, N)))
+    plan = make_plan([factored.plan_group(items, layout, nb, fb, has_m, dev) if fac else
+                      vector.plan_group(items, layout, has_m, dev) for (fac, layout, nb, fb), items in groups.items()])
     plan.unfit = unfit
     return plan
 
