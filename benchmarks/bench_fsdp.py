@@ -83,7 +83,7 @@ def worker(args) -> None:
     result["params"] = sum(p.numel() for p in model.parameters())
     lr = 1e-2 if args.optimizer == "adalomo" else 3e-4
     opt = ex.make_optimizer(args.optimizer, model, lr, 0.0, None, device)
-    if args.optimizer == "adalomo" and args.adalomo_kwargs:  # e.g. {"bucket_cap_mb": 256, "side_stream": true}
+    if args.optimizer == "adalomo" and args.adalomo_kwargs:  # e.g. {"bucket_cap_mb": 256}
         for k, v in json.loads(args.adalomo_kwargs).items():
             if not hasattr(opt, k):
                 raise SystemExit(f"--adalomo-kwargs: AdaLomo has no attribute {k!r}")
@@ -253,7 +253,7 @@ def main() -> None:
     ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                     help="recompute each block in backward (default: on)")
     ap.add_argument("--adalomo-kwargs", default="",
-                    help='JSON of AdaLomo attributes to set, e.g. \'{"bucket_cap_mb": 256, "side_stream": true}\'')
+                    help='JSON of AdaLomo attributes to set, e.g. \'{"bucket_cap_mb": 256}\'')
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per configuration")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fsdp.json"))

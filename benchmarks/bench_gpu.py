@@ -15,14 +15,11 @@ spread (the machine drifts during a run: 8% between the first and last floor of 
 Rows (``--only`` picks some): ``floor``; ours, for each of ``adalomo``/``adafactor``/``lomo``: ``*_fused``
 (fused hooks, gradients bucketed into the grouped Triton kernels, default ``bucket_cap_mb``), ``*_classic``
 (``step()`` after backward, grouped kernels); variants of a fused row by suffix: ``_b{MB}`` sets
-``bucket_cap_mb`` (``_b0``: one update per tensor), ``_side`` runs the updates on a side CUDA stream,
-``_carry``/``_nocarry`` take sum(p^2) from the previous write or not (kernel setting ``carry_psq``, on by
-default), ``_rev`` runs the RMS(u) pass
-in the reverse order of the statistics pass (``reverse_usq``), ``_r{N}``/``_w{N}`` set the kernel settings
-``stages_read``/``stages_write`` (software-pipelined row loops), ``_timed`` adds up the host time inside the
-fused hooks and flushes (``counters``), ``_thread`` sets ``flush_thread=True``, ``_nograph`` turns the
-kernel setting ``graphs`` off, ``_three`` the setting ``one_read``, e.g.
-``adalomo_fused_b0_side``; ``adalomo_fused_torchpath`` (ADALOMO_DISABLE_TRITON=1);
+``bucket_cap_mb`` (``_b0``: one update per tensor), ``_carry``/``_nocarry`` take sum(p^2) from the previous
+write or not (kernel setting ``carry_psq``, on by default), ``_r{N}`` sets the kernel setting ``stages_read``
+(software-pipelined read loops), ``_timed`` adds up the host time inside the fused hooks and flushes
+(``counters``), ``_nograph`` turns the kernel setting ``graphs`` off, ``_three`` the setting ``one_read``, e.g.
+``adalomo_fused_b0_nograph``; ``adalomo_fused_torchpath`` (ADALOMO_DISABLE_TRITON=1);
 peers ``torch_adamw_fused`` (classic, ``fused=True``), ``torch_adafactor`` (foreach), ``lomo_optim_adalomo``,
 ``lomo_optim_lomo`` (skipped with a note when ``lomo_optim`` is not installed).
 
@@ -67,7 +64,7 @@ FIT_LADDER = {  # name: (layers, hidden, inter, heads); batch 1 x 1024, checkpoi
     "30b": (60, 6656, 17920, 52),
     "34b": (68, 6656, 17920, 52),
 }
-ROWS = ["floor", "adalomo_fused", "adalomo_fused_b0", "adalomo_fused_side", "adalomo_classic", "adafactor_fused",
+ROWS = ["floor", "adalomo_fused", "adalomo_fused_b0", "adalomo_classic", "adafactor_fused",
         "adafactor_classic", "lomo_fused", "lomo_classic", "torch_adamw_fused", "torch_adafactor", "lomo_optim_adalomo",
         "lomo_optim_lomo", "adalomo_fused_torchpath"]
 
@@ -75,22 +72,19 @@ ROWS = ["floor", "adalomo_fused", "adalomo_fused_b0", "adalomo_fused_side", "ada
 # ------------------------------------------------------------------------------------------- child
 def kernel_settings(opts: list[str]) -> dict:
     """The kernel settings (``kernels.set_config``) that a row's suffixes ask for: ``carry``/``nocarry`` (sum(p^2)
-    carried from the previous write, the default, or not), ``rev`` (the RMS(u) pass in the reverse order of the
-    statistics pass, for L2 reuse), ``r{N}``/``w{N}`` (the read/write passes' row loops pipelined over N stages),
-    ``nograph`` (the grouped launches issued one by one, not replayed from CUDA graphs), ``three`` (the statistics
-    and RMS(u) in three passes, kernel setting ``one_read`` off)."""
+    carried from the previous write, the default, or not), ``r{N}`` (the read passes' row loops pipelined over N
+    stages), ``nograph`` (the grouped launches issued one by one, not replayed from CUDA graphs), ``three`` (the
+    statistics and RMS(u) in three passes, kernel setting ``one_read`` off)."""
     out = {}
     if "carry" in opts or "nocarry" in opts:
         out["carry_psq"] = "carry" in opts
-    if "rev" in opts:
-        out["reverse_usq"] = True
     if "nograph" in opts:
         out["graphs"] = False
     if "three" in opts:
         out["one_read"] = False
     for o in opts:
-        if o[:1] in ("r", "w") and o[1:].isdigit():
-            out["stages_read" if o[0] == "r" else "stages_write"] = int(o[1:])
+        if o[:1] == "r" and o[1:].isdigit():
+            out["stages_read"] = int(o[1:])
     return out
 
 
@@ -159,11 +153,11 @@ def _counters() -> dict:
                     out[k] = hs[k]
         except Exception:
             pass
-    ker = sys.modules.get("adalomo.kernels._triton")
-    if ker is not None:
-        out["plans"] = len(ker._PLANS)
-        out["fast_launch"] = bool(ker._FAST)
-        out["jit_launches"] = ker.JIT_LAUNCHES[0]  # through Triton's Python launch path (0 after warm-up)
+    updates, launch = sys.modules.get("adalomo.kernels.updates"), sys.modules.get("adalomo.kernels.launch")
+    if updates is not None:
+        out["plans"] = len(updates._PLANS)
+        out["fast_launch"] = bool(launch._DIRECT)
+        out["jit_launches"] = launch.JIT_LAUNCHES[0]  # through Triton's Python launch path (0 after warm-up)
     try:
         with open("/proc/self/stat") as f:
             cpu = int(f.read().rsplit(")", 1)[1].split()[36])  # field 39: the CPU it last ran on
@@ -238,8 +232,7 @@ def _optimizer(row: str, model, params: list, cuda: bool):
         settings = kernel_settings(opts)
         prev = {}
         if settings and (cuda or importlib.util.find_spec("triton") is not None):
-            from adalomo.kernels import _triton
-            prev = _triton.set_config(**settings)
+            prev = kernels.set_config(**settings)
         if kind == "adalomo":
             opt = adalomo.AdaLomo(params, lr=1e-3, **kw)
         elif kind == "adafactor":
@@ -250,8 +243,7 @@ def _optimizer(row: str, model, params: list, cuda: bool):
         def undo(opt=opt):  # the row's settings end with its block (--together: later rows get the defaults)
             opt.remove_hooks()
             if prev:
-                from adalomo.kernels import _triton
-                _triton.set_config(**prev)
+                kernels.set_config(**prev)
     elif row == "torch_adamw_fused":
         opt = torch.optim.AdamW(params, lr=1e-4, fused=cuda)
     elif row == "torch_adafactor":

@@ -9,7 +9,7 @@
    read once, each output written once; workspace partials not counted) and the achieved GB/s; per update:
    device time (CUDA events, inputs rotated through more memory than L2 holds), host time to issue it,
    and the torch path for comparison;
-4. optionally (``--sweep``) launch geometries (``kernels._triton.set_config``) for the grouped kernels on
+4. optionally (``--sweep``) launch geometries (``kernels.set_config``) for the grouped kernels on
    gradient buckets of LLaMA 0.94B/6.7B shapes: per-kernel us and GB/s, the best geometry per bucket.
 
 Prints a short table last; ``--out`` writes everything as JSON (command, date, device).
@@ -121,7 +121,7 @@ def _torch_update(algo, p, g, st):
     try:
         if algo == "lomo":
             return F.lomo_update_(p, g, lr=1e-3)
-        return F._scaled_rms_update_(p, g, st, rho=1e-3, eps=(1e-30, 1e-3), clip_threshold=1.0, beta2=0.9,
+        return F.scaled_rms_update_(p, g, st, rho=1e-3, eps=(1e-30, 1e-3), clip_threshold=1.0, beta2=0.9,
                                      weight_decay=0.0, scale_parameter=True, beta1=None, grad_scale=None,
                                      stochastic_rounding=False, generator=None)
     finally:
@@ -168,7 +168,7 @@ def kernel_times(algo, shape, dtype=torch.bfloat16, reps=20, sr=True):
         torch.cuda.synchronize()
     out = {}
     for e in prof.key_averages():
-        if e.key not in _KERNEL_PASS and not e.key.startswith(("_fac_", "_finish", "_vec_")):
+        if not e.key.startswith("grouped_"):
             continue
         total = getattr(e, "device_time_total", None)
         if total is None:
@@ -180,8 +180,9 @@ def kernel_times(algo, shape, dtype=torch.bfloat16, reps=20, sr=True):
 
 
 def model_step(hidden=2048, inter=5504, layers=16, vocab=32000, reps=5):
-    """All parameters of a LLaMA model (bf16): one update of every tensor, per-tensor launches (what a fused
-    backward issues, spread over the backward) vs grouped launches (classic step). Host and device ms."""
+    """All parameters of a LLaMA model (bf16): one update of every tensor, one call per tensor (what a fused backward
+    with ``bucket_cap_mb=0`` issues, spread over the backward) vs one call for all (classic step). Host and device
+    ms."""
     from adalomo import functional as F
     from adalomo import kernels
     shapes = ([(vocab, hidden)] + [(hidden, hidden)] * (4 * layers) + [(inter, hidden)] * (2 * layers)
@@ -242,8 +243,8 @@ SWEEP_BUCKETS = {"6.7b mlp": [(11008, 4096)], "6.7b attn x2": [(4096, 4096)] * 2
                  "6.7b mlp x3": [(11008, 4096), (11008, 4096), (4096, 11008)],
                  "0.94b down x2": [(2048, 5504)] * 2, "6.7b embed": [(32000, 4096)]}
 # per bf16 element: the three-pass statistics read g and p (p only without carry_psq; counted), the one-read
-# statistics (``one_read``) g once
-_PASS_BYTES = {"stats": 4, "stats1": 2, "usq": 2, "write": 6, "sum": 2}
+# statistics (``one_read``) g once; the first pass whose name is in the kernel's name
+_PASS_BYTES = {"stats_one_read": 2, "stats": 4, "rms": 2, "write": 6, "sum": 2}
 
 
 def grouped_kernel_times(algo, shapes, reps=10):
@@ -278,7 +279,7 @@ def grouped_kernel_times(algo, shapes, reps=10):
     n = sum(torch.Size(s).numel() for s in shapes)
     out, total = {}, 0.0
     for e in prof.key_averages():
-        if not e.key.startswith("_g_"):
+        if not e.key.startswith("grouped_"):
             continue
         us = (getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)) / max(e.count, 1)
         total += us
@@ -290,9 +291,26 @@ def grouped_kernel_times(algo, shapes, reps=10):
     return {"kernels": out, "total_us": round(total, 2), "bound_us_4TBps": round(bound, 2)}
 
 
-_KERNEL_PASS = {"_fac_stats_kernel": "stats", "_vec_stats_kernel": "stats", "_fac_usq_kernel": "usq",
-                "_fac_write_kernel": "write", "_vec_write_kernel": "write", "_sum_kernel": "sum",
-                "_lomo_write_kernel": "write"}
+_KERNEL_PASS = {"grouped_factored_stats_kernel": "stats", "grouped_factored_stats_one_read_kernel": "stats_one_read",
+                "grouped_vector_stats_kernel": "stats", "grouped_factored_rms_kernel": "usq",
+                "grouped_factored_write_kernel": "write", "grouped_vector_write_kernel": "write",
+                "grouped_lomo_sum_kernel": "sum", "grouped_lomo_write_kernel": "write"}
+
+
+def bytes_moved(p: torch.Tensor, g: torch.Tensor, kind: str, *, scale_parameter: bool = True,
+                beta1: bool = False) -> dict[str, int]:
+    """Device-memory bytes each pass must move for one update (the floor each kernel is timed against): each input
+    read once, each output written once. Workspace traffic (partials: ~numel/32 fp32 values, mostly L2-resident) is
+    not counted."""
+    n = p.numel()
+    eg, ep = g.element_size(), p.element_size()
+    if kind == "lomo":
+        return {"sum": n * eg, "write": n * (eg + 2 * ep)}
+    m = 8 * n if beta1 else 0
+    if p.dim() >= 2:
+        return {"stats": n * (eg + (ep if scale_parameter else 0)), "stats_one_read": n * eg, "usq": n * eg,
+                "write": n * (eg + 2 * ep) + m}
+    return {"stats": n * (eg + 8 + (ep if scale_parameter else 0)), "write": n * (eg + 2 * ep + 12) + m}
 
 
 def main() -> None:
@@ -309,13 +327,10 @@ def main() -> None:
     import triton
 
     from adalomo import kernels
-    from adalomo.kernels import _triton as K
 
     res = {"command": " ".join(["python3"] + sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-           "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "config": dict(K.CONFIG), "sr_rng": K._SR_RNG_NAME,
-           "prefetch": bool(getattr(K._PREFETCH, "value", K._PREFETCH))}
-    print(res["device"], "torch", torch.__version__, "triton", triton.__version__, "sr rng", K._SR_RNG_NAME, flush=True)
+           "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+    print(res["device"], "torch", torch.__version__, "triton", triton.__version__, flush=True)
 
     if not args.skip_correctness:
         import test_kernels as T
@@ -342,7 +357,7 @@ def main() -> None:
         shape, count = SHAPES[name]
         for algo in ("adalomo", "lomo"):
             p = torch.empty(shape, dtype=torch.bfloat16, device="cuda")
-            need = K.bytes_moved(p, p, "lomo" if algo == "lomo" else "adalomo")
+            need = bytes_moved(p, p, "lomo" if algo == "lomo" else "adalomo")
             kt = kernel_times(algo, shape)
             dev_ms, host_ms = time_update(algo, shape)
             torch_ms, torch_host = time_update(algo, shape, torch_path=True)
@@ -379,7 +394,7 @@ def main() -> None:
     if args.sweep:  # launch geometries for the grouped kernels that fused mode runs per gradient bucket
         sweep = []
         for v in json.loads(args.sweep_configs) if args.sweep_configs else SWEEP:
-            prev = K.set_config(**v)
+            prev = kernels.set_config(**v)
             try:
                 r = {"config": v, "buckets": {}}
                 for bname, shapes in SWEEP_BUCKETS.items():
@@ -388,7 +403,7 @@ def main() -> None:
                 sweep.append(r)
                 print("sweep", json.dumps(r), flush=True)
             finally:
-                K.set_config(**prev)
+                kernels.set_config(**prev)
         res["sweep"] = sweep
         best = {}
         for r in sweep:

@@ -40,7 +40,7 @@ def main() -> None:
             p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
         opt = None
     else:
-        kw = dict(fused=fused, side_stream="side" in opts)
+        kw = dict(fused=fused)
         for o in opts:
             if o[:1] == "b" and o[1:].isdigit():
                 kw["bucket_cap_mb"] = float(o[1:])

@@ -95,14 +95,11 @@ def test_dry_run_on_cpu_with_rounds(tmp_path):
 
 def test_row_suffixes_pick_kernel_settings():
     assert B.kernel_settings(["fused"]) == {}
-    assert B.kernel_settings(["fused", "carry", "r3", "w2"]) == {"carry_psq": True, "stages_read": 3,
-                                                                  "stages_write": 2}
-    assert B.kernel_settings(["fused", "rev", "b256"]) == {"reverse_usq": True}
-    assert B.kernel_settings(["fused", "nograph"]) == {"graphs": False}
-    assert B.kernel_settings(["fused", "nocarry"]) == {"carry_psq": False}
-    pytest.importorskip("triton")  # the kernels' settings live in the Triton module
-    from adalomo.kernels import _triton as K  # every setting a suffix names exists
-    assert set(B.kernel_settings(["carry", "rev", "r2", "w2"])) <= set(K.CONFIG)
+    assert B.kernel_settings(["fused", "carry", "r3"]) == {"carry_psq": True, "stages_read": 3}
+    assert B.kernel_settings(["fused", "b256", "nograph"]) == {"graphs": False}
+    assert B.kernel_settings(["fused", "nocarry", "three"]) == {"carry_psq": False, "one_read": False}
+    from adalomo.kernels.config import CONFIG  # every setting a suffix names exists
+    assert set(B.kernel_settings(["carry", "r2", "nograph", "three"])) <= set(CONFIG)
 
 
 def test_rows_finished_before_a_kill_are_kept(tmp_path, monkeypatch):
@@ -150,13 +147,13 @@ def test_paired_together_dry_run_on_cpu(tmp_path):
     each round's ratio against the mean of the floors around it."""
     import importlib.util
     peer = importlib.util.find_spec("lomo_optim") is None  # a missing peer is skipped, the other rows still run
-    proc, res = _dry_run(tmp_path, "--only", "floor,adalomo_fused,adalomo_fused_nograph,lomo_classic"
+    proc, res = _dry_run(tmp_path, "--only", "floor,adalomo_fused,adalomo_fused_b0,lomo_classic"
                          + (",lomo_optim_adalomo" if peer else ""), "--paired", "2", "--together")
     rows = res["rows"]
     if peer:
         assert rows[-1] == {"name": "lomo_optim_adalomo", "skipped": "lomo_optim is not installed"}
         rows = rows[:-1]
-    assert res["complete"] and [r["name"] for r in rows] == ["adalomo_fused", "adalomo_fused_nograph", "lomo_classic"]
+    assert res["complete"] and [r["name"] for r in rows] == ["adalomo_fused", "adalomo_fused_b0", "lomo_classic"]
     for r in rows:
         assert "error" not in r, r
         assert len(r["block_ratios"]) == 2 and len(r["steps_ms"]) == 2 * 2 and len(r["floor_steps_ms"]) == 3 * 2
@@ -193,12 +190,12 @@ def test_row_settings_end_with_its_block():
     pytest.importorskip("triton")
     import torch
 
-    from adalomo.kernels import _triton as K
+    from adalomo.kernels.config import CONFIG
     model = torch.nn.Linear(4, 3)
     params = list(model.parameters())
-    before = dict(K.CONFIG)
+    before = dict(CONFIG)
     opt, fused, _, undo = B._optimizer("adalomo_fused_nograph_three", model, params, cuda=False)
-    assert fused and K.CONFIG["graphs"] is False and K.CONFIG["one_read"] is False
+    assert fused and CONFIG["graphs"] is False and CONFIG["one_read"] is False
     undo()
-    assert K.CONFIG == before
+    assert CONFIG == before
     assert not B._left_hooks(params)

@@ -368,7 +368,7 @@ def _scenario_fsdp_kernels(rank: int, tmp: str):
     os.environ["ADALOMO_TRITON_INTERPRET"] = "1"
     os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton (nothing has, in this process)
     from adalomo import kernels
-    from adalomo.kernels import _sharded
+    from adalomo.kernels import sharded as _sharded
 
     assert kernels.triton_available()
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -476,15 +476,15 @@ def _scenario_fsdp_kernels(rank: int, tmp: str):
         assert_close(full_params(model), full_params(ref), "one tensor per bucket (sharded kernels)")
         # HSDP (replicate=2, shard=1): the local tensors are whole, so the single-process grouped kernels run
         from adalomo.distributed import hsdp_mesh
-        from adalomo.kernels import _triton
+        from adalomo.kernels import updates
 
-        grouped, orig_grouped = [], _triton.scaled_rms_update_many_
+        grouped, orig_grouped = [], updates.scaled_rms_update_many_
 
         def counted_grouped(ps, *a, **k):
             grouped.append(len(ps))
             return orig_grouped(ps, *a, **k)
 
-        _triton.scaled_rms_update_many_ = counted_grouped
+        updates.scaled_rms_update_many_ = counted_grouped
         try:
             for fused in (True, False):
                 os.environ["ADALOMO_DISABLE_TRITON"] = "1"
@@ -500,7 +500,7 @@ def _scenario_fsdp_kernels(rank: int, tmp: str):
                 assert_close(full_params(model), full_params(ref), f"HSDP (2, 1) fused={fused} (grouped kernels)")
                 assert grouped == [9] * 3 and not calls, (fused, grouped, calls)
         finally:
-            _triton.scaled_rms_update_many_ = orig_grouped
+            updates.scaled_rms_update_many_ = orig_grouped
         # a non-finite step: every rank skips every tensor together, then training goes on exactly
         os.environ["ADALOMO_DISABLE_TRITON"] = "1"
         ref = make_model()

@@ -135,7 +135,7 @@ def check_scaled(device: str, shape, dtype=torch.float32, *, g_layout="contig", 
         ok_k = kernels.scaled_rms_update_(p_k, g, st_k, **kw)
         with _TorchPath():
             assert not kernels.use_triton(p_t, g)
-            ok_t = F._scaled_rms_update_(p_t, g, st_t, **kw)
+            ok_t = F.scaled_rms_update_(p_t, g, st_t, **kw)
         assert ok_k.dtype == torch.bool and ok_k.dim() == 0 and ok_k.device == p_k.device
         assert bool(ok_k) and bool(ok_t)
         g_ref = g0.float().cpu() * (1.0 if grad_scale is None else grad_scale)
@@ -235,11 +235,11 @@ def check_stochastic_rounding(device: str, shape=(48, 160), lomo=False) -> None:
 
 
 def check_sr_bits(device: str, n: int = 1 << 16) -> None:
-    """The rounding bits of the selected generator (ADALOMO_SR_RNG): uniform over 16 bits, each bit balanced, no
-    correlation between neighbours or between two seeds (bounds ~5 standard deviations for n samples)."""
-    impl = kernels._require(torch.empty(0, device=device))
-    a = impl.sr_bits(n, 12345, device).cpu().long()
-    b = impl.sr_bits(n, 12346, device).cpu().long()
+    """Stochastic rounding's random bits (the keyed hash): uniform over 16 bits, each bit balanced, no correlation
+    between neighbours or between two seeds (bounds ~5 standard deviations for n samples)."""
+    from adalomo.kernels.common import sr_bits
+    a = sr_bits(n, 12345, device).cpu().long()
+    b = sr_bits(n, 12346, device).cpu().long()
     assert int(a.min()) >= 0 and int(a.max()) < 1 << 16, "noise is not 16 bits"
     sd = 5 / math.sqrt(n)
     bits = torch.stack([(a >> k) & 1 for k in range(16)]).double().mean(1)
@@ -287,8 +287,8 @@ def check_optimizer_fused(device: str) -> None:
 
 
 def check_fused_buckets(device: str) -> None:
-    """Fused mode's gradient buckets: bit-identical to classic mode's grouped step() and within
-    rounding of per-tensor fused updates, with several flushes per backward (bf16 with SR and fp32)."""
+    """Fused mode's gradient buckets and per-tensor updates (the grouped kernels with one tensor): bit-identical to
+    classic mode's grouped step(), with several flushes per backward (bf16 with SR and fp32)."""
     from adalomo import Adafactor, AdaLomo, Lomo
 
     makers = {"adalomo": lambda ps, **kw: AdaLomo(ps, lr=1e-2, weight_decay=0.01, **kw),
@@ -299,18 +299,15 @@ def check_fused_buckets(device: str) -> None:
     for dtype in (torch.float32, torch.bfloat16):
         cap = 175 * torch.tensor([], dtype=dtype).element_size() / 2**20  # two flushes per backward here
         modes = {"classic": dict(fused=False), "bucketed": dict(fused=True, bucket_cap_mb=cap),
-                 "side": dict(fused=True, bucket_cap_mb=cap, side_stream=True),
                  "per_tensor": dict(fused=True, bucket_cap_mb=0),
                  "carry": dict(fused=True, bucket_cap_mb=cap),  # with the kernel setting carry_psq
-                 # updates issued by the worker thread, from the hooks' stream (and then a side stream)
+                 # updates issued by the worker thread, from the hooks' stream
                  "thread": dict(fused=True, bucket_cap_mb=cap, flush_thread=True),
-                 "thread_side": dict(fused=True, bucket_cap_mb=cap, flush_thread=True, side_stream=True),
                  "thread_per_tensor": dict(fused=True, bucket_cap_mb=0, flush_thread=True)}
-        from adalomo.kernels import _triton as K
         for name, make in makers.items():
             out, flushes = {}, {}
             for mode, kw in modes.items():
-                prev = K.set_config(carry_psq=mode == "carry")
+                prev = kernels.set_config(carry_psq=mode == "carry")
                 torch.manual_seed(0)
                 m = torch.nn.Sequential(torch.nn.Linear(13, 17), torch.nn.LayerNorm(17), torch.nn.Linear(17, 9),
                                         torch.nn.Tanh(), torch.nn.Linear(9, 5)).to(device, dtype)
@@ -327,23 +324,20 @@ def check_fused_buckets(device: str) -> None:
                     opt.zero_grad(set_to_none=True)
                 out[mode] = torch.cat([p.detach().float().flatten() for p in m.parameters()])
                 flushes[mode] = [s for s in sizes if s]
-                K.set_config(**prev)
+                kernels.set_config(**prev)
             what = f"{name} {dtype}"
             assert len(flushes["bucketed"]) >= 2 * len(xs), f"{what}: expected several flushes, got {flushes}"
             biggest = max(p.numel() for p in m.parameters()) * torch.tensor([], dtype=dtype).element_size()
             assert max(flushes["bucketed"]) < cap * 2**20 + biggest, f"{what}: a bucket held too much"
             assert torch.equal(out["bucketed"], out["classic"]), f"{what}: bucketed fused != classic grouped step"
-            assert torch.equal(out["side"], out["bucketed"]), f"{what}: side stream changed the result"
-            for mode in ("thread", "thread_side"):
-                assert len(flushes[mode]) == len(flushes["bucketed"]), f"{what} {mode}: {flushes}"
-                assert torch.equal(out[mode], out["bucketed"]), f"{what}: {mode} changed the result"
+            assert len(flushes["thread"]) == len(flushes["bucketed"]), f"{what} thread: {flushes}"
+            assert torch.equal(out["thread"], out["bucketed"]), f"{what}: the flush thread changed the result"
             assert torch.equal(out["thread_per_tensor"], out["per_tensor"]), f"{what}: per-tensor on the thread"
             if device == "cpu":  # interpreted: the carried sums are bit-identical to the re-read ones
                 assert torch.equal(out["carry"], out["bucketed"]), f"{what}: carry_psq changed the result"
             else:
                 _close(out["carry"], out["bucketed"], 1e-5 if dtype == torch.float32 else 2e-2, f"{what} carry_psq")
-            _close(out["per_tensor"], out["classic"], 1e-5 if dtype == torch.float32 else 2e-2,
-                   f"{what}: per-tensor fused vs grouped")
+            assert torch.equal(out["per_tensor"], out["classic"]), f"{what}: per-tensor fused != classic grouped step"
 
 
 def check_torch_path_optimizer_on_kernel_device(device: str) -> None:
@@ -368,16 +362,9 @@ class _NoCtx:
         return None
 
 
-def check_unfolded_and_accumulate(device: str) -> None:
-    """The one-program finish kernel (used when partials are many) and the ``ok_into``/``seed`` arguments."""
-    from adalomo.kernels import _triton as K
-    prev = K.set_config(fold_max=0)
-    try:
-        check_scaled(device, (21, 40), torch.bfloat16, rho=0.2, steps=1)
-        check_scaled(device, (50,), steps=1)
-        check_lomo(device, (13, 20), wd=0.1)
-    finally:
-        K.set_config(**prev)
+def check_seed_and_ok_into(device: str) -> None:
+    """The one-tensor updates' ``seed`` (same bits as a generator with that initial seed) and ``ok_into`` (the flag
+    ANDed in) arguments."""
     gen = torch.Generator().manual_seed(5)
     p = _rand((9, 33), gen, device, torch.bfloat16)
     g = _rand((9, 33), gen, device, torch.bfloat16)
@@ -400,7 +387,6 @@ def check_unfolded_and_accumulate(device: str) -> None:
 
 def check_many(device: str, lomo: bool = False) -> None:
     """The grouped (multi-tensor) launches of the classic step against the per-tensor torch path."""
-    from adalomo.kernels import _triton as K
     gen = torch.Generator().manual_seed(11)
     specs = [((37, 53), torch.float32, "contig"), ((16, 130), torch.bfloat16, "contig"), ((33, 20), torch.float32,
              "transposed"), ((2, 9, 33), torch.float32, "contig"), ((21, 45), torch.float32, "sliced"),
@@ -420,12 +406,12 @@ def check_many(device: str, lomo: bool = False) -> None:
         betas = [F.beta2_at(float(step), -0.8)] * len(specs)
         lr, wd = 0.05 * step, 0.1 / step  # another lr and weight decay at each call (they travel in the metadata)
         if lomo:
-            ok = K.lomo_update_many_(ps, gs, lr=lr, weight_decay=wd, clip_grad_value=0.8, grad_scale=scale,
-                                     stochastic_rounding=False, seeds=[0] * len(specs))
-        else:
-            ok = K.scaled_rms_update_many_(ps, gs, sts, rhos=rhos, beta2s=betas, eps=EPS, clip_threshold=1.0,
-                                           weight_decay=0.1, scale_parameter=True, beta1=beta1, grad_scale=scale,
+            ok = kernels.lomo_update_many_(ps, gs, lr=lr, weight_decay=wd, clip_grad_value=0.8, grad_scale=scale,
                                            stochastic_rounding=False, seeds=[0] * len(specs))
+        else:
+            ok = kernels.scaled_rms_update_many_(ps, gs, sts, rhos=rhos, beta2s=betas, eps=EPS, clip_threshold=1.0,
+                                                 weight_decay=0.1, scale_parameter=True, beta1=beta1,
+                                                 grad_scale=scale, stochastic_rounding=False, seeds=[0] * len(specs))
         assert ok.dtype == torch.bool and ok.dim() == 0 and not bool(ok)
         assert torch.equal(ps[-1], p_before[-1]), "the tensor with a NaN gradient changed"
         for i in range(len(specs)):
@@ -435,7 +421,7 @@ def check_many(device: str, lomo: bool = False) -> None:
                 if lomo:
                     F.lomo_update_(p_t, gs[i], lr=lr, weight_decay=wd, clip_grad_value=0.8, grad_scale=scale)
                 else:
-                    F._scaled_rms_update_(p_t, gs[i], st_t, rho=rhos[i], eps=EPS, clip_threshold=1.0, beta2=betas[i],
+                    F.scaled_rms_update_(p_t, gs[i], st_t, rho=rhos[i], eps=EPS, clip_threshold=1.0, beta2=betas[i],
                                           weight_decay=0.1, scale_parameter=True, beta1=beta1, grad_scale=scale,
                                           stochastic_rounding=False, generator=None)
             what = f"many[{i}] {specs[i][:2]} step {step}"
@@ -447,10 +433,10 @@ def check_many(device: str, lomo: bool = False) -> None:
 
 
 def check_one_read(device: str) -> None:
-    """``one_read``: the statistics and RMS(u) from one read of g (``_g_fac_stats1_kernel``) give the updates of
-    the three passes within rounding, in one call with matrices too wide for it (three passes, another group),
-    with a gradient scale, a non-finite gradient, several row tiles per program and carried sums of p^2."""
-    from adalomo.kernels import _triton as K
+    """``one_read``: the statistics and RMS(u) from one read of g (``grouped_factored_stats_one_read_kernel``) give
+    the updates of the three passes within rounding, in one call with matrices too wide for it (three passes, another
+    group), with a gradient scale, a non-finite gradient, several row tiles per program and carried sums of p^2."""
+    from adalomo.kernels import factored, one_read, updates
     gen = torch.Generator().manual_seed(5)
     specs = [((37, 53), torch.float32), ((16, 130), torch.bfloat16), ((2, 9, 33), torch.float32),
              ((300, 3), torch.float32), ((5, 70), torch.bfloat16), ((1, 77), torch.float32)]
@@ -460,21 +446,21 @@ def check_one_read(device: str) -> None:
     scale = torch.tensor(0.37, device=device)
 
     def run(cfg: dict):
-        prev = K.set_config(**cfg)
+        prev = kernels.set_config(**cfg)
         try:
             ps = [p.clone() for p in init]
             sts = [_state(p, None) for p in ps]
             for step, gs in enumerate(grads):
-                ok = K.scaled_rms_update_many_(ps, gs, sts, rhos=[0.05] * len(ps),
-                                               beta2s=[F.beta2_at(step + 1.0, -0.8)] * len(ps), eps=EPS,
-                                               clip_threshold=0.7, weight_decay=0.1, scale_parameter=True,
-                                               beta1=None, grad_scale=scale, stochastic_rounding=False,
-                                               seeds=[0] * len(ps))
+                ok = kernels.scaled_rms_update_many_(ps, gs, sts, rhos=[0.05] * len(ps),
+                                                     beta2s=[F.beta2_at(step + 1.0, -0.8)] * len(ps), eps=EPS,
+                                                     clip_threshold=0.7, weight_decay=0.1, scale_parameter=True,
+                                                     beta1=None, grad_scale=scale, stochastic_rounding=False,
+                                                     seeds=[0] * len(ps))
                 assert bool(ok) == (step != 1), f"step {step}: finite flag {bool(ok)}"
-            plans = [gp for plan in K._PLANS.values() for gp in plan.groups if gp.fac]
+            plans = [gp for plan in updates._PLANS.values() for gp in plan.groups if gp.fac]
             return ps, sts, {gp.nb for gp in plans}
         finally:
-            K.set_config(**prev)
+            kernels.set_config(**prev)
 
     base, base_st, nbs = run(dict(one_read=False))
     assert nbs == {0}, nbs
@@ -482,7 +468,7 @@ def check_one_read(device: str) -> None:
     # several programs per matrix (its geometry depends on its shape alone; one row per tile, so that a geometry
     # that followed the group's size would give these matrices another number of programs)
     from adalomo import AdaLomo
-    prev = K.set_config(one_read_tm=2, one_read_elems=16)
+    prev = kernels.set_config(one_read_tm=2, one_read_elems=16)
     try:
         out = {}
         xs = [torch.randn(8, 13, generator=gen).to(device) for _ in range(3)]  # fp32: every last bit kept
@@ -498,13 +484,13 @@ def check_one_read(device: str) -> None:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             out[mode] = torch.cat([p.detach().float().flatten() for p in m.parameters()])
-        geo = K._geometry1(1, 70, 40, 64, 128)
+        geo = one_read.geometry(factored.geometry(1, 70, 40, 128), 1, 70, 40, 64)
         assert geo["TM1"] == 2 and geo["RPP1"] < 70, geo
         assert torch.equal(out["fused"], out["classic"]), "one_read: fused buckets and the classic step differ"
     finally:
-        K.set_config(**prev)
+        kernels.set_config(**prev)
     for cfg in (dict(one_read_max_n=64), dict(one_read_max_n=64, one_read_tm=2, one_read_elems=64)):
-        K._PLANS.clear()
+        updates._PLANS.clear()
         ps, sts, nbs = run(cfg)
         assert 64 in nbs and 0 in nbs, f"{cfg}: expected one-read and three-pass groups, got tile widths {nbs}"
         for i, (s, dt) in enumerate(specs):
@@ -538,8 +524,8 @@ def check_carry_psq(device: str) -> None:
     when interpreted: same tiling, same order), across a skipped step and an in-place change of p; the carried
     sums are really used (a corrupted carry changes the next update) and dropped when p's version moved (after
     ``p.mul_``, the same corruption changes nothing)."""
-    from adalomo.kernels import _triton as K
-    K.take_carry_stale(torch.device(device))  # what earlier cases left (run_cases fails a case that leaves any)
+    from adalomo.kernels import updates
+    kernels.take_carry_stale(torch.device(device))  # what earlier cases left (run_cases fails a case that leaves any)
     gen = torch.Generator().manual_seed(21)
     specs = [((37, 53), torch.bfloat16), ((150, 20), torch.float32), ((2, 9, 33), torch.bfloat16),
              ((70,), torch.float32)]
@@ -549,7 +535,7 @@ def check_carry_psq(device: str) -> None:
 
     def run(carry: bool, corrupt_at: int | None = None, bump_first: bool = False, sr: bool = True,
             foreign: bool = False):
-        prev = K.set_config(carry_psq=carry, max_tm=2)  # max_tm=2: several row tiles per program
+        prev = kernels.set_config(carry_psq=carry, max_tm=2)  # max_tm=2: several row tiles per program
         try:
             ps = [p.clone() for p in init]
             sts = [_state(p, None) for p in ps]
@@ -559,7 +545,7 @@ def check_carry_psq(device: str) -> None:
                     with torch.no_grad():
                         ps[1].mul_(1.25)  # an in-place change: its version moves, its carried sum is not used
                 if corrupt_at == step:
-                    groups = [gp for plan in K._PLANS.values() for gp in plan.groups
+                    groups = [gp for plan in updates._PLANS.values() for gp in plan.groups
                               if gp.fac and gp.psq_versions is not None]
                     assert groups, "nothing carried"
                     for gp in groups:
@@ -573,15 +559,15 @@ def check_carry_psq(device: str) -> None:
                         others = [torch.empty(0) for _ in range(len(ps))]
                         for gp in groups:
                             gp.psq_owners = [weakref.ref(others[i]) for i in gp.idx]
-                K.scaled_rms_update_many_(ps, grads[step], sts, rhos=[0.05] * len(ps),
-                                          beta2s=[F.beta2_at(step + 1.0, -0.8)] * len(ps), eps=EPS,
-                                          clip_threshold=1.0, weight_decay=0.1, scale_parameter=True, beta1=None,
-                                          grad_scale=None, stochastic_rounding=sr,
-                                          seeds=[step * 10 + i for i in range(len(ps))])
+                kernels.scaled_rms_update_many_(ps, grads[step], sts, rhos=[0.05] * len(ps),
+                                                beta2s=[F.beta2_at(step + 1.0, -0.8)] * len(ps), eps=EPS,
+                                                clip_threshold=1.0, weight_decay=0.1, scale_parameter=True, beta1=None,
+                                                grad_scale=None, stochastic_rounding=sr,
+                                                seeds=[step * 10 + i for i in range(len(ps))])
                 out.append([p.clone() for p in ps])
             return out
         finally:
-            K.set_config(**prev)
+            kernels.set_config(**prev)
 
     def same(a, b):
         if device == "cpu":
@@ -594,13 +580,13 @@ def check_carry_psq(device: str) -> None:
         base, carried = run(False, sr=sr), run(True, sr=sr)
         for step, (a, b) in enumerate(zip(base, carried)):
             assert same(a, b), f"step {step}: carrying sum(p^2) changed the update (stochastic rounding {sr})"
-        flag = K.take_carry_stale(torch.device(device))
+        flag = kernels.take_carry_stale(torch.device(device))
         assert flag is not None and not bool(flag), "the check flagged carried sums of unchanged parameters"
-    K.take_carry_stale(torch.device(device))  # clear what the runs above left (nothing: checked below)
+    kernels.take_carry_stale(torch.device(device))  # clear what the runs above left (nothing: checked below)
     corrupted = run(True, corrupt_at=2)
-    stale = K.take_carry_stale(torch.device(device))
+    stale = kernels.take_carry_stale(torch.device(device))
     assert stale is not None and bool(stale), "a corrupted carry was not reported by the write's check"
-    assert not bool(K.take_carry_stale(torch.device(device))), "the check's flag was not cleared when taken"
+    assert not bool(kernels.take_carry_stale(torch.device(device))), "the check's flag was not cleared when taken"
     assert not torch.equal(corrupted[2][0], base[2][0]) or not torch.equal(corrupted[2][2], base[2][2]), \
         "a corrupted carry did not change the update: the carried sums are not used"
     bumped = run(True, corrupt_at=2, bump_first=True)  # p.mul_(1.0): same values, versions moved
@@ -615,8 +601,7 @@ def check_carry_stale_reported(device: str) -> None:
     import warnings
 
     from adalomo import AdaLomo
-    from adalomo.kernels import _triton as K
-    prev = K.set_config(carry_psq=True)
+    prev = kernels.set_config(carry_psq=True)
     try:
         torch.manual_seed(0)
         m = torch.nn.Sequential(torch.nn.Linear(13, 17), torch.nn.Tanh(), torch.nn.Linear(17, 5)).to(device)
@@ -632,7 +617,7 @@ def check_carry_stale_reported(device: str) -> None:
         # masked out (the workspace's padding is never written: garbage, NaN at times, in dead lanes only)
         said = [str(w.message) for w in quiet if "encountered in" not in str(w.message)]
         assert not said, said
-        assert K.CONFIG["carry_psq"], "carry_psq was turned off without a change of the parameters"
+        assert kernels.get_config()["carry_psq"], "carry_psq was turned off without a change of the parameters"
         m[0].weight.data.mul_(1.5)  # no version bump: the carried sums are stale
         m(x).square().mean().backward()
         with warnings.catch_warnings(record=True) as got:
@@ -647,41 +632,39 @@ def check_carry_stale_reported(device: str) -> None:
                     opt.step()
                     opt.zero_grad(set_to_none=True)
         assert any("carry_psq is now off" in str(w.message) for w in got), [str(w.message) for w in got]
-        assert not K.CONFIG["carry_psq"]
+        assert not kernels.get_config()["carry_psq"]
         m(x).square().mean().backward()
         opt.step()  # goes on without the carry
         assert all(torch.isfinite(p).all() for p in m.parameters())
     finally:
-        K.set_config(**prev)
+        kernels.set_config(**prev)
 
 
 def check_other_configs(device: str) -> None:
     """Other launch geometries (``set_config``: tile sizes, many row groups, warps) compute the same updates,
     per tensor and grouped; bad settings are refused with the known keys named."""
-    from adalomo.kernels import _triton as K
-    for bad in (dict(block_m=48), dict(max_tm=0), dict(warps_usq=64), dict(nonsense=1), dict(fast_launch=1),
-                dict(reverse_usq="yes"), dict(maxnreg_write=-1), dict(stages_read=0), dict(stages_write=9),
-                dict(one_read="yes"), dict(one_read_max_n=100), dict(one_read_tm=0), dict(warps_one_read=3)):
+    from adalomo.kernels.config import pipeline_stages
+    for bad in (dict(block_m=48), dict(max_tm=0), dict(warps_usq=64), dict(nonsense=1), dict(stages_read=0),
+                dict(stages_read=9), dict(graphs=1), dict(one_read="yes"), dict(one_read_max_n=100),
+                dict(one_read_tm=0), dict(warps_one_read=3)):
         try:
-            K.set_config(**bad)
+            kernels.set_config(**bad)
         except ValueError:
             continue
         raise AssertionError(f"set_config accepted {bad}")
     # pipelined loops keep stages - 1 tiles per loaded tensor in shared memory: fewer stages for large tiles
-    assert K._pipeline_stages(3, 32, 128, torch.bfloat16, torch.bfloat16) == 3
-    assert K._pipeline_stages(8, 64, 256, torch.bfloat16, torch.bfloat16) == 2
-    assert K._pipeline_stages(3, 64, 256, torch.float32, torch.float32) == 1
-    assert K._pipeline_stages(1, 8, 8, torch.bfloat16) == 1
-    # reverse_usq with several row tiles per program (max_tm=2) and with one (max_tm=256 on these shapes)
-    for cfg in (dict(block_m=16, block_n=64, max_tm=256, warps_stats=8, warps_usq=8, warps_write=4, reverse_usq=True),
-                dict(block_m=64, block_n=256, max_tm=2, vec_block=256),
-                dict(block_m=16, max_tm=2, reverse_usq=True, maxnreg_usq=96, maxnreg_write=80),
+    assert pipeline_stages(3, 32, 128, torch.bfloat16, torch.bfloat16) == 3
+    assert pipeline_stages(8, 64, 256, torch.bfloat16, torch.bfloat16) == 2
+    assert pipeline_stages(3, 64, 256, torch.float32, torch.float32) == 1
+    assert pipeline_stages(1, 8, 8, torch.bfloat16) == 1
+    # several row tiles per program (max_tm=2) and one (max_tm=256 on these shapes)
+    for cfg in (dict(block_m=16, block_n=64, max_tm=256, warps_stats=8, warps_usq=8, warps_write=4),
+                dict(block_m=64, block_n=256, max_tm=2),
                 # software-pipelined row loops (cp.async on a GPU; the same loop, unprefetched, in the interpreter)
-                dict(block_m=16, max_tm=2, stages_read=3, stages_write=3, reverse_usq=True),
-                dict(stages_read=4, stages_write=2),
+                dict(block_m=16, max_tm=2, stages_read=3), dict(stages_read=4),
                 # the statistics in three passes; one read with several row tiles per program and small tiles
                 dict(one_read=False), dict(one_read_tm=2, one_read_elems=256, warps_one_read=4)):
-        prev = K.set_config(**cfg)
+        prev = kernels.set_config(**cfg)
         try:
             check_scaled(device, (37, 53), torch.bfloat16, rho=0.2, steps=2)
             check_scaled(device, (2, 70, 9), beta1=0.9, steps=2)
@@ -690,7 +673,7 @@ def check_other_configs(device: str) -> None:
             check_many(device)
             check_many(device, lomo=True)
         finally:
-            K.set_config(**prev)
+            kernels.set_config(**prev)
 
 
 CASES: dict[str, Callable[[str], None]] = {
@@ -723,7 +706,7 @@ CASES: dict[str, Callable[[str], None]] = {
     "sr_bf16_lomo": lambda d: check_stochastic_rounding(d, lomo=True),
     "sr_bits": check_sr_bits,
     "optimizers_end_to_end": check_optimizer_fused,
-    "unfolded_and_accumulate": check_unfolded_and_accumulate,
+    "seed_and_ok_into": check_seed_and_ok_into,
     "fused_buckets": check_fused_buckets,
     "adapm_bf16_torch_path": check_torch_path_optimizer_on_kernel_device,
     "many_scaled": check_many,
@@ -736,22 +719,24 @@ CASES: dict[str, Callable[[str], None]] = {
 
 def check_fast_launch_used(device: str) -> None:
     """On a GPU with Triton >= 3.4 the second launch of a kernel variant must bypass JITFunction.run."""
-    from adalomo.kernels import _triton as K
-    if not K._FAST:
+    from adalomo.kernels import factored, grouped, launch
+    if not launch._DIRECT:
         return
     for _ in range(2):
         check_scaled(device, (64, 96), torch.bfloat16, steps=1)
-    assert K._FAST and K._WRITE.cache and K._STATS.cache, "the direct launch path is not in use"
-    before = K.JIT_LAUNCHES[0]
+    assert launch._DIRECT and factored.grouped_write.cache and grouped.finish.cache, \
+        "the direct launch path is not in use"
+    before = launch.JIT_LAUNCHES[0]
     check_scaled(device, (64, 96), torch.bfloat16, steps=1)  # the same variants again: no launch through Triton's
-    assert K.JIT_LAUNCHES[0] == before, f"{K.JIT_LAUNCHES[0] - before} launches went through Triton's Python path"
+    assert launch.JIT_LAUNCHES[0] == before, \
+        f"{launch.JIT_LAUNCHES[0] - before} launches went through Triton's Python path"
 
 
 def check_graph_replay(device: str) -> None:
     """The grouped launches captured in CUDA graphs and replayed (kernel setting ``graphs``): bit-identical to
     launching them one by one, from the hooks and from the flush thread, for AdaLomo, Adafactor and Lomo."""
     from adalomo import Adafactor, AdaLomo, Lomo
-    from adalomo.kernels import _triton as K
+    from adalomo.kernels import graphs
 
     makers = {"adalomo": lambda ps, **kw: AdaLomo(ps, lr=1e-2, weight_decay=0.01, **kw),
               "adafactor": lambda ps, **kw: Adafactor(ps, beta1=0.9, **kw),
@@ -762,8 +747,8 @@ def check_graph_replay(device: str) -> None:
     for name, make in makers.items():
         out = {}
         for mode in ("direct", "graphs", "graphs_thread", "classic_graphs"):
-            prev = K.set_config(graphs=mode != "direct")
-            before = K.GRAPH_CAPTURES[0]
+            prev = kernels.set_config(graphs=mode != "direct")
+            before = graphs.GRAPH_CAPTURES[0]
             try:
                 torch.manual_seed(0)
                 m = torch.nn.Sequential(torch.nn.Linear(13, 17), torch.nn.LayerNorm(17), torch.nn.Linear(17, 9),
@@ -778,13 +763,13 @@ def check_graph_replay(device: str) -> None:
                     opt.zero_grad(set_to_none=True)
                     sched.step()
                 out[mode] = torch.cat([p.detach().float().flatten() for p in m.parameters()])
-                captured = K.GRAPH_CAPTURES[0] - before
+                captured = graphs.GRAPH_CAPTURES[0] - before
                 if mode == "direct":
                     assert captured == 0, f"{name}: {captured} graphs captured with graphs off"
                 elif device == "cuda":
-                    assert captured > 0 and K.CONFIG["graphs"], f"{name} {mode}: no graph was captured"
+                    assert captured > 0 and kernels.get_config()["graphs"], f"{name} {mode}: no graph was captured"
             finally:
-                K.set_config(**prev)
+                kernels.set_config(**prev)
         for mode in ("graphs", "graphs_thread", "classic_graphs"):
             assert torch.equal(out[mode], out["direct"]), f"{name}: {mode} changed the result"
 
@@ -823,10 +808,7 @@ def run_cases(device: str, cases: dict[str, Callable[[str], None]]) -> dict[str,
 
 def _carry_flagged(device: str) -> bool:
     """Take the carry check's flag on ``device`` (set since the last take), if the kernels are loaded."""
-    impl = kernels._impl
-    if impl is None:
-        return False
-    flag = impl.take_carry_stale(device)
+    flag = kernels.take_carry_stale(device)
     return flag is not None and bool(flag)
 
 
@@ -847,40 +829,6 @@ def interpreter_results() -> dict[str, str]:
 @pytest.mark.parametrize("name", list(CASES))
 def test_interpreter(interpreter_results, name):
     assert interpreter_results[name] == "ok", interpreter_results[name]
-
-
-_SR_DIGEST = """
-import torch
-from adalomo import kernels
-p = (torch.randn(48, 160, generator=torch.Generator().manual_seed(3)) * 0.02).to(torch.bfloat16)
-g = torch.randn(48, 160, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
-kernels.lomo_update_(p, g, lr=1e-3, weight_decay=0.0, clip_grad_value=None, grad_scale=None,
-                     stochastic_rounding=True, generator=None, seed=1234)
-print("DIGEST", int(p.view(torch.int16).long().sum()))
-"""
-
-
-def test_sr_rng_variants():
-    """Each source of stochastic rounding's bits (ADALOMO_SR_RNG: Philox per element, Philox per 4 elements, keyed
-    hash) rounds to a neighbour without bias (the SR cases through the interpreter), and each really draws other
-    bits than the others."""
-    pytest.importorskip("triton")
-    digests = []
-    for rng in ("philox", "philox4", "hash"):
-        env = dict(os.environ, ADALOMO_TRITON_INTERPRET="1", TRITON_INTERPRET="1", ADALOMO_SR_RNG=rng,
-                   PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "src"), os.environ.get("PYTHONPATH", "")]))
-        env.pop("ADALOMO_DISABLE_TRITON", None)
-        cases = "sr_bf16_adalomo,sr_bf16_lomo,sr_bits"
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "cpu", cases], capture_output=True,
-                              text=True, env=env, timeout=300, cwd=ROOT)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-        assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-        res = json.loads(lines[-1])
-        assert res["sr_bf16_adalomo"] == "ok" and res["sr_bf16_lomo"] == "ok" and res["sr_bits"] == "ok", res
-        out = subprocess.run([sys.executable, "-c", _SR_DIGEST], capture_output=True, text=True, env=env,
-                             timeout=120, cwd=ROOT)
-        digests.append([ln for ln in out.stdout.splitlines() if ln.startswith("DIGEST")])
-    assert all(digests) and len({d[0] for d in digests}) == 3, digests
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -913,7 +861,7 @@ def test_graph_replay_state_machine(monkeypatch):
     pytest.importorskip("triton")
     import contextlib
 
-    from adalomo.kernels import _triton as K
+    from adalomo.kernels import graphs, grouped
 
     replayed = []
 
@@ -930,9 +878,9 @@ def test_graph_replay_state_machine(monkeypatch):
     monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
     monkeypatch.setattr(torch.cuda, "Stream", lambda dev: type("S", (), {"cuda_stream": 7})())
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    monkeypatch.setattr(K, "_CAPTURE_STREAMS", {})
-    ctx = type("Ctx", (), {"stream": 5, "device": 0, "interpreted": False})()
-    bufs = K._Bufs()
+    monkeypatch.setattr(graphs, "_CAPTURE_STREAMS", {})
+    ctx = type("Ctx", (), {"stream": 5, "device": 0})()
+    bufs = grouped.DeviceBuffers()
     bufs.graphs, bufs.seen = {}, set()
     launches = []
 
@@ -940,14 +888,14 @@ def test_graph_replay_state_machine(monkeypatch):
         launches.append(run[0])  # the stream launched on: 5 = the current one, 7 = the capture stream
 
     scale = torch.zeros(4)
-    prev = K.set_config(graphs=True)
+    prev = kernels.set_config(graphs=True)
     try:
-        before = K.GRAPH_CAPTURES[0]
-        go = lambda key, has_scale=False: K._launch_or_replay(launch, bufs, ctx, scale, has_scale, key)  # noqa: E731
+        before = graphs.GRAPH_CAPTURES[0]
+        go = lambda key, has_scale=False: graphs.launch_or_replay(launch, bufs, ctx, scale, has_scale, key)  # noqa: E731
         go(("k",))
         assert launches == [5] and not replayed, "the first call launches directly (it compiles the variants)"
         go(("k",))
-        assert launches == [5, 7] and len(replayed) == 1 and K.GRAPH_CAPTURES[0] == before + 1
+        assert launches == [5, 7] and len(replayed) == 1 and graphs.GRAPH_CAPTURES[0] == before + 1
         go(("k",))
         assert launches == [5, 7] and len(replayed) == 2, "a captured key only replays"
         go(("other",))
@@ -970,16 +918,31 @@ def test_graph_replay_state_machine(monkeypatch):
         n = len(launches)
         with pytest.warns(RuntimeWarning, match="capturing the grouped update"):
             go(("third",))
-        assert K.CONFIG["graphs"] is False and launches[n:] == [5], "after a failed capture: a direct launch"
+        assert kernels.get_config()["graphs"] is False and launches[n:] == [5], "a failed capture: launched directly"
     finally:
-        K.set_config(**prev)
+        kernels.set_config(**prev)
+
+
+def test_matrix_geometry_depends_on_its_shape_alone():
+    """A matrix's finalize block (how its row and column sums are blocked, hence their rounding) is a function of its
+    shape, not of the group it is launched with: a matrix wider than 128K columns (a larger finalize block) shares no
+    group with narrower ones, so that a fused bucket without it and the classic step's group with it sum alike."""
+    pytest.importorskip("triton")
+    from adalomo.kernels import config, updates
+    shapes = [(4, 9008), (2, 140000), (3, 9008)]  # three-pass statistics (rows wider than one_read's tiles), aligned
+    ps = [torch.zeros(s) for s in shapes]
+    sts = [F.init_factored_state(p) for p in ps]
+    plan = updates._build_scaled_plan(ps, [torch.zeros_like(p) for p in ps], sts, False, torch.device("cpu"))
+    blocks = {tuple(gp.idx): gp.fb for gp in plan.groups}
+    assert blocks == {(0, 2): config.fin_block(4, 9008), (1,): config.fin_block(2, 140000)}, blocks
+    assert config.fin_block(2, 140000) > config.fin_block(4, 9008)
 
 
 def test_direct_launch_cache(monkeypatch):
     """The launch cache (no GPU needed): first launch through Triton, later ones direct, a new variant
     for another alignment or constexpr; nothing cached when a launch hook is installed."""
     pytest.importorskip("triton")
-    from adalomo.kernels import _triton as K
+    from adalomo.kernels import launch as L
 
     class FakeCompiled:
         function, packed_metadata = "fn", "md"
@@ -1005,36 +968,37 @@ def test_direct_launch_cache(monkeypatch):
             return launch
 
     fn = FakeFn()
-    launcher = K._Launcher(fn, ("C",))
-    monkeypatch.setattr(K, "_FAST", True)
-    monkeypatch.setattr(K, "JIT_LAUNCHES", [0])
+    launcher = L.Launcher(fn, "C")
+    monkeypatch.setattr(L, "_DIRECT", True)
+    monkeypatch.setattr(L, "JIT_LAUNCHES", [0])
     a, b = torch.zeros(8), torch.zeros(8, dtype=torch.bfloat16)
-    launcher(4, (a, b, 8), (True,), 4, 123, 0, False)
+    run = (123, 0, None)  # stream, device, no key: the pointers' dtypes and alignment are read
+    launcher(4, (a, b, 8), (True,), 4, run)
     assert fn.slow == 1 and len(launcher.cache) == 1
-    launcher(4, (a, b, 8), (True,), 4, 123, 0, False)
+    launcher(4, (a, b, 8), (True,), 4, run)
     k = next(iter(launcher.cache.values()))
     assert fn.slow == 1 and k.calls == [(4, 1, 1, 123, "fn", "md", None, None, None, a, b, 8, True)]
-    launcher(4, (a, b[1:], 8), (True,), 4, 123, 0, False)  # b no longer 16-byte aligned: another variant
-    launcher(4, (a, b, 8), (False,), 4, 123, 0, False)  # another constexpr
+    launcher(4, (a, b[1:], 8), (True,), 4, run)  # b no longer 16-byte aligned: another variant
+    launcher(4, (a, b, 8), (False,), 4, run)  # another constexpr
     assert fn.slow == 3 and len(launcher.cache) == 3
-    rk = ("rk", 0, torch.float32, True, torch.bfloat16, True, torch.float32, None)
-    launcher(4, (a, b, 8), (True,), 4, 123, 0, False, rk)
-    launcher(4, (a, b, 8), (True,), 4, 123, 0, False, rk)
+    keyed = (123, 0, ("grk", 0, torch.float32, True))  # the caller vouches for the pointers (grouped launches)
+    launcher(4, (a, b, 8), (True,), 4, keyed)
+    launcher(4, (a, b, 8), (True,), 4, keyed)
     assert fn.slow == 4 and len(launcher.cache) == 4
-    launcher(4, (a, b, 8), (True,), 4, None, -1, True)  # interpreter / no stream: always Triton's path
-    assert fn.slow == 5 and K.JIT_LAUNCHES == [5], "JIT_LAUNCHES counts exactly the launches through Triton"
+    launcher(4, (a, b, 8), (True,), 4, (None, -1, None))  # interpreter / no stream: always Triton's path
+    assert fn.slow == 5 and L.JIT_LAUNCHES == [5], "JIT_LAUNCHES counts exactly the launches through Triton"
     def broken(*a):
         raise TypeError("another Triton's launcher signature")
     k.run = broken  # a direct call that fails: back to Triton's path for good, and said so
     with pytest.warns(RuntimeWarning, match="Triton's own launch path"):
-        launcher(4, (a, b, 8), (True,), 4, 123, 0, False)
-    assert K._FAST is False and fn.slow == 6 and K.JIT_LAUNCHES == [6]
-    monkeypatch.setattr(K, "_FAST", True)
+        launcher(4, (a, b, 8), (True,), 4, run)
+    assert L._DIRECT is False and fn.slow == 6 and L.JIT_LAUNCHES == [6]
+    monkeypatch.setattr(L, "_DIRECT", True)
     from triton import knobs
     hook = lambda *a: None  # noqa: E731
     monkeypatch.setattr(knobs.runtime, "launch_enter_hook", hook)
-    launcher2 = K._Launcher(fn, ("C",))
-    launcher2(4, (a, b, 8), (True,), 4, 123, 0, False)
+    launcher2 = L.Launcher(fn, "C")
+    launcher2(4, (a, b, 8), (True,), 4, run)
     assert not launcher2.cache, "a launch hook must keep launches on Triton's path"
 
 
@@ -1042,27 +1006,19 @@ def test_public_set_config(monkeypatch):
     """``adalomo.kernels.set_config``: the documented way to change a kernel setting (e.g. turn ``carry_psq`` off);
     it returns what it changed, refuses unknown keys, and says so when there are no kernels to configure."""
     pytest.importorskip("triton")
-    from adalomo.kernels import _triton as K
-    assert K.CONFIG["carry_psq"] and K.CONFIG["stages_read"] == 3  # the defaults the README's tables were run at
+    from adalomo.kernels.config import CONFIG
+    assert CONFIG["carry_psq"] and CONFIG["stages_read"] == 3  # the defaults the README's tables were run at
     prev = kernels.set_config(carry_psq=False)
     try:
-        assert prev == {"carry_psq": True} and not K.CONFIG["carry_psq"]
+        assert prev == {"carry_psq": True} and not CONFIG["carry_psq"]
         with pytest.raises(ValueError, match="known:"):
             kernels.set_config(carry_psk=True)
     finally:
         kernels.set_config(**prev)
-    assert K.CONFIG["carry_psq"]
+    assert CONFIG["carry_psq"]
     monkeypatch.setattr(kernels, "_load", lambda interpret: None)
     with pytest.raises(RuntimeError, match="not available"):
         kernels.set_config(carry_psq=False)
-
-
-def test_side_stream_is_noop_on_cpu():
-    g = torch.ones(3)
-    with kernels.update_stream(g):
-        y = g * 2
-    kernels.join_update_stream()
-    assert torch.equal(y, torch.full((3,), 2.0))
 
 
 if __name__ == "__main__":

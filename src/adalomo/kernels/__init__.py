@@ -1,4 +1,4 @@
-"""Fast paths for the per-tensor updates (Triton on CUDA); the torch code in ``functional`` is the fallback.
+"""The Triton update path for CUDA (``functional`` holds the torch maths, the reference and CPU path).
 
 ``use_triton(*tensors)`` decides per call:
 
@@ -7,16 +7,13 @@
   ``torch.compile`` traces) of dtype fp16/bf16/fp32 use the kernels when ``triton`` imports;
 * CPU tensors use them only with ``ADALOMO_TRITON_INTERPRET=1``: the kernels are then loaded through
   Triton's interpreter (``TRITON_INTERPRET=1`` must also be set before anything imports triton; it is
-  set here when triton was not imported yet). This
-  is how the CPU test suite checks them (in a subprocess); it is slow, meant for tests only, and
-  ``TRITON_INTERPRET=1`` then stays set for the rest of the process.
+  set here when triton was not imported yet). This is how the CPU test suite checks them (in a subprocess);
+  it is slow, meant for tests only, and ``TRITON_INTERPRET=1`` then stays set for the rest of the process.
 
-``import adalomo`` never imports triton: the kernels load on the first call that needs them. See
-``docs/kernels.md`` for the design and byte counts.
-
-Optional side stream (``update_stream`` / ``join_update_stream``): the optimizer can run each update
-on a second CUDA stream so that the memory-bound update overlaps the compute-bound backward; the
-gradient is kept alive for that stream with ``record_stream``.
+``import adalomo`` never imports triton: the kernels load on the first call that needs them. One kernel family
+per module: ``factored`` (matrices), ``one_read`` (their statistics from one read of g), ``vector`` (0-D/1-D),
+``lomo``; ``grouped`` (metadata rows and launch plans), ``graphs`` (CUDA graphs), ``updates`` (the entry points),
+``sharded`` (FSDP2 shards), ``config`` (settings and launch geometry). See ``docs/kernels.md``.
 """
 
 from __future__ import annotations
@@ -25,19 +22,21 @@ import math
 import os
 import sys
 import warnings
-from contextlib import contextmanager
 
 import torch
 
+from .._compat import bump_versions
+from .._compat import local_tensor as _local
+
 __all__ = ["use_triton", "gradient_fits", "sharded_fits", "scaled_rms_update_", "lomo_update_",
-           "scaled_rms_update_many_", "lomo_update_many_", "triton_available", "update_stream", "join_update_stream",
-           "Seed", "set_config"]
+           "scaled_rms_update_many_", "lomo_update_many_", "triton_available", "Seed", "set_config", "get_config",
+           "take_carry_stale", "bump_versions"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _MAX_NUMEL = 1 << 31
 _MAX_STRIDE = 1 << 25
-_impl = None          # the loaded kernels module
+_impl = None          # the loaded update path (``kernels.updates``)
 _impl_failed = False  # triton is missing or failed to import
 _impl_interpreted = False
 
@@ -76,8 +75,8 @@ def _load(interpret: bool):
             # Triton reads this when it (and each @triton.jit function) is first imported, and again at
             # launch time: it stays set for the rest of the process (tests only).
             os.environ["TRITON_INTERPRET"] = "1"
-        from . import _triton
-        _impl = _triton
+        from . import updates
+        _impl = updates
         _impl_interpreted = _flag("TRITON_INTERPRET")
     except Exception:  # ImportError, or a triton too old/broken for these kernels: torch path
         _impl_failed = True
@@ -92,10 +91,10 @@ def _require(t: torch.Tensor):
 
 
 def set_config(**changes) -> dict:
-    """Change kernel settings (``adalomo.kernels._triton.CONFIG``: launch geometry, ``carry_psq``, ``stages_read``,
-    ...) for the rest of the process; returns the previous values of the changed keys, so that
-    ``set_config(**prev)`` restores them. ``ADALOMO_KERNEL_CONFIG='{"carry_psq": false}'`` (JSON) does the same
-    when the kernels load. See ``docs/kernels.md``."""
+    """Change kernel settings (``adalomo.kernels.config.CONFIG``: ``carry_psq``, ``graphs``, ``one_read``,
+    ``stages_read`` and the launch geometry) for the rest of the process; returns the previous values of the changed
+    keys, so that ``set_config(**prev)`` restores them. ``ADALOMO_KERNEL_CONFIG='{"carry_psq": false}'`` (JSON) does
+    the same when the kernels load. See ``docs/kernels.md``."""
     impl = _load(_flag("ADALOMO_TRITON_INTERPRET"))
     if impl is None:
         raise RuntimeError("adalomo.kernels.set_config: the Triton kernels are not available here (triton is not "
@@ -104,14 +103,20 @@ def set_config(**changes) -> dict:
     return impl.set_config(**changes)
 
 
-def carried_sums_stale() -> list:
-    """``carry_psq``'s check since the last call: one 0-d bool device flag per device on which sums were carried
-    (True: a carried sum of p^2 did not match the parameter the write read)."""
-    impl = _impl
-    if impl is None:
-        return []
-    flags = (impl.take_carry_stale(dev) for dev in list(impl._STALE))
-    return [f for f in flags if f is not None]
+def get_config() -> dict:
+    """A copy of the kernel settings; empty when the kernels are not loaded (nothing imported them yet, or triton is
+    missing)."""
+    return dict(_impl.CONFIG) if _impl is not None else {}
+
+
+def take_carry_stale(device=None):
+    """``carry_psq``'s check: per device where the grouped write took carried sums of p^2, a 0-d bool device tensor
+    "some carried sum was stale (p changed without a version bump, e.g. through ``p.data``) since the last call",
+    then cleared. With ``device``: that device's flag, or None when nothing was carried there; without: the list
+    of every device's flag (empty when the kernels are not loaded)."""
+    if _impl is None:
+        return None if device is not None else []
+    return _impl.take_carry_stale(device)
 
 
 def triton_available() -> bool:
@@ -153,14 +158,6 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return _loaded(interpret)
 
 
-def _local(t):
-    """The local tensor of a DTensor (its ``_local_tensor``: ``to_local()`` costs a dispatch per call)."""
-    loc = getattr(t, "_local_tensor", None)
-    if loc is None:
-        return t.to_local() if hasattr(t, "to_local") else t
-    return loc
-
-
 def sharded_fits(p, grad) -> bool:
     """``use_triton``'s rules for the shards of an FSDP2 parameter ``p`` (a DTensor) and its gradient, decided
     on what every rank sees alike (device, dtypes, global shape; not the local size, which may be zero), so
@@ -182,35 +179,15 @@ def gradient_fits(g: torch.Tensor, p: torch.Tensor) -> bool:
     return not g.dim() or max(g.stride()) < _MAX_STRIDE  # strides are never negative in torch
 
 
-def _inc_many_supported() -> bool:
-    try:
-        t = torch.zeros(1)
-        v = t._version
-        torch.autograd.graph.increment_version([t, t])
-        return t._version == v + 2
-    except Exception:  # torch < 2.5: one tensor per call
-        return False
-
-
-if _inc_many_supported():
-    def bump_versions(ts: list[torch.Tensor]) -> None:
-        """``torch.autograd.graph.increment_version`` for a list of tensors, in one call where torch allows it
-        (the tensors were modified in place behind autograd's back: kernels, writes through a NumPy view)."""
-        torch.autograd.graph.increment_version(ts)
-else:  # pragma: no cover - old torch
-    def bump_versions(ts: list[torch.Tensor]) -> None:
-        for t in ts:
-            torch.autograd.graph.increment_version(t)
-
-
 def scaled_rms_update_(p, g, state, *, rho, eps, clip_threshold, beta2, weight_decay, scale_parameter, beta1,
                        grad_scale, stochastic_rounding, generator, seed=None, ok_into=None):
-    """The AdaLomo/Adafactor core (``functional._scaled_rms_update_``) in Triton kernels.
+    """The AdaLomo/Adafactor core (``functional._scaled_rms_update_``) in Triton kernels: the grouped update of
+    ``scaled_rms_update_many_`` with one tensor.
 
     ``state['step']`` was incremented by the caller. Returns a 0-d bool device tensor "the gradient was
     finite"; when it is False, ``p`` and the state are left untouched. No host synchronisation.
     Stochastic rounding draws from ``seed`` (an int) or, without it, from ``generator.initial_seed()``.
-    ``ok_into`` (optional 0-d bool tensor): the kernel also ANDs the flag into it (saves the caller an op).
+    ``ok_into`` (optional 0-d bool tensor): the flag is also ANDed into it.
     """
     return _require(p).scaled_rms_update_(p, g, state, rho=rho, eps=eps, clip_threshold=clip_threshold, beta2=beta2,
                                           weight_decay=weight_decay, scale_parameter=scale_parameter, beta1=beta1,
@@ -240,10 +217,10 @@ def scaled_rms_update_many_(ps, gs, states, *, rhos, beta2s, eps, clip_threshold
     all-reduces for the whole list. A ``None`` entry: the local tensor is the whole tensor (no collective).
     """
     if shards is not None:
-        return _split_by_shard(ps, gs, states, shards, "scaled_rms_update", dict(rhos=rhos, beta2s=beta2s, seeds=seeds),
-                               dict(eps=eps, clip_threshold=clip_threshold, weight_decay=weight_decay,
-                                    scale_parameter=scale_parameter, beta1=beta1, grad_scale=grad_scale,
-                                    stochastic_rounding=stochastic_rounding))
+        return _by_shard("scaled_rms_update", ps, gs, states, shards, dict(rhos=rhos, beta2s=beta2s, seeds=seeds),
+                         dict(eps=eps, clip_threshold=clip_threshold, weight_decay=weight_decay,
+                              scale_parameter=scale_parameter, beta1=beta1, grad_scale=grad_scale,
+                              stochastic_rounding=stochastic_rounding))
     return _require(ps[0]).scaled_rms_update_many_(ps, gs, states, rhos=rhos, beta2s=beta2s, eps=eps,
                                                     clip_threshold=clip_threshold, weight_decay=weight_decay,
                                                     scale_parameter=scale_parameter, beta1=beta1,
@@ -256,80 +233,16 @@ def lomo_update_many_(ps, gs, *, lr, weight_decay, clip_grad_value, grad_scale, 
     """``lomo_update_`` over many tensors in a few grouped launches; returns "every gradient was finite".
     ``shards``: as for ``scaled_rms_update_many_`` (FSDP2 shards: one all-reduce, of the finite test, per call)."""
     if shards is not None:
-        return _split_by_shard(ps, gs, None, shards, "lomo_update", dict(seeds=seeds),
-                               dict(lr=lr, weight_decay=weight_decay, clip_grad_value=clip_grad_value,
-                                    grad_scale=grad_scale, stochastic_rounding=stochastic_rounding))
+        return _by_shard("lomo_update", ps, gs, None, shards, dict(seeds=seeds),
+                         dict(lr=lr, weight_decay=weight_decay, clip_grad_value=clip_grad_value,
+                              grad_scale=grad_scale, stochastic_rounding=stochastic_rounding))
     return _require(ps[0]).lomo_update_many_(ps, gs, lr=lr, weight_decay=weight_decay,
                                              clip_grad_value=clip_grad_value, grad_scale=grad_scale,
                                              stochastic_rounding=stochastic_rounding, seeds=seeds)
 
 
-def _split_by_shard(ps, gs, states, shards, kind: str, per_tensor: dict, common: dict):
-    """The ``*_many_`` functions on DTensors: their local tensors, split into those whose local tensor is whole
-    (``None`` shard: one rank on the shard dim, the single-process grouped path) and the FSDP2 shards (the
-    sharded path, with its collectives). Returns the AND of the finite flags."""
-    ps, gs = [_local(p) for p in ps], [_local(g) for g in gs]
-    if states is not None:
-        states = [{k: _local(v) for k, v in st.items()} for st in states]
-    impl = _require(ps[0])
-    from . import _sharded
-
-    flags = []
-    for whole in (True, False):
-        idx = [i for i, s in enumerate(shards) if (s is None) == whole]
-        if not idx:
-            continue
-        args = [[ps[i] for i in idx], [gs[i] for i in idx]] + ([[states[i] for i in idx]] if states is not None else [])
-        kw = {**common, **{k: [v[i] for i in idx] for k, v in per_tensor.items()}}
-        if whole:
-            flags.append(getattr(impl, kind + "_many_")(*args, **kw))
-        else:
-            flags.append(getattr(_sharded, kind + "_sharded_")(*args, [shards[i] for i in idx], **kw))
-    return flags[0] if len(flags) == 1 else torch.stack(flags).all()
-
-
-# ------------------------------------------------------------------------------------ side stream
-_STREAMS: dict[int, torch.cuda.Stream] = {}
-#: priority of the side stream when first created (lower = higher; torch clamps to the device's range): a high
-#: priority has the update's blocks scheduled before the backward's waiting ones whenever an SM frees up
-SIDE_STREAM_PRIORITY = 0
-
-
-@contextmanager
-def update_stream(*grads: torch.Tensor):
-    """Run the enclosed update on a per-device side stream, after the work queued so far.
-
-    ``grads`` (and anything else the update reads that was produced on the current stream) must be ready
-    when the current stream reaches this point; each is recorded on the side stream so that its
-    memory is not reused before the update has read it. Outside CUDA this is a no-op. Results written
-    on the side stream (the parameter, the state, the returned flag) must be joined with
-    :func:`join_update_stream` before the current stream uses them.
-    """
-    if not grads or grads[0].device.type != "cuda":
-        yield
-        return
-    grad = grads[0]
-    idx = grad.device.index if grad.device.index is not None else torch.cuda.current_device()
-    side = _STREAMS.get(idx)
-    if side is None:
-        side = _STREAMS[idx] = torch.cuda.Stream(device=idx, priority=SIDE_STREAM_PRIORITY)
-    main = torch.cuda.current_stream(idx)
-    side.wait_stream(main)
-    for g in grads:
-        g.record_stream(side)
-    with torch.cuda.stream(side):
-        yield
-
-
-def join_update_stream(device: torch.device | int | None = None) -> None:
-    """Make the current stream wait for every update queued on the side stream(s) (all devices by default)."""
-    if not _STREAMS:
-        return
-    if device is None:
-        idxs = list(_STREAMS)
-    else:
-        d = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
-        idxs = [d.index if d.index is not None else torch.cuda.current_device()]
-    for idx in idxs:
-        if idx in _STREAMS:
-            torch.cuda.current_stream(idx).wait_stream(_STREAMS[idx])
+def _by_shard(kind: str, ps, gs, states, shards, per_tensor: dict, common: dict):
+    """The ``*_many_`` functions on FSDP2 DTensors (``kernels.sharded``)."""
+    _require(_local(ps[0]))
+    from . import sharded
+    return sharded.update_many_by_shard(kind, ps, gs, states, shards, per_tensor, common)

@@ -373,7 +373,7 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         parameters the write read (changed through ``p.data``); the kernels turn the setting off then."""
         from .. import kernels
 
-        for flag in kernels.carried_sums_stale():
+        for flag in kernels.take_carry_stale():
             self._stale_in_flight.append(_host_copy(flag))
         for flag in _arrived(self._stale_in_flight, block=False):
             if bool(flag):

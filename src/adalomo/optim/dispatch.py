@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import kernels
+from .._compat import local_tensor
 from ..distributed.shard import is_dtensor
 from ..precision import sr_generator
 
@@ -75,7 +76,7 @@ def sharded_kernels_fit(p: Tensor, grad: Tensor, layout: Any) -> bool:
     """An FSDP2 parameter that the grouped kernels can update, decided alike on every rank: a shard of a tensor
     of any dimension, or a DTensor whose local tensor is whole (one rank on the shard dim: 1-GPU FSDP2, HSDP)."""
     if layout.shard is None:
-        return kernels.use_triton(kernels._local(p), kernels._local(grad))
+        return kernels.use_triton(local_tensor(p), local_tensor(grad))
     return kernels.sharded_fits(p, grad)
 
 

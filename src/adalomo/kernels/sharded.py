@@ -25,7 +25,10 @@ import math
 
 import torch
 
-from . import _triton as K
+from .. import _compat
+from . import factored, lomo, updates, vector
+from .config import CONFIG, cdiv, on_change
+from .launch import LaunchContext, align_flags, on_tensor_device, prepare, scale_arg, seed_arg, shape3, state_fp32
 
 _GLOB = 16  # per-tensor slots: 0 fin (total of g^2 + eps1), 1 sum u^2, 2 sum p^2, 3 row-mean numerator
 
@@ -41,6 +44,7 @@ class _ShardPlan:
 
 
 _PLANS: dict = {}
+on_change(_PLANS.clear)
 
 
 def _plan(ps, shards, dev) -> _ShardPlan:
@@ -54,17 +58,17 @@ def _plan(ps, shards, dev) -> _ShardPlan:
         it = _Item()
         nd = len(s.global_shape)
         it.fac, it.bat = nd == 2, nd >= 3  # bat: dim 0 (sharded) is a batch dim, each rank holds whole matrices
-        it.B, it.M, it.N = K._shape3(p) if p.numel() else (1, 0, (p.shape[-1] if p.dim() else 1))
+        it.B, it.M, it.N = shape3(p) if p.numel() else (1, 0, (p.shape[-1] if p.dim() else 1))
         it.n_local = p.numel()
         it.numel = math.prod(s.global_shape)
         it.rows_global = s.global_shape[0]
         it.empty = p.numel() == 0
-        it.geo = None if it.empty else K._geometry(it.B, it.M, it.N, "vec" if nd == 1 else "fac")
+        it.geo = None if it.empty else vector.geometry(it.n_local) if nd == 1 else factored.geometry(it.B, it.M, it.N)
         it.ws_off = off
         size = 0 if it.empty else it.geo["ws_numel"]
         if it.fac:
             it.colg = size
-            size += K._cdiv(it.N, 16) * 16
+            size += cdiv(it.N, 16) * 16
         it.glob = size
         size += _GLOB
         off += size
@@ -144,6 +148,7 @@ def _plan(ps, shards, dev) -> _ShardPlan:
     return plan
 
 
+@on_tensor_device
 def scaled_rms_update_sharded_(ps, gs, states, shards, *, rhos, beta2s, eps, clip_threshold, weight_decay,
                                scale_parameter, beta1, grad_scale, stochastic_rounding, seeds):
     """``kernels.scaled_rms_update_many_`` for the local shards ``ps``/``gs``/``states`` (plain tensors) of
@@ -152,25 +157,18 @@ def scaled_rms_update_sharded_(ps, gs, states, shards, *, rhos, beta2s, eps, cli
     import torch.distributed as dist
 
     dev = ps[0].device
-    ctx = K._Ctx(ps[0])
-    if ctx.device >= 0 and ctx.device != torch.cuda.current_device():
-        with torch.cuda.device(ctx.device):
-            return scaled_rms_update_sharded_(ps, gs, states, shards, rhos=rhos, beta2s=beta2s, eps=eps,
-                                              clip_threshold=clip_threshold, weight_decay=weight_decay,
-                                              scale_parameter=scale_parameter, beta1=beta1, grad_scale=grad_scale,
-                                              stochastic_rounding=stochastic_rounding, seeds=seeds)
+    ctx = LaunchContext(ps[0])
     group = shards[0].group
     plan = _plan(ps, shards, dev)
-    has_scale, scale = K._scale_arg(grad_scale, ps[0])
+    has_scale, scale = scale_arg(grad_scale, ps[0])
     has_m = beta1 is not None
     b1, omb1 = (float(beta1), 1.0 - float(beta1)) if has_m else (0.0, 1.0)
     sp_flag, hw = bool(scale_parameter), weight_decay != 0
     eps1, eps2, ct, wd = float(eps[0]), float(eps[1]), float(clip_threshold), float(weight_decay)
-    run = (ctx.stream, ctx.device, ctx.interpreted, None)
+    run = (ctx.stream, ctx.device, None)
     ws_all = torch.zeros(plan.ws_total, dtype=torch.float32, device=dev)
     buf1 = torch.zeros(plan.buf1_len, dtype=torch.float32, device=dev)
-    okacc = torch.ones((), dtype=torch.bool, device=dev)
-    ok_scratch = torch.empty((), dtype=torch.bool, device=dev)
+    okacc = torch.ones((), dtype=torch.bool, device=dev)  # the write kernels AND their tensor's flag into it
     copies_all, work = [], []
     for i, (it, p, g, st) in enumerate(zip(plan.items, ps, gs, states)):
         copies: list = []
@@ -178,33 +176,33 @@ def scaled_rms_update_sharded_(ps, gs, states, shards, *, rhos, beta2s, eps, cli
         if it.empty:
             work.append(None)
             continue
-        g, sg, p_work, sp = K._prepare(p, g)
+        g, sg, p_work, sp = prepare(p, g)
         ws = ws_all[it.ws_off:it.ws_off + it.glob + _GLOB]
         geo = it.geo
         B, M, N = it.B, it.M, it.N
         if it.fac or it.bat:
-            row = K._contig_state(st, "exp_avg_sq_row", copies)
-            col = K._contig_state(st, "exp_avg_sq_col", copies)
-            align, g_unit, p_unit = K._align(N, sg, sp)
-            K._STATS(geo["n_prog"], (g, p_work, scale, ws, B, M, N, geo["TM"], geo["TN"], geo["rows_per_prog"], *sg,
-                                     *sp, geo["off_rowpart"], geo["off_colpart"], geo["off_psq"], eps1),
-                     (has_scale, sp_flag, align, g_unit, p_unit, geo["BLOCK_M"], geo["BLOCK_N"]),
-                     K.CONFIG["warps_stats"], *run)
+            row = state_fp32(st, "exp_avg_sq_row", copies)
+            col = state_fp32(st, "exp_avg_sq_col", copies)
+            align, g_unit, p_unit = align_flags(N, sg, sp)
+            factored.stats(geo["n_prog"], (g, p_work, scale, ws, B, M, N, geo["TM"], geo["TN"], geo["rows_per_prog"],
+                                           *sg, *sp, geo["off_rowpart"], geo["off_colpart"], geo["off_psq"], eps1),
+                           (has_scale, sp_flag, align, g_unit, p_unit, geo["BLOCK_M"], geo["BLOCK_N"]),
+                           CONFIG["warps_stats"], run)
             if it.bat:
                 work.append((g, sg, p_work, sp, ws, row, col, align, g_unit, p_unit))
                 continue
-            np_ = K._cdiv(N, 16) * 16
+            np_ = cdiv(N, 16) * 16
             cp = ws[geo["off_colpart"]:geo["off_colpart"] + geo["TM"] * np_].view(geo["TM"], np_)[:, :N]
             torch.sum(cp, 0, out=buf1[it.buf:it.buf + N])
             torch.sum(row, 0, keepdim=True, out=buf1[it.buf + N:it.buf + N + 1])
             work.append((g, sg, p_work, sp, ws, row, col, align, g_unit, p_unit))
         else:
-            v = K._contig_state(st, "exp_avg_sq", copies)
+            v = state_fp32(st, "exp_avg_sq", copies)
             g_unit, p_unit = sg[2] == 1, sp[2] == 1
-            K._VSTATS(geo["n_vec"], (g, p_work, scale, v, ws, it.n_local, sg[2], sp[2], geo["off_newv"],
-                                     geo["off_fin"], geo["off_usq"], geo["off_psq"], eps1, float(beta2s[i]),
-                                     1.0 - float(beta2s[i])),
-                      (has_scale, sp_flag, g_unit, p_unit, geo["VEC_BLOCK"]), 4, *run)
+            vector.stats(geo["n_vec"], (g, p_work, scale, v, ws, it.n_local, sg[2], sp[2], geo["off_newv"],
+                                        geo["off_fin"], geo["off_usq"], geo["off_psq"], eps1, float(beta2s[i]),
+                                        1.0 - float(beta2s[i])),
+                         (has_scale, sp_flag, g_unit, p_unit, geo["VEC_BLOCK"]), 4, run)
             work.append((g, sg, p_work, sp, ws, v, g_unit, p_unit))
     if plan.dst1.numel():
         buf1[plan.dst1] = ws_all[plan.gather1].sum(1)
@@ -241,24 +239,25 @@ def scaled_rms_update_sharded_(ps, gs, states, shards, *, rhos, beta2s, eps, cli
         geo, B, M, N = it.geo, it.B, it.M, it.N
         b2 = float(beta2s[i])
         if it.bat:  # whole matrices: the single-process passes, with the local partials
-            K._FINALIZE(B * (geo["n_rp"] + geo["n_cp"]),
-                        (row, col, ws, B, M, N, geo["TM"], geo["TN"], geo["n_rp"], geo["n_cp"], geo["off_rowpart"],
-                         geo["off_colpart"], geo["off_newrow"], geo["off_newcol"], geo["off_rsum"], geo["off_fin"], b2,
-                         1.0 - b2, float(M)),
-                        (geo["FIN_BLOCK"], geo["PB"]), 4, *run)
-            K._USQ(geo["n_prog"], (g, scale, ws, B, M, N, geo["TM"], geo["TN"], geo["rows_per_prog"], *sg, geo["n_rp"],
-                                   geo["off_newrow"], geo["off_newcol"], geo["off_rsum"], geo["off_usq"]),
-                   (has_scale, align, g_unit, geo["BLOCK_M"], geo["BLOCK_N"], geo["RP_BLOCK"]), K.CONFIG["warps_usq"],
-                   *run)
+            factored.finalize(B * (geo["n_rp"] + geo["n_cp"]),
+                              (row, col, ws, B, M, N, geo["TM"], geo["TN"], geo["n_rp"], geo["n_cp"],
+                               geo["off_rowpart"], geo["off_colpart"], geo["off_newrow"], geo["off_newcol"],
+                               geo["off_rsum"], geo["off_fin"], b2, 1.0 - b2, float(M)),
+                              (geo["FIN_BLOCK"], geo["PB"]), 4, run)
+            factored.rms(geo["n_prog"], (g, scale, ws, B, M, N, geo["TM"], geo["TN"], geo["rows_per_prog"], *sg,
+                                         geo["n_rp"], geo["off_newrow"], geo["off_newcol"], geo["off_rsum"],
+                                         geo["off_usq"]),
+                         (has_scale, align, g_unit, geo["BLOCK_M"], geo["BLOCK_N"], geo["RP_BLOCK"]),
+                         CONFIG["warps_usq"], run)
             continue
-        K._FINALIZE(B * (geo["n_rp"] + geo["n_cp"]),
-                    (row, col, ws, B, M, N, 1, geo["TN"], geo["n_rp"], geo["n_cp"], geo["off_rowpart"], it.colg,
-                     geo["off_newrow"], geo["off_newcol"], geo["off_rsum"], geo["off_fin"], b2, 1.0 - b2,
-                     float(it.rows_global)),
-                    (geo["FIN_BLOCK"], geo["PB"]), 4, *run)
-        K._USQ(geo["n_prog"], (g, scale, ws, B, M, N, geo["TM"], geo["TN"], geo["rows_per_prog"], *sg, 1,
-                               geo["off_newrow"], geo["off_newcol"], it.glob + 3, geo["off_usq"]),
-               (has_scale, align, g_unit, geo["BLOCK_M"], geo["BLOCK_N"], 2), K.CONFIG["warps_usq"], *run)
+        factored.finalize(B * (geo["n_rp"] + geo["n_cp"]),
+                          (row, col, ws, B, M, N, 1, geo["TN"], geo["n_rp"], geo["n_cp"], geo["off_rowpart"], it.colg,
+                           geo["off_newrow"], geo["off_newcol"], geo["off_rsum"], geo["off_fin"], b2, 1.0 - b2,
+                           float(it.rows_global)),
+                          (geo["FIN_BLOCK"], geo["PB"]), 4, run)
+        factored.rms(geo["n_prog"], (g, scale, ws, B, M, N, geo["TM"], geo["TN"], geo["rows_per_prog"], *sg, 1,
+                                     geo["off_newrow"], geo["off_newcol"], it.glob + 3, geo["off_usq"]),
+                     (has_scale, align, g_unit, geo["BLOCK_M"], geo["BLOCK_N"], 2), CONFIG["warps_usq"], run)
     if plan.usq_dst.numel():
         usq = ws_all[plan.usq_idx].sum(1)
         dist.all_reduce(usq, op=dist.ReduceOp.SUM, group=group)
@@ -269,39 +268,38 @@ def scaled_rms_update_sharded_(ps, gs, states, shards, *, rhos, beta2s, eps, cli
         seed = seeds[i]
         if sr and s.row_offset:  # other shards draw other bits (as the per-tensor path does)
             seed = (seed * 1_000_037 + s.row_offset) % (1 << 62)
-        sd = K._seed(sr, None, seed)
+        sd = seed_arg(sr, seed)
         scal = (float(it.numel), math.sqrt(it.numel), float(rhos[i]), eps2, ct)
         glob = (1, 1, 1, it.glob, it.glob + 1, it.glob + 2)
         if w is None:
             _empty_shard_(it, states[i], buf1, ws_all, float(beta2s[i]), okacc)
             continue
         copies = copies_all[i]
-        m_t = K._contig_state(states[i], "exp_avg", copies) if has_m else None
+        m_t = state_fp32(states[i], "exp_avg", copies) if has_m else None
         if it.fac or it.bat:
             g, sg, p_work, sp, ws, row, col, align, g_unit, p_unit = w
             geo, B, M, N = it.geo, it.B, it.M, it.N
             # mean(row): the global one in a slot (2-D), or per matrix from the local partials (>= 3-D)
             rsum = (geo["n_rp"], geo["off_rsum"], geo["RP_BLOCK"]) if it.bat else (1, it.glob + 3, 2)
-            K._WRITE(geo["n_prog"], (g, p_work, scale, ws, row, col, ws if m_t is None else m_t, ok_scratch, okacc,
-                                     sd, B, M, N, geo["TM"], geo["TN"], geo["rows_per_prog"], *sg, *sp, rsum[0],
-                                     geo["off_newrow"], geo["off_newcol"], rsum[1], geo["off_scal"], *glob, *scal,
-                                     wd, b1, omb1),
-                     (has_scale, sp_flag, hw, has_m, sr, True, True, align, g_unit, p_unit, geo["BLOCK_M"],
-                      geo["BLOCK_N"], rsum[2]), K.CONFIG["warps_write"], *run)
+            factored.write(geo["n_prog"], (g, p_work, scale, ws, row, col, ws if m_t is None else m_t, okacc, sd, B,
+                                           M, N, geo["TM"], geo["TN"], geo["rows_per_prog"], *sg, *sp, rsum[0],
+                                           geo["off_newrow"], geo["off_newcol"], rsum[1], geo["off_scal"], *glob,
+                                           *scal, wd, b1, omb1),
+                           (has_scale, sp_flag, hw, has_m, sr, align, g_unit, p_unit, geo["BLOCK_M"], geo["BLOCK_N"],
+                            rsum[2]), CONFIG["warps_write"], run)
         else:
             g, sg, p_work, sp, ws, v, g_unit, p_unit = w
             geo = it.geo
-            K._VWRITE(geo["n_vec"], (g, p_work, scale, v, ws if m_t is None else m_t, ok_scratch, okacc, ws, sd,
-                                     it.n_local, sg[2], sp[2], geo["off_newv"], geo["off_scal"], *glob, *scal, wd, b1,
-                                     omb1),
-                      (has_scale, sp_flag, hw, has_m, sr, True, True, g_unit, p_unit, geo["VEC_BLOCK"]), 4, *run)
+            vector.write(geo["n_vec"], (g, p_work, scale, v, ws if m_t is None else m_t, okacc, ws, sd, it.n_local,
+                                        sg[2], sp[2], geo["off_newv"], geo["off_scal"], *glob, *scal, wd, b1, omb1),
+                         (has_scale, sp_flag, hw, has_m, sr, g_unit, p_unit, geo["VEC_BLOCK"]), 4, run)
         for key, t in copies:
             states[i][key].copy_(t)
         if p_work is not ps[i]:
             ps[i].copy_(p_work)
     live = [p for p, w in zip(ps, work) if w is not None]
     if live:
-        K._bump(live)
+        _compat.bump_versions(live)
     return okacc
 
 
@@ -321,6 +319,7 @@ def _empty_shard_(it: _Item, state: dict, buf1: torch.Tensor, ws_all: torch.Tens
     okacc.logical_and_(ok)
 
 
+@on_tensor_device
 def lomo_update_sharded_(ps, gs, shards, *, lr, weight_decay, clip_grad_value, grad_scale, stochastic_rounding,
                          seeds):
     """``kernels.lomo_update_many_`` for the local shards of FSDP2 parameters: the sum kernel per shard, its
@@ -329,29 +328,23 @@ def lomo_update_sharded_(ps, gs, shards, *, lr, weight_decay, clip_grad_value, g
     import torch.distributed as dist
 
     dev = ps[0].device
-    ctx = K._Ctx(ps[0])
-    if ctx.device >= 0 and ctx.device != torch.cuda.current_device():
-        with torch.cuda.device(ctx.device):
-            return lomo_update_sharded_(ps, gs, shards, lr=lr, weight_decay=weight_decay,
-                                        clip_grad_value=clip_grad_value, grad_scale=grad_scale,
-                                        stochastic_rounding=stochastic_rounding, seeds=seeds)
+    ctx = LaunchContext(ps[0])
     plan = _lomo_plan(ps, dev)
-    has_scale, scale = K._scale_arg(grad_scale, ps[0])
-    run = (ctx.stream, ctx.device, ctx.interpreted, None)
+    has_scale, scale = scale_arg(grad_scale, ps[0])
+    run = (ctx.stream, ctx.device, None)
     ws_all = torch.zeros(plan.ws_total, dtype=torch.float32, device=dev)
     okacc = torch.ones((), dtype=torch.bool, device=dev)
-    ok_scratch = torch.empty((), dtype=torch.bool, device=dev)
     work = []
     for (off, geo), p, g in zip(plan.items, ps, gs):
         if geo is None:
             work.append(None)
             continue
-        g, sg, p_work, sp = K._prepare(p, g)
-        B, M, N = K._shape3(p)
+        g, sg, p_work, sp = prepare(p, g)
+        B, M, N = shape3(p)
         ws = ws_all[off:off + geo["ws_numel"]]
-        align, g_unit, p_unit = K._align(N, sg, sp)
-        K._SUM(geo["n_prog"], (g, ws, M, N, geo["TM"], geo["TN"], geo["rows_per_prog"], *sg, geo["off_fin"]),
-               (align, g_unit, geo["BLOCK_M"], geo["BLOCK_N"]), K.CONFIG["warps_usq"], *run)
+        align, g_unit, p_unit = align_flags(N, sg, sp)
+        lomo.sum_(geo["n_prog"], (g, ws, M, N, geo["TM"], geo["TN"], geo["rows_per_prog"], *sg, geo["off_fin"]),
+                  (align, g_unit, geo["BLOCK_M"], geo["BLOCK_N"]), CONFIG["warps_usq"], run)
         work.append((g, sg, p_work, sp, ws, M, N, align, g_unit, p_unit))
     fin = ws_all[plan.gather].sum(1)  # one partial sum per tensor (0 for an empty shard)
     dist.all_reduce(fin, op=dist.ReduceOp.SUM, group=shards[0].group)
@@ -369,16 +362,16 @@ def lomo_update_sharded_(ps, gs, shards, *, lr, weight_decay, clip_grad_value, g
         seed = seeds[i]
         if sr and s.row_offset:
             seed = (seed * 1_000_037 + s.row_offset) % (1 << 62)
-        K._LWRITE(geo["n_prog"], (g, p_work, scale, ws, ok_scratch, okacc, K._seed(sr, None, seed), M, N, geo["TM"],
-                                  geo["TN"], geo["rows_per_prog"], *sg, *sp, 1, geo["off_scal"], float(lr),
-                                  float(weight_decay), float(clip_grad_value) if clip else 0.0),
-                  (has_scale, weight_decay != 0, clip, sr, True, True, align, g_unit, p_unit, geo["BLOCK_M"],
-                   geo["BLOCK_N"]), K.CONFIG["warps_write"], *run)
+        lomo.write(geo["n_prog"], (g, p_work, scale, ws, okacc, seed_arg(sr, seed), M, N, geo["TM"], geo["TN"],
+                                   geo["rows_per_prog"], *sg, *sp, 1, geo["off_scal"], float(lr), float(weight_decay),
+                                   float(clip_grad_value) if clip else 0.0),
+                   (has_scale, weight_decay != 0, clip, sr, align, g_unit, p_unit, geo["BLOCK_M"], geo["BLOCK_N"]),
+                   CONFIG["warps_write"], run)
         if p_work is not p:
             p.copy_(p_work)
     live = [p for p, w in zip(ps, work) if w is not None]
     if live:
-        K._bump(live)
+        _compat.bump_versions(live)
     return okacc
 
 
@@ -387,6 +380,7 @@ class _LomoPlan:
 
 
 _LOMO_PLANS: dict = {}
+on_change(_LOMO_PLANS.clear)
 
 
 def _lomo_plan(ps, dev) -> _LomoPlan:
@@ -401,7 +395,7 @@ def _lomo_plan(ps, dev) -> _LomoPlan:
             items.append((off, None))
             rows.append([])
             continue
-        geo = K._geometry(*K._shape3(p), "lomo")
+        geo = lomo.geometry(*shape3(p), grouped=False)
         assert geo["off_fin"] == 0  # the write kernel reads its one partial at offset 0
         items.append((off, geo))
         rows.append([off + k for k in range(geo["n_prog"])])
@@ -417,3 +411,27 @@ def _lomo_plan(ps, dev) -> _LomoPlan:
     plan.live = torch.tensor(live, dtype=torch.int64).to(dev)
     _LOMO_PLANS[key] = plan
     return plan
+
+
+def update_many_by_shard(kind: str, ps, gs, states, shards, per_tensor: dict, common: dict):
+    """``kernels.scaled_rms_update_many_`` (``kind`` "scaled_rms_update") or ``lomo_update_many_`` ("lomo_update") on
+    DTensors: their local tensors, split into those whose local tensor is whole (``None`` shard: one rank on the
+    shard dim, the single-process grouped path) and the FSDP2 shards (the sharded path, with its collectives).
+    ``per_tensor``: the per-tensor arguments (lists), ``common`` the others. Returns the AND of the finite flags."""
+    ps, gs = [_compat.local_tensor(p) for p in ps], [_compat.local_tensor(g) for g in gs]
+    if states is not None:
+        states = [{k: _compat.local_tensor(v) for k, v in st.items()} for st in states]
+    flags = []
+    for whole in (True, False):
+        idx = [i for i, s in enumerate(shards) if (s is None) == whole]
+        if not idx:
+            continue
+        args = [[ps[i] for i in idx], [gs[i] for i in idx]] + ([[states[i] for i in idx]] if states is not None else [])
+        kw = {**common, **{k: [v[i] for i in idx] for k, v in per_tensor.items()}}
+        if whole:
+            fn = updates.scaled_rms_update_many_ if kind == "scaled_rms_update" else updates.lomo_update_many_
+            flags.append(fn(*args, **kw))
+        else:
+            fn = scaled_rms_update_sharded_ if kind == "scaled_rms_update" else lomo_update_sharded_
+            flags.append(fn(*args, [shards[i] for i in idx], **kw))
+    return flags[0] if len(flags) == 1 else torch.stack(flags).all()
