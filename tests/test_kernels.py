@@ -300,10 +300,7 @@ def check_fused_buckets(device: str) -> None:
         cap = 175 * torch.tensor([], dtype=dtype).element_size() / 2**20  # two flushes per backward here
         modes = {"classic": dict(fused=False), "bucketed": dict(fused=True, bucket_cap_mb=cap),
                  "per_tensor": dict(fused=True, bucket_cap_mb=0),
-                 "carry": dict(fused=True, bucket_cap_mb=cap),  # with the kernel setting carry_psq
-                 # updates issued by the worker thread, from the hooks' stream
-                 "thread": dict(fused=True, bucket_cap_mb=cap, flush_thread=True),
-                 "thread_per_tensor": dict(fused=True, bucket_cap_mb=0, flush_thread=True)}
+                 "carry": dict(fused=True, bucket_cap_mb=cap)}  # with the kernel setting carry_psq
         for name, make in makers.items():
             out, flushes = {}, {}
             for mode, kw in modes.items():
@@ -314,10 +311,13 @@ def check_fused_buckets(device: str) -> None:
                 opt = make(m.parameters(), **kw)
                 sizes = []
 
-                def flush(gi, orig=opt._flush, opt=opt, sizes=sizes):
-                    sizes.append(opt._pending_bytes.get(gi, 0))
-                    orig(gi)
-                opt._flush = flush
+                engine = opt._engine
+
+                def flush(key, orig=engine.flush if engine else None, engine=engine, sizes=sizes):
+                    sizes.append(engine.pending_bytes.get(key, 0))
+                    orig(key)
+                if engine is not None:
+                    engine.flush = flush
                 for x in xs:
                     m(x.to(dtype)).float().square().mean().backward()
                     opt.step()
@@ -330,9 +330,6 @@ def check_fused_buckets(device: str) -> None:
             biggest = max(p.numel() for p in m.parameters()) * torch.tensor([], dtype=dtype).element_size()
             assert max(flushes["bucketed"]) < cap * 2**20 + biggest, f"{what}: a bucket held too much"
             assert torch.equal(out["bucketed"], out["classic"]), f"{what}: bucketed fused != classic grouped step"
-            assert len(flushes["thread"]) == len(flushes["bucketed"]), f"{what} thread: {flushes}"
-            assert torch.equal(out["thread"], out["bucketed"]), f"{what}: the flush thread changed the result"
-            assert torch.equal(out["thread_per_tensor"], out["per_tensor"]), f"{what}: per-tensor on the thread"
             if device == "cpu":  # interpreted: the carried sums are bit-identical to the re-read ones
                 assert torch.equal(out["carry"], out["bucketed"]), f"{what}: carry_psq changed the result"
             else:
@@ -746,15 +743,14 @@ def check_graph_replay(device: str) -> None:
     cap = 175 * 2 / 2**20
     for name, make in makers.items():
         out = {}
-        for mode in ("direct", "graphs", "graphs_thread", "classic_graphs"):
+        for mode in ("direct", "graphs", "classic_graphs"):
             prev = kernels.set_config(graphs=mode != "direct")
             before = graphs.GRAPH_CAPTURES[0]
             try:
                 torch.manual_seed(0)
                 m = torch.nn.Sequential(torch.nn.Linear(13, 17), torch.nn.LayerNorm(17), torch.nn.Linear(17, 9),
                                         torch.nn.Tanh(), torch.nn.Linear(9, 5)).to(device, torch.bfloat16)
-                opt = make(m.parameters(), fused=mode != "classic_graphs", bucket_cap_mb=cap,
-                           flush_thread=mode == "graphs_thread")
+                opt = make(m.parameters(), fused=mode != "classic_graphs", bucket_cap_mb=cap)
                 # another lr every step: the graphs must follow it (it travels in the metadata, not the launch)
                 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1.0 + t))
                 for x in xs:
@@ -770,7 +766,7 @@ def check_graph_replay(device: str) -> None:
                     assert captured > 0 and kernels.get_config()["graphs"], f"{name} {mode}: no graph was captured"
             finally:
                 kernels.set_config(**prev)
-        for mode in ("graphs", "graphs_thread", "classic_graphs"):
+        for mode in ("graphs", "classic_graphs"):
             assert torch.equal(out[mode], out["direct"]), f"{name}: {mode} changed the result"
 
 

@@ -181,7 +181,7 @@ def gradient_fits(g: torch.Tensor, p: torch.Tensor) -> bool:
 
 def scaled_rms_update_(p, g, state, *, rho, eps, clip_threshold, beta2, weight_decay, scale_parameter, beta1,
                        grad_scale, stochastic_rounding, generator, seed=None, ok_into=None):
-    """The AdaLomo/Adafactor core (``functional._scaled_rms_update_``) in Triton kernels: the grouped update of
+    """The AdaLomo/Adafactor core (``functional.scaled_rms_update_``) in Triton kernels: the grouped update of
     ``scaled_rms_update_many_`` with one tensor.
 
     ``state['step']`` was incremented by the caller. Returns a 0-d bool device tensor "the gradient was
