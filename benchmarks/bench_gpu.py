@@ -18,8 +18,8 @@ Rows (``--only`` picks some): ``floor``; ours, for each of ``adalomo``/``adafact
 ``bucket_cap_mb`` (``_b0``: one update per tensor), ``_carry``/``_nocarry`` take sum(p^2) from the previous
 write or not (kernel setting ``carry_psq``, on by default), ``_r{N}`` sets the kernel setting ``stages_read``
 (software-pipelined read loops), ``_timed`` adds up the host time inside the fused hooks and flushes
-(``counters``), ``_nograph`` turns the kernel setting ``graphs`` off, ``_three`` the setting ``one_read``, e.g.
-``adalomo_fused_b0_nograph``; ``adalomo_fused_torchpath`` (ADALOMO_DISABLE_TRITON=1);
+(``counters``), ``_three`` turns the kernel setting ``one_read`` off, e.g. ``adalomo_fused_b0_three``;
+``adalomo_fused_torchpath`` (ADALOMO_DISABLE_TRITON=1);
 peers ``torch_adamw_fused`` (classic, ``fused=True``), ``torch_adafactor`` (foreach), ``lomo_optim_adalomo``,
 ``lomo_optim_lomo`` (skipped with a note when ``lomo_optim`` is not installed).
 
@@ -73,13 +73,10 @@ ROWS = ["floor", "adalomo_fused", "adalomo_fused_b0", "adalomo_classic", "adafac
 def kernel_settings(opts: list[str]) -> dict:
     """The kernel settings (``kernels.set_config``) that a row's suffixes ask for: ``carry``/``nocarry`` (sum(p^2)
     carried from the previous write, the default, or not), ``r{N}`` (the read passes' row loops pipelined over N
-    stages), ``nograph`` (the grouped launches issued one by one, not replayed from CUDA graphs), ``three`` (the
-    statistics and RMS(u) in three passes, kernel setting ``one_read`` off)."""
+    stages), ``three`` (the statistics and RMS(u) in three passes, kernel setting ``one_read`` off)."""
     out = {}
     if "carry" in opts or "nocarry" in opts:
         out["carry_psq"] = "carry" in opts
-    if "nograph" in opts:
-        out["graphs"] = False
     if "three" in opts:
         out["one_read"] = False
     for o in opts:

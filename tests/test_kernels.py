@@ -642,7 +642,7 @@ def check_other_configs(device: str) -> None:
     per tensor and grouped; bad settings are refused with the known keys named."""
     from adalomo.kernels.config import pipeline_stages
     for bad in (dict(block_m=48), dict(max_tm=0), dict(warps_usq=64), dict(nonsense=1), dict(stages_read=0),
-                dict(stages_read=9), dict(graphs=1), dict(one_read="yes"), dict(one_read_max_n=100),
+                dict(stages_read=9), dict(one_read="yes"), dict(one_read_max_n=100),
                 dict(one_read_tm=0), dict(warps_one_read=3)):
         try:
             kernels.set_config(**bad)
@@ -729,47 +729,6 @@ def check_fast_launch_used(device: str) -> None:
         f"{launch.JIT_LAUNCHES[0] - before} launches went through Triton's Python path"
 
 
-def check_graph_replay(device: str) -> None:
-    """The grouped launches captured in CUDA graphs and replayed (kernel setting ``graphs``): bit-identical to
-    launching them one by one, from the hooks and from the flush thread, for AdaLomo, Adafactor and Lomo."""
-    from adalomo import Adafactor, AdaLomo, Lomo
-    from adalomo.kernels import graphs
-
-    makers = {"adalomo": lambda ps, **kw: AdaLomo(ps, lr=1e-2, weight_decay=0.01, **kw),
-              "adafactor": lambda ps, **kw: Adafactor(ps, beta1=0.9, **kw),
-              "lomo": lambda ps, **kw: Lomo(ps, lr=1e-2, **kw)}
-    gen = torch.Generator().manual_seed(0)
-    xs = [torch.randn(6, 13, generator=gen).to(device, torch.bfloat16) for _ in range(5)]
-    cap = 175 * 2 / 2**20
-    for name, make in makers.items():
-        out = {}
-        for mode in ("direct", "graphs", "classic_graphs"):
-            prev = kernels.set_config(graphs=mode != "direct")
-            before = graphs.GRAPH_CAPTURES[0]
-            try:
-                torch.manual_seed(0)
-                m = torch.nn.Sequential(torch.nn.Linear(13, 17), torch.nn.LayerNorm(17), torch.nn.Linear(17, 9),
-                                        torch.nn.Tanh(), torch.nn.Linear(9, 5)).to(device, torch.bfloat16)
-                opt = make(m.parameters(), fused=mode != "classic_graphs", bucket_cap_mb=cap)
-                # another lr every step: the graphs must follow it (it travels in the metadata, not the launch)
-                sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1.0 + t))
-                for x in xs:
-                    m(x).float().square().mean().backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    sched.step()
-                out[mode] = torch.cat([p.detach().float().flatten() for p in m.parameters()])
-                captured = graphs.GRAPH_CAPTURES[0] - before
-                if mode == "direct":
-                    assert captured == 0, f"{name}: {captured} graphs captured with graphs off"
-                elif device == "cuda":
-                    assert captured > 0 and kernels.get_config()["graphs"], f"{name} {mode}: no graph was captured"
-            finally:
-                kernels.set_config(**prev)
-        for mode in ("graphs", "classic_graphs"):
-            assert torch.equal(out[mode], out["direct"]), f"{name}: {mode} changed the result"
-
-
 # larger odd shapes: on the GPU only (the interpreter is too slow for them)
 GPU_CASES: dict[str, Callable[[str], None]] = {
     "gpu_fac_big_bf16": lambda d: check_scaled(d, (1031, 2053), torch.bfloat16, rho=0.2, grad_scale=0.5),
@@ -781,7 +740,6 @@ GPU_CASES: dict[str, Callable[[str], None]] = {
     "gpu_lomo_big": lambda d: check_lomo(d, (1025, 3001), torch.bfloat16, wd=0.1, clip=1.0),
     "gpu_sr_big": lambda d: check_stochastic_rounding(d, (512, 1000)),
     "gpu_fast_launch_used": check_fast_launch_used,
-    "gpu_graph_replay": check_graph_replay,
 }
 
 
@@ -847,76 +805,6 @@ def test_use_triton_rules(monkeypatch):
         monkeypatch.delenv("ADALOMO_DISABLE_TRITON")
         assert not kernels.use_triton(cpu.double().cuda(), cpu.double().cuda())
         assert not kernels.use_triton(torch.zeros(0, 3, device="cuda"))
-
-
-def test_graph_replay_state_machine(monkeypatch):
-    """``_launch_or_replay`` without a GPU (fake graphs and streams): a key's first call launches directly (it
-    compiles), the second captures on the side stream and replays, later ones only replay; a grad_scale tensor
-    always launches directly; kept keys and graphs are bounded; a failed capture warns, turns the setting off
-    and launches directly."""
-    pytest.importorskip("triton")
-    import contextlib
-
-    from adalomo.kernels import graphs, grouped
-
-    replayed = []
-
-    class FakeGraph:
-        def capture_begin(self, capture_error_mode):
-            assert capture_error_mode == "thread_local"
-
-        def capture_end(self):
-            pass
-
-        def replay(self):
-            replayed.append(self)
-
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
-    monkeypatch.setattr(torch.cuda, "Stream", lambda dev: type("S", (), {"cuda_stream": 7})())
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    monkeypatch.setattr(graphs, "_CAPTURE_STREAMS", {})
-    ctx = type("Ctx", (), {"stream": 5, "device": 0})()
-    bufs = grouped.DeviceBuffers()
-    bufs.graphs, bufs.seen = {}, set()
-    launches = []
-
-    def launch(run):
-        launches.append(run[0])  # the stream launched on: 5 = the current one, 7 = the capture stream
-
-    scale = torch.zeros(4)
-    prev = kernels.set_config(graphs=True)
-    try:
-        before = graphs.GRAPH_CAPTURES[0]
-        go = lambda key, has_scale=False: graphs.launch_or_replay(launch, bufs, ctx, scale, has_scale, key)  # noqa: E731
-        go(("k",))
-        assert launches == [5] and not replayed, "the first call launches directly (it compiles the variants)"
-        go(("k",))
-        assert launches == [5, 7] and len(replayed) == 1 and graphs.GRAPH_CAPTURES[0] == before + 1
-        go(("k",))
-        assert launches == [5, 7] and len(replayed) == 2, "a captured key only replays"
-        go(("other",))
-        assert launches == [5, 7, 5] and len(replayed) == 2, "another key launches directly first"
-        go(("k",), has_scale=True)
-        assert launches[-1] == 5 and len(replayed) == 2, "a grad_scale tensor (new every step) is never captured"
-        for i in range(70):
-            go(("many", i))
-        assert len(bufs.seen) <= 64
-        for i in range(10):
-            go(("g", i))
-            go(("g", i))
-        assert 0 < len(bufs.graphs) <= 8
-
-        class Broken(FakeGraph):
-            def capture_begin(self, capture_error_mode):
-                raise RuntimeError("operation not permitted when stream is capturing")
-        monkeypatch.setattr(torch.cuda, "CUDAGraph", Broken)
-        go(("third",))
-        n = len(launches)
-        with pytest.warns(RuntimeWarning, match="capturing the grouped update"):
-            go(("third",))
-        assert kernels.get_config()["graphs"] is False and launches[n:] == [5], "a failed capture: launched directly"
-    finally:
-        kernels.set_config(**prev)
 
 
 def test_matrix_geometry_depends_on_its_shape_alone():

@@ -12,7 +12,7 @@
 
 ``import adalomo`` never imports triton: the kernels load on the first call that needs them. One kernel family
 per module: ``factored`` (matrices), ``one_read`` (their statistics from one read of g), ``vector`` (0-D/1-D),
-``lomo``; ``grouped`` (metadata rows and launch plans), ``graphs`` (CUDA graphs), ``updates`` (the entry points),
+``lomo``; ``grouped`` (metadata rows and launch plans), ``updates`` (the entry points),
 ``sharded`` (FSDP2 shards), ``config`` (settings and launch geometry). See ``docs/kernels.md``.
 """
 
@@ -91,7 +91,7 @@ def _require(t: torch.Tensor):
 
 
 def set_config(**changes) -> dict:
-    """Change kernel settings (``adalomo.kernels.config.CONFIG``: ``carry_psq``, ``graphs``, ``one_read``,
+    """Change kernel settings (``adalomo.kernels.config.CONFIG``: ``carry_psq``, ``one_read``,
     ``stages_read`` and the launch geometry) for the rest of the process; returns the previous values of the changed
     keys, so that ``set_config(**prev)`` restores them. ``ADALOMO_KERNEL_CONFIG='{"carry_psq": false}'`` (JSON) does
     the same when the kernels load. See ``docs/kernels.md``."""

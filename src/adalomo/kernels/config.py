@@ -29,10 +29,6 @@ CONFIG = {
     # counter that write left; the write checks the carried sums against the p it reads, and the optimizer warns and
     # turns this off when a change through ``p.data`` (no version bump) made them stale (docs/kernels.md)
     "carry_psq": True,
-    # grouped updates on CUDA: the launches of a plan are captured once into a CUDA graph and replayed at every later
-    # call with the same arguments (one graph launch instead of several kernel launches of host time); what changes
-    # per call travels in the metadata copied before the replay. A capture that fails turns this off with a warning
-    "graphs": True,
     # grouped AdaLomo/Adafactor: the statistics and RMS(u) from ONE read of g (10 -> 8 bytes per bf16 parameter with
     # carry_psq), for matrices whose rows fit one tile (next power of two of the row length <= one_read_max_n)
     "one_read": True,
@@ -41,7 +37,7 @@ CONFIG = {
     "one_read_tm": 64,  # row groups (programs) per matrix, fewer for short ones, more for tall ones
     "warps_one_read": 8,
 }
-_FLAGS = ("carry_psq", "graphs", "one_read")
+_FLAGS = ("carry_psq", "one_read")
 _POW2 = ("block_m", "block_n", "one_read_max_n", "one_read_elems")
 _WARPS = ("warps_stats", "warps_usq", "warps_write", "warps_one_read")
 

@@ -181,9 +181,8 @@ class Plan:
 
 
 class DeviceBuffers:
-    """A plan's device buffer on one stream: the metadata (uploaded each call) and the finite flags; the CUDA
-    graphs of its launches (they read these buffers), by the rest of their arguments, and the keys launched once."""
-    __slots__ = ("meta_region", "views", "oks_all", "graphs", "seen")
+    """A plan's device buffer on one stream: the metadata (uploaded each call) and the finite flags."""
+    __slots__ = ("meta_region", "views", "oks_all")
 
 
 _INT_BYTES, _FLOAT_BYTES = 8 * INT_WIDTH, 4 * FLOAT_WIDTH
@@ -232,7 +231,6 @@ def _device_buffers(plan: Plan, stream, dev: torch.device) -> DeviceBuffers:
         oks.fill_(1)  # the padding between groups' flags stays True: ``all()`` reads the whole region
         bufs = plan.bufs[stream] = DeviceBuffers()
         bufs.meta_region, bufs.oks_all = buf[:plan.meta_bytes], oks.view(torch.bool)
-        bufs.graphs, bufs.seen = {}, set()
         bufs.views = [(buf[gp.moff:gp.moff + len(gp.idx) * _INT_BYTES].view(torch.int64),
                        buf[gp.foff:gp.foff + len(gp.idx) * _FLOAT_BYTES].view(torch.float32),
                        oks[gp.ooff:gp.ooff + len(gp.idx)].view(torch.bool)) for gp in plan.groups]

@@ -134,8 +134,7 @@ def grouped_lomo_write_kernel(meta_ptr, fmeta_ptr, pmap_ptr, scale_ptr, oks_ptr,
                               P_DT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_WD: tl.constexpr,
                               HAS_CLIP: tl.constexpr, SR: tl.constexpr, ALIGN: tl.constexpr, G_UNIT: tl.constexpr,
                               P_UNIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # lr and weight decay come with the per-call metadata, not as arguments: a replayed CUDA graph then follows an
-    # LR scheduler
+    # lr and weight decay come with the per-call metadata, like the scaled updates' step sizes
     pid, t, row, frow = this_program(meta_ptr, fmeta_ptr, pmap_ptr)
     _write(pid - meta_int(row, COL.first_prog), meta_pointer(row, COL.grad, G_DT, ALIGN),
            meta_pointer(row, COL.param, P_DT, ALIGN), scale_ptr, meta_pointer(row, COL.workspace, tl.float32, True),

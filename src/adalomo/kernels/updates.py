@@ -19,8 +19,7 @@ import torch
 from .. import _compat
 from . import factored, lomo, one_read, vector
 from .config import CONFIG, fin_block, on_change, set_config
-from .graphs import launch_or_replay
-from .grouped import Plan, make_plan, upload
+from .grouped import Plan, grouped_key, make_plan, upload
 from .launch import LaunchContext, align_flags, aligned, on_tensor_device, scale_arg, shape3, strides3
 
 __all__ = ["scaled_rms_update_many_", "lomo_update_many_", "scaled_rms_update_", "lomo_update_", "take_carry_stale",
@@ -167,18 +166,14 @@ def _run_scaled(plan: Plan, ps, gs, rhos, beta2s, seeds, *, eps, clip_threshold,
                         and all(r() is ps[i] for r, i in zip(gp.psq_owners, gp.idx)) for gp in plan.groups)
     stale = _stale_flag(dev) if any(carried_all) else None
 
-    def launch(run):
-        for gp, (meta_t, fmeta_t, oks), carried in zip(plan.groups, bufs.views, carried_all):
-            if gp.fac:
-                factored.launch_group(gp, meta_t, fmeta_t, oks, carried, stale, run, scale, has_scale, sp_flag, hw,
-                                      has_m, stochastic_rounding, store, eps1, eps2, ct, wd, b1, omb1)
-            else:
-                vector.launch_group(gp, meta_t, fmeta_t, oks, run, scale, has_scale, sp_flag, hw, has_m,
-                                    stochastic_rounding, eps1, eps2, ct, wd, b1, omb1)
-
-    launch_or_replay(launch, bufs, ctx, scale, has_scale,
-                     ("s", carried_all, stale is not None and stale.data_ptr(), eps1, eps2, ct, wd, b1, sp_flag, has_m,
-                      bool(stochastic_rounding)))
+    run = (ctx.stream, ctx.device, grouped_key(ctx.device, ctx.stream, scale))
+    for gp, (meta_t, fmeta_t, oks), carried in zip(plan.groups, bufs.views, carried_all):
+        if gp.fac:
+            factored.launch_group(gp, meta_t, fmeta_t, oks, carried, stale, run, scale, has_scale, sp_flag, hw,
+                                  has_m, stochastic_rounding, store, eps1, eps2, ct, wd, b1, omb1)
+        else:
+            vector.launch_group(gp, meta_t, fmeta_t, oks, run, scale, has_scale, sp_flag, hw, has_m,
+                                stochastic_rounding, eps1, eps2, ct, wd, b1, omb1)
     del ws
     updated = ps if not plan.unfit else [ps[i] for gp in plan.groups for i in gp.idx]
     _compat.bump_versions(updated)
@@ -251,11 +246,9 @@ def _run_lomo(plan: Plan, ps, gs, seeds, *, lr, weight_decay, clip_grad_value, g
     bufs, ws = upload(plan, ctx.stream, dev, gs, seeds, stochastic_rounding, [lr] * n, [wd] * n)
     cv = float(clip_grad_value) if clip else 0.0
 
-    def launch(run):
-        for gp, (meta_t, fmeta_t, oks) in zip(plan.groups, bufs.views):
-            lomo.launch_group(gp, meta_t, fmeta_t, oks, run, scale, has_scale, clip, cv, wd, stochastic_rounding)
-
-    launch_or_replay(launch, bufs, ctx, scale, has_scale, ("l", wd != 0, cv, bool(stochastic_rounding)))
+    run = (ctx.stream, ctx.device, grouped_key(ctx.device, ctx.stream, scale))
+    for gp, (meta_t, fmeta_t, oks) in zip(plan.groups, bufs.views):
+        lomo.launch_group(gp, meta_t, fmeta_t, oks, run, scale, has_scale, clip, cv, wd, stochastic_rounding)
     del ws  # read through the metadata: kept until the launches above were issued
     _compat.bump_versions(ps if not plan.unfit else [ps[i] for gp in plan.groups for i in gp.idx])
     return bufs.oks_all
