@@ -17,7 +17,8 @@ from adalomo.experiments.models import GPT, GPTConfig
 from adalomo.experiments.pretrained import FORMAT, Base, WordTokenizer, load_base, save_base
 
 OPTIMIZERS = "adalomo,adamw,lomo-clip,adafactor,adapm"  # the five
-TINY = ["--batch-size", "4", "--seq-len", "32", "--data-limit", "200", "--eval-pairs", "12", "--quiet"]
+TINY = ["--batch-size", "4", "--sft-batch-size", "8", "--seq-len", "32", "--data-limit", "200", "--eval-pairs", "12",
+        "--quiet"]
 
 
 @pytest.fixture(autouse=True)
@@ -176,7 +177,7 @@ def test_greedy_answers_batched_by_prompt_length():
     tok = WordTokenizer([*WordTokenizer.SPECIALS, "a", "b", "c", "d"])
     base = Base(_Parrot(10), tok, FORMAT, "-", 64, {})
     task = SFTTask.__new__(SFTTask)
-    task.cfg, task.base, task.tok, task.device = FinetuneConfig(batch_size=1), base, tok, torch.device("cpu")
+    task.cfg, task.base, task.tok, task.device = FinetuneConfig(sft_batch_size=1), base, tok, torch.device("cpu")
     task.autocast = SFTTask.autocast
     task.test_items = [(tok.prompt_ids(s), []) for s in ("a b c", "d a", "c", "b b d a")]
     task.max_new = 6

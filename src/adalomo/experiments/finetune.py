@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,8 @@ class FinetuneConfig:
     max_len: int = 10
     max_steps: int = 200
     batch_size: int = 16
+    sft_batch_size: int = 64
+    pretrain_batch_size: int | None = None
     seq_len: int = 128
     size: str = "tiny"
     dim: int | None = None
@@ -100,9 +103,9 @@ class FinetuneConfig:
             raise ExperimentError("give either --base DIR (a saved base model or a transformers model directory) "
                                   "or --pretrain-steps N (pretrain one here first)"
                                   + (", not both" if self.base is not None else ""))
-        for name in ("pretrain_steps", "max_steps", "batch_size", "seq_len", "data_limit", "max_len", "dim",
-                     "n_layers", "n_heads", "ffn_dim", "vocab_size", "threads", "test_batches", "eval_pairs",
-                     "budget_minutes"):
+        for name in ("pretrain_steps", "max_steps", "batch_size", "sft_batch_size", "pretrain_batch_size",
+                     "seq_len", "data_limit", "max_len", "dim", "n_layers", "n_heads", "ffn_dim", "vocab_size",
+                     "threads", "test_batches", "eval_pairs", "budget_minutes"):
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ExperimentError(f"--{name.replace('_', '-')} must be positive, got {v}")
@@ -120,7 +123,9 @@ class FinetuneConfig:
 
     def train_config(self, task: str, steps: int, **over) -> ExperimentConfig:
         """The settings ``train_one`` reads, for one fine-tuning task (or ``gpt-lm``: the pretraining)."""
-        return ExperimentConfig(task=task, max_steps=steps, batch_size=self.batch_size, seq_len=self.seq_len,
+        batch = {"sft": self.sft_batch_size, "gpt-lm": self.pretrain_batch_size or self.batch_size}
+        return ExperimentConfig(task=task, max_steps=steps, batch_size=batch.get(task, self.batch_size),
+                                seq_len=self.seq_len,
                                 dtype=self.dtype, seed=self.seed, warmup_steps=self.warmup_steps,
                                 test_batches=self.test_batches, quiet=self.quiet,
                                 gradient_checkpointing=self.gradient_checkpointing, **over)
@@ -216,7 +221,7 @@ class SFTTask(_FinetuneTask):
             raise ExperimentError(f"no pair of {pairs.name} fits --seq-len {cfg.seq_len}")
         self.test_refs = [p[1] for p, _ in held_out]
         self.test_items = [it for _, it in held_out]
-        self.steps_per_epoch = max(1, len(self.train_items) // cfg.batch_size)
+        self.steps_per_epoch = max(1, len(self.train_items) // cfg.sft_batch_size)
         # a cap fixed by the held-out set, the same for every model: its longest answer and a little more
         self.max_new = max(len(a) for _, a in self.test_items) + 2
 
@@ -236,7 +241,7 @@ class SFTTask(_FinetuneTask):
         return x.to(self.device), y.to(self.device), sum(len(p) + len(a) - 1 for p, a in items)
 
     def batches(self, seed):
-        return shuffled_batches(self.train_items, self.cfg.batch_size, seed, self._collate)
+        return shuffled_batches(self.train_items, self.cfg.sft_batch_size, seed, self._collate)
 
     def loss(self, model, batch):
         x, y, ntok = batch
@@ -245,7 +250,7 @@ class SFTTask(_FinetuneTask):
 
     @torch.no_grad()
     def evaluate(self, model, split="test", max_batches=None):
-        total, count, B = 0.0, 0, 4 * self.cfg.batch_size
+        total, count, B = 0.0, 0, 4 * self.cfg.sft_batch_size
         for b in range(0, len(self.test_items), B):
             x, y, _ = self._collate(self.test_items[b: b + B])
             with self.autocast():
@@ -264,8 +269,8 @@ class SFTTask(_FinetuneTask):
         out = [""] * len(self.test_items)
         limit = self.base.max_seq or (self.cfg.seq_len + self.max_new)
         for n, idx in sorted(by_len.items()):
-            for b in range(0, len(idx), 4 * self.cfg.batch_size):
-                rows = idx[b: b + 4 * self.cfg.batch_size]
+            for b in range(0, len(idx), 4 * self.cfg.sft_batch_size):
+                rows = idx[b: b + 4 * self.cfg.sft_batch_size]
                 x = torch.tensor([self.test_items[i][0] for i in rows], device=self.device)
                 done = torch.zeros(len(rows), dtype=torch.bool, device=self.device)
                 new = []
@@ -335,6 +340,7 @@ def pretrain_base(cfg: FinetuneConfig, source: WordLines, source_key: str, token
                             n_heads=cfg.n_heads, ffn_dim=cfg.ffn_dim, vocab_size=cfg.vocab_size,
                             time_limit_s=limit)
     task = _PretrainTask(pcfg, corpus, device)
+    _autocast(cfg, task, device)
     run = RunSpec("pretrain", PRETRAIN_OPTIMIZER, OPTIMIZERS[PRETRAIN_OPTIMIZER].default_lr["gpt-lm"])
     log(f"pretraining the base: gpt-lm {cfg.size} on {source.name}, {cfg.pretrain_steps} steps, "
         f"{run.optimizer} lr {run.lr:g}")
@@ -342,7 +348,7 @@ def pretrain_base(cfg: FinetuneConfig, source: WordLines, source_key: str, token
     res.pop("_model_info")
     meta = {"corpus": source.name, "corpus_key": source_key, "corpus_description": source.description,
             "optimizer": run.optimizer, "lr": run.lr, "steps": res["steps"], "planned_steps": res["planned_steps"],
-            "tokens": res["tokens"], "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "dtype": cfg.dtype,
+            "tokens": res["tokens"], "batch_size": pcfg.batch_size, "seq_len": cfg.seq_len, "dtype": cfg.dtype,
             "final_train_loss": res["final_train_loss"], "test_loss": res["eval_loss"],
             "test_ppl": res["eval_ppl"], "wall_time_s": res["wall_time_s"], "device": str(device)}
     path = save_base(task.model, tokenizer, Path(cfg.out) / "base", meta)
@@ -384,6 +390,7 @@ class Budget:
     optimizer on that task so far, else of the task, else of any) still fits before the deadline."""
 
     def __init__(self, minutes: float | None, start: float):
+        self.start = start
         self.deadline = None if minutes is None else start + 60.0 * minutes
         self.seconds: dict[tuple[str, str], float] = {}
 
@@ -405,7 +412,7 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
     """Pretrain or load the base, fine-tune it with every (optimizer, lr) on each task, write the report."""
     start = time.perf_counter()
     cfg.resolve()
-    require_experiment_packages("seq2seq" if "sft" in cfg.tasks else "finetune", extra=("safetensors",))
+    require_experiment_packages("finetune", extra=("safetensors", *(("sacrebleu",) if "sft" in cfg.tasks else ())))
     plan = plan_runs(cfg)
     for p in plan:
         check_optimizer_available(p.run.optimizer)
@@ -429,6 +436,11 @@ def _vocabulary_texts(source, target, pairs):
     if pairs is not None:
         texts += [s.split() + t.split() for s, t in pairs.train]
     return texts
+
+
+def _autocast(cfg: FinetuneConfig, task, device) -> None:
+    if cfg.dtype == "bf16-autocast":
+        task.autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def _finetune_all(cfg: FinetuneConfig, plan: list[PlannedRun], device, budget: Budget, log) -> dict:
@@ -462,36 +474,45 @@ def _finetune_all(cfg: FinetuneConfig, plan: list[PlannedRun], device, budget: B
         log(f"  note: {note}")
     tasks = {}
     for name in cfg.tasks:
-        task = (DomainTask(cfg, base, target, source, device) if name == "domain"
-                else SFTTask(cfg, base, pairs, device))
-        if cfg.dtype == "bf16-autocast":
-            task.autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-        tasks[name] = task
-        results["tasks"][name] = _task_header(task, target if name == "domain" else pairs, source, device)
+        tasks[name] = (DomainTask(cfg, base, target, source, device) if name == "domain"
+                       else SFTTask(cfg, base, pairs, device))
+        _autocast(cfg, tasks[name], device)
+        results["tasks"][name] = _task_header(tasks[name], target if name == "domain" else pairs, source, device)
         log(f"{name}: {results['tasks'][name]['description']}; before fine-tuning: "
             f"score {results['tasks'][name]['before']['score']:.2f}")
-        _warmup(task, cfg.train_config(name, 1), device)
+        _warmup(tasks[name], cfg.train_config(name, 1), device)
     with _frozen_heap():
         for p in plan:
-            task, runs = tasks[p.task], results["tasks"][p.task]["runs"]
-            if not budget.fits(p.task, p.run.optimizer):
-                results["skipped"].append(f"{p.task}: {p.run.label}")
-                log(f"  {p.task} {p.run.label}: skipped, it would not end within --budget-minutes "
-                    f"{cfg.budget_minutes:g}")
-                continue
-            t0 = time.perf_counter()
-            res = train_one(task, p.run, cfg.train_config(p.task, cfg.max_steps), device,
-                            lambda total, desc: Progress(total, desc, cfg.quiet, None, log))
-            res.pop("_model_info")
-            res["task"], res["is_default"] = p.task, p.is_default
-            runs[p.run.label] = res
-            budget.record(p.task, p.run.optimizer, time.perf_counter() - t0)
-            log(f"  {p.task} {report.run_line(p.run.label, res)}")
-            report.write_json(results, out / "results.json")  # partial results survive an interrupted run
+            _run_planned(cfg, p, tasks[p.task], results, device, budget, out, log)
+    results["elapsed_s"] = round(time.perf_counter() - budget.start, 1)  # data, pretraining, runs: all but the report
     paths = report.write_all(results, out)
     log(f"results: {paths['md']} (tables), {paths['json']} (all numbers), plots: "
         + ", ".join(str(p) for p in paths["plots"]))
     return results
+
+
+def _run_planned(cfg: FinetuneConfig, p: PlannedRun, task, results: dict, device, budget: Budget, out: Path,
+                 log) -> None:
+    """One fine-tuning run if the budget allows it; its results into ``results`` and results.json."""
+    from . import finetune_report as report
+
+    if not budget.fits(p.task, p.run.optimizer):
+        results["skipped"].append(f"{p.task}: {p.run.label}")
+        log(f"  {p.task} {p.run.label}: skipped, it would not end within --budget-minutes {cfg.budget_minutes:g}")
+        return
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        if not p.is_default:  # a sweep point is a deliberate lr: no advice about it
+            warnings.filterwarnings("ignore", message="AdaLomo with lr=")
+        res = train_one(task, p.run, cfg.train_config(p.task, cfg.max_steps), device,
+                        lambda total, desc: Progress(total, desc, cfg.quiet, None, log))
+    res.pop("_model_info")
+    res["task"], res["is_default"] = p.task, p.is_default
+    res["run_time_s"] = round(time.perf_counter() - t0, 3)  # with the copy of the base and the evaluation
+    results["tasks"][p.task]["runs"][p.run.label] = res
+    budget.record(p.task, p.run.optimizer, res["run_time_s"])
+    log(f"  {p.task} {report.run_line(p.run.label, res)}")
+    report.write_json(results, out / "results.json")  # partial results survive an interrupted run
 
 
 @contextlib.contextmanager
@@ -551,8 +572,11 @@ def add_arguments(p) -> None:
     g.add_argument("--lr-sweep", type=int, nargs="?", const=5, default=None, metavar="N",
                    help="also run N lrs (default 5) a half-decade (x3.16) apart around each optimizer's lr")
     g.add_argument("--max-steps", type=int, default=200, help="fine-tuning steps per run (default: %(default)s)")
-    g.add_argument("--batch-size", type=int, default=16, help="sequences (domain) or pairs (sft) per step, "
-                   "also for pretraining (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=16, help="domain: windows of --seq-len tokens per step "
+                   "(default: %(default)s)")
+    g.add_argument("--sft-batch-size", type=int, default=64, help="sft: pairs per step (default: %(default)s)")
+    g.add_argument("--pretrain-batch-size", type=int, default=None, help="pretraining: windows of --seq-len "
+                   "tokens per step (default: --batch-size)")
     g.add_argument("--seq-len", type=int, default=128, help="tokens per window; the longest pair (default: "
                    "%(default)s)")
     g.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of the steps")

@@ -85,6 +85,9 @@ def _pct(x):
 def _band(b):
     if b is None:
         return "–"
+    if b["points"] == 1:
+        edge = "+" if b["open_high"] else ("-" if b["open_low"] else "")
+        return f"{b['lr_min']:g}{edge} only, 1/{b['sweep_points']} points"
     lo, hi = ("≤" if b["open_low"] else "") + f"{b['lr_min']:g}", f"{b['lr_max']:g}" + ("+" if b["open_high"] else "")
     width = ("≥" if b["open_low"] or b["open_high"] else "") + f"{b['ratio']:.3g}x"
     return f"{lo} .. {hi}: {width}, {b['points']}/{b['sweep_points']} points"
@@ -163,7 +166,10 @@ def write_markdown(results: dict, path: Path, plots: dict) -> Path:
         lines.append(f"- command: `{results['command']}`")
     lines.append(f"- device: {env.get('device')} ({env.get('device_name')}), torch {env.get('torch')}, "
                  f"dtype {cfg.get('dtype')}, seed {cfg.get('seed')}, {cfg.get('max_steps')} steps per run, batch "
-                 f"{cfg.get('batch_size')}, seq_len {cfg.get('seq_len')}; created {results.get('created')}")
+                 f"{cfg.get('batch_size')} x {cfg.get('seq_len')} tokens (domain), {cfg.get('sft_batch_size')} pairs "
+                 f"(sft); created {results.get('created')}")
+    if results.get("elapsed_s") is not None:
+        lines.append(f"- elapsed: {results['elapsed_s']:.0f}s (data, pretraining and every run; the report excluded)")
     lines += _base_lines(results)
     if results.get("skipped"):
         lines.append(f"- not run (they would have ended after --budget-minutes): {', '.join(results['skipped'])}")
@@ -196,8 +202,8 @@ def write_markdown(results: dict, path: Path, plots: dict) -> Path:
               "(positive: the default is worse).",
               f"- good band: the lrs of the sweep, next to the best one, whose scores are all within "
               f"{100 * GOOD_BAND_TOLERANCE:g}% of the best (score <= {1 + GOOD_BAND_TOLERANCE:g} x best); its width "
-              "is lr_max / lr_min (\u2265 and \u2264/+ when the band reaches an end of the sweep, so it may be "
-              "wider), with the number of sweep points in it.",
+              "is lr_max / lr_min (\u2265, and \u2264 / - / + at its lr, when the band reaches an end of the "
+              "sweep: it may be wider), with the number of sweep points in it.",
               "- source ppl: the base's pretraining corpus after fine-tuning (forgetting); BLEU: sacrebleu corpus "
               "BLEU of greedy answers, one reference each.",
               "- memory, time: as in the other experiments (docs/experiments.md): exact tensor bytes; ms/step is "
