@@ -150,11 +150,13 @@ def test_python_block_runs(block: Block, tmp_path, request):
 @pytest.mark.parametrize("block,argv", CLI, ids=[f"{b.id}:{' '.join(a)[:60]}" for b, a in CLI])
 def test_cli_line_parses(block: Block, argv: list[str], monkeypatch, capsys):
     import adalomo.experiments
+    import adalomo.experiments.finetune
     import adalomo.memory
     from adalomo import cli
 
     ran = []
-    for module, name in ((adalomo.experiments, "run_experiment"), (adalomo.memory, "run")):
+    for module, name in ((adalomo.experiments, "run_experiment"), (adalomo.experiments.finetune, "run_finetune"),
+                         (adalomo.memory, "run")):
         assert hasattr(module, name), f"{module.__name__}.{name} is gone: update this test"
         monkeypatch.setattr(module, name, lambda *a, **k: ran.append(a) or 0)
     try:

@@ -3,6 +3,7 @@
     adalomo experiment lstm-lm --optimizers adalomo,adam,sgd        # compare optimizers, write a report
     adalomo experiment seq2seq --data-dir ../shared/data
     adalomo experiment gpt-lm --size 125m --dtype bf16 --device cuda --optimizers adalomo,adamw,adafactor,lomo
+    adalomo experiment finetune --pretrain-steps 300 --lr-sweep   # fine-tune a pretrained model, lr sweep
     adalomo memory ...                                             # memory estimates (adalomo.memory)
     adalomo --version
 
@@ -42,7 +43,8 @@ def _error(msg: str, code: int = 2) -> int:
 def add_experiment_arguments(p: argparse.ArgumentParser) -> None:
     from .experiments.train import OPTIMIZERS, TASKS
 
-    p.add_argument("task", metavar="TASK", choices=TASKS, help="one of: " + ", ".join(TASKS))
+    p.add_argument("task", metavar="TASK", choices=(*TASKS, "finetune"), help="one of: " + ", ".join(TASKS)
+                   + "; or finetune, with its own options (adalomo experiment finetune -h)")
     g = p.add_argument_group("optimizers")
     g.add_argument("--optimizers", default="adalomo,adam,sgd",
                    help="comma-separated, from: " + ", ".join(OPTIMIZERS) + ". NAME@LR pins an lr, so "
@@ -113,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="AdaLomo and other memory-light optimizers: experiments and tools.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    exp = sub.add_parser("experiment", help="compare optimizers on lstm-lm, seq2seq or gpt-lm and write a report",
+    exp = sub.add_parser("experiment", help="compare optimizers on lstm-lm, seq2seq or gpt-lm, or fine-tuning "
+                         "(finetune), and write a report",
                          description="Train the same model with each optimizer (same seed and data order) and "
                          "write results.json, results.md and plots to --out.")
     add_experiment_arguments(exp)
@@ -121,9 +124,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_finetune(rest, argv) -> int:
+    from .experiments import ExperimentError
+    from .experiments.finetune import FinetuneConfig, add_arguments, run_finetune
+
+    p = _Parser(prog=f"{PROG} experiment finetune", description="Fine-tune one pretrained model with each "
+                "optimizer (same weights, same data order), at its default lr and over an lr sweep, and write "
+                "results.json, results.md and plots to --out.")
+    add_arguments(p)
+    cfg = FinetuneConfig(**vars(p.parse_args(rest)), command="adalomo " + shlex.join(argv))
+    try:
+        run_finetune(cfg)
+    except ExperimentError as e:
+        return _error(e)
+    return 0
+
+
 def _run_experiment(args, argv) -> int:
     from .experiments import ExperimentConfig, ExperimentError, run_experiment
 
+    if args.task == "finetune":
+        return _error("finetune takes its own options: write them after it (adalomo experiment finetune ...)")
     cfg = ExperimentConfig(**{k: v for k, v in vars(args).items() if k != "command"})
     cfg.command = "adalomo " + shlex.join(argv)
     try:
@@ -142,6 +163,8 @@ def _run_memory(rest) -> int:
 
 
 def _dispatch(argv) -> int:
+    if argv[:2] == ["experiment", "finetune"]:
+        return _run_finetune(argv[2:], argv)
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command is None:

@@ -125,17 +125,33 @@ def _lines_to_words(lines):
     return [line.split() + ["<eos>"] for line in lines]
 
 
-def _build_lm(name, description, train_l, valid_l, test_l, min_freq=1, max_vocab=None, notes=()):
-    counts = collections.Counter(w for line in train_l for w in line)
-    words = [w for w, c in counts.most_common() if c >= min_freq and w != "<unk>"]
+@dataclass
+class WordLines:
+    """A word-level corpus before it has a vocabulary: lines of words, each ending with ``<eos>``.
+    ``min_freq``: the count below which :func:`build_lm` maps a training word to ``<unk>``."""
+
+    name: str
+    description: str
+    train: list[list[str]]
+    valid: list[list[str]]
+    test: list[list[str]]
+    notes: list[str] = field(default_factory=list)
+    min_freq: int = 1
+
+
+def build_lm(lines: WordLines, max_vocab: int | None = None) -> LMCorpus:
+    """Vocabulary from the training lines (most frequent first), then the three splits as token ids."""
+    counts = collections.Counter(w for line in lines.train for w in line)
+    words = [w for w, c in counts.most_common() if c >= lines.min_freq and w != "<unk>"]
     if max_vocab is not None:
         words = words[: max(0, max_vocab - 2)]
     vocab = Vocab(["<eos>", *words])
 
-    def enc(lines):
-        return torch.tensor([i for line in lines for i in vocab.encode(line)], dtype=torch.long)
+    def enc(split):
+        return torch.tensor([i for line in split for i in vocab.encode(line)], dtype=torch.long)
 
-    return LMCorpus(name, description, vocab, enc(train_l), enc(valid_l), enc(test_l), list(notes))
+    return LMCorpus(lines.name, lines.description, vocab, enc(lines.train), enc(lines.valid), enc(lines.test),
+                    list(lines.notes))
 
 
 def _read_lines(path: Path, limit: int | None) -> list[str]:
@@ -144,20 +160,23 @@ def _read_lines(path: Path, limit: int | None) -> list[str]:
     return lines[:limit] if limit else lines
 
 
-def load_wikitext2(data_dir: Path, limit: int | None = None, max_vocab: int | None = None) -> LMCorpus:
+def wikitext2_lines(data_dir: Path, limit: int | None = None) -> WordLines:
     """WikiText-2 exactly as pytorch/examples word_language_model reads it (split on spaces, ``<eos>``
-    appended to each line). The vocabulary comes from the training split (33,278 types with ``<eos>``,
-    which covers valid and test). ``limit`` keeps the first N lines of train and N//10 of valid/test."""
+    appended to each line). ``limit`` keeps the first N lines of train and N//10 of valid/test."""
     root = data_dir / "wikitext-2"
-    hint = WIKITEXT_HINT
-    files = {s: _need(root / f"{s}.txt", hint) for s in ("train", "valid", "test")}
+    files = {s: _need(root / f"{s}.txt", WIKITEXT_HINT) for s in ("train", "valid", "test")}
     small = max(1, limit // 10) if limit else None
     train = _lines_to_words(_read_lines(files["train"], limit))
     valid = _lines_to_words(_read_lines(files["valid"], small))
     test = _lines_to_words(_read_lines(files["test"], small))
     notes = [f"data-limit {limit}: first {limit} train lines, {small} valid/test lines"] if limit else []
-    return _build_lm("wikitext-2", f"WikiText-2 (word level) from {root}", train, valid, test,
-                     max_vocab=max_vocab, notes=notes)
+    return WordLines("wikitext-2", f"WikiText-2 (word level) from {root}", train, valid, test, notes)
+
+
+def load_wikitext2(data_dir: Path, limit: int | None = None, max_vocab: int | None = None) -> LMCorpus:
+    """WikiText-2 as ids; the vocabulary comes from the training split (33,278 types with ``<eos>``, which
+    covers valid and test)."""
+    return build_lm(wikitext2_lines(data_dir, limit), max_vocab)
 
 
 _WORD_RE = re.compile(r"[A-Za-z]+(?:'[a-z]+)?|\d+|[^\sA-Za-z\d]")
@@ -168,8 +187,16 @@ def simple_tokenize(line: str) -> list[str]:
     return _WORD_RE.findall(line.lower())
 
 
-def embedded_text_lines() -> list[str]:
-    """The English text of the Python documentation topics bundled with CPython (``pydoc_data.topics``)."""
+# The pydoc topics that come from the Library Reference's built-in types chapter (library/stdtypes.rst,
+# library/string.rst); every other topic comes from the Language Reference. The two halves give an offline
+# pair of (mildly) different domains for the fine-tuning experiment.
+_LIBRARY_TOPICS = ("types", "bltin-", "string-methods", "formatstrings", "specialattrs")
+EMBEDDED_PARTS = {None: "", "language": " (Language Reference topics)", "library": " (Library Reference topics)"}
+
+
+def embedded_text_lines(part: str | None = None) -> list[str]:
+    """The English text of the Python documentation topics bundled with CPython (``pydoc_data.topics``);
+    ``part``: ``"language"`` or ``"library"`` keeps only the topics of that reference (None: all)."""
     try:
         from pydoc_data.topics import topics
     except ImportError as e:  # pragma: no cover - stripped-down Python builds
@@ -177,6 +204,8 @@ def embedded_text_lines() -> list[str]:
                         + WIKITEXT_HINT) from e
     lines = []
     for key in sorted(topics):
+        if part is not None and key.startswith(_LIBRARY_TOPICS) != (part == "library"):
+            continue
         for line in topics[key].splitlines():
             line = line.strip()
             if line and not set(line) <= set("*=-~^\"'"):  # drop reST underlines
@@ -184,54 +213,65 @@ def embedded_text_lines() -> list[str]:
     return lines
 
 
-def load_embedded_lm(limit: int | None = None, min_freq: int = 2) -> LMCorpus:
-    """pydoc_data.topics as a word-level LM corpus: contiguous 90/5/5 split of its lines (sorted by topic),
-    lowercased, words seen fewer than ``min_freq`` times in train become ``<unk>``."""
-    lines = [simple_tokenize(x) for x in embedded_text_lines()]
+def _split_90_5_5(name, description, lines, limit, min_freq, notes=()) -> WordLines:
+    """Tokenized lines (``<eos>`` appended) in a contiguous 90/5/5 split; ``limit`` keeps the first N train
+    lines and N//10 of valid and test."""
     lines = [x + ["<eos>"] for x in lines if x]
     n = len(lines)
     a, b = int(0.9 * n), int(0.95 * n)
     train, valid, test = lines[:a], lines[a:b], lines[b:]
     if limit:
         train, valid, test = train[:limit], valid[: max(1, limit // 10)], test[: max(1, limit // 10)]
-    return _build_lm(
-        "embedded-pydoc",
-        "EMBEDDED corpus: English text of the Python docs (pydoc_data.topics, standard library)",
-        train, valid, test, min_freq=min_freq,
-        notes=["embedded corpus used because no data directory was given; " + WIKITEXT_HINT],
-    )
+    return WordLines(name, description, train, valid, test, list(notes), min_freq)
+
+
+def embedded_lines(limit: int | None = None, part: str | None = None, min_freq: int = 2) -> WordLines:
+    """pydoc_data.topics (or one ``part`` of it) as word lines: lowercased, contiguous 90/5/5 split of its
+    lines (sorted by topic); words seen fewer than ``min_freq`` times in train become ``<unk>``."""
+    name = "embedded-pydoc" + (f"-{part}" if part else "")
+    description = ("EMBEDDED corpus: English text of the Python docs (pydoc_data.topics, standard library)"
+                   + EMBEDDED_PARTS[part])
+    notes = ["embedded corpus used because no data directory was given; " + WIKITEXT_HINT]
+    return _split_90_5_5(name, description, [simple_tokenize(x) for x in embedded_text_lines(part)], limit,
+                         min_freq, notes)
+
+
+def load_embedded_lm(limit: int | None = None, min_freq: int = 2) -> LMCorpus:
+    return build_lm(embedded_lines(limit, min_freq=min_freq))
+
+
+def tinyshakespeare_lines(data_dir: Path, limit: int | None = None) -> WordLines:
+    path = _need(data_dir / "tinyshakespeare" / "input.txt",
+                 "pass --data-dir DIR with DIR/tinyshakespeare/input.txt")
+    return _split_90_5_5("tinyshakespeare", f"Tiny Shakespeare (word level, lowercased) from {path}",
+                         [simple_tokenize(x) for x in _read_lines(path, None)], limit, min_freq=2)
 
 
 def load_tinyshakespeare(data_dir: Path, limit: int | None = None) -> LMCorpus:
-    path = _need(data_dir / "tinyshakespeare" / "input.txt",
-                 "pass --data-dir DIR with DIR/tinyshakespeare/input.txt")
-    lines = [simple_tokenize(x) for x in _read_lines(path, None)]
-    lines = [x + ["<eos>"] for x in lines if x]
-    n = len(lines)
-    a, b = int(0.9 * n), int(0.95 * n)
-    train, valid, test = lines[:a], lines[a:b], lines[b:]
-    if limit:
-        train, valid, test = train[:limit], valid[: max(1, limit // 10)], test[: max(1, limit // 10)]
-    return _build_lm("tinyshakespeare", f"Tiny Shakespeare (word level, lowercased) from {path}",
-                     train, valid, test, min_freq=2)
+    return build_lm(tinyshakespeare_lines(data_dir, limit))
+
+
+def lm_lines(corpus: str, data_dir: Path | None, limit: int | None = None) -> WordLines:
+    """``corpus``: auto (WikiText-2 if a data dir is given, else embedded), wikitext-2, tinyshakespeare,
+    embedded, embedded-language, embedded-library (the two halves of the embedded docs)."""
+    if corpus == "auto":
+        corpus = "wikitext-2" if data_dir is not None else "embedded"
+    if corpus.startswith("embedded") and corpus.partition("-")[2] in ("", "language", "library"):
+        return embedded_lines(limit, corpus.partition("-")[2] or None)
+    if data_dir is None:
+        raise DataError(f"--corpus {corpus} needs a data directory; pass --data-dir DIR or set {DATA_ENV}")
+    if corpus == "wikitext-2":
+        return wikitext2_lines(data_dir, limit)
+    if corpus == "tinyshakespeare":
+        return tinyshakespeare_lines(data_dir, limit)
+    raise DataError(f"unknown corpus {corpus!r} for a language-model task (auto, wikitext-2, tinyshakespeare, "
+                    "embedded)")
 
 
 def load_lm_corpus(corpus: str, data_dir: Path | None, limit: int | None = None,
                    max_vocab: int | None = None) -> LMCorpus:
-    """``corpus``: auto (WikiText-2 if a data dir is given, else embedded), wikitext-2, tinyshakespeare,
-    embedded."""
-    if corpus == "auto":
-        corpus = "wikitext-2" if data_dir is not None else "embedded"
-    if corpus == "embedded":
-        return load_embedded_lm(limit)
-    if data_dir is None:
-        raise DataError(f"--corpus {corpus} needs a data directory; pass --data-dir DIR or set {DATA_ENV}")
-    if corpus == "wikitext-2":
-        return load_wikitext2(data_dir, limit, max_vocab)
-    if corpus == "tinyshakespeare":
-        return load_tinyshakespeare(data_dir, limit)
-    raise DataError(f"unknown corpus {corpus!r} for a language-model task (auto, wikitext-2, tinyshakespeare, "
-                    "embedded)")
+    """:func:`lm_lines` as token ids, with the vocabulary of its training split."""
+    return build_lm(lm_lines(corpus, data_dir, limit), max_vocab)
 
 
 # ----------------------------------------------------------------------------- translation pairs

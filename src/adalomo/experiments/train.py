@@ -83,14 +83,18 @@ def _wd(weight_decay, default=0.0):
     return default if weight_decay is None else weight_decay
 
 
-def _make_adalomo(fused: bool):
+def _make_adalomo(fused: bool, clip_grad_norm: float | None = None):
     def factory(params, lr, task, weight_decay=None):
-        return _adalomo_class("AdaLomo")(params, lr=lr, weight_decay=_wd(weight_decay), fused=fused)
+        return _adalomo_class("AdaLomo")(params, lr=lr, weight_decay=_wd(weight_decay), fused=fused,
+                                         clip_grad_norm=clip_grad_norm)
     return factory
 
 
-def _lomo(params, lr, task, weight_decay=None):
-    return _adalomo_class("Lomo")(params, lr=lr, weight_decay=_wd(weight_decay), fused=True)
+def _make_lomo(clip_grad_norm: float | None):
+    def factory(params, lr, task, weight_decay=None):
+        return _adalomo_class("Lomo")(params, lr=lr, weight_decay=_wd(weight_decay), fused=True,
+                                      clip_grad_norm=clip_grad_norm)
+    return factory
 
 
 def _make_adafactor(beta1):
@@ -126,17 +130,30 @@ def _sgd(params, lr, task, weight_decay=None):
 
 # Default learning rates per task, from the sweeps in docs/experiments.md (from-scratch training). AdaLomo's
 # (and Adafactor's, with scale_parameter=True) lr is RELATIVE to the weight RMS: the step is lr * RMS(W), so
-# from-scratch training (RMS(W) ~ 0.02-0.1) wants ~3e-2 (1e-1 was unstable over a WikiText-2 epoch, 1e-2 slow);
-# fine-tuning a pretrained model 1e-3..5e-4 (the paper's values). Sweeps: docs/experiments.md.
-_ADALOMO_LR = {"lstm-lm": 3e-2, "seq2seq": 3e-2, "gpt-lm": 3e-2}
-_SGD_LR = {"lstm-lm": 10.0, "seq2seq": 1.0, "gpt-lm": 0.05}  # gpt-lm: a guess (0.3 diverged at 1B in bf16)
-_ADAM_LR = {"lstm-lm": 3e-3, "seq2seq": 3e-3, "gpt-lm": 6e-4}
+# from-scratch training (RMS(W) ~ 0.02-0.1) wants ~3e-2 (1e-1 was unstable over a WikiText-2 epoch, 1e-2 slow).
+# Fine-tuning (``adalomo experiment finetune``, keys "domain" and "sft"): AdaLomo the authors' values, 1e-3 for
+# further pre-training and 5e-4 for instruction tuning; AdamW (and AdaPM, whose step is AdamW's) 5e-5, the
+# transformers Trainer's default and the usual value for fine-tuning GPT-2-small-sized models; clipped LOMO
+# 3e-2, the LOMO authors' value with clip_grad_norm=1.0; unclipped SGD 1e-2, untuned. Why: docs/experiments.md.
+_ADALOMO_LR = {"lstm-lm": 3e-2, "seq2seq": 3e-2, "gpt-lm": 3e-2, "domain": 1e-3, "sft": 5e-4}
+_SGD_LR = {"lstm-lm": 10.0, "seq2seq": 1.0, "gpt-lm": 0.05,  # gpt-lm: a guess (0.3 diverged at 1B in bf16)
+           "domain": 1e-2, "sft": 1e-2}
+_LOMO_CLIP_LR = {**_SGD_LR, "domain": 3e-2, "sft": 3e-2}
+_ADAM_LR = {"lstm-lm": 3e-3, "seq2seq": 3e-3, "gpt-lm": 6e-4, "domain": 5e-5, "sft": 5e-5}
+# LOMO's two-pass clipping, as its authors fine-tune with it
+CLIP_GRAD_NORM = 1.0
 
 register_optimizer("adalomo", _make_adalomo(True), _ADALOMO_LR, True,
                    "adalomo.AdaLomo(fused=True): updates inside backward, factored 2nd moment, no momentum")
 register_optimizer("adalomo-classic", _make_adalomo(False), _ADALOMO_LR, False,
                    "adalomo.AdaLomo(fused=False): same maths, classic loss.backward(); step()")
-register_optimizer("lomo", _lomo, _SGD_LR, True, "adalomo.Lomo(fused=True): SGD fused into backward")
+register_optimizer("adalomo-clip", _make_adalomo(True, CLIP_GRAD_NORM), _ADALOMO_LR, True,
+                   f"adalomo.AdaLomo(fused=True, clip_grad_norm={CLIP_GRAD_NORM}): two backward passes per step, "
+                   "opt.grad_norm(loss) then the updating one")
+register_optimizer("lomo", _make_lomo(None), _SGD_LR, True, "adalomo.Lomo(fused=True): SGD fused into backward")
+register_optimizer("lomo-clip", _make_lomo(CLIP_GRAD_NORM), _LOMO_CLIP_LR, True,
+                   f"adalomo.Lomo(fused=True, clip_grad_norm={CLIP_GRAD_NORM}): two backward passes per step, "
+                   "opt.grad_norm(loss) then the updating one")
 register_optimizer("adafactor", _make_adafactor(None), _ADALOMO_LR, True,
                    "adalomo.Adafactor(fused=True, relative_step=False, scale_parameter=True, beta1=None)")
 register_optimizer("adafactor-momentum", _make_adafactor(0.9), _ADALOMO_LR, True,
@@ -207,7 +224,13 @@ def parse_runs(optimizers: str, lr_text: str | None, task: str) -> list[RunSpec]
     runs, seen = [], set()
     for e, name in zip(entries, names):
         _, at, pinned = e.partition("@")
-        lr = _parse_float(pinned, f"lr in {e!r}") if at else overrides.get(name, OPTIMIZERS[name].default_lr[task])
+        if at:
+            lr = _parse_float(pinned, f"lr in {e!r}")
+        elif name in overrides or task in OPTIMIZERS[name].default_lr:
+            lr = overrides.get(name, OPTIMIZERS[name].default_lr.get(task))
+        else:
+            raise ExperimentError(f"optimizer {name!r} has no default lr for {task}; give one: {name}@LR or "
+                                  f"--lr {name}=LR")
         label = e if at else name
         if label in seen:
             raise ExperimentError(f"optimizer {label!r} listed twice; pin different lrs (name@lr) for a sweep")
@@ -218,7 +241,8 @@ def parse_runs(optimizers: str, lr_text: str | None, task: str) -> list[RunSpec]
 
 def check_optimizer_available(name: str) -> None:
     """Fail early (one line) when an adalomo optimizer class does not exist in this install."""
-    needs = {"adalomo": "AdaLomo", "adalomo-classic": "AdaLomo", "lomo": "Lomo", "adafactor": "Adafactor",
+    needs = {"adalomo": "AdaLomo", "adalomo-classic": "AdaLomo", "adalomo-clip": "AdaLomo", "lomo": "Lomo",
+             "lomo-clip": "Lomo", "adafactor": "Adafactor",
              "adafactor-momentum": "Adafactor", "adapm": "AdaPM", "adapm-factored": "AdaPM"}
     if name in needs:
         _adalomo_class(needs[name])
@@ -289,6 +313,7 @@ class ExperimentConfig:
     test_batches: int | None = None
     quiet: bool = False
     log_every: int | None = None
+    time_limit_s: float | None = None  # stop a run's training loop after this many seconds (not a CLI flag)
     command: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -445,31 +470,42 @@ class GPTTask(LSTMLMTask):
                 "non_embedding_params": model.num_params(non_embedding=True)}
 
     def batches(self, seed):
-        g = torch.Generator().manual_seed(seed)
-        data, B, T = self.corpus.train, self.cfg.batch_size, self.cfg.seq_len
-        while True:
-            ix = torch.randint(data.numel() - T - 1, (B,), generator=g)
-            chunk = torch.stack([data[i: i + T + 1] for i in ix.tolist()]).to(self.device)
-            yield chunk[:, :-1], chunk[:, 1:]
+        return random_windows(self.corpus.train, self.cfg.batch_size, self.cfg.seq_len, seed, self.device)
 
     def loss(self, model, batch):
         x, y = batch
         return model(x, y)[1], y.numel()
 
-    @torch.no_grad()
     def evaluate(self, model, split, max_batches=None):
-        data, B, T = getattr(self.corpus, split), self.cfg.batch_size, self.cfg.seq_len
-        starts = list(range(0, data.numel() - T - 1, T)) or [0]
-        total, count = 0.0, 0
-        for b in range(0, len(starts), B):
-            if max_batches and b // B >= max_batches:
-                break
-            chunk = torch.stack([data[i: i + T + 1] for i in starts[b: b + B]]).to(self.device)
-            with self.autocast():
-                _, loss = model(chunk[:, :-1], chunk[:, 1:])
-            total += loss.item() * chunk[:, 1:].numel()
-            count += chunk[:, 1:].numel()
-        return total / max(count, 1)
+        return window_loss(lambda x, y: model(x, y)[1], getattr(self.corpus, split), self.cfg.batch_size,
+                           self.cfg.seq_len, self.device, max_batches, self.autocast)
+
+
+def random_windows(data: torch.Tensor, batch_size: int, seq_len: int, seed: int, device):
+    """Endless (inputs, targets) batches of random windows of a token stream, in an order fixed by ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        ix = torch.randint(data.numel() - seq_len - 1, (batch_size,), generator=g)
+        chunk = torch.stack([data[i: i + seq_len + 1] for i in ix.tolist()]).to(device)
+        yield chunk[:, :-1], chunk[:, 1:]
+
+
+@torch.no_grad()
+def window_loss(loss_of: Callable, data: torch.Tensor, batch_size: int, seq_len: int, device,
+                max_batches: int | None = None, autocast=contextlib.nullcontext) -> float:
+    """Mean cross-entropy per token over consecutive windows of a token stream (the first ``max_batches``
+    batches only, if given); ``loss_of(inputs, targets)`` returns a batch's mean loss."""
+    starts = list(range(0, data.numel() - seq_len - 1, seq_len)) or [0]
+    total, count = 0.0, 0
+    for b in range(0, len(starts), batch_size):
+        if max_batches and b // batch_size >= max_batches:
+            break
+        chunk = torch.stack([data[i: i + seq_len + 1] for i in starts[b: b + batch_size]]).to(device)
+        with autocast():
+            loss = loss_of(chunk[:, :-1], chunk[:, 1:])
+        total += loss.item() * chunk[:, 1:].numel()
+        count += chunk[:, 1:].numel()
+    return total / max(count, 1)
 
 
 class Seq2SeqTask:
@@ -514,13 +550,7 @@ class Seq2SeqTask:
         return src.to(self.device), lens, tin.to(self.device), tout.to(self.device)
 
     def batches(self, seed):
-        g, B, epoch = torch.Generator(), self.cfg.batch_size, 0
-        while True:
-            g.manual_seed(seed * 1000 + epoch)
-            order = torch.randperm(len(self.train_enc), generator=g).tolist()
-            for b in range(self.steps_per_epoch):
-                yield self._collate([self.train_enc[i] for i in order[b * B: (b + 1) * B]])
-            epoch += 1
+        return shuffled_batches(self.train_enc, self.cfg.batch_size, seed, self._collate)
 
     def loss(self, model, batch):
         src, lens, tin, tout = batch
@@ -570,6 +600,18 @@ class Seq2SeqTask:
                 samples.append({"source": s, "reference": r, "hypothesis": h})
         return {"valid_loss": valid, "eval_loss": test, "eval_ppl": _ppl(test), "eval_split": "test",
                 "bleu": bleu, "bleu_signature": sig, "bleu_note": note, "samples": samples}
+
+
+def shuffled_batches(items: list, batch_size: int, seed: int, collate: Callable):
+    """Endless batches ``collate(list of items)``: every epoch a new order of the items, fixed by ``seed``
+    and the epoch, the last incomplete batch left out."""
+    g, epoch = torch.Generator(), 0
+    while True:
+        g.manual_seed(seed * 1000 + epoch)
+        order = torch.randperm(len(items), generator=g).tolist()
+        for b in range(len(items) // batch_size or 1):
+            yield collate([items[i] for i in order[b * batch_size: (b + 1) * batch_size]])
+        epoch += 1
 
 
 def compute_bleu(hyps, refs):
@@ -702,6 +744,8 @@ def train_one(task, run: RunSpec, cfg: ExperimentConfig, device, progress: Calla
     fused = bool(getattr(opt, "fused", spec.fused))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup, steps, cfg.schedule, cfg.min_lr_ratio))
     clip = cfg.grad_clip if (cfg.grad_clip and not fused) else None
+    # a fused optimizer with clip_grad_norm needs the global norm before the backward that updates
+    norm_pass = fused and getattr(opt, "clip_grad_norm", None) is not None
     batches = task.batches(cfg.seed)
     losses, times, tok_hist, tokens, evals, eval_time, diverged = [], [], [], 0, [], 0.0, False
     bar = progress(total=steps, desc=run.label)
@@ -711,6 +755,8 @@ def train_one(task, run: RunSpec, cfg: ExperimentConfig, device, progress: Calla
         batch = next(batches)
         with meter.forward(step), task.autocast():
             loss, ntok = task.loss(model, batch)
+        if norm_pass:
+            opt.grad_norm(loss)  # first backward: the norm only, every gradient freed at once
         loss.backward()  # fused optimizers update (and free each gradient) here
         if clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -726,6 +772,8 @@ def train_one(task, run: RunSpec, cfg: ExperimentConfig, device, progress: Calla
         if not math.isfinite(loss_v):
             diverged = True
             break
+        if cfg.time_limit_s is not None and elapsed > cfg.time_limit_s:
+            break  # a guard against overrunning a time budget: the report shows steps < planned_steps
         if cfg.eval_every and step % cfg.eval_every == 0 and step < steps:
             te = time.perf_counter()
             model.eval()
@@ -875,10 +923,10 @@ def _warmup(task, cfg, device, steps=2):
     gc.collect()
 
 
-def require_experiment_packages(task: str) -> None:
+def require_experiment_packages(task: str, extra=()) -> None:
     """The experiments' own dependencies (the ``experiments`` extra) are not needed by the optimizers, so a
     plain ``pip install adalomo`` lacks them: say so in one line before any work is done."""
-    needed = ["tqdm", "matplotlib"] + (["sacrebleu"] if task == "seq2seq" else [])
+    needed = ["tqdm", "matplotlib"] + (["sacrebleu"] if task == "seq2seq" else []) + list(extra)
     missing = []
     for name in needed:
         try:
