@@ -42,8 +42,8 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
     raise ImportError("adalomo.integrations.transformers needs transformers and accelerate: "
                       "pip install 'adalomo[hf]'") from e
 
-__all__ = ["OPTIMIZERS", "AdaLomoTrainer", "check_training_args", "create_optimizer", "parameter_groups",
-           "unwrap_optimizer"]
+__all__ = ["OPTIMIZERS", "AdaLomoTrainer", "AdaLomoTrainerMixin", "check_training_args", "create_optimizer",
+           "parameter_groups", "shard_hsdp", "unwrap_optimizer"]
 
 #: names accepted by :func:`create_optimizer` and ``AdaLomoTrainer(adalomo_optimizer=...)``
 OPTIMIZERS: dict[str, type[LowMemoryOptimizer]] = {"adalomo": AdaLomo, "lomo": Lomo, "adafactor": Adafactor,
@@ -253,27 +253,9 @@ def shard_hsdp(model: nn.Module, plugin: Any) -> nn.Module:
     return model
 
 
-class AdaLomoTrainer(Trainer):
-    """``transformers.Trainer`` that trains with an adalomo optimizer (fused by default).
-
-    Args (besides the Trainer's):
-        adalomo_optimizer: ``"adalomo"`` (default), ``"adafactor"``, ``"lomo"`` or ``"adapm"``; if left ``None``
-            and ``args.optim`` is one of these names (e.g. ``optim="adalomo"``), that one.
-        adalomo_kwargs: passed to :func:`create_optimizer`, e.g. ``{"fused": False}``,
-            ``{"clip_grad_norm": 1.0}`` (exact global-norm clipping in fused mode; then ``max_grad_norm`` must
-            be 0 or the same value), ``{"clip_threshold": 1.0}``, ``{"nonfinite": "raise"}``.
-
-    ``args.learning_rate`` is the optimizer's lr (relative to the weight RMS for AdaLomo: 1e-3 / 5e-4
-    for fine-tuning) and follows the Trainer's schedule; ``args.weight_decay`` applies to all but
-    biases and norms. ``gradient_accumulation_steps = K``: the micro-batches' gradients are summed in
-    ``p.grad`` and the K-th backward updates (exactly classic mode's result).
-
-    Several processes (``torchrun --nproc-per-node N``): with the Trainer's FSDP (version 2) the model is
-    sharded by accelerate's own FSDP2 code *before* the optimizer is built from it; without FSDP, fused mode
-    runs FSDP2 as HSDP (full replicas, the hooks see all-reduced gradients) instead of DDP, through accelerate's
-    FSDP2 path (sharded checkpoints with ``torch.distributed.checkpoint``). Classic mode without FSDP keeps DDP.
-    A custom optimizer can still be passed with ``optimizers=(opt, None)`` on one process.
-    """
+class AdaLomoTrainerMixin:
+    """The adalomo parts of :class:`AdaLomoTrainer`, for any ``Trainer`` subclass: ``class
+    AdaLomoSFTTrainer(AdaLomoTrainerMixin, trl.SFTTrainer): pass`` (list it first)."""
 
     def __init__(self, *args: Any, adalomo_optimizer: str | None = None,
                  adalomo_kwargs: dict[str, Any] | None = None, **kwargs: Any):
@@ -422,3 +404,26 @@ class AdaLomoTrainer(Trainer):
             # no gradients exist after a fused backward: report the two-pass norm, or nothing (not 0.0)
             return grad_norm if grad_norm is not None else self._adalomo_grad_norm
         return super()._get_grad_norm(model, grad_norm=grad_norm)
+
+
+class AdaLomoTrainer(AdaLomoTrainerMixin, Trainer):
+    """``transformers.Trainer`` that trains with an adalomo optimizer (fused by default).
+
+    Args (besides the Trainer's):
+        adalomo_optimizer: ``"adalomo"`` (default), ``"adafactor"``, ``"lomo"`` or ``"adapm"``; if left ``None``
+            and ``args.optim`` is one of these names (e.g. ``optim="adalomo"``), that one.
+        adalomo_kwargs: passed to :func:`create_optimizer`, e.g. ``{"fused": False}``,
+            ``{"clip_grad_norm": 1.0}`` (exact global-norm clipping in fused mode; then ``max_grad_norm`` must
+            be 0 or the same value), ``{"clip_threshold": 1.0}``, ``{"nonfinite": "raise"}``.
+
+    ``args.learning_rate`` is the optimizer's lr (relative to the weight RMS for AdaLomo: 1e-3 / 5e-4
+    for fine-tuning) and follows the Trainer's schedule; ``args.weight_decay`` applies to all but
+    biases and norms. ``gradient_accumulation_steps = K``: the micro-batches' gradients are summed in
+    ``p.grad`` and the K-th backward updates (exactly classic mode's result).
+
+    Several processes (``torchrun --nproc-per-node N``): with the Trainer's FSDP (version 2) the model is
+    sharded by accelerate's own FSDP2 code *before* the optimizer is built from it; without FSDP, fused mode
+    runs FSDP2 as HSDP (full replicas, the hooks see all-reduced gradients) instead of DDP, through accelerate's
+    FSDP2 path (checkpoints with its FSDP2 state dicts). Classic mode without FSDP keeps DDP.
+    A custom optimizer can still be passed with ``optimizers=(opt, None)`` on one process.
+    """
