@@ -1,6 +1,6 @@
 """AdaLomoTrainer on 2 processes (CPU, gloo): FSDP2 through the Trainer's fsdp_config and data parallelism (FSDP2 as
 HSDP) against the single-process run of the same global batch; gradient accumulation; checkpoints and an exact
-resume; the example under torchrun.
+resume; a plain accelerate loop with FSDP2; the example under torchrun.
 
 One spawn runs every scenario (the Trainer and accelerate set up per scenario); the single-process references are
 trained in the test process first. Each rank gets half of the global batch: the Trainer shards consecutive
@@ -22,11 +22,13 @@ from torch.torch_version import TorchVersion
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
-from test_distributed import _free_port  # noqa: E402
+from test_distributed import _free_port, batch, full_params, loss_fn, make_model, shard  # noqa: E402
 from test_integrations import USE_CPU, ToyLM, _reset_accelerate, targs, tiny_model  # noqa: E402
 
+from adalomo import AdaLomo  # noqa: E402
 from adalomo.distributed import is_dtensor  # noqa: E402
-from adalomo.integrations.transformers import AdaLomoTrainer  # noqa: E402
+from adalomo.integrations import accelerate as adalomo_accelerate  # noqa: E402
+from adalomo.integrations.transformers import AdaLomoTrainer, fsdp2_on_cpu  # noqa: E402
 
 pytestmark = [
     pytest.mark.skipif(TorchVersion(torch.__version__) < (2, 9),
@@ -53,7 +55,37 @@ def run(out, *, batch: int, ga: int = 1, optimizer: str = "adalomo", adalomo_kwa
 
 
 def weights(trainer) -> dict[str, torch.Tensor]:
-    return {n: (p.full_tensor() if is_dtensor(p) else p).detach().clone() for n, p in trainer.model.named_parameters()}
+    model = getattr(trainer, "model", trainer)
+    return {n: (p.full_tensor() if is_dtensor(p) else p).detach().clone() for n, p in model.named_parameters()}
+
+
+def accelerate_loop(fsdp: bool) -> torch.nn.Module:
+    """4 optimizer steps of a plain accelerate loop, 2 micro-batches each (accelerator.accumulate), global batch 8;
+    with ``fsdp`` accelerate's FSDP2, the optimizer built on the model sharded by ``shard_model``."""
+    from accelerate import Accelerator
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    _reset_accelerate()
+    os.environ.pop("ACCELERATE_USE_FSDP", None)
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2) if fsdp else None
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2, fsdp_plugin=plugin)
+    if fsdp:
+        fsdp2_on_cpu(accelerator, plugin)
+    model = adalomo_accelerate.shard_model(accelerator, tiny_model())
+    opt = AdaLomo(model.parameters(), lr=1e-2, fused=True)
+    loader = torch.utils.data.DataLoader(ToyLM(), batch_size=4 // accelerator.num_processes)
+    model, opt, loader = accelerator.prepare(model, opt, loader)
+    steps = 0
+    for inputs in loader:
+        with accelerator.accumulate(model):
+            adalomo_accelerate.backward(accelerator, opt, model(**inputs).loss)
+            opt.step()
+            opt.zero_grad()
+        steps += accelerator.sync_gradients
+        if steps == 4:
+            break
+    assert all(float(s["step"]) == 4 for s in opt.optimizer.state.values())
+    return model
 
 
 def assert_close(a: dict, b: dict, what: str, exact: bool = False) -> None:
@@ -65,8 +97,38 @@ def assert_close(a: dict, b: dict, what: str, exact: bool = False) -> None:
             torch.testing.assert_close(a[n], b[n], rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{what}: {n}: {m}")
 
 
+def plain_fsdp2_accumulation(rank: int | None, sync_each: bool = True, windows: int = 3) -> dict:
+    """A plain loop on test_distributed's Net (uneven and empty shards): each window is the global batch of 4 rows,
+    as 2 micro-batches of one row per rank (``rank=None``: the whole batch in one backward, one process).
+    ``sync_each``: FSDP2 reduces every micro-batch into the sharded p.grad (accumulation_steps=2); else
+    ``set_requires_gradient_sync(False)`` on the first (accumulation_steps=1: FSDP2 sums and fires the hooks once)."""
+    model = make_model()
+    if rank is not None:
+        model = shard(model)
+    k = 2 if rank is not None and sync_each else 1
+    opt = AdaLomo(model.parameters(), lr=3e-2, weight_decay=0.1, fused=True, accumulation_steps=k)
+    if rank is None:
+        opt.allow_unsharded_distributed = True  # the one-process reference inside a 2-process run
+    for w in range(windows):
+        x, y = batch(w, rank)
+        if rank is None:
+            loss_fn(model, x, y).backward()
+        else:
+            for i in range(2):
+                if not sync_each:
+                    model.set_requires_gradient_sync(i == 1)
+                (loss_fn(model, x[i:i + 1], y[i:i + 1]) / 2).backward()
+        opt.step()
+    return full_params(model)
+
+
 # ------------------------------------------------------------------------------------------- the 2 ranks
 def _scenarios(rank: int, tmp: str) -> None:
+    # a plain FSDP2 loop: the sum formed in the sharded p.grad (every micro-batch reduced) or by FSDP2 (no_sync)
+    ref = plain_fsdp2_accumulation(None)
+    assert_close(plain_fsdp2_accumulation(rank), ref, "plain FSDP2 loop, accumulation_steps=2")
+    assert_close(plain_fsdp2_accumulation(rank, sync_each=False), ref, "plain FSDP2 loop, set_requires_gradient_sync")
+
     refs = torch.load(os.path.join(tmp, "refs.pt"))
     out = lambda name: os.path.join(tmp, name)  # noqa: E731
 
@@ -104,6 +166,9 @@ def _scenarios(rank: int, tmp: str) -> None:
     assert_close(weights(run(out("fsdp_clip"), batch=1, ga=4, **clip, **FSDP2)), refs["adalomo_clip"],
                  "FSDP2 clipping with accumulation")
 
+    # a plain accelerate loop with FSDP2 and accelerator.accumulate
+    assert_close(weights(accelerate_loop(fsdp=True)), refs["accelerate"], "accelerate FSDP2, accumulation")
+
     # what cannot run says so
     with pytest.raises(ValueError, match="AdaPM does not run under FSDP2"):
         run(out("adapm"), batch=4, optimizer="adapm")
@@ -124,7 +189,8 @@ def _entry(rank: int, port: int, tmp: str) -> None:
 def test_trainer_fsdp2_and_hsdp_equal_the_single_process(tmp_path):
     """FSDP2 and HSDP under AdaLomoTrainer on 2 ranks (fused AdaLomo, Adafactor, Lomo; gradient accumulation 4;
     two-pass and accumulated clipping) equal the single-process run of the same global batch to fp32 rounding;
-    classic and fused FSDP2 agree bit for bit; a checkpoint at step 2 resumes bit-identically on 2 ranks."""
+    classic and fused FSDP2 agree bit for bit; a checkpoint at step 2 resumes bit-identically on 2 ranks; a plain
+    accelerate loop with FSDP2 and accumulation equals its single-process run."""
     refs = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -132,6 +198,7 @@ def test_trainer_fsdp2_and_hsdp_equal_the_single_process(tmp_path):
             refs[name] = weights(run(tmp_path / f"ref_{name}", batch=8, optimizer=name))
         refs["adalomo_clip"] = weights(run(tmp_path / "ref_clip", batch=8, max_grad_norm=0.5,
                                            adalomo_kwargs={"clip_grad_norm": 0.5}))
+        refs["accelerate"] = weights(accelerate_loop(fsdp=False))
     _reset_accelerate()
     torch.save(refs, tmp_path / "refs.pt")
     mp.spawn(_entry, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)

@@ -20,9 +20,10 @@ read) and ``state_dict()`` (so ``accelerator.save_state`` / ``load_state`` check
 * ``accelerator.clip_grad_norm_`` after a fused backward sees no gradients -> build the optimizer with
   ``clip_grad_norm=...``; :func:`backward` then runs the exact two-pass clipping (with accumulation,
   ``optimizer.step()`` clips the summed gradient);
-* several processes: accelerate's FSDP2 (``FullyShardedDataParallelPlugin(fsdp_version=2)``) with the optimizer
-  built from the prepared model (``model = accelerator.prepare(model)``, then the optimizer, then
-  ``accelerator.prepare(optimizer, ...)``), whose hooks run after the reduce-scatter;
+* several processes: accelerate's FSDP2 (``FullyShardedDataParallelPlugin(fsdp_version=2)``), whose hooks run
+  after the reduce-scatter, with the optimizer built from the sharded model: ``model = shard_model(accelerator,
+  model)`` (accelerate's own FSDP2 sharding, done before the optimizer exists), then the optimizer, then
+  ``accelerator.prepare(model, optimizer, ...)``;
 * ``mixed_precision="fp16"`` (GradScaler), DeepSpeed, DDP, FSDP1 -> ``ValueError``.
 
 Classic mode (``fused=False``) needs none of this: it is an ordinary optimizer under accelerate.
@@ -37,7 +38,7 @@ import torch
 from ..distributed import is_dtensor
 from ..optim import LowMemoryOptimizer
 
-__all__ = ["backward", "check_accelerator"]
+__all__ = ["backward", "check_accelerator", "shard_model"]
 
 
 def _unwrap(optimizer: Any) -> Any:
@@ -48,8 +49,28 @@ def _unwrap(optimizer: Any) -> Any:
     return optimizer
 
 
-_FSDP2_RECIPE = ("model = accelerator.prepare(model); optimizer = AdaLomo(model.parameters(), fused=True); "
-                 "optimizer, loader, scheduler = accelerator.prepare(optimizer, loader, scheduler)")
+_FSDP2_RECIPE = ("model = adalomo.integrations.accelerate.shard_model(accelerator, model); optimizer = "
+                 "AdaLomo(model.parameters(), fused=True); model, optimizer, ... = accelerator.prepare(model, "
+                 "optimizer, ...)")
+
+
+def shard_model(accelerator: Any, model: torch.nn.Module) -> torch.nn.Module:
+    """Shard ``model`` with accelerate's own FSDP2 code (its activation checkpointing, wrap policy, mixed precision
+    and offload settings) before the optimizer is built from it.
+
+    ``accelerator.prepare(model, optimizer)`` shards the model and then swaps the optimizer's parameters for the
+    sharded ones behind its back, which an optimizer with per-parameter state and hooks cannot follow; a model
+    sharded here is found sharded by ``prepare``, which keeps it and the optimizer's parameters as they are. Without
+    FSDP2 (one process, DDP) the model is returned unchanged."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not getattr(accelerator, "is_fsdp2", False) or isinstance(model, FSDPModule):
+        return model
+    from accelerate.utils import fsdp2_apply_ac, fsdp2_prepare_model
+
+    if accelerator.state.fsdp_plugin.activation_checkpointing:
+        model = fsdp2_apply_ac(accelerator, model)
+    return fsdp2_prepare_model(accelerator, model)
 
 
 def check_accelerator(accelerator: Any, optimizer: Any) -> None:

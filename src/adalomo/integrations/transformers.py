@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..optim import Adafactor, AdaLomo, AdaPM, Lomo, LowMemoryOptimizer
+from .accelerate import shard_model
 
 try:
     from accelerate.utils import DistributedType
@@ -214,6 +215,21 @@ def _non_reentrant_checkpointing(args: Any) -> None:
                 setattr(args, field, ckpt_kwargs)
 
 
+def fsdp2_on_cpu(accelerator: Any, plugin: Any) -> bool:
+    """Give a CPU multi-process ``accelerator`` the FSDP2 ``plugin`` it ignored; returns whether FSDP is now on.
+
+    accelerate enables FSDP on accelerators only, but FSDP2 runs on CPU processes (gloo) as well: this sets the
+    state that accelerate sets on a GPU (tests, CPU clusters)."""
+    if accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return accelerator.distributed_type == DistributedType.FSDP
+    from accelerate.state import PartialState
+
+    accelerator.state.fsdp_plugin = plugin
+    accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as AcceleratorState does
+    return True
+
+
 def _is_fsdp2_module(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
@@ -301,16 +317,10 @@ class AdaLomoTrainerMixin:
             super().create_accelerator_and_postprocess()
         finally:
             args.fsdp_plugin_args = saved
-        if plugin_args and plugin_args.get("fsdp_version") == 2 and not self.is_fsdp_enabled \
-                and self.accelerator.distributed_type == DistributedType.MULTI_CPU:
-            # accelerate enables FSDP on accelerators only; FSDP2 itself runs on CPU processes (gloo) as well
-            from accelerate.state import PartialState
+        if plugin_args and plugin_args.get("fsdp_version") == 2 and not self.is_fsdp_enabled:
             from accelerate.utils import FullyShardedDataParallelPlugin
 
-            self.accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(**plugin_args)
-            self.accelerator.state.distributed_type = DistributedType.FSDP
-            PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as AcceleratorState does
-            self.is_fsdp_enabled = True
+            self.is_fsdp_enabled = fsdp2_on_cpu(self.accelerator, FullyShardedDataParallelPlugin(**plugin_args))
 
     def _check_adalomo_setup(self) -> None:
         if self.optimizer is not None:
@@ -338,14 +348,9 @@ class AdaLomoTrainerMixin:
         (it would otherwise swap the parameters of an optimizer built on the full model behind its back)."""
         if not self.is_fsdp_enabled or _is_fsdp2_module(model):
             return model
-        from accelerate.utils import fsdp2_apply_ac, fsdp2_prepare_model
-
-        plugin = self.accelerator.state.fsdp_plugin
         if self._adalomo_hsdp:
-            return shard_hsdp(model, plugin)
-        if plugin.activation_checkpointing:
-            model = fsdp2_apply_ac(self.accelerator, model)
-        return fsdp2_prepare_model(self.accelerator, model)
+            return shard_hsdp(model, self.accelerator.state.fsdp_plugin)
+        return shard_model(self.accelerator, model)
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
