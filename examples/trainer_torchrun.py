@@ -47,6 +47,7 @@ def parse_args(argv=None):
     ap.add_argument("--batch-size", type=int, default=4, help="sequences per device per micro-batch")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--max-steps", type=int, default=20)
+    ap.add_argument("--num-sequences", type=int, default=2048, help="random training sequences (the epoch)")
     ap.add_argument("--lr", type=float, default=None, help="default: 1e-2 for AdaLomo from scratch, 3e-4 AdamW")
     ap.add_argument("--clip", type=float, default=0.0, help="global grad-norm clipping (fused: exact, by the "
                                                             "optimizer)")
@@ -85,7 +86,8 @@ def build_model(args):
 
 
 class Throughput:
-    """tokens/s per rank from the end of the first optimizer step, and the peak GPU memory."""
+    """tokens/s per rank over the optimizer steps after the first (the time between a step's begin and end:
+    logging and checkpoints excluded), and the peak GPU memory."""
 
     def __init__(self, tokens_per_step: int):
         from transformers import TrainerCallback
@@ -93,24 +95,28 @@ class Throughput:
         outer = self
 
         class Callback(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                outer.t_begin = outer._now()
+
             def on_step_end(self, args, state, control, **kw):
-                if outer.t0 is None:
-                    if torch.cuda.is_available():
-                        torch.cuda.synchronize()
-                    outer.t0, outer.step0 = time.perf_counter(), state.global_step
-                outer.steps = state.global_step
+                if outer.warm:  # the first step of the run (compilation of kernels, allocations) is not timed
+                    outer.seconds += outer._now() - outer.t_begin
+                    outer.steps += 1
+                outer.warm = True
 
         self.callback, self.tokens_per_step = Callback(), tokens_per_step
-        self.t0 = self.step0 = None
-        self.steps = 0
+        self.t_begin, self.seconds, self.steps, self.warm = 0.0, 0.0, 0, False
 
-    def result(self) -> dict:
+    @staticmethod
+    def _now() -> float:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        steps = self.steps - (self.step0 or 0)
-        dt = time.perf_counter() - self.t0 if self.t0 is not None else float("nan")
+        return time.perf_counter()
+
+    def result(self) -> dict:
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-        return {"tokens_per_s_per_rank": round(steps * self.tokens_per_step / dt, 1) if steps else None,
+        tps = self.steps * self.tokens_per_step / self.seconds if self.steps else None
+        return {"tokens_per_s_per_rank": None if tps is None else round(tps, 1),
                 "peak_gib": None if peak is None else round(peak, 2)}
 
 
@@ -138,8 +144,7 @@ def main(argv=None):
         use_cpu=not torch.cuda.is_available(), ddp_find_unused_parameters=False, **fsdp)
     model = build_model(args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    n = args.max_steps * args.grad_accum * args.batch_size * world
-    data = RandomTokens(n, args.seq_len, model.config.vocab_size, args.seed)
+    data = RandomTokens(args.num_sequences, args.seq_len, model.config.vocab_size, args.seed)
     meter = Throughput(args.grad_accum * args.batch_size * args.seq_len)
     if adamw:
         trainer = Trainer(model=model, args=targs, train_dataset=data, callbacks=[meter.callback])

@@ -224,6 +224,8 @@ def fsdp2_on_cpu(accelerator: Any, plugin: Any) -> bool:
         return accelerator.distributed_type == DistributedType.FSDP
     from accelerate.state import PartialState
 
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
     accelerator.state.fsdp_plugin = plugin
     accelerator.state.distributed_type = DistributedType.FSDP
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as AcceleratorState does
@@ -236,9 +238,10 @@ def _is_fsdp2_module(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule) or isinstance(getattr(model, "_orig_mod", None), FSDPModule)
 
 
-def shard_hsdp(model: nn.Module, plugin: Any) -> nn.Module:
-    """FSDP2 as HSDP with full replicas, mesh (replicate=world size, shard=1), wrapped like accelerate's FSDP2
-    (one unit per decoder layer, then the root): data parallelism whose hooks see the all-reduced gradients."""
+def shard_hsdp(model: nn.Module, plugin: Any, device: torch.device) -> nn.Module:
+    """FSDP2 as HSDP with full replicas, mesh (replicate=world size, shard=1) on ``device``'s type, wrapped like
+    accelerate's FSDP2 (one unit per decoder layer, then the root): data parallelism whose hooks see the
+    all-reduced gradients. ``fully_shard`` moves the model to the mesh's device."""
     from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -256,8 +259,7 @@ def shard_hsdp(model: nn.Module, plugin: Any) -> nn.Module:
             if m is not model and policy(m):
                 model.set_submodule(name, checkpoint_wrapper(m, preserve_rng_state=False))
     world = torch.distributed.get_world_size()
-    device = next(model.parameters()).device
-    kw = dict(mesh=hsdp_mesh(world, 1, "cuda" if device.type == "cuda" else "cpu"),
+    kw = dict(mesh=hsdp_mesh(world, 1, torch.device(device).type),
               reshard_after_forward=plugin.reshard_after_forward,
               mp_policy=plugin.mixed_precision_policy or MixedPrecisionPolicy())
     if policy is not None:
@@ -312,6 +314,9 @@ class AdaLomoTrainerMixin:
         saved = args.fsdp_plugin_args
         if self._adalomo_hsdp:
             args.fsdp_plugin_args = {"fsdp_version": 2, "state_dict_type": "FULL_STATE_DICT"}
+            if args.bf16:  # bf16 compute; gradients reduced and handed to the hooks in fp32
+                args.fsdp_plugin_args["mixed_precision_policy"] = {"param_dtype": torch.bfloat16,
+                                                                   "reduce_dtype": torch.float32}
         plugin_args = args.fsdp_plugin_args
         try:
             super().create_accelerator_and_postprocess()
@@ -349,7 +354,7 @@ class AdaLomoTrainerMixin:
         if not self.is_fsdp_enabled or _is_fsdp2_module(model):
             return model
         if self._adalomo_hsdp:
-            return shard_hsdp(model, self.accelerator.state.fsdp_plugin)
+            return shard_hsdp(model, self.accelerator.state.fsdp_plugin, self.accelerator.device)
         return shard_model(self.accelerator, model)
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
