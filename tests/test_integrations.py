@@ -242,6 +242,26 @@ def test_settings_that_would_be_silently_wrong_raise(tmp_path, kw, adalomo_kwarg
     AdaLomo(model.parameters(), fused=True)  # the failed factory left no hooks behind
 
 
+def test_what_cannot_run_on_several_processes_says_what_to_do():
+    """DeepSpeed names the FSDP2 arguments; FSDP1 asks for version 2; a fused optimizer built on the unsharded model
+    of a multi-process run (the stock Trainer would wrap it in DDP) points to AdaLomoTrainer."""
+    from types import SimpleNamespace
+
+    args = dict(max_grad_norm=0.0, world_size=1, n_gpu=1, fsdp_plugin_args=None)
+    with pytest.raises(ValueError, match=r'fsdp_config=\{"version": 2\}'):
+        check_training_args(SimpleNamespace(**{**args, "deepspeed": "ds.json"}), fused=True)
+    check_training_args(SimpleNamespace(**{**args, "deepspeed": "ds.json"}), fused=False)  # classic: DeepSpeed's own
+    for fused in (True, False):
+        with pytest.raises(ValueError, match="FSDP1 flattens"):
+            check_training_args(SimpleNamespace(**{**args, "fsdp_plugin_args": {"fsdp_version": 1}}), fused=fused)
+    model = tiny_model()
+    two = SimpleNamespace(**{**args, "world_size": 2}, learning_rate=1e-3, weight_decay=0.0,
+                          gradient_accumulation_steps=1)
+    with pytest.raises(ValueError, match="AdaLomoTrainer"):
+        create_optimizer(model, two)
+    create_optimizer(model, two, fused=False)  # classic under DDP: fine
+
+
 def test_args_changed_after_init_are_checked(tmp_path):
     trainer = AdaLomoTrainer(model=tiny_model(), args=targs(tmp_path), train_dataset=ToyLM())
     trainer.args.max_grad_norm = 1.0

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..distributed import is_dtensor
 from ..optim import Adafactor, AdaLomo, AdaPM, Lomo, LowMemoryOptimizer
 from .accelerate import shard_model
 
@@ -130,6 +131,11 @@ def create_optimizer(model: nn.Module, args: Any = None, name: str = "adalomo", 
     groups = parameter_groups(model, weight_decay, decay_parameters, named=cls is AdaPM)
     if not groups:
         raise ValueError(f"{cls.__name__}: the model has no trainable parameters")
+    world = int(getattr(args, "world_size", 1) or 1)
+    if fused and world > 1 and not any(is_dtensor(p) for g in groups for _, p in _named(g["params"])):
+        raise ValueError(f"a fused optimizer on the unsharded model of a {world}-process run: the Trainer would wrap "
+                         "it in DDP, whose all-reduce comes after the hooks. Use AdaLomoTrainer, which shards the "
+                         "model (FSDP2, or HSDP for data parallelism) before it builds the optimizer.")
     optimizer = cls(groups, fused=fused, **kw)
     if args is not None:
         try:
@@ -139,6 +145,10 @@ def create_optimizer(model: nn.Module, args: Any = None, name: str = "adalomo", 
                 optimizer.remove_hooks()  # leave the model usable for another optimizer
             raise
     return optimizer
+
+
+def _named(params: list) -> list:
+    return [x if isinstance(x, tuple) else (None, x) for x in params]
 
 
 def _fsdp_version(args: Any) -> int | None:
