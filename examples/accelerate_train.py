@@ -5,11 +5,12 @@
     accelerate launch --mixed_precision bf16 examples/accelerate_train.py ...          # one process, bf16 autocast
 
 What differs from a usual accelerate loop: ``adalomo.integrations.accelerate.backward(accelerator,
-optimizer, loss)`` instead of ``accelerator.backward(loss)``. It checks the setup on every call (no
-gradient accumulation, no fp16 GradScaler, no DDP in fused mode: those raise a ValueError instead of
-training silently wrong) and runs the exact two-pass clipping when the optimizer has
-``clip_grad_norm`` (``accelerator.clip_grad_norm_`` sees no gradients in fused mode). ``step()`` and
-``zero_grad()`` stay in the loop; they are no-ops in fused mode.
+optimizer, loss)`` instead of ``accelerator.backward(loss)``. It checks the setup on every call (no fp16
+GradScaler, no DDP in fused mode: those raise a ValueError instead of training silently wrong), sums the
+gradients of an accumulation window (``Accelerator(gradient_accumulation_steps=K)`` with
+``accelerator.accumulate``) and runs the exact two-pass clipping when the optimizer has ``clip_grad_norm``
+(``accelerator.clip_grad_norm_`` sees no gradients in fused mode). ``step()`` and ``zero_grad()`` stay in the
+loop; they are no-ops in fused mode.
 """
 
 from __future__ import annotations

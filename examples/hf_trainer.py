@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--save-steps", type=int, default=20)
     ap.add_argument("--clip", type=float, default=0.0, help="global grad-norm clipping (fused: two passes)")
-    ap.add_argument("--classic", action="store_true", help="fused=False (allows --grad-accum > 1)")
+    ap.add_argument("--classic", action="store_true", help="fused=False (classic mode)")
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 weights unless --bf16-weights)")
     ap.add_argument("--bf16-weights", action="store_true", help="bf16 weights (stochastic rounding)")

@@ -46,7 +46,7 @@ def test_hf_trainer(tmp_path):
     out = run_example("hf_trainer.py", *small, "--max-steps", "8", "--clip", "1.0", "--resume",
                       "--gradient-checkpointing")
     assert "done: 8 steps" in out
-    # classic mode allows gradient accumulation
+    # classic mode with gradient accumulation
     out = run_example("hf_trainer.py", "--output-dir", str(tmp_path / "classic"), "--batch-size", "2",
                       "--hidden", "32", "--max-steps", "2", "--classic", "--grad-accum", "2", "--optimizer", "lomo")
     assert "done: 2 steps" in out

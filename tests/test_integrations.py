@@ -23,7 +23,7 @@ from transformers import (  # noqa: E402
     get_scheduler,
 )
 
-from adalomo import Adafactor, AdaLomo, Lomo  # noqa: E402
+from adalomo import Adafactor, AdaLomo, AdaPM, Lomo  # noqa: E402
 from adalomo.integrations import accelerate as adalomo_accelerate  # noqa: E402
 from adalomo.integrations.transformers import (  # noqa: E402
     AdaLomoTrainer,
@@ -183,10 +183,11 @@ def test_loss_decreases(tmp_path):
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1
 
 
-@pytest.mark.parametrize("name,cls", [("adalomo", AdaLomo), ("adafactor", Adafactor), ("lomo", Lomo)])
+@pytest.mark.parametrize("name,cls", [("adalomo", AdaLomo), ("adafactor", Adafactor), ("lomo", Lomo),
+                                      ("adapm", AdaPM)])
 def test_optimizer_names(tmp_path, name, cls):
     # args.optim="adalomo"/"adafactor" selects ours (the Trainer would otherwise pass learning_rate to backward)
-    if name == "lomo":
+    if name in ("lomo", "adapm"):
         trainer = train(tiny_model(), targs(tmp_path, max_steps=2), adalomo_optimizer=name)
     else:
         trainer = train(tiny_model(), targs(tmp_path, max_steps=2, optim=name))
@@ -194,6 +195,9 @@ def test_optimizer_names(tmp_path, name, cls):
     assert type(opt) is cls and opt.fused and trainer.state.global_step == 2
     if cls is Adafactor:  # like the Trainer's optim="adafactor": explicit, scheduled lr
         assert not opt.param_groups[0]["relative_step"] and not opt.param_groups[0]["scale_parameter"]
+    if cls is AdaPM:  # named parameters for its momentum policy, the Trainer's Adam betas
+        assert "param_names" in opt.param_groups[0] and opt.param_groups[0]["betas"] == (0.9, 0.999)
+        assert opt.momentum_kind(trainer.model.model.layers[0].self_attn.o_proj.weight) == "none"
 
 
 def test_stock_trainer_with_factory(tmp_path):
@@ -220,7 +224,6 @@ def test_fp16_gradscaler_classic_works_fused_refused(tmp_path):
 
 
 @pytest.mark.parametrize("kw,adalomo_kwargs,match", [
-    ({"gradient_accumulation_steps": 2}, {}, "gradient_accumulation_steps=2"),
     ({"max_grad_norm": 1.0}, {}, "max_grad_norm=0"),
     ({"max_grad_norm": 1.0}, {"clip_grad_norm": 0.5}, "disagree"),
     ({"fp16": True}, {}, "bf16"),
@@ -239,10 +242,30 @@ def test_settings_that_would_be_silently_wrong_raise(tmp_path, kw, adalomo_kwarg
     AdaLomo(model.parameters(), fused=True)  # the failed factory left no hooks behind
 
 
+def test_what_cannot_run_on_several_processes_says_what_to_do():
+    """DeepSpeed names the FSDP2 arguments; FSDP1 asks for version 2; a fused optimizer built on the unsharded model
+    of a multi-process run (the stock Trainer would wrap it in DDP) points to AdaLomoTrainer."""
+    from types import SimpleNamespace
+
+    args = dict(max_grad_norm=0.0, world_size=1, n_gpu=1, fsdp_plugin_args=None)
+    with pytest.raises(ValueError, match=r'fsdp_config=\{"version": 2\}'):
+        check_training_args(SimpleNamespace(**{**args, "deepspeed": "ds.json"}), fused=True)
+    check_training_args(SimpleNamespace(**{**args, "deepspeed": "ds.json"}), fused=False)  # classic: DeepSpeed's own
+    for fused in (True, False):
+        with pytest.raises(ValueError, match="FSDP1 flattens"):
+            check_training_args(SimpleNamespace(**{**args, "fsdp_plugin_args": {"fsdp_version": 1}}), fused=fused)
+    model = tiny_model()
+    two = SimpleNamespace(**{**args, "world_size": 2}, learning_rate=1e-3, weight_decay=0.0,
+                          gradient_accumulation_steps=1)
+    with pytest.raises(ValueError, match="AdaLomoTrainer"):
+        create_optimizer(model, two)
+    create_optimizer(model, two, fused=False)  # classic under DDP: fine
+
+
 def test_args_changed_after_init_are_checked(tmp_path):
     trainer = AdaLomoTrainer(model=tiny_model(), args=targs(tmp_path), train_dataset=ToyLM())
-    trainer.args.gradient_accumulation_steps = 4
-    with pytest.raises(ValueError, match="gradient_accumulation_steps=4"):
+    trainer.args.max_grad_norm = 1.0
+    with pytest.raises(ValueError, match="max_grad_norm=1"):
         trainer.train()
 
 
@@ -252,6 +275,52 @@ def test_classic_mode_keeps_trainer_features(tmp_path):
                     adalomo_kwargs={"fused": False})
     assert trainer.state.global_step == 2
     assert all(float(s["step"]) == 2 for s in trainer.optimizer.optimizer.state.values())
+
+
+@pytest.mark.parametrize("name", ["adalomo", "adafactor", "lomo", "adapm"])
+def test_gradient_accumulation_in_the_trainer(tmp_path, name):
+    """gradient_accumulation_steps=4 in fused mode: classic mode's weights bit for bit, and one step on the 4x larger
+    batch (the same samples: the Trainer's micro-batches are consecutive slices of its order) to fp32 rounding."""
+    common = dict(max_steps=3, warmup_steps=1)
+    fused = train(tiny_model(), targs(tmp_path / "f", per_device_train_batch_size=2, gradient_accumulation_steps=4,
+                                      **common), adalomo_optimizer=name)
+    classic = train(tiny_model(), targs(tmp_path / "c", per_device_train_batch_size=2, gradient_accumulation_steps=4,
+                                        **common), adalomo_optimizer=name, adalomo_kwargs={"fused": False})
+    big = train(tiny_model(), targs(tmp_path / "b", per_device_train_batch_size=8, **common), adalomo_optimizer=name)
+    assert max_diff(fused.model, classic.model) == 0.0
+    assert max_diff(fused.model, big.model) < 1e-6
+    opt = fused.optimizer.optimizer
+    assert opt.fused and all(float(s["step"]) == 3 for s in opt.state.values())
+    assert all(p.grad is None for p in fused.model.parameters())
+    assert [h["loss"] for h in fused.state.log_history if "loss" in h] == \
+        pytest.approx([h["loss"] for h in big.state.log_history if "loss" in h], rel=1e-6)
+
+
+def test_gradient_accumulation_with_clipping_and_a_short_last_window(tmp_path):
+    """With clipping the window accumulates and step() clips its sum (the Trainer's own clipping in classic mode);
+    an epoch of 6 micro-batches with gradient_accumulation_steps=4 ends with a window of 2, applied by step()."""
+    kw = dict(max_grad_norm=0.5, per_device_train_batch_size=8, gradient_accumulation_steps=4, num_train_epochs=2,
+              max_steps=-1, warmup_steps=1)
+    fused = train(tiny_model(), targs(tmp_path / "f", **kw), adalomo_kwargs={"clip_grad_norm": 0.5})
+    classic = train(tiny_model(), targs(tmp_path / "c", **kw), adalomo_kwargs={"fused": False})
+    assert fused.state.global_step == classic.state.global_step == 4
+    assert max_diff(fused.model, classic.model) < 1e-6
+    nf = [h["grad_norm"] for h in fused.state.log_history if "grad_norm" in h]
+    nc = [h["grad_norm"] for h in classic.state.log_history if "grad_norm" in h]
+    assert len(nf) == 4 and nf == pytest.approx(nc, rel=1e-5) and min(nf) > 0.5
+
+
+def test_stock_trainer_accumulates_with_the_factory(tmp_path):
+    """create_optimizer(model, args) takes accumulation_steps from args: the stock Trainer's loop (K backwards, then
+    step()) accumulates exactly in fused mode too."""
+    args = targs(tmp_path / "stock", per_device_train_batch_size=2, gradient_accumulation_steps=4, max_steps=3)
+    model = tiny_model()
+    opt = create_optimizer(model, args)
+    assert opt.accumulation_steps == 4
+    stock = train(model, args, trainer_cls=Trainer, optimizers=(opt, None))
+    ours = train(tiny_model(), targs(tmp_path / "ours", per_device_train_batch_size=2, gradient_accumulation_steps=4,
+                                     max_steps=3))
+    assert max_diff(stock.model, ours.model) == 0.0
 
 
 def test_factory_details():
@@ -276,14 +345,14 @@ def _reset_accelerate():
     GradientState._reset_state()
 
 
-def _accelerate_run(steps, *, clip=None, ckpt_dir=None, save_at=None, resume=None):
+def _accelerate_run(steps, *, clip=None, ckpt_dir=None, save_at=None, resume=None, ga=1, fused=True):
     _reset_accelerate()
-    accelerator = Accelerator(cpu=USE_CPU)
+    accelerator = Accelerator(cpu=USE_CPU, gradient_accumulation_steps=ga)
     torch.manual_seed(0)
     model = tiny_model(seed=1 if resume else 0).to(accelerator.device)
-    opt = AdaLomo(parameter_groups(model, 0.1), lr=1e-2, fused=True, clip_grad_norm=clip)
+    opt = AdaLomo(parameter_groups(model, 0.1), lr=1e-2, fused=fused, clip_grad_norm=clip)
     sched = get_scheduler("cosine", opt, num_warmup_steps=2, num_training_steps=steps)
-    loader = torch.utils.data.DataLoader(ToyLM(), batch_size=4, shuffle=True,
+    loader = torch.utils.data.DataLoader(ToyLM(), batch_size=4 // ga, shuffle=True,
                                          generator=torch.Generator().manual_seed(0))
     model, opt, loader, sched = accelerator.prepare(model, opt, loader, sched)
     start = 0
@@ -295,11 +364,15 @@ def _accelerate_run(steps, *, clip=None, ckpt_dir=None, save_at=None, resume=Non
     for batch in loader:
         if step == steps:
             break
-        loss = model(**batch).loss
-        norms.append(adalomo_accelerate.backward(accelerator, opt, loss))
-        opt.step()  # no-ops in fused mode: the loop stays the usual one
-        sched.step()
-        opt.zero_grad()
+        with accelerator.accumulate(model):
+            loss = model(**batch).loss
+            norm = adalomo_accelerate.backward(accelerator, opt, loss)
+            opt.step()  # accelerate calls ours at the end of each window only; no-ops in fused mode
+            sched.step()
+            opt.zero_grad()
+        if not accelerator.sync_gradients:
+            continue
+        norms.append(norm)
         step += 1
         if step == save_at and ckpt_dir and not resume:
             accelerator.save_state(ckpt_dir)
@@ -319,19 +392,32 @@ def test_accelerate_loop_resume_and_clipping(tmp_path):
     assert opt2.param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["lr"])
 
 
+def test_accelerate_gradient_accumulation():
+    """accelerator.accumulate with gradient_accumulation_steps=2 (micro-batches of 2): fused equals classic bit for bit
+    and one step on micro-batches of 4 to fp32 rounding."""
+    fused, opt, _ = _accelerate_run(4, ga=2)
+    classic, _, _ = _accelerate_run(4, ga=2, fused=False)
+    big, _, _ = _accelerate_run(4)
+    assert max_diff(fused, classic) == 0.0
+    assert max_diff(fused, big) < 1e-6
+    assert all(float(s["step"]) == 4 for s in opt.optimizer.state.values())
+
+
 def test_accelerate_checks():
-    _reset_accelerate()
-    try:
-        accelerator = Accelerator(cpu=USE_CPU, gradient_accumulation_steps=2)
-        model = tiny_model().to(accelerator.device)
-        opt = accelerator.prepare(AdaLomo(model.parameters(), fused=True))
-        loss = model(**{k: v[None].to(accelerator.device) for k, v in ToyLM()[0].items()}).loss
-        with pytest.raises(ValueError, match="gradient_accumulation_steps=2"):
-            adalomo_accelerate.backward(accelerator, opt, loss)
-        opt.optimizer.remove_hooks()  # classic mode: accumulation is the accelerator's business
-        adalomo_accelerate.backward(accelerator, opt, loss)
-        assert all(p.grad is not None for p in model.parameters())
-        with pytest.raises(TypeError):
-            adalomo_accelerate.check_accelerator(accelerator, torch.optim.SGD(model.parameters(), lr=0.1))
-    finally:
-        _reset_accelerate()
+    from types import SimpleNamespace
+
+    model = tiny_model()
+    opt = AdaLomo(model.parameters(), fused=True)
+    with pytest.raises(TypeError):
+        adalomo_accelerate.check_accelerator(SimpleNamespace(distributed_type="NO"), torch.optim.SGD(
+            model.parameters(), lr=0.1))
+    cases = [(dict(distributed_type="FSDP", is_fsdp2=False), "FSDP2"),
+             (dict(distributed_type="FSDP", is_fsdp2=True), "build the optimizer from the prepared"),
+             (dict(distributed_type="DEEPSPEED", num_processes=2), "FSDP2"),
+             (dict(distributed_type="MULTI_GPU", num_processes=2), "DDP"),
+             (dict(distributed_type="NO", scaler=object()), "GradScaler")]
+    for fake, match in cases:
+        with pytest.raises(ValueError, match=match):
+            adalomo_accelerate.check_accelerator(SimpleNamespace(**fake), opt)
+    opt.remove_hooks()  # classic mode: only the FSDP checks apply
+    adalomo_accelerate.check_accelerator(SimpleNamespace(distributed_type="MULTI_GPU", num_processes=2), opt)

@@ -21,7 +21,8 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 @pytest.mark.parametrize("backwards", [2, 4])
 @pytest.mark.parametrize("name", NAMES)
 def test_fused_gradient_accumulation_is_refused_at_step(name, backwards):
-    """Several backwards before one step() applied each micro-batch as its own update: step() says so."""
+    """Several backwards before one step() applied each micro-batch as its own update: step() says so and points to
+    the accumulation API."""
     model = Bag(MIXED)
     opt = make_opt(name, model.parameters(), fused=True)
     for t in range(backwards):
@@ -29,7 +30,7 @@ def test_fused_gradient_accumulation_is_refused_at_step(name, backwards):
     with pytest.raises(RuntimeError) as err:
         opt.step()
     msg = str(err.value)
-    assert "accumulation" in msg and "fused=False" in msg, msg
+    assert "accumulation_steps=K" in msg and "fused=False" in msg, msg
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -90,9 +90,18 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         ``fused=False``: ``loss.backward(); opt.step(); opt.zero_grad()``.
         ``fused=True``: each parameter is updated inside ``loss.backward()`` the moment its gradient is
         accumulated, and the gradient is freed at once. ``step()`` does no second update: it checks that
-        exactly one backward ran since the last ``step()`` (more is gradient accumulation, which fused mode
-        cannot do: it raises) and picks up parameters unfrozen since the optimizer was built.
+        at most one backward updated since the last ``step()`` (more would be gradient accumulation done wrong:
+        it raises) and picks up parameters unfrozen since the optimizer was built.
         ``torch.nn.utils.clip_grad_norm_`` sees no gradients after a fused backward: use ``clip_grad_norm``.
+
+    Gradient accumulation
+        ``accumulation_steps=K``: the loop of classic mode (K backwards, then ``step()``) works unchanged in
+        fused mode. The first K-1 backwards after a ``step()`` leave their gradients in ``p.grad`` (summed
+        there as usual); the K-th updates from the sum inside backward and frees it. A ``step()`` after fewer
+        than K backwards (the last, short window of an epoch) applies the sum as classic mode would. With
+        ``clip_grad_norm`` every backward of the window accumulates and ``step()`` clips and updates (the norm
+        of the summed gradient exists only then). The result equals classic mode's bit for bit. Classic mode
+        ignores the setting (its ``step()`` already ends the window).
 
     Robustness
         ``nonfinite``: a tensor whose gradient has NaN/inf is never updated (the check runs on the
@@ -130,7 +139,7 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
     def __init__(self, params: Any, defaults: dict[str, Any], *, fused: bool = False, nonfinite: str = "warn",
                  loss_scaler: DynamicLossScaler | None = None, clip_grad_norm: float | None = None,
                  sr_seed: int = 0, allow_unsharded_distributed: bool = False,
-                 bucket_cap_mb: float | str = DEFAULT_BUCKET_CAP_MB, **removed: Any):
+                 bucket_cap_mb: float | str = DEFAULT_BUCKET_CAP_MB, accumulation_steps: int = 1, **removed: Any):
         name = type(self).__name__
         for key in removed:
             if key not in _REMOVED_OPTIONS:
@@ -150,6 +159,8 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
             _check_number("bucket_cap_mb", bucket_cap_mb, low=0.0,
                           hint=' ("auto", or MiB; 0 updates each tensor on its own)')
         params = _param_list(params, name)
+        self._engine = None
+        self.accumulation_steps = accumulation_steps
         self.nonfinite = nonfinite
         self.loss_scaler = loss_scaler
         self.clip_grad_norm = clip_grad_norm
@@ -185,6 +196,19 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
     @property
     def fused(self) -> bool:
         return self._engine is not None
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches per optimizer step (see Gradient accumulation above)."""
+        return self._accumulation_steps
+
+    @accumulation_steps.setter
+    def accumulation_steps(self, k: int) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"accumulation_steps must be an int >= 1 (micro-batches per optimizer step), got {k!r}")
+        self._accumulation_steps = k
+        if self._engine is not None:
+            self._engine.plan()
 
     @property
     def bucket_cap_mb(self) -> float:
@@ -321,18 +345,30 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """Classic mode: update every parameter that has a gradient. Fused mode: the updates happened in
-        backward; this checks there was one backward since the last ``step()`` and picks up parameters that
-        were unfrozen since (their gradient, if any, is applied now)."""
+        backward; this checks that at most one backward since the last ``step()`` updated, applies the summed
+        gradients of an accumulation window that no backward updated (a window cut short, or accumulated for
+        global-norm clipping) exactly as classic mode would, and picks up parameters that were unfrozen since
+        (their gradient, if any, is applied now)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._engine is not None:
-            self._engine.check_one_backward_per_step()
-            if self._engine.unhooked:
-                self._engine.adopt_unfrozen()
-                self._finish_step()
+        engine = self._engine
+        if engine is None:
+            self._apply_gradients()
             return loss
+        engine.check_one_backward_per_step()
+        pending = engine.pending_window()
+        engine.end_window()
+        if pending:
+            self._apply_gradients(free=True)
+        if engine.unhooked:
+            engine.adopt_unfrozen()
+            self._finish_step()
+        return loss
+
+    def _apply_gradients(self, free: bool = False) -> None:
+        """The classic update from ``p.grad`` (``free``: drop each gradient afterwards, as fused mode keeps none)."""
         self._refuse_capture()
         pairs = [(gi, p) for gi, g in enumerate(self.param_groups) for p in g["params"] if p.grad is not None]
         if self.clip_grad_norm is not None and pairs:
@@ -346,7 +382,9 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
                 dispatch.update(self, gi, items)
         finally:
             self._finish_step()
-        return loss
+            if free:
+                for _, p in pairs:
+                    p.grad = None
 
     def _total_norm(self, grads: list[Tensor]) -> Tensor:
         if any(_dist.is_dtensor(g) for g in grads):
@@ -431,6 +469,10 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         if self._engine is None:
             raise RuntimeError(f"{type(self).__name__}.grad_norm(loss) is the first pass of fused mode; in "
                                "classic mode set clip_grad_norm and call loss.backward(); opt.step()")
+        if self._engine.accumulating:
+            raise RuntimeError(f"{type(self).__name__}.grad_norm(loss) during gradient accumulation: the norm to clip "
+                               "by is the summed gradient's, which exists only at the end of the window; call "
+                               "loss.backward() for each micro-batch, then step() clips and updates")
         total = self._engine.norm_pass(loss, lambda x: self.scale_loss(x).backward(retain_graph=True))
         if self.clip_grad_norm is not None:
             self._clip_coef = (self.clip_grad_norm / (total + 1e-6)).clamp(max=1.0)
@@ -439,10 +481,18 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
 
     def fused_backward(self, loss: Tensor, lr: float | None = None) -> None:
         """``lomo-optim``'s entry point: set ``lr`` on every group (if given), backward, update."""
+        if self.accumulation_steps > 1:
+            raise RuntimeError(f"{type(self).__name__}.fused_backward(loss) is one optimizer step per call; with "
+                               f"accumulation_steps={self.accumulation_steps} call opt.scale_loss(loss).backward() "
+                               "for each micro-batch and opt.step() after every K-th")
         if lr is not None:
             _check_number("lr", lr, low=0.0)
             for g in self.param_groups:
                 g["lr"] = lr
+        self._step_backward(loss)
+
+    def _step_backward(self, loss: Tensor) -> None:
+        """One backward that is one optimizer step (skipped as a whole after a non-finite two-pass norm)."""
         if self._skip_next:
             self._skip_next = False
             self._clip_coef = None
@@ -453,6 +503,30 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         self.step()
         if self._engine is None:
             self.zero_grad(set_to_none=True)
+
+    def _micro_batch_backward(self, loss: Tensor, last: bool) -> Tensor | None:
+        """The backward of one micro-batch for a framework that knows where its accumulation window ends (the
+        Trainer's and accelerate's ``sync_gradients``); the framework calls ``step()`` after the ``last`` one.
+
+        Fused mode: the window's last backward updates (after the two-pass norm when the optimizer clips and the
+        window has one micro-batch), the others accumulate; a window of several micro-batches with clipping
+        accumulates all of them and ``step()`` clips and updates. Under FSDP2's ``set_requires_gradient_sync(False)``
+        the hooks fire only in the last backward, with the reduced sum: the same plan holds. Classic mode: backward.
+        Returns the two-pass gradient norm, or None.
+        """
+        engine = self._engine
+        if engine is None:
+            self.scale_loss(loss).backward()
+            return None
+        first = engine.micro_batches == 0
+        engine.micro_batches += 1
+        engine.plan(update=last, first=first)
+        if engine.accumulating:
+            self.scale_loss(loss).backward()
+            return None
+        norm = self.grad_norm(loss) if self.clip_grad_norm is not None else None
+        self._step_backward(loss)
+        return norm
 
     # ---------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -556,7 +630,7 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
 #: engine's bucket size (None: classic)
 _COPY = "_adalomo_copy"
 _SAVED = ("defaults", "state", "param_groups", "nonfinite", "loss_scaler", "clip_grad_norm", "sr_seed",
-          "allow_unsharded_distributed", "_setting_names")
+          "allow_unsharded_distributed", "_accumulation_steps", "_setting_names")
 
 
 def _all_finite(oks: list[Tensor]) -> Tensor:

@@ -3,10 +3,13 @@
 One post-accumulate-grad hook per parameter takes the gradient (``p.grad = None`` at once, so no full set of
 gradients ever exists) and either updates the tensor now (torch path) or queues it into a bucket of its param
 group that is updated by one grouped kernel call once it holds ``bucket_cap_mb`` MiB, and at the end of the
-backward. ``BackwardTracker`` adds what a hook cannot see on its own: where one backward ends, whether a hook
-fired twice within one backward (reentrant checkpointing), and whether the backward started at a loss scaled
-by torch's ``GradScaler`` (refused before the first update: those gradients are scaled and cannot be unscaled
-once consumed). The maths is the optimizer's; the choice of backend is :mod:`adalomo.optim.dispatch`'s.
+backward. Gradient accumulation (``accumulation_steps=K``): on the first K-1 backwards of a window the hooks
+leave each gradient in ``p.grad``, where autograd (or FSDP2) sums the micro-batches; the K-th backward updates
+from the sum and frees it, so one set of gradients exists, never two. ``BackwardTracker`` adds what a hook
+cannot see on its own: where one backward ends, whether a hook fired twice within one backward (reentrant
+checkpointing), and whether the backward started at a loss scaled by torch's ``GradScaler`` (refused before
+the first update: those gradients are scaled and cannot be unscaled once consumed). The maths is the
+optimizer's; the choice of backend is :mod:`adalomo.optim.dispatch`'s.
 """
 
 from __future__ import annotations
@@ -59,7 +62,13 @@ class FusedEngine:
         self.norm_sq: Tensor | None = None
         self.norm_sq_groups: dict[Any, Tensor] = {}
         self.updating_backwards = 0  # backwards that updated since the last step()
+        self.window = 0  # backwards (whose hooks fired) since the last step(): the accumulation window so far
+        self.micro_batches = 0  # micro-batches a framework announced since the last step() (LowMemoryOptimizer)
+        # this backward's hooks leave the gradient in p.grad (a micro-batch of an accumulation window); read by
+        # every hook, so it is a plain attribute, planned at each backward's end and in step()
+        self.accumulating = False
         self.ddp_checked = False
+        self.plan()
         _watch_grad_scaler()
 
     # ------------------------------------------------------------------------------------------ hooks
@@ -89,14 +98,17 @@ class FusedEngine:
                     p._adalomo_fused_owner = None
         self.tracker.reset()
 
-    def adopt_unfrozen(self) -> None:
+    def adopt_unfrozen(self, keep_grads: bool = False) -> None:
         """Hook the parameters that were frozen and now require a gradient; apply (or, in the norm pass, count)
-        a gradient they received without a hook."""
+        a gradient they received without a hook, or leave it in ``p.grad`` (``keep_grads``: a backward that
+        accumulated)."""
         if not self.unhooked:
             return
         for p in [p for p in self.unhooked.values() if p.requires_grad]:
             self.opt._ensure_state(p)
             self.attach(p)
+            if keep_grads:
+                continue
             grad, p.grad = p.grad, None
             if grad is None:
                 continue
@@ -115,6 +127,8 @@ class FusedEngine:
             _dist_state.check_unsharded(opt, p)
             self.ddp_checked = True
         self.tracker.enter(p)
+        if self.accumulating:
+            return  # autograd (or FSDP2) adds the next micro-batch's gradient to p.grad
         grad = p.grad
         p.grad = None
         if grad is None:
@@ -166,13 +180,43 @@ class FusedEngine:
 
     def _backward_end(self) -> None:
         self.ddp_checked = False
-        self.adopt_unfrozen()
+        self.adopt_unfrozen(keep_grads=self.accumulating and self.mode == "update")
         if self.mode == "norm":
+            return
+        self.window += 1
+        if self.accumulating:
+            self.plan()
             return
         for key in list(self.pending):
             self.flush(key)
         self.updating_backwards += 1
+        self.plan()
         self.opt._finish_step()
+
+    # ------------------------------------------------------------------------------- accumulation
+    def plan(self, update: bool | None = None, first: bool = True) -> None:
+        """Decide whether the next backward updates or accumulates.
+
+        ``update=None``: by count, the ``accumulation_steps``-th backward of the window updates. ``update`` given:
+        a framework that knows where its window ends says so for the next backward (``first``: it opens the
+        window). Global-norm clipping needs the norm of the summed gradient, which exists only once the window is
+        complete: with ``clip_grad_norm`` a window of several backwards accumulates all of them and ``step()``
+        clips and updates (as classic mode does).
+        """
+        opt = self.opt
+        if update is None:
+            k = opt.accumulation_steps
+            update, first = self.window + 1 >= k, self.window % k == 0
+        self.accumulating = not update or (opt.clip_grad_norm is not None and not first)
+
+    def pending_window(self) -> bool:
+        """Gradients of this window wait in ``p.grad``: no backward of the window updated (it ended early, at a
+        ``step()`` before the K-th backward, or every backward accumulated for clipping)."""
+        return self.window > 0 and self.updating_backwards == 0
+
+    def end_window(self) -> None:
+        self.window = self.micro_batches = self.updating_backwards = 0
+        self.plan()
 
     # ------------------------------------------------------------------------------- two-pass norm
     def _add_norm(self, layout: Any, grad: Tensor) -> None:
@@ -201,15 +245,18 @@ class FusedEngine:
 
     # ------------------------------------------------------------------------------- step()
     def check_one_backward_per_step(self) -> None:
-        """``step()`` in fused mode: every backward since the last step() was a full optimizer step; more than
-        one is gradient accumulation done wrong (each micro-batch applied on its own)."""
-        n, self.updating_backwards = self.updating_backwards, 0
+        """``step()`` in fused mode: at most one backward since the last step() updated; more is gradient
+        accumulation done wrong (each micro-batch applied on its own)."""
+        n = self.updating_backwards
         if n > 1:
+            self.end_window()
+            k = self.opt.accumulation_steps
             raise RuntimeError(
-                f"{type(self.opt).__name__}(fused=True): {n} backward() calls since the last step(), and in fused "
-                "mode each backward already updated the weights (each micro-batch was applied as its own step, "
-                "not accumulated). For gradient accumulation use fused=False (backward K times, then step()), or "
-                "adalomo's Trainer integration; in fused mode call step() after every backward.")
+                f"{type(self.opt).__name__}(fused=True, accumulation_steps={k}): {n} backward() calls updated the "
+                "weights since the last step() (each micro-batch was applied as its own step, not accumulated). "
+                f"For gradient accumulation over K micro-batches pass accumulation_steps=K (the K-th backward "
+                "updates with the summed gradient) and call step() after every K-th backward, or use fused=False; "
+                "without accumulation call step() after every backward.")
 
 
 # ------------------------------------------------------------------------------------------ backward tracking
