@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import functional as F
-from .base import _check_number, as_float, check_eps
+from .checks import as_float, check_eps, check_number
 from .factored import FactoredOptimizer
 
 __all__ = ["Adafactor"]
@@ -49,14 +49,14 @@ class Adafactor(FactoredOptimizer):
         super().__init__(params, defaults, fused=fused, **options)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        _check_number("lr", group["lr"], low=0.0)
+        check_number("lr", group["lr"], low=0.0)
         group["eps"] = check_eps(group["eps"])
-        _check_number("clip_threshold", group["clip_threshold"], low=0.0, low_open=True)
-        _check_number("decay_rate", group["decay_rate"], high=0.0, high_open=True,
+        check_number("clip_threshold", group["clip_threshold"], low=0.0, low_open=True)
+        check_number("decay_rate", group["decay_rate"], high=0.0, high_open=True,
                       hint=" (beta2_t = 1 - t^decay_rate; the usual value is -0.8)")
         if group["beta1"] is not None:
-            _check_number("beta1", group["beta1"], low=0.0, high=1.0, high_open=True)
-        _check_number("weight_decay", group["weight_decay"], low=0.0)
+            check_number("beta1", group["beta1"], low=0.0, high=1.0, high_open=True)
+        check_number("weight_decay", group["weight_decay"], low=0.0)
 
     def _rho(self, group: dict[str, Any], step: float) -> float:
         lr = as_float(group["lr"])

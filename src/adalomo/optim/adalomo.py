@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from .base import _check_number, as_float, check_eps
+from .checks import as_float, check_eps, check_number
 from .factored import FactoredOptimizer
 
 __all__ = ["AdaLomo", "LR_ADVICE"]
@@ -44,17 +44,17 @@ class AdaLomo(FactoredOptimizer):
         super().__init__(params, defaults, fused=fused, **options)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        _check_number("lr", group["lr"], low=0.0, hint=" (AdaLomo's lr is relative to the weight RMS: "
+        check_number("lr", group["lr"], low=0.0, hint=" (AdaLomo's lr is relative to the weight RMS: "
                       "1e-3 for fine-tuning, ~1e-2 from scratch)")
         if 0 < as_float(group["lr"]) < _SMALL_LR:
             warnings.warn(f"AdaLomo with lr={as_float(group['lr']):g}: {LR_ADVICE}.", UserWarning, stacklevel=4)
         group["eps"] = check_eps(group["eps"])
-        _check_number("clip_threshold", group["clip_threshold"], low=0.0, low_open=True)
-        _check_number("decay_rate", group["decay_rate"], high=0.0, high_open=True,
+        check_number("clip_threshold", group["clip_threshold"], low=0.0, low_open=True)
+        check_number("decay_rate", group["decay_rate"], high=0.0, high_open=True,
                       hint=" (beta2_t = 1 - t^decay_rate; the usual value is -0.8)")
-        _check_number("weight_decay", group["weight_decay"], low=0.0)
+        check_number("weight_decay", group["weight_decay"], low=0.0)
         if group["clip_grad_value"] is not None:
-            _check_number("clip_grad_value", group["clip_grad_value"], low=0.0, low_open=True)
+            check_number("clip_grad_value", group["clip_grad_value"], low=0.0, low_open=True)
 
     def _rho(self, group: dict[str, Any], step: float) -> float:
         return as_float(group["lr"])

@@ -21,7 +21,8 @@ from torch import Tensor, nn
 from .. import functional as F
 from .. import momentum as M
 from ..momentum import KINDS, SplitMomentum
-from .base import LowMemoryOptimizer, _check_number, as_float
+from .base import LowMemoryOptimizer
+from .checks import as_float, check_number
 
 __all__ = ["AdaPM", "SplitMomentum", "adapm_policy", "resolve_policy", "adapm_param_groups", "momentum_kinds"]
 
@@ -165,7 +166,7 @@ def adapm_param_groups(model: nn.Module, policy: Policy = "adapm", *, rank: int 
     ``no_decay_names``); ``rank`` and ``group_options`` (e.g. ``lr``) are copied into every group.
     Frozen parameters are skipped; tied weights appear once (``named_parameters`` deduplicates).
     """
-    _check_number("weight_decay", weight_decay, low=0.0)
+    check_number("weight_decay", weight_decay, low=0.0)
     no_decay_names = tuple(no_decay_names)
     kinds = momentum_kinds(((n, p) for n, p in model.named_parameters() if p.requires_grad), policy)
     groups: dict[tuple[str, bool], dict[str, Any]] = {}
@@ -244,15 +245,15 @@ class AdaPM(LowMemoryOptimizer):
 
     # -------------------------------------------------------------------------------- wiring
     def _validate_group(self, group: dict[str, Any]) -> None:
-        _check_number("lr", group["lr"], low=0.0)
+        check_number("lr", group["lr"], low=0.0)
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2), e.g. (0.9, 0.999), got {betas!r}")
-        _check_number("betas[0]", betas[0], low=0.0, high=1.0, high_open=True)
-        _check_number("betas[1]", betas[1], low=0.0, high=1.0, high_open=True)
+        check_number("betas[0]", betas[0], low=0.0, high=1.0, high_open=True)
+        check_number("betas[1]", betas[1], low=0.0, high=1.0, high_open=True)
         group["betas"] = (float(betas[0]), float(betas[1]))
-        _check_number("eps", group["eps"], low=0.0)
-        _check_number("weight_decay", group["weight_decay"], low=0.0)
+        check_number("eps", group["eps"], low=0.0)
+        check_number("weight_decay", group["weight_decay"], low=0.0)
         rank = group["rank"]
         if isinstance(rank, bool) or not isinstance(rank, (int, float)) or not rank > 0 or (
                 isinstance(rank, float) and rank > 1):
@@ -266,10 +267,10 @@ class AdaPM(LowMemoryOptimizer):
         if group["proj_method"] not in BASIS_METHODS:
             raise ValueError(f"proj_method must be one of {BASIS_METHODS}, got {group['proj_method']!r}")
         if group["clip_threshold"] is not None:
-            _check_number("clip_threshold", group["clip_threshold"], low=0.0, low_open=True,
+            check_number("clip_threshold", group["clip_threshold"], low=0.0, low_open=True,
                           hint=" (use None to disable update clipping)")
         if group["decay_rate"] is not None:
-            _check_number("decay_rate", group["decay_rate"], high=0.0, high_open=True,
+            check_number("decay_rate", group["decay_rate"], high=0.0, high_open=True,
                           hint=" (beta2_t = 1 - t^decay_rate; the usual value is -0.8; None uses betas[1])")
         if group["momentum"] is not None:  # stored as a plain str / tuple: checkpoints load with weights_only
             kind = _check_kind(group["momentum"], "param group 'momentum'")

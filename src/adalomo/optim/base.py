@@ -9,24 +9,24 @@ decided here: after ``backward()`` in ``step()`` (classic), or inside ``backward
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Iterable
 from itertools import chain
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .. import distributed as _dist
 from ..distributed import state as _dist_state
 from ..precision import DynamicLossScaler
 from . import dispatch
+from .checks import check_number, check_param, check_state_dict, param_list, split_names
 from .engine import FusedEngine
+from .finite import NONFINITE_MODES, FiniteReport, all_finite
 
 __all__ = ["LowMemoryOptimizer", "auto_bucket_cap_mb"]
 
-_NONFINITE = ("warn", "raise", "count")
 #: fused mode on CUDA: gradients queued per param group before one grouped update (see ``bucket_cap_mb``).
 #: "auto": 15% of the trainable parameters' bytes, kept within [64, 256] MiB. Each flush costs host time inside a
 #: backward that is close to host-bound, so fewer, larger buckets are faster; the peak does not move, because
@@ -42,36 +42,6 @@ def auto_bucket_cap_mb(params: Iterable[Tensor]) -> float:
     total = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
     lo, hi = AUTO_BUCKET_RANGE_MB
     return min(hi, max(lo, total * AUTO_BUCKET_FRACTION / 2**20))
-
-
-def _check_number(name: str, value: Any, *, low: float | None = None, low_open: bool = False,
-                  high: float | None = None, high_open: bool = False, hint: str = "") -> None:
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a number, got a tensor of shape {tuple(value.shape)}")
-        value = float(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ValueError(f"{name} must be a number, got {value!r}{hint}")
-    bad_low = low is not None and (value <= low if low_open else value < low)
-    bad_high = high is not None and (value >= high if high_open else value > high)
-    if bad_low or bad_high:
-        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
-        hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
-        rule = " and ".join(x for x in (lo, hi) if x)
-        raise ValueError(f"{name} must be {rule}, got {value!r}{hint}")
-
-
-def check_eps(eps: Any) -> tuple[float, float]:
-    if not isinstance(eps, (tuple, list)) or len(eps) != 2:
-        raise ValueError(f"eps must be a pair (eps1, eps2), e.g. (1e-30, 1e-3), got {eps!r}")
-    for i, e in enumerate(eps):
-        _check_number(f"eps[{i}]", e, low=0.0)
-    return float(eps[0]), float(eps[1])
-
-
-def as_float(x: Any) -> float:
-    """A group setting as a host float (a tensor ``lr`` is read once per step)."""
-    return float(x)
 
 
 def _capturing() -> bool:
@@ -146,19 +116,19 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
                 raise TypeError(f"{name}() got an unexpected keyword argument {key!r}")
             warnings.warn(f"{name}: {key} was removed (it measured no gain) and is ignored; drop the argument",
                           DeprecationWarning, stacklevel=3)
-        if nonfinite not in _NONFINITE:
-            raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
+        if nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
         if clip_grad_norm is not None:
-            _check_number("clip_grad_norm", clip_grad_norm, low=0.0, low_open=True,
+            check_number("clip_grad_norm", clip_grad_norm, low=0.0, low_open=True,
                           hint=" (use None to disable clipping)")
         if loss_scaler is not None and not isinstance(loss_scaler, DynamicLossScaler):
             raise TypeError("loss_scaler must be an adalomo.DynamicLossScaler (torch's GradScaler cannot "
                             "unscale gradients that are consumed inside backward)")
         auto_cap = isinstance(bucket_cap_mb, str) and bucket_cap_mb == "auto"
         if not auto_cap:
-            _check_number("bucket_cap_mb", bucket_cap_mb, low=0.0,
+            check_number("bucket_cap_mb", bucket_cap_mb, low=0.0,
                           hint=' ("auto", or MiB; 0 updates each tensor on its own)')
-        params = _param_list(params, name)
+        params = param_list(params, name)
         self._engine = None
         self.accumulation_steps = accumulation_steps
         self.nonfinite = nonfinite
@@ -187,10 +157,8 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         self._clip_coef: Tensor | None = None
         self._grad_scale_cache: Tensor | None = None
         self._oks: list[Tensor] = []
-        self._flags_in_flight: list[tuple[Tensor, Any]] = []  # "warn" mode: (host flag, CUDA event or None)
-        self._stale_in_flight: list[tuple[Tensor, Any]] = []  # carry_psq's check, read likewise
+        self._report = FiniteReport(self)
         self._skip_next = False
-        self.skipped_updates: Tensor | None = None
 
     # ------------------------------------------------------------------ wiring
     @property
@@ -228,15 +196,12 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         group = dict(param_group)
         params = group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
-        if params and all(_is_named(x) for x in params):
-            group["param_names"] = [n for n, _ in params]
-            params = [p for _, p in params]
-        elif any(_is_named(x) for x in params):
-            raise TypeError(f"{name}: params mixes (name, tensor) pairs and tensors; pass model.named_parameters() "
-                            "or model.parameters()")
+        params, names = split_names(params, name)
+        if names is not None:
+            group["param_names"] = names
         seen: set[int] = set()
         for i, p in enumerate(params):
-            _check_param(p, i, name)
+            check_param(p, i, name)
             if id(p) in seen or id(p) in self._group_index:
                 raise ValueError(f"{name}: parameter {i} (shape {tuple(p.shape)}) is registered twice; pass each "
                                  "tensor once (tied weights appear once in model.parameters())")
@@ -402,56 +367,14 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         oks, self._oks = self._oks, []
         self._clip_coef = None
         self._grad_scale_cache = None
-        self._check_carried_sums()
+        self._report.check_carried_sums()
         if oks:
-            self._account(oks[0] if len(oks) == 1 else _all_finite(oks))
+            self._report.account(all_finite(oks))
 
-    def _check_carried_sums(self) -> None:
-        """The kernels' ``carry_psq``: report, without waiting, a step whose carried sums of p^2 did not match the
-        parameters the write read (changed through ``p.data``); the kernels turn the setting off then."""
-        from .. import kernels
-
-        for flag in kernels.take_carry_stale():
-            self._stale_in_flight.append(_host_copy(flag))
-        for flag in _arrived(self._stale_in_flight, block=False):
-            if bool(flag):
-                self._stale_in_flight.clear()
-                kernels.set_config(carry_psq=False)
-                warnings.warn(
-                    f"{type(self).__name__}: with the kernel setting carry_psq, a parameter changed between two steps "
-                    "without its version counter moving (a write through p.data): that step scaled its update by "
-                    "the RMS of the weights before the change (the direction was right, the size off by the ratio "
-                    "of the two RMS). carry_psq is now off; change parameters in place under torch.no_grad() "
-                    "instead of through .data to keep it, or turn it off from the start with "
-                    "adalomo.kernels.set_config(carry_psq=False).", RuntimeWarning, stacklevel=3)
-
-    def _account(self, ok_all: Tensor) -> None:
-        bad = (~ok_all).to(torch.int64)
-        self.skipped_updates = bad if self.skipped_updates is None else self.skipped_updates + bad.to(
-            self.skipped_updates.device)
-        if self.loss_scaler is not None:
-            self.loss_scaler.record(ok_all.to(self.loss_scaler.found_inf.device))
-            self.loss_scaler.update()
-            return
-        if self.nonfinite == "count":
-            return
-        if self.nonfinite == "raise":
-            if not bool(ok_all):
-                raise FloatingPointError(self._nonfinite_message())
-            return
-        self._flags_in_flight.append(_host_copy(ok_all))  # "warn": read when it has arrived, never wait
-        self._warn_nonfinite(block=False)
-
-    def _warn_nonfinite(self, block: bool) -> None:
-        """Warn for each finished step whose finite flag was False; ``block`` waits for the ones in flight."""
-        for flag in _arrived(self._flags_in_flight, block):
-            if not bool(flag):
-                warnings.warn(self._nonfinite_message(), RuntimeWarning, stacklevel=3)
-
-    def _nonfinite_message(self) -> str:
-        return (f"{type(self).__name__}: a gradient contained NaN or inf; the tensors concerned were left "
-                "unchanged that step (weights stay finite). Lower the learning rate, check the loss, or use "
-                "bf16/fp32 (fp16 needs loss_scaler=adalomo.DynamicLossScaler()).")
+    @property
+    def skipped_updates(self) -> Tensor | None:
+        """Updates skipped for a non-finite gradient so far (a device tensor; None before the first step)."""
+        return self._report.skipped_updates
 
     # ------------------------------------------------ lomo-optim compatible API
     def scale_loss(self, loss: Tensor) -> Tensor:
@@ -486,7 +409,7 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
                                f"accumulation_steps={self.accumulation_steps} call opt.scale_loss(loss).backward() "
                                "for each micro-batch and opt.step() after every K-th")
         if lr is not None:
-            _check_number("lr", lr, low=0.0)
+            check_number("lr", lr, low=0.0)
             for g in self.param_groups:
                 g["lr"] = lr
         self._step_backward(loss)
@@ -497,7 +420,7 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
             self._skip_next = False
             self._clip_coef = None
             self._grad_scale_cache = None
-            self._account(torch.zeros((), dtype=torch.bool, device=loss.device))
+            self._report.account(torch.zeros((), dtype=torch.bool, device=loss.device))
             return
         self.scale_loss(loss).backward()
         self.step()
@@ -530,14 +453,14 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
 
     # ---------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        self._warn_nonfinite(block=True)  # a checkpoint does not hide a warning still in flight
+        self._report.warn_arrived(block=True)  # a checkpoint does not hide a warning still in flight
         sd = super().state_dict()
         if self.loss_scaler is not None:
             sd["loss_scaler"] = self.loss_scaler.state_dict()
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._validate_state_dict(state_dict)
+        check_state_dict(self, state_dict)
         state_dict = dict(state_dict)
         scaler = state_dict.pop("loss_scaler", None)
         saved_state = state_dict["state"]
@@ -557,33 +480,10 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         if scaler is not None and self.loss_scaler is not None:
             self.loss_scaler.load_state_dict(scaler)
 
-    def _validate_state_dict(self, sd: Any) -> None:
-        """A state dict of another optimizer (or a damaged one) is refused before anything is loaded."""
-        name = type(self).__name__
-        hint = f"; load a state dict saved by {name} with the same parameter groups"
-        if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
-            raise ValueError(f"{name}.load_state_dict: expected a dict with 'state' and 'param_groups'{hint}")
-        groups = sd["param_groups"]
-        if len(groups) != len(self.param_groups):
-            raise ValueError(f"{name}.load_state_dict: {len(groups)} param groups saved, {len(self.param_groups)} "
-                             f"here{hint}")
-        for i, (saved, ours) in enumerate(zip(groups, self.param_groups)):
-            missing = sorted(k for k in self._setting_names if k not in saved)
-            if missing:
-                raise ValueError(f"{name}.load_state_dict: param group {i} lacks {', '.join(missing)}{hint}")
-            if len(saved["params"]) != len(ours["params"]):
-                raise ValueError(f"{name}.load_state_dict: param group {i} has {len(saved['params'])} parameters "
-                                 f"saved, {len(ours['params'])} here{hint}")
-            for pid, p in zip(saved["params"], ours["params"]):
-                st = sd["state"].get(pid)
-                if st is None:
-                    continue
-                expected = set(self._ensure_state(p) if p.requires_grad else self._init_state_keys(p, ours))
-                if set(st) != expected:
-                    raise ValueError(f"{name}.load_state_dict: the state of a parameter of shape {tuple(p.shape)} "
-                                     f"has keys {sorted(st)}, expected {sorted(expected)}{hint}")
-
-    def _init_state_keys(self, p: Tensor, group: dict[str, Any]) -> list[str]:
+    def _state_keys(self, p: Tensor, group: dict[str, Any]) -> list[str]:
+        """The keys of ``p``'s state (its state, or that of a meta copy for a frozen parameter)."""
+        if p.requires_grad:
+            return list(self._ensure_state(p))
         meta = p.detach().to("meta") if not _dist.is_dtensor(p) else torch.empty(p.shape, device="meta")
         return list(self._init_state(meta, group))
 
@@ -631,64 +531,3 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
 _COPY = "_adalomo_copy"
 _SAVED = ("defaults", "state", "param_groups", "nonfinite", "loss_scaler", "clip_grad_norm", "sr_seed",
           "allow_unsharded_distributed", "_accumulation_steps", "_setting_names")
-
-
-def _all_finite(oks: list[Tensor]) -> Tensor:
-    """``all`` over the finite flags of a step (0-d bool tensors; on several devices under model parallelism)."""
-    dev = oks[0].device
-    if all(o.device == dev for o in oks):
-        return torch.stack(oks).all()
-    return torch.stack([o.to(dev) for o in oks]).all()
-
-
-def _arrived(flights: list[tuple[Tensor, Any]], block: bool):
-    """The host flags of ``_host_copy`` that have arrived, oldest first, each taken off ``flights`` (``block``: all
-    of them, waiting; more than 64 in flight: the oldest anyway)."""
-    while flights and (block or len(flights) > 64 or flights[0][1] is None or flights[0][1].query()):
-        flag, event = flights.pop(0)
-        if event is not None:
-            event.synchronize()
-        yield flag
-
-
-def _host_copy(flag: Tensor) -> tuple[Tensor, Any]:
-    """A host copy of a 0-d device flag without waiting for it: (pinned tensor, CUDA event), or (flag, None)."""
-    if flag.device.type != "cuda":
-        return flag.cpu(), None
-    host = torch.empty((), dtype=flag.dtype, pin_memory=True)
-    host.copy_(flag, non_blocking=True)
-    event = torch.cuda.Event()
-    event.record()
-    return host, event
-
-
-def _is_named(x: Any) -> bool:
-    return isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str)
-
-
-def _param_list(params: Any, name: str) -> list:
-    if isinstance(params, nn.Module):
-        params = params.named_parameters()
-    if isinstance(params, Tensor):
-        raise TypeError(f"{name}: params must be an iterable of tensors or dicts (e.g. model.parameters()), "
-                        "got a single Tensor; wrap it in a list")
-    params = list(params)
-    if not params:
-        raise ValueError(f"{name}: got an empty parameter list; pass model.parameters() of a model that has "
-                         "parameters")
-    return params
-
-
-def _check_param(p: Any, i: int, name: str) -> None:
-    if not isinstance(p, Tensor):
-        raise TypeError(f"{name}: parameter {i} is a {type(p).__name__}, not a tensor (pass model.parameters(), "
-                        "model.named_parameters(), the model itself, or a list of param-group dicts)")
-    if not p.is_leaf:
-        raise ValueError(f"{name}: parameter {i} (shape {tuple(p.shape)}) is not a leaf tensor (it was computed "
-                         "from other tensors); pass the model's own parameters, e.g. model.parameters()")
-    if p.is_complex():
-        raise ValueError(f"{name}: parameter {i} is complex ({p.dtype}); only real floating-point parameters "
-                         "are supported (view complex weights as real with torch.view_as_real)")
-    if not p.is_floating_point():
-        raise ValueError(f"{name}: parameter {i} has dtype {p.dtype}; only floating-point parameters can be "
-                         "optimized")

@@ -7,7 +7,8 @@ from typing import Any
 from .. import functional as F
 from .. import kernels
 from ..distributed import functional as DF
-from .base import LowMemoryOptimizer, _check_number, as_float
+from .base import LowMemoryOptimizer
+from .checks import as_float, check_number
 
 __all__ = ["Lomo"]
 
@@ -31,10 +32,10 @@ class Lomo(LowMemoryOptimizer):
         super().__init__(params, defaults, fused=fused, **options)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        _check_number("lr", group["lr"], low=0.0)
-        _check_number("weight_decay", group["weight_decay"], low=0.0)
+        check_number("lr", group["lr"], low=0.0)
+        check_number("weight_decay", group["weight_decay"], low=0.0)
         if group["clip_grad_value"] is not None:
-            _check_number("clip_grad_value", group["clip_grad_value"], low=0.0, low_open=True,
+            check_number("clip_grad_value", group["clip_grad_value"], low=0.0, low_open=True,
                           hint=" (use None to disable)")
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
