@@ -12,7 +12,7 @@
 
 ``import adalomo`` never imports triton: the kernels load on the first call that needs them. One kernel family
 per module: ``factored`` (matrices), ``one_read`` (their statistics from one read of g), ``vector`` (0-D/1-D),
-``lomo``; ``grouped`` (metadata rows and launch plans), ``updates`` (the entry points),
+``lomo``, ``adapm``; ``grouped`` (metadata rows and launch plans), ``updates`` (the entry points),
 ``sharded`` (FSDP2 shards), ``config`` (settings and launch geometry). See ``docs/kernels.md``.
 """
 
@@ -29,7 +29,8 @@ from .._compat import bump_versions
 from .._compat import local_tensor as _local
 
 __all__ = ["use_triton", "gradient_fits", "sharded_fits", "scaled_rms_update_", "lomo_update_",
-           "scaled_rms_update_many_", "lomo_update_many_", "triton_available", "Seed", "set_config", "get_config",
+           "scaled_rms_update_many_", "lomo_update_many_", "adapm_update_", "AdaPMChunk",
+           "triton_available", "Seed", "set_config", "get_config",
            "take_carry_stale", "bump_versions"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -239,6 +240,22 @@ def lomo_update_many_(ps, gs, *, lr, weight_decay, clip_grad_value, grad_scale, 
     return _require(ps[0]).lomo_update_many_(ps, gs, lr=lr, weight_decay=weight_decay,
                                              clip_grad_value=clip_grad_value, grad_scale=grad_scale,
                                              stochastic_rounding=stochastic_rounding, seeds=seeds)
+
+
+class AdaPMChunk:
+    """One momentum chunk of an AdaPM matrix (``adapm_update_``): its kind, state key prefix, row and column slices
+    and basis function (the whole matrix, or one of the equal chunks of a ``SplitMomentum``)."""
+    __slots__ = ("kind", "prefix", "rows", "cols", "basis")
+
+    def __init__(self, kind: str, prefix: str, rows: slice, cols: slice, basis=None):
+        self.kind, self.prefix, self.rows, self.cols, self.basis = kind, prefix, rows, cols, basis
+
+
+def adapm_update_(p, g, state, chunks, **hyper):
+    """AdaPM's step on the 2-D ``p`` in Triton kernels (``kernels.adapm``); returns the 0-d bool finite flag."""
+    _require(p)
+    from . import adapm
+    return adapm.adapm_update_(p, g, state, chunks, **hyper)
 
 
 def _by_shard(kind: str, ps, gs, states, shards, per_tensor: dict, common: dict):

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
+from .. import kernels
 from .. import momentum as M
 from ..momentum import KINDS, SplitMomentum
 from .base import LowMemoryOptimizer
@@ -224,6 +225,9 @@ class AdaPM(LowMemoryOptimizer):
     ``clip_grad_norm``, ``stochastic_rounding``.
     """
 
+    #: matrices go through the Triton kernels (``kernels.adapm``) on CUDA, in classic and fused mode alike
+    _has_many = True
+
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, rank: int | float = 64, update_proj_gap: int = 200,
                  second_moment: str = "adam", momentum_policy: Policy = "adapm", fused: bool = False, *,
@@ -337,6 +341,41 @@ class AdaPM(LowMemoryOptimizer):
             gen.manual_seed(seed % (1 << 62))
             return M.orthonormal_basis(g2, r, side, "randomized", generator=gen)
         return basis
+
+    def _grouped_takes(self, p: Tensor) -> bool:
+        return p.dim() == 2 and all(v.is_contiguous() and v.dtype == torch.float32
+                                    for v in self.state[p].values() if v.dim())
+
+    def _chunks(self, p: Tensor, group: dict[str, Any], step: int) -> list:
+        """The momentum chunks of the matrix ``p`` for the kernels: (kind, state prefix, rows, cols, basis)."""
+        kind, whole = self._kinds[id(p)], slice(None)
+        if not isinstance(kind, SplitMomentum):
+            return [kernels.AdaPMChunk(kind, "", whole, whole, self._basis_fn(p, group, step, 0))]
+        d, n = kind.dim % 2, len(kind.kinds)
+        size = p.shape[d] // n
+        out = []
+        for i, k in enumerate(kind.kinds):
+            part = slice(i * size, (i + 1) * size)
+            rows, cols = (part, whole) if d == 0 else (whole, part)
+            out.append(kernels.AdaPMChunk(k, f"{i}.", rows, cols, self._basis_fn(p, group, step, i)))
+        return out
+
+    def _update_many(self, ps, grads, group, *, states, steps, seeds, sr, grad_scale, shards):
+        beta1, beta2 = group["betas"]
+        lr, decay = as_float(group["lr"]), group["decay_rate"]
+        oks = []
+        for p, g, state, t, seed in zip(ps, grads, states, steps, seeds):
+            if decay is not None:
+                b2, bc2 = F.beta2_at(t, decay), 1.0
+            else:
+                b2, bc2 = beta2, 1.0 - beta2 ** t
+            oks.append(kernels.adapm_update_(
+                p, g, state, self._chunks(p, group, int(t)), t=t, lr=lr, beta1=beta1, beta2=b2, bc2=bc2,
+                eps=group["eps"], weight_decay=group["weight_decay"], second_moment=group["second_moment"],
+                clip_threshold=group["clip_threshold"], relative_lr=group["relative_lr"],
+                refresh=(int(t) - 1) % group["update_proj_gap"] == 0, fill=group["refresh_fill"],
+                grad_scale=grad_scale, stochastic_rounding=sr, seed=seed))
+        return oks[0] if len(oks) == 1 else torch.stack(oks).all()
 
     def _update(self, p, grad, group, state, grad_scale, stochastic_rounding, generator):
         state["step"] += 1

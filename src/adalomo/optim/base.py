@@ -269,6 +269,10 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         """Whether ``_update_many`` can take this group's settings (else the torch maths runs)."""
         return True
 
+    def _grouped_takes(self, p: Tensor) -> bool:
+        """Whether ``_update_many`` takes ``p`` (on a device where the kernels run); else ``_update`` does."""
+        return True
+
     def _update_many(self, ps: list[Tensor], grads: list[Tensor], group: dict[str, Any], *, states: list,
                      steps: list[float], seeds: list[int], sr: bool, grad_scale: Tensor | None,
                      shards: list | None) -> Tensor:  # pragma: no cover - abstract

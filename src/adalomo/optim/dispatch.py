@@ -63,7 +63,7 @@ def grouped_fits(opt: LowMemoryOptimizer, p: Tensor, grad: Tensor, layout: Any) 
         if not opt._has_many:
             fits = False
         elif layout is None:
-            fits = kernels.use_triton(p)
+            fits = kernels.use_triton(p) and opt._grouped_takes(p)
         else:
             fits = opt._sharded_many and sharded_kernels_fit(p, grad, layout)
         opt._fits[id(p)] = fits
