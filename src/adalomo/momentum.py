@@ -129,8 +129,8 @@ def orthonormal_basis(g: Tensor, r: int, side: str, method: str = "randomized",
 
     ``svd``: the leading r singular vectors of ``torch.linalg.svd``. ``randomized``: a range finder
     (Halko, Martinsson & Tropp 2011): Gaussian sketch of r + ``oversample`` columns drawn from
-    ``generator``, ``power_iters`` QR-stabilised power iterations, then the leading r singular vectors
-    of the small projected matrix. Both give an a x r (``left``) or b x r (``right``) matrix.
+    ``generator``, ``power_iters`` QR-stabilised power iterations, then the leading r-dimensional subspace of
+    the small projected matrix (orthogonal iteration: QR only, no host synchronisation on CUDA). Both give an a x r (``left``) or b x r (``right``) matrix.
     """
     x = g if side == "left" else g.mT
     rows, cols = x.shape
@@ -145,8 +145,20 @@ def orthonormal_basis(g: Tensor, r: int, side: str, method: str = "randomized",
     for _ in range(power_iters):
         z, _ = torch.linalg.qr(x.mT @ q)
         q, _ = torch.linalg.qr(x @ z)
-    u, _, _ = torch.linalg.svd(q.mT @ x, full_matrices=False)
-    return (q @ u[:, :r]).contiguous()
+    return (q @ _leading_subspace(q.mT @ x, r, generator)).contiguous()
+
+
+def _leading_subspace(b: Tensor, r: int, generator: torch.Generator | None, iters: int = 8) -> Tensor:
+    """An orthonormal k x r basis of the leading r-dimensional left singular subspace of the small k x n ``b``:
+    orthogonal iteration on b b^T (k x k), QR only. On CUDA ``torch.linalg.svd`` and ``eigh`` wait for the device
+    (they read an error code back); ``qr`` does not, so a basis refresh never stalls the step. The subspace is all
+    that matters (m_hat is invariant under a rotation of P within it); each iteration shrinks the part outside it
+    by (sigma_{r+1} / sigma_r)^2, after the range finder's power iterations."""
+    s = b @ b.mT
+    z = torch.randn(s.shape[0], r, generator=generator, device=b.device, dtype=b.dtype)
+    for _ in range(iters):
+        z, _ = torch.linalg.qr(s @ z)
+    return z
 
 
 def project(g: Tensor, P: Tensor, side: str) -> Tensor:
