@@ -130,7 +130,8 @@ def orthonormal_basis(g: Tensor, r: int, side: str, method: str = "randomized",
     ``svd``: the leading r singular vectors of ``torch.linalg.svd``. ``randomized``: a range finder
     (Halko, Martinsson & Tropp 2011): Gaussian sketch of r + ``oversample`` columns drawn from
     ``generator``, ``power_iters`` QR-stabilised power iterations, then the leading r-dimensional subspace of
-    the small projected matrix (orthogonal iteration: QR only, no host synchronisation on CUDA). Both give an a x r (``left``) or b x r (``right``) matrix.
+    the small projected matrix (orthogonal iteration: QR only, no host synchronisation on CUDA). Both give an
+    a x r (``left``) or b x r (``right``) matrix.
     """
     x = g if side == "left" else g.mT
     rows, cols = x.shape
