@@ -1,0 +1,347 @@
+"""AdaPM's Triton kernels (``adalomo.kernels.adapm``) against the float64 reference and the torch path.
+
+As in ``tests/test_kernels.py``, on CPU the kernels run through Triton's interpreter in ONE subprocess
+(``python tests/test_adapm_kernels.py`` runs every case with ``ADALOMO_TRITON_INTERPRET=1`` and prints a JSON verdict
+per case); with CUDA the same cases also run in-process on the GPU. Every case also checks that the matrices really
+went through the kernels (``_update_many``), not the torch path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+from test_adapm import RefAdaPM, _planted_grads  # noqa: E402
+
+from adalomo import DynamicLossScaler, kernels  # noqa: E402
+from adalomo.optim.adapm import AdaPM, SplitMomentum  # noqa: E402
+
+KINDS = {"none": "none", "full": "full", "low_rank": "low_rank",
+         "split_cols": SplitMomentum(-1, ("low_rank", "low_rank", "full")),
+         "split_rows": SplitMomentum(0, ("full", "none", "low_rank"))}
+SHAPES = [(12, 48), (48, 12)]  # the basis on the left and on the right side
+
+
+class _Counted:
+    """Count the matrices updated by the kernels inside the block."""
+
+    def __enter__(self):
+        self.orig, self.n = kernels.adapm_update_, 0
+
+        def counted(p, *a, **k):
+            self.n += 1
+            return self.orig(p, *a, **k)
+        kernels.adapm_update_ = counted
+        return self
+
+    def __exit__(self, *exc):
+        kernels.adapm_update_ = self.orig
+
+
+class _TorchPath:
+    def __enter__(self):
+        os.environ["ADALOMO_DISABLE_TRITON"] = "1"
+
+    def __exit__(self, *exc):
+        os.environ.pop("ADALOMO_DISABLE_TRITON", None)
+
+
+def _close(a, b, rtol, atol, what):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    err = (a - b).abs()
+    tol = atol + rtol * b.abs()
+    assert bool((err <= tol).all()), f"{what}: max abs error {float(err.max()):.3g} (tolerance {atol:g} + {rtol:g}|x|)"
+
+
+def _train(device, kind, second, *, dtype=torch.float32, steps=9, seed=0, torch_path=False, **kw):
+    """AdaPM on two matrices (basis left and right) and a bias, classic mode; returns (params, kernel calls)."""
+    torch.manual_seed(seed)
+    ps = [nn.Parameter(torch.randn(s).to(device, dtype)) for s in SHAPES] + [nn.Parameter(torch.randn(5).to(device,
+                                                                                                       dtype))]
+    opt = AdaPM([{"params": ps, "momentum": KINDS[kind]}], lr=1e-2, rank=3, update_proj_gap=4,
+                second_moment=second, **kw)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with (_TorchPath() if torch_path else _Counted()) as c:
+        for _ in range(steps):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen).to(device, dtype)
+            opt.step()
+    return ps, (0 if torch_path else c.n)
+
+
+# --------------------------------------------------------------------------------------------- cases
+def check_reference(device: str, kind: str, second: str) -> None:
+    """fp32, 10 steps with basis refreshes at steps 1, 5 and 9: the kernels against the float64 reference
+    (svd basis), matrix by matrix."""
+    steps, gap, lr, wd = 10, 4, 1e-2, 0.1
+    params, refs, grads = [], [], []
+    for i, shape in enumerate(SHAPES):
+        params.append(nn.Parameter(torch.randn(shape, generator=torch.Generator().manual_seed(i)).to(device)))
+        refs.append(RefAdaPM(params[-1].cpu(), kind, lr=lr, wd=wd, rank=3, gap=gap, second=second))
+        grads.append(_planted_grads(shape, steps, 100 + i))
+    opt = AdaPM([{"params": params, "momentum": kind}], lr=lr, weight_decay=wd, rank=3, update_proj_gap=gap,
+                second_moment=second, proj_method="svd")
+    with _Counted() as c:
+        for t in range(steps):
+            for p, ref, gs in zip(params, refs, grads):
+                p.grad = gs[t].float().to(device)
+                ref.step(gs[t])
+            opt.step()
+    assert c.n == steps * len(params), f"the kernels updated {c.n} matrices, expected {steps * len(params)}"
+    for p, ref in zip(params, refs):
+        _close(p, ref.p, 1e-5, 2e-5, f"{kind}/{second} {tuple(p.shape)} vs float64")
+
+
+def check_torch_path(device: str, kind: str, second: str, dtype=torch.float32, **kw) -> None:
+    """The kernels against the torch path (same basis function, randomized), every kind incl. SplitMomentum."""
+    a, n = _train(device, kind, second, dtype=dtype, **kw)
+    b, _ = _train(device, kind, second, dtype=dtype, torch_path=True, **kw)
+    assert n == 9 * len(SHAPES), f"the kernels updated {n} matrices"
+    rtol, atol = (2e-5, 2e-6) if dtype == torch.float32 else (3e-2, 3e-2)
+    for x, y in zip(a, b):
+        assert x.dtype == dtype
+        _close(x.float(), y.float(), rtol, atol, f"{kind}/{second} {dtype} {kw} {tuple(x.shape)} vs torch path")
+
+
+def check_lockstep(device: str, kind: str, second: str, dtype: torch.dtype) -> None:
+    """bf16/fp16 parameters (fp32 state), rounding to nearest: each step of the kernels from the torch path's
+    parameters and state lands within 2 units in the last place of the torch path's result (the interpreter
+    truncates where the GPU rounds; fp32 sums in another order may cross a rounding boundary)."""
+    mant = {torch.bfloat16: 7, torch.float16: 10}[dtype]
+    torch.manual_seed(0)
+    runs = []
+    for _ in range(2):
+        ps = [nn.Parameter(torch.randn(s).to(device, dtype)) for s in SHAPES]
+        runs.append((ps, AdaPM([{"params": ps, "momentum": KINDS[kind]}], lr=1e-2, rank=3, update_proj_gap=3,
+                               weight_decay=0.1, second_moment=second, stochastic_rounding=False)))
+        torch.manual_seed(0)
+    (pk, ok_), (pt, ot) = runs
+    gen = torch.Generator().manual_seed(1)
+    for t in range(5):
+        for a, b in zip(pk, pt):
+            a.grad = torch.randn(a.shape, generator=gen).to(device, dtype)
+            b.grad = a.grad.clone()
+        before = [b.detach().float().clone() for b in pt]
+        with _Counted() as c:
+            ok_.step()
+        with _TorchPath():
+            ot.step()
+        assert c.n == len(SHAPES)
+        for a, b, b0 in zip(pk, pt, before):
+            a, b = a.detach().float(), b.detach().float()
+            mag = torch.maximum(a.abs(), b.abs()).clamp_min(2.0 ** -14)
+            tol = 2 * torch.pow(2.0, torch.floor(torch.log2(mag)) - mant) + 1e-5 * (b - b0).abs().max()
+            bad = (a - b).abs() > tol
+            assert not bool(bad.any()), f"{kind}/{second} {dtype} step {t + 1}: {int(bad.sum())} elements off"
+        with torch.no_grad():  # the next step starts from the same point
+            for a, b in zip(pk, pt):
+                b.copy_(a)
+                for k, v in ok_.state[a].items():
+                    ot.state[b][k].copy_(v)
+
+
+def check_loss_scaler(device: str, second: str) -> None:
+    """grad_scale (DynamicLossScaler's 1/scale) is applied in the kernels as in the torch path."""
+    out = []
+    for torch_path in (False, True):
+        torch.manual_seed(0)
+        ps = [nn.Parameter(torch.randn(s).to(device)) for s in SHAPES]
+        opt = AdaPM([{"params": [p], "momentum": KINDS["split_cols"] if i == 0 else "low_rank"}
+                     for i, p in enumerate(ps)], lr=1e-2, rank=3, update_proj_gap=3, second_moment=second,
+                    loss_scaler=DynamicLossScaler(init_scale=1024.0, growth_interval=1000))
+        gen = torch.Generator().manual_seed(1)
+        with _TorchPath() if torch_path else _Counted():
+            for _ in range(5):
+                for p in ps:
+                    p.grad = torch.randn(p.shape, generator=gen).to(device) * 1024.0
+                opt.step()
+        out.append(ps)
+    for x, y in zip(*out):
+        _close(x, y, 2e-5, 2e-6, f"{second} loss scaler")
+
+
+def check_fused_equals_classic(device: str, dtype: torch.dtype, second: str) -> None:
+    """Fused mode (buckets with several flushes, and one tensor per update) == classic step(), bit for bit, with the
+    default policy (no momentum, full, low-rank and split chunks) and bf16 stochastic rounding."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.v_proj = nn.Linear(16, 16), nn.Linear(16, 32)
+            self.o_proj, self.qkv_proj = nn.Linear(32, 16), nn.Linear(16, 48, bias=False)
+            self.norm = nn.LayerNorm(48)
+
+        def forward(self, x):
+            h = self.o_proj(torch.tanh(self.v_proj(self.q_proj(x))))
+            return self.norm(self.qkv_proj(h))
+
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(4, 16, generator=gen).to(device, dtype) for _ in range(5)]
+    modes = {"classic": dict(fused=False), "bucketed": dict(fused=True, bucket_cap_mb=1500 * 4 / 2**20),
+             "per_tensor": dict(fused=True, bucket_cap_mb=0)}
+    out = {}
+    for mode, kw in modes.items():
+        torch.manual_seed(0)
+        m = Block().to(device, dtype)
+        opt = AdaPM(m.named_parameters(), lr=1e-2, rank=2, update_proj_gap=2, second_moment=second,
+                    weight_decay=0.01, **kw)
+        assert opt.momentum_kind(m.qkv_proj.weight) == SplitMomentum(0, ("low_rank", "low_rank", "full"))
+        with _Counted() as c:
+            for x in xs:
+                m(x).float().square().mean().backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        assert c.n == 4 * len(xs), f"{mode}: the kernels updated {c.n} matrices"
+        out[mode] = [p.detach().clone() for p in m.parameters()] + [
+            v.clone() for st in opt.state.values() for v in st.values()]
+    for mode in ("bucketed", "per_tensor"):
+        for x, y in zip(out[mode], out["classic"]):
+            assert torch.equal(x, y), f"{dtype} {second}: {mode} fused != classic"
+
+
+def check_nonfinite(device: str, second: str) -> None:
+    """A matrix with a NaN gradient keeps its weights and state; the others are updated."""
+    torch.manual_seed(0)
+    ps = [nn.Parameter(torch.randn(s).to(device)) for s in SHAPES]
+    opt = AdaPM([{"params": ps, "momentum": "full"}], lr=1e-2, second_moment=second, nonfinite="count")
+    for p in ps:
+        p.grad = torch.randn(p.shape).to(device)
+    opt.step()
+    before = [p.detach().clone() for p in ps] + [v.clone() for v in opt.state[ps[0]].values()]
+    ps[0].grad = torch.randn(ps[0].shape).to(device)
+    ps[0].grad[3, 5] = float("nan")
+    ps[1].grad = torch.randn(ps[1].shape).to(device)
+    with _Counted() as c:
+        opt.step()
+    assert c.n == 2
+    after = [p.detach() for p in ps] + [v for k, v in opt.state[ps[0]].items() if k != "step"]
+    assert torch.equal(after[0], before[0]) and not torch.equal(after[1], before[1])
+    assert all(torch.equal(x, y) for x, y in zip(after[2:], before[3:]))
+    assert int(opt.skipped_updates) == 1
+
+
+def check_no_sync(device: str) -> None:
+    """A kernel step with a basis refresh (randomized, the default) reads nothing back from the device and makes no
+    tensor from host data (on CUDA both wait for the device), and calls no factorisation that does (svd, eigh)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: set[str] = set()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    from adalomo.kernels import adapm as K
+    orig = K.adapm_update_
+
+    def recorded(*a, **k):
+        with Record():
+            return orig(*a, **k)
+    K.adapm_update_ = recorded
+    try:
+        for second in ("adam", "factored"):
+            ps, n = _train(device, "split_cols", second, steps=5, relative_lr=True)
+            assert n == 10
+    finally:
+        K.adapm_update_ = orig
+    assert "aten.linalg_qr.default" in seen, "no refresh was recorded"
+    syncing = {s for s in seen if any(k in s for k in ("_local_scalar_dense", "lift_fresh", "svd", "eigh", "eig.",
+                                                        "item", "nonzero"))}
+    assert not syncing, f"a kernel step waits for the device: {syncing}"
+
+
+CASES: dict[str, Callable[[str], None]] = {}
+for _second in ("adam", "factored"):
+    for _kind in ("none", "full", "low_rank"):
+        CASES[f"reference_{_kind}_{_second}"] = lambda d, k=_kind, s=_second: check_reference(d, k, s)
+    for _kind in KINDS:
+        CASES[f"torch_path_{_kind}_{_second}"] = lambda d, k=_kind, s=_second: check_torch_path(d, k, s)
+    for _dt in (torch.bfloat16, torch.float16):
+        CASES[f"lockstep_{str(_dt)[6:]}_{_second}"] = lambda d, s=_second, dt=_dt: check_lockstep(
+            d, "split_rows", s, dt)
+    CASES[f"loss_scaler_{_second}"] = lambda d, s=_second: check_loss_scaler(d, s)
+    CASES[f"fused_equals_classic_fp32_{_second}"] = lambda d, s=_second: check_fused_equals_classic(
+        d, torch.float32, s)
+    CASES[f"fused_equals_classic_bf16_sr_{_second}"] = lambda d, s=_second: check_fused_equals_classic(
+        d, torch.bfloat16, s)
+    CASES[f"nonfinite_{_second}"] = lambda d, s=_second: check_nonfinite(d, s)
+CASES["options_factored"] = lambda d: check_torch_path(d, "split_cols", "factored", weight_decay=0.1,
+                                                       relative_lr=True, decay_rate=-0.8, clip_threshold=0.5,
+                                                       betas=(0.8, 0.99))
+CASES["options_factored_no_clip_no_fill"] = lambda d: check_torch_path(d, "split_rows", "factored", clip_threshold=None,
+                                                                       refresh_fill=False, weight_decay=0.1)
+CASES["options_adam"] = lambda d: check_torch_path(d, "split_cols", "adam", weight_decay=0.1, decay_rate=-0.8,
+                                                   betas=(0.0, 0.95), eps=1e-6)
+CASES["bf16_stochastic_rounding"] = lambda d: check_torch_path(d, "full", "factored", torch.bfloat16)
+CASES["no_sync"] = check_no_sync
+
+
+def run_cases(device: str, cases: dict[str, Callable[[str], None]]) -> dict[str, str]:
+    results = {}
+    for name, fn in cases.items():
+        t0 = time.perf_counter()
+        try:
+            fn(device)
+            results[name] = "ok"
+        except Exception as e:  # report every case, keep going
+            results[name] = f"{type(e).__name__}: {e}"[:500]
+        results[name + ":seconds"] = f"{time.perf_counter() - t0:.2f}"
+    return results
+
+
+# --------------------------------------------------------------------------------------------- tests
+@pytest.fixture(scope="module")
+def interpreter_results() -> dict[str, str]:
+    pytest.importorskip("triton")
+    env = dict(os.environ, ADALOMO_TRITON_INTERPRET="1", TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "src"), os.environ.get("PYTHONPATH", "")]))
+    env.pop("ADALOMO_DISABLE_TRITON", None)
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], capture_output=True, text=True, env=env,
+                          timeout=900, cwd=ROOT)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    assert proc.returncode == 0 and lines, f"interpreter run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(lines[-1])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_interpreter(interpreter_results, name):
+    assert interpreter_results[name] == "ok", interpreter_results[name]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", list(CASES))
+def test_cuda(name):
+    pytest.importorskip("triton")
+    CASES[name]("cuda")
+
+
+def test_only_matrices_take_the_kernels():
+    """1-D (and >2-D) tensors keep the torch path (``_grouped_takes``); matrices with fp32 contiguous state go."""
+    ps = [nn.Parameter(torch.zeros(4, 6)), nn.Parameter(torch.zeros(6)), nn.Parameter(torch.zeros(2, 3, 4))]
+    opt = AdaPM(ps, momentum_policy="low_rank", second_moment="factored")
+    assert [opt._grouped_takes(p) for p in ps] == [True, False, False]
+
+
+if __name__ == "__main__":
+    # the interpreter run; also usable on a GPU machine: python tests/test_adapm_kernels.py cuda [case,case]
+    dev = sys.argv[1] if len(sys.argv) > 1 else "cpu"
+    if dev == "cpu":
+        os.environ["ADALOMO_TRITON_INTERPRET"] = "1"
+        os.environ["TRITON_INTERPRET"] = "1"
+    torch.set_num_threads(1)
+    cases = CASES if len(sys.argv) <= 2 else {k: CASES[k] for k in sys.argv[2].split(",")}
+    print(json.dumps(run_cases(dev, cases)))
+    sys.exit(0)
