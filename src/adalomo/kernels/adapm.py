@@ -33,9 +33,9 @@ import triton.language as tl
 from .. import _compat
 from .. import functional as F
 from .. import momentum as Mom
-from .common import and_flag, round_to_bf16
+from .common import a16, and_flag, round_to_bf16, strides_known, sum_parts
 from .config import next_pow2, tiling
-from .launch import seed_arg
+from .launch import LaunchContext, Launcher, seed_arg
 
 __all__ = ["adapm_update_"]
 
@@ -80,13 +80,28 @@ def _lift(a_ptr, b, rows, rmask, sa_m, sa_k, R, RP: tl.constexpr):
     return tl.dot(a, b, input_precision="ieee")
 
 
-@triton.jit
+_INTS = ["M", "N", "TM", "TN", "rows_per_prog", "sg_m", "sg_n", "sp_m", "sp_n", "sm_m", "sv_m", "sa_m", "sa_k",
+         "sb_k", "sb_n", "R", "n_fin", "off_psq", "off_row", "off_col", "off_r", "off_c", "off_usq", "n_usq", "n_psq",
+         "off_out", "row0", "col0", "n_total", "seed"]
+
+
+def _jit(fn):
+    """``triton.jit`` without specialising any integer argument (see ``launch.Launcher``: a compiled variant then
+    depends on the constexprs and the pointers alone, and is called directly after its first launch)."""
+    names = fn.__code__.co_varnames[:fn.__code__.co_argcount]
+    return triton.jit(do_not_specialize=[n for n in names if n in _INTS])(fn)
+
+
+@_jit
 def adapm_stats_kernel(g_ptr, p_ptr, scale_ptr, ws_ptr, M, N, TN, rows_per_prog, sg_m, sg_n, sp_m, sp_n, off_psq,
                        off_row, off_col, HAS_SCALE: tl.constexpr, FACTORED: tl.constexpr, PSQ: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                       ALIGN: tl.constexpr, G_UNIT: tl.constexpr, P_UNIT: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
     """Per program (a row group of one column tile): sum g at ws[pid], sum p^2 at ws[off_psq + pid]; FACTORED: the
     row sums of g^2 of its column tile at ws[off_row + tile * M + row], its column sums at ws[off_col + group * N +
     col]. The gradient is scaled first (the torch path squares the scaled gradient)."""
+    N, _, sg_m, sg_n = strides_known(N, 0, sg_m, sg_n, ALIGN, G_UNIT)
+    _, _, sp_m, sp_n = strides_known(N, 0, sp_m, sp_n, ALIGN, P_UNIT)
     pid = tl.program_id(0)
     r0, cols, cmask, lrows = _tile_setup(pid, TN, rows_per_prog, N, BLOCK_M, BLOCK_N)
     if HAS_SCALE:
@@ -118,17 +133,87 @@ def adapm_stats_kernel(g_ptr, p_ptr, scale_ptr, ws_ptr, M, N, TN, rows_per_prog,
 
 
 @triton.jit
-def adapm_usq_kernel(g_ptr, m_ptr, r_ptr, c_ptr, a_ptr, b_ptr, scale_ptr, okm_ptr, ws_ptr, M, N, TN, rows_per_prog,
-                     sg_m, sg_n, sm_m, sa_m, sa_k, sb_k, sb_n, R, beta1, bc1, sbc2, HAS_SCALE: tl.constexpr,
-                     MOM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP: tl.constexpr):
-    """Factored second moment: partial sums of u^2 (u = m_hat * r * c * sqrt(bc2)) at ws[pid]. Full momentum: the
-    new m is stored here (where the momentum's finite flag ``okm`` holds)."""
+def _sum_partials(ws_ptr, off, stride, n_parts, idx, msk, BLOCK: tl.constexpr):
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for k in range(0, n_parts):
+        acc += tl.load(ws_ptr + off + k * stride + idx, mask=msk, other=0.0)
+    return acc
+
+
+@_jit
+def adapm_finish_kernel(ws_ptr, row_ptr, col_ptr, flags_ptr, n_fin, M, N, TM, TN, off_row, off_col, off_r, off_c,
+                        beta2, eps1, FACTORED: tl.constexpr, BLOCK: tl.constexpr):
+    """One program: the finite flags into ``flags`` (int32: [momentum: sum g finite, parameter: that and the
+    factored statistics finite]). FACTORED: row means and column means of g^2 + eps1 from the partial sums, their
+    EMAs into the state where finite, and the preconditioner's factors rsqrt(row / mean(row)) at ws[off_r + i] and
+    rsqrt(col) at ws[off_c + j], all in a fixed order."""
+    fin = sum_parts(ws_ptr, 0, n_fin, BLOCK)
+    ok1 = (tl.abs(fin) <= 3.4028234663852886e38).to(tl.int32)  # 0 for NaN and +-inf
+    okp = ok1
+    if FACTORED:
+        offs = tl.arange(0, BLOCK)
+        s_row = tl.zeros([BLOCK], dtype=tl.float32)
+        for i0 in range(0, M, BLOCK):
+            idx = i0 + offs
+            msk = idx < M
+            mean = tl.div_rn(_sum_partials(ws_ptr, off_row, M, TN, idx, msk, BLOCK), N * 1.0) + eps1
+            tl.store(ws_ptr + off_r + idx, mean, mask=msk)
+            s_row += tl.where(msk, mean, 0.0)
+        s_col = tl.zeros([BLOCK], dtype=tl.float32)
+        for j0 in range(0, N, BLOCK):
+            idx = j0 + offs
+            msk = idx < N
+            mean = tl.div_rn(_sum_partials(ws_ptr, off_col, N, TM, idx, msk, BLOCK) + eps1 * M, M * 1.0)
+            tl.store(ws_ptr + off_c + idx, mean, mask=msk)
+            s_col += tl.where(msk, mean, 0.0)
+        total = tl.sum(s_row, axis=0) + tl.sum(s_col, axis=0)
+        ok2 = tl.abs(total) <= 3.4028234663852886e38
+        okp = okp & ok2.to(tl.int32)
+        tl.debug_barrier()  # the means stored above are read back by other threads
+        new_sum = tl.zeros([BLOCK], dtype=tl.float32)
+        for i0 in range(0, M, BLOCK):
+            idx = i0 + offs
+            msk = idx < M
+            old = tl.load(row_ptr + idx, mask=msk, other=0.0)
+            new = tl.where(ok2, old * beta2 + tl.load(ws_ptr + off_r + idx, mask=msk, other=0.0) * (1.0 - beta2),
+                           old)
+            tl.store(row_ptr + idx, new, mask=msk)
+            new_sum += tl.where(msk, new, 0.0)
+        for j0 in range(0, N, BLOCK):
+            idx = j0 + offs
+            msk = idx < N
+            old = tl.load(col_ptr + idx, mask=msk, other=1.0)
+            new = tl.where(ok2, old * beta2 + tl.load(ws_ptr + off_c + idx, mask=msk, other=0.0) * (1.0 - beta2),
+                           old)
+            tl.store(col_ptr + idx, new, mask=msk)
+            tl.store(ws_ptr + off_c + idx, tl.div_rn(1.0, tl.sqrt_rn(new)), mask=msk)
+        row_mean = tl.div_rn(tl.sum(new_sum, axis=0), M * 1.0)
+        tl.debug_barrier()
+        for i0 in range(0, M, BLOCK):
+            idx = i0 + offs
+            msk = idx < M
+            row = tl.load(row_ptr + idx, mask=msk, other=1.0)
+            tl.store(ws_ptr + off_r + idx, tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(row, row_mean))), mask=msk)
+    tl.store(flags_ptr, ok1)
+    tl.store(flags_ptr + 1, okp)
+
+
+@_jit
+def adapm_usq_kernel(g_ptr, m_ptr, a_ptr, b_ptr, scale_ptr, flags_ptr, ws_ptr, M, N, TN, rows_per_prog, sg_m, sg_n,
+                     sm_m, sa_m, sa_k, sb_k, sb_n, R, off_r, off_c, off_out, beta1, bc1, sbc2,
+                     HAS_SCALE: tl.constexpr, MOM: tl.constexpr, ALIGN: tl.constexpr, G_UNIT: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP: tl.constexpr):
+    """Factored second moment: partial sums of u^2 (u = m_hat * r * c * sqrt(bc2)) at ws[off_out + pid]. Full
+    momentum: the new m is stored here (where the momentum's finite flag holds)."""
+    N, _, sg_m, sg_n = strides_known(N, 0, sg_m, sg_n, ALIGN, G_UNIT)
+    if ALIGN:
+        sm_m = a16(sm_m)
     pid = tl.program_id(0)
     r0, cols, cmask, lrows = _tile_setup(pid, TN, rows_per_prog, N, BLOCK_M, BLOCK_N)
     if HAS_SCALE:
         scale = tl.load(scale_ptr).to(tl.float32)
-    okm = tl.load(okm_ptr).to(tl.int8)
-    c = tl.load(c_ptr + cols, mask=cmask, other=0.0)
+    okm = tl.load(flags_ptr).to(tl.int8)
+    c = tl.load(ws_ptr + off_c + cols, mask=cmask, other=0.0)
     if MOM == 2:
         b = _lift_rhs(b_ptr, cols, cmask, sb_k, sb_n, R, RP)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -149,33 +234,44 @@ def adapm_usq_kernel(g_ptr, m_ptr, r_ptr, c_ptr, a_ptr, b_ptr, scale_ptr, okm_pt
             mh = tl.div_rn(m, bc1)
         else:
             mh = g + _lift(a_ptr, b, rows, rmask, sa_m, sa_k, R, RP)
-        r = tl.load(r_ptr + rows, mask=rmask, other=0.0)
+        r = tl.load(ws_ptr + off_r + rows, mask=rmask, other=0.0)
         u = mh * r[:, None] * c[None, :] * sbc2
         acc += tl.where(mask, u * u, 0.0)
-    tl.store(ws_ptr + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
+    tl.store(ws_ptr + off_out + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
 
 
-@triton.jit
-def adapm_write_kernel(g_ptr, p_ptr, m_ptr, v_ptr, r_ptr, c_ptr, a_ptr, b_ptr, scale_ptr, okm_ptr, okp_ptr, sc_ptr,
-                       seed, M, N, TN, rows_per_prog, sg_m, sg_n, sp_m, sp_n, sm_m, sv_m, sa_m, sa_k, sb_k, sb_n, R,
-                       row0, col0, n_total, beta1, bc1, beta2, bc2, eps, sbc2, decay, coef,
-                       HAS_SCALE: tl.constexpr, MOM: tl.constexpr, ADAM: tl.constexpr, M_STORED: tl.constexpr,
-                       HAS_WD: tl.constexpr, SC_DEV: tl.constexpr, SR: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, RP: tl.constexpr):
-    """p <- p * decay + coef * u where ``okp`` holds. ADAM: v (and full momentum's m) are updated here too, where
-    ``okm`` holds; factored: u = m_hat * r * c * sqrt(bc2), the clip factor folded into ``coef``. SC_DEV: decay and
-    coef are the device scalars at ``sc_ptr`` (relative step, clip factor), else the host floats."""
+@_jit
+def adapm_write_kernel(g_ptr, p_ptr, m_ptr, v_ptr, a_ptr, b_ptr, scale_ptr, flags_ptr, ws_ptr, seed, M, N, TN,
+                       rows_per_prog, sg_m, sg_n, sp_m, sp_n, sm_m, sv_m, sa_m, sa_k, sb_k, sb_n, R, off_r, off_c,
+                       off_usq, n_usq, off_psq, n_psq, row0, col0, n_total, lr, weight_decay, beta1, bc1, beta2, bc2,
+                       eps, sbc2, numel_f, sqrt_numel, clip_threshold, HAS_SCALE: tl.constexpr, MOM: tl.constexpr,
+                       ADAM: tl.constexpr, M_STORED: tl.constexpr, HAS_WD: tl.constexpr, HAS_USQ: tl.constexpr,
+                       PSQ: tl.constexpr, SR: tl.constexpr, ALIGN: tl.constexpr, G_UNIT: tl.constexpr,
+                       P_UNIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP: tl.constexpr):
+    """p <- p (1 - step wd) - step clip u where the parameter's finite flag holds. ADAM: v (and full momentum's m)
+    are updated here too, where the momentum's flag holds, step = lr. Factored: u = m_hat * r * c * sqrt(bc2), the
+    clip factor 1/max(1, RMS(u)/d) and the relative step lr * max(1e-3, RMS(p)) from the partial sums, which every
+    program reduces itself (a few, L2-resident) in the same order."""
+    N, _, sg_m, sg_n = strides_known(N, 0, sg_m, sg_n, ALIGN, G_UNIT)
+    _, _, sp_m, sp_n = strides_known(N, 0, sp_m, sp_n, ALIGN, P_UNIT)
+    if ALIGN:
+        sm_m, sv_m = a16(sm_m), a16(sv_m)
     pid = tl.program_id(0)
     r0, cols, cmask, lrows = _tile_setup(pid, TN, rows_per_prog, N, BLOCK_M, BLOCK_N)
     if HAS_SCALE:
         scale = tl.load(scale_ptr).to(tl.float32)
-    okm = tl.load(okm_ptr).to(tl.int8)
-    okp = tl.load(okp_ptr).to(tl.int8)
-    if SC_DEV:
-        decay = tl.load(sc_ptr)
-        coef = tl.load(sc_ptr + 1)
+    okm = tl.load(flags_ptr).to(tl.int8)
+    okp = tl.load(flags_ptr + 1).to(tl.int8)
+    step = lr
+    if PSQ:
+        step = tl.maximum(tl.sqrt_rn(sum_parts(ws_ptr, off_psq, n_psq, 1024)) / sqrt_numel, 1e-3) * lr
+    coef = -step
+    if HAS_USQ:
+        usq = sum_parts(ws_ptr, off_usq, n_usq, 1024)
+        coef = -(step * (1.0 / tl.maximum(tl.sqrt_rn(usq / numel_f) / clip_threshold, 1.0)))
+    decay = 1.0 - step * weight_decay
     if not ADAM:
-        c = tl.load(c_ptr + cols, mask=cmask, other=0.0)
+        c = tl.load(ws_ptr + off_c + cols, mask=cmask, other=0.0)
     if MOM == 2:
         b = _lift_rhs(b_ptr, cols, cmask, sb_k, sb_n, R, RP)
     for m0 in range(0, rows_per_prog, BLOCK_M):
@@ -206,7 +302,7 @@ def adapm_write_kernel(g_ptr, p_ptr, m_ptr, v_ptr, r_ptr, c_ptr, a_ptr, b_ptr, s
             tl.store(v_ptrs, v, mask=and_flag(mask, okm))
             u = tl.div_rn(mh, tl.sqrt_rn(tl.div_rn(v, bc2)) + eps)
         else:
-            r = tl.load(r_ptr + rows, mask=rmask, other=0.0)
+            r = tl.load(ws_ptr + off_r + rows, mask=rmask, other=0.0)
             u = mh * r[:, None] * c[None, :] * sbc2
         if HAS_WD:
             new = p * decay
@@ -217,6 +313,13 @@ def adapm_write_kernel(g_ptr, p_ptr, m_ptr, v_ptr, r_ptr, c_ptr, a_ptr, b_ptr, s
             lin = (row0 + rows)[:, None] * n_total + (col0 + cols)[None, :]
             new = round_to_bf16(new, lin, seed)
         tl.store(p_ptrs, new.to(p_ptr.dtype.element_ty), mask=and_flag(mask, okp))
+
+
+stats = Launcher(adapm_stats_kernel, "HAS_SCALE", "FACTORED", "PSQ", "ALIGN", "G_UNIT", "P_UNIT", "BLOCK_M", "BLOCK_N")
+finish = Launcher(adapm_finish_kernel, "FACTORED", "BLOCK")
+usq = Launcher(adapm_usq_kernel, "HAS_SCALE", "MOM", "ALIGN", "G_UNIT", "BLOCK_M", "BLOCK_N", "RP")
+write = Launcher(adapm_write_kernel, "HAS_SCALE", "MOM", "ADAM", "M_STORED", "HAS_WD", "HAS_USQ", "PSQ", "SR", "ALIGN",
+                 "G_UNIT", "P_UNIT", "BLOCK_M", "BLOCK_N", "RP")
 
 
 # ------------------------------------------------------------------------------------------------ host side
@@ -255,12 +358,18 @@ def _low_rank(gc, state, ch, beta1: float, t: float, ok, refresh: bool, fill: bo
     return (P, C) if side == "left" else (C, P.mT)
 
 
+def _aligned(N: int, *strides: int) -> bool:
+    return N % 16 == 0 and all(x % 16 == 0 for x in strides)
+
+
 def adapm_update_(p, g, state, chunks: list, *, t: float, lr: float, beta1: float, beta2: float, bc2: float,
                   eps: float, weight_decay: float, second_moment: str, clip_threshold, relative_lr: bool,
                   refresh: bool, fill: bool, grad_scale, stochastic_rounding: bool, seed: int) -> torch.Tensor:
     """One AdaPM step on the 2-D ``p`` (``optim.adapm.AdaPM._update``'s maths; ``state['step']`` already at ``t``).
     Returns the 0-d bool "the gradient was finite" (when not, p and the state are left as they were)."""
     dev = p.device
+    ctx = LaunchContext(p)
+    run = (ctx.stream, ctx.device, None)
     Mrows, N = p.shape
     factored = second_moment == "factored"
     has_scale = grad_scale is not None
@@ -268,91 +377,82 @@ def adapm_update_(p, g, state, chunks: list, *, t: float, lr: float, beta1: floa
     if has_scale and not isinstance(scale, torch.Tensor):
         scale = torch.full((), float(scale), dtype=torch.float32, device=dev)
     geo = tiling(Mrows, N)
-    bm, bn, TN, rpp = geo["BLOCK_M"], geo["BLOCK_N"], geo["TN"], geo["rows_per_prog"]
-    n_prog = geo["TM"] * TN
+    bm, bn, TM, TN, rpp = geo["BLOCK_M"], geo["BLOCK_N"], geo["TM"], geo["TN"], geo["rows_per_prog"]
+    n_prog = TM * TN
     psq = factored and relative_lr
+    has_usq = factored and clip_threshold is not None
+    geos = []
+    for ch in chunks:
+        gc = g[ch.rows, ch.cols]
+        cg = tiling(gc.shape[0], gc.shape[1])
+        geos.append((gc, cg["TM"] * cg["TN"], cg["TN"], cg["rows_per_prog"]))
+    # workspace (fp32): partial sums of g and p^2, of the row and column sums of g^2, of u^2 per chunk; r and c
     off_psq, off_row = n_prog, 2 * n_prog
     off_col = off_row + (TN * Mrows if factored else 0)
-    ws = torch.empty(off_col + (geo["TM"] * N if factored else 0), dtype=torch.float32, device=dev)
-    adapm_stats_kernel[(n_prog,)](g, p, scale, ws, Mrows, N, TN, rpp, g.stride(0), g.stride(1), p.stride(0),
-                                  p.stride(1), off_psq, off_row, off_col, HAS_SCALE=has_scale, FACTORED=factored,
-                                  PSQ=psq, BLOCK_M=bm, BLOCK_N=bn, num_warps=WARPS)
-    ok = torch.isfinite(ws[:n_prog].sum())  # the momentum's flag: the torch path's isfinite(g.sum())
-    okp = ok
-    r_fac = c_fac = None
-    if factored:
-        eps1 = eps * eps
-        row_mean = ws[off_row:off_col].view(TN, Mrows).sum(0).div_(N).add_(eps1)
-        col_mean = ws[off_col:].view(geo["TM"], N).sum(0).add_(eps1 * Mrows).div_(Mrows)
-        ok2 = torch.isfinite(row_mean.sum() + col_mean.sum())
-        F.masked_ema_(state["exp_avg_sq_row"], row_mean, beta2, ok2)
-        F.masked_ema_(state["exp_avg_sq_col"], col_mean, beta2, ok2)
-        okp = ok & ok2
-        r_fac, c_fac = (f.reshape(-1) for f in F.preconditioner(state))
-    okm_i, okp_i = ok.to(torch.int32), okp.to(torch.int32)
+    off_usq = off_col + (TM * N if factored else 0)
+    n_usq = sum(n for _, n, _, _ in geos) if has_usq else 0
+    off_r = off_usq + n_usq
+    off_c = off_r + (Mrows if factored else 0)
+    ws = torch.empty(off_c + (N if factored else 0), dtype=torch.float32, device=dev)
+    flags = torch.empty(2, dtype=torch.int32, device=dev)
+    sg, sp = g.stride(), p.stride()
+    align = _aligned(N, sg[0], sp[0]) and sg[1] == 1 and sp[1] == 1
+    stats(n_prog, (g, p, scale, ws, Mrows, N, TN, rpp, sg[0], sg[1], sp[0], sp[1], off_psq, off_row, off_col),
+          (has_scale, factored, psq, align, sg[1] == 1, sp[1] == 1, bm, bn), WARPS, run)
+    row_st, col_st = (state["exp_avg_sq_row"], state["exp_avg_sq_col"]) if factored else (ws, ws)
+    finish(1, (ws, row_st, col_st, flags, n_prog, Mrows, N, TM, TN, off_row, off_col, off_r, off_c, float(beta2),
+               float(eps) ** 2), (factored, 1024), 4, run)
     b1 = float(beta1)
     bc1 = 1.0 - b1 ** t
     sbc2 = math.sqrt(bc2)
-    plans = []
-    for ch in chunks:
-        gc = g[ch.rows, ch.cols]
+    lifts = []
+    ok = None
+    for ch, (gc, _, _, _) in zip(chunks, geos):
+        if ch.kind != "low_rank":
+            lifts.append(None)
+            continue
+        if ok is None:
+            ok = flags[0] != 0
+        lifts.append(_low_rank(gc, state, ch, b1, t, ok, refresh, fill, grad_scale))
+
+    def args_of(ch, gc, lift):
         code = _KIND_CODES[ch.kind]
-        a_t = b_t = None
-        if code == LOW_RANK:
-            a_t, b_t = _low_rank(gc, state, ch, b1, t, ok, refresh, fill, grad_scale)
-        plans.append((ch, gc, code, a_t, b_t))
-
-    def lift_args(a_t, b_t):
-        if a_t is None:
-            return (ws, ws, 0, 0, 0, 0, 0, 16)
-        R = a_t.shape[1]
-        return (a_t, b_t, a_t.stride(0), a_t.stride(1), b_t.stride(0), b_t.stride(1), R, max(16, next_pow2(R)))
-
-    def chunk_geo(gc):
-        cg = tiling(gc.shape[0], gc.shape[1])
-        return cg["TM"] * cg["TN"], cg["TN"], cg["rows_per_prog"]
-
-    sc = ws
-    if factored:
-        coef_scale = None
-        if clip_threshold is not None:
-            parts = []
-            for ch, gc, code, a_t, b_t in plans:
-                n_c, tn_c, rpp_c = chunk_geo(gc)
-                usq = torch.empty(n_c, dtype=torch.float32, device=dev)
-                m = state[ch.prefix + "exp_avg"] if code == FULL else ws
-                a_p, b_p, sa_m, sa_k, sb_k, sb_n, R, RP = lift_args(a_t, b_t)
-                adapm_usq_kernel[(n_c,)](gc, m, r_fac[ch.rows], c_fac[ch.cols], a_p, b_p, scale, okm_i, usq,
-                                         gc.shape[0], gc.shape[1], tn_c, rpp_c, gc.stride(0), gc.stride(1),
-                                         m.stride(0) if code == FULL else 0, sa_m, sa_k, sb_k, sb_n, R, b1, bc1, sbc2,
-                                         HAS_SCALE=has_scale, MOM=code, BLOCK_M=bm, BLOCK_N=bn, RP=RP,
-                                         num_warps=WARPS)
-                parts.append(usq)
-            usum = parts[0].sum() if len(parts) == 1 else torch.cat(parts).sum()
-            coef_scale = F.clip_by_rms(usum, p.numel(), clip_threshold)
-        if psq:
-            step_size = (ws[off_psq:off_psq + n_prog].sum().sqrt() / math.sqrt(p.numel())).clamp_min(
-                1e-3) * lr
+        m = state[ch.prefix + "exp_avg"] if code == FULL else ws
+        if lift is None:
+            lift_args, RP = (ws, ws, 0, 0, 0, 0, 0), 16
         else:
-            step_size = torch.full((), lr, dtype=torch.float32, device=dev)
-        coef = -step_size if coef_scale is None else -(step_size * coef_scale)
-        sc = torch.stack([1.0 - step_size * weight_decay, coef]).float()
+            a_t, b_t = lift
+            lift_args, RP = (a_t, b_t, a_t.stride(0), a_t.stride(1), b_t.stride(0), b_t.stride(1),
+                             a_t.shape[1]), max(16, next_pow2(a_t.shape[1]))
+        row0, col0 = ch.rows.start or 0, ch.cols.start or 0
+        return code, m, lift_args, RP, row0, col0
+
+    if has_usq:
+        off_out = off_usq
+        for ch, (gc, n_c, tn_c, rpp_c), lift in zip(chunks, geos, lifts):
+            code, m, (a_p, b_p, *lift_ints), RP, row0, col0 = args_of(ch, gc, lift)
+            sm = m.stride(0) if code == FULL else 0
+            al = _aligned(gc.shape[1], gc.stride(0), sm) and gc.stride(1) == 1
+            usq(n_c, (gc, m, a_p, b_p, scale, flags, ws, gc.shape[0], gc.shape[1], tn_c, rpp_c, gc.stride(0),
+                      gc.stride(1), sm, *lift_ints, off_r + row0, off_c + col0, off_out, b1, bc1, sbc2),
+                (has_scale, code, al, gc.stride(1) == 1, bm, bn, RP), WARPS, run)
+            off_out += n_c
     sr = bool(stochastic_rounding) and p.dtype == torch.bfloat16
     seed_i = seed_arg(sr, seed)
-    v = state.get("exp_avg_sq") if not factored else None
-    for ch, gc, code, a_t, b_t in plans:
-        n_c, tn_c, rpp_c = chunk_geo(gc)
+    v = None if factored else state["exp_avg_sq"]
+    numel = p.numel()
+    for ch, (gc, n_c, tn_c, rpp_c), lift in zip(chunks, geos, lifts):
+        code, m, (a_p, b_p, *lift_ints), RP, row0, col0 = args_of(ch, gc, lift)
         pc = p[ch.rows, ch.cols]
-        m = state[ch.prefix + "exp_avg"] if code == FULL else ws
         vc = v[ch.rows, ch.cols] if v is not None else ws
-        a_p, b_p, sa_m, sa_k, sb_k, sb_n, R, RP = lift_args(a_t, b_t)
-        m_stored = factored and clip_threshold is not None
-        adapm_write_kernel[(n_c,)](
-            gc, pc, m, vc, r_fac[ch.rows] if factored else ws, c_fac[ch.cols] if factored else ws, a_p, b_p, scale,
-            okm_i, okp_i, sc, seed_i, gc.shape[0], gc.shape[1], tn_c, rpp_c, gc.stride(0), gc.stride(1), pc.stride(0),
-            pc.stride(1), m.stride(0) if code == FULL else 0, vc.stride(0) if v is not None else 0, sa_m, sa_k, sb_k,
-            sb_n, R, ch.rows.start or 0, ch.cols.start or 0, N, b1, bc1, float(beta2), float(bc2), float(eps), sbc2,
-            1.0 - lr * weight_decay, -lr, HAS_SCALE=has_scale, MOM=code, ADAM=not factored, M_STORED=m_stored,
-            HAS_WD=weight_decay != 0, SC_DEV=factored, SR=sr, BLOCK_M=bm, BLOCK_N=bn, RP=RP, num_warps=WARPS)
+        sm, sv = m.stride(0) if code == FULL else 0, vc.stride(0) if v is not None else 0
+        al = _aligned(gc.shape[1], gc.stride(0), pc.stride(0), sm, sv) and gc.stride(1) == 1 and pc.stride(1) == 1
+        write(n_c, (gc, pc, m, vc, a_p, b_p, scale, flags, ws, seed_i, gc.shape[0], gc.shape[1], tn_c, rpp_c,
+                    gc.stride(0), gc.stride(1), pc.stride(0), pc.stride(1), sm, sv, *lift_ints, off_r + row0,
+                    off_c + col0, off_usq, n_usq, off_psq, n_prog, row0, col0, N, float(lr), float(weight_decay), b1,
+                    bc1, float(beta2), float(bc2), float(eps), sbc2, float(numel), math.sqrt(numel),
+                    float(clip_threshold or 1.0)),
+              (has_scale, code, not factored, has_usq, weight_decay != 0, has_usq, psq, sr, al, gc.stride(1) == 1,
+               pc.stride(1) == 1, bm, bn, RP), WARPS, run)
     _compat.bump_versions([p])
-    return okp
+    return flags[1] != 0
