@@ -183,7 +183,7 @@ def adapm_finish_kernel(ws_ptr, row_ptr, col_ptr, flags_ptr, n_fin, M, N, TM, TN
             idx = j0 + offs
             msk = idx < N
             old = tl.load(col_ptr + idx, mask=msk, other=1.0)
-            new = tl.where(ok2, old * beta2 + tl.load(ws_ptr + off_c + idx, mask=msk, other=0.0) * (1.0 - beta2),
+            new = tl.where(ok2, old * beta2 + tl.load(ws_ptr + off_c + idx, mask=msk, other=1.0) * (1.0 - beta2),
                            old)
             tl.store(col_ptr + idx, new, mask=msk)
             tl.store(ws_ptr + off_c + idx, tl.div_rn(1.0, tl.sqrt_rn(new)), mask=msk)
