@@ -133,11 +133,16 @@ def adapm_stats_kernel(g_ptr, p_ptr, scale_ptr, ws_ptr, M, N, TN, rows_per_prog,
 
 
 @triton.jit
-def _sum_partials(ws_ptr, off, stride, n_parts, idx, msk, BLOCK: tl.constexpr):
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for k in range(0, n_parts):
-        acc += tl.load(ws_ptr + off + k * stride + idx, mask=msk, other=0.0)
-    return acc
+def _sum_partials(ws_ptr, off, stride, n_parts, idx, msk, BLOCK: tl.constexpr, PB: tl.constexpr = 8):
+    """Entries ``idx`` summed over ``n_parts`` partial rows (``stride`` apart) at ``ws_ptr + off``, PB rows per load
+    (loads in flight: a single program reads them all)."""
+    parts = tl.arange(0, PB)
+    acc = tl.zeros([PB, BLOCK], dtype=tl.float32)
+    for k0 in range(0, n_parts, PB):
+        kk = k0 + parts
+        acc += tl.load(ws_ptr + off + kk[:, None] * stride + idx[None, :], mask=(kk < n_parts)[:, None] & msk[None, :],
+                       other=0.0)
+    return tl.sum(acc, axis=0)
 
 
 @_jit
@@ -401,7 +406,7 @@ def adapm_update_(p, g, state, chunks: list, *, t: float, lr: float, beta1: floa
           (has_scale, factored, psq, align, sg[1] == 1, sp[1] == 1, bm, bn), WARPS, run)
     row_st, col_st = (state["exp_avg_sq_row"], state["exp_avg_sq_col"]) if factored else (ws, ws)
     finish(1, (ws, row_st, col_st, flags, n_prog, Mrows, N, TM, TN, off_row, off_col, off_r, off_c, float(beta2),
-               float(eps) ** 2), (factored, 1024), 4, run)
+               float(eps) ** 2), (factored, 512), 8, run)
     b1 = float(beta1)
     bc1 = 1.0 - b1 ** t
     sbc2 = math.sqrt(bc2)
