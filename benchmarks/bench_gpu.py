@@ -19,7 +19,9 @@ Rows (``--only`` picks some): ``floor``; ours, for each of ``adalomo``/``adafact
 write or not (kernel setting ``carry_psq``, on by default), ``_r{N}`` sets the kernel setting ``stages_read``
 (software-pipelined read loops), ``_timed`` adds up the host time inside the fused hooks and flushes
 (``counters``), ``_three`` turns the kernel setting ``one_read`` off, e.g. ``adalomo_fused_b0_three``;
-``adalomo_fused_torchpath`` (ADALOMO_DISABLE_TRITON=1);
+``adalomo_fused_torchpath`` (ADALOMO_DISABLE_TRITON=1); AdaPM (default momentum policy, rank 64, by parameter
+name): ``adapm_fused`` / ``adapm_classic`` (factored second moment), ``adapm_adam_fused`` / ``adapm_adam_classic``
+(Adam's), the same suffixes ``_b{MB}``, ``_timed`` and ``_torchpath`` (its torch path);
 peers ``torch_adamw_fused`` (classic, ``fused=True``), ``torch_adafactor`` (foreach), ``lomo_optim_adalomo``,
 ``lomo_optim_lomo`` (skipped with a note when ``lomo_optim`` is not installed).
 
@@ -66,7 +68,8 @@ FIT_LADDER = {  # name: (layers, hidden, inter, heads); batch 1 x 1024, checkpoi
 }
 ROWS = ["floor", "adalomo_fused", "adalomo_fused_b0", "adalomo_classic", "adafactor_fused",
         "adafactor_classic", "lomo_fused", "lomo_classic", "torch_adamw_fused", "torch_adafactor", "lomo_optim_adalomo",
-        "lomo_optim_lomo", "adalomo_fused_torchpath"]
+        "lomo_optim_lomo", "adalomo_fused_torchpath", "adapm_fused", "adapm_classic", "adapm_adam_fused",
+        "adapm_adam_classic"]
 
 
 # ------------------------------------------------------------------------------------------- child
@@ -241,6 +244,8 @@ def _optimizer(row: str, model, params: list, cuda: bool):
             opt.remove_hooks()
             if prev:
                 kernels.set_config(**prev)
+    elif row.startswith("adapm_"):
+        opt, note, undo = _adapm(row, model, params, fused)
     elif row == "torch_adamw_fused":
         opt = torch.optim.AdamW(params, lr=1e-4, fused=cuda)
     elif row == "torch_adafactor":
@@ -256,6 +261,31 @@ def _optimizer(row: str, model, params: list, cuda: bool):
     else:
         raise ValueError(row)
     return opt, fused, note, undo
+
+
+def _adapm(row: str, model, params: list, fused: bool):
+    """An AdaPM row: (optimizer, note, undo). ``adapm_adam_*``: Adam's second moment, else the factored one; the
+    default momentum policy needs the parameters' names (LLaMA: q/k and MLP low-rank, v full, o and embeddings
+    none)."""
+    import adalomo
+    from adalomo import kernels
+    opts = row.split("_")[1:]
+    kw = dict(fused=fused, second_moment="adam" if "adam" in opts else "factored")
+    for o in opts:
+        if o[:1] == "b" and o[1:].isdigit():
+            kw["bucket_cap_mb"] = float(o[1:])
+    if "timed" in opts:
+        _time_host_path()
+    ids = {id(p) for p in params}
+    named = [(n, p) for n, p in model.named_parameters() if id(p) in ids]
+    opt = adalomo.AdaPM(named, lr=1e-4, rank=64, **kw)
+    kinds = {}
+    for p in params:
+        k = str(opt.momentum_kind(p))
+        kinds[k] = kinds.get(k, 0) + p.numel()
+    note = (f"triton={kernels.use_triton(params[0], params[0])}, bucket_cap_mb={opt.bucket_cap_mb}, "
+            f"params by momentum kind (M): {', '.join(f'{k}={v / 1e6:.1f}' for k, v in sorted(kinds.items()))}")
+    return opt, note, opt.remove_hooks
 
 
 @contextlib.contextmanager
@@ -395,7 +425,7 @@ def paired(row: str, cfg: dict) -> dict | list[dict]:
 def child(row: str, cfg: dict) -> dict:
     import torch
     host_probe_ms = _host_probe_ms()
-    if row == "adalomo_fused_torchpath":
+    if row.endswith("_torchpath"):
         os.environ["ADALOMO_DISABLE_TRITON"] = "1"
     cuda = DEV == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -443,6 +473,9 @@ def child(row: str, cfg: dict) -> dict:
            "loss_last": round(losses[-1], 4)}
     if note:
         out["note"] = note
+    if isinstance(getattr(opt, "state", None), dict):  # optimizer state, step counters aside
+        out["state_MB"] = round(sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
+                                    if isinstance(v, torch.Tensor) and v.dim()) / 2**20, 1)
     model = opt = step = None
     gc.collect()
     return out
@@ -537,15 +570,16 @@ def _summarise(rounds: list[list[dict]], names: list[str]) -> list[dict]:
                     "tokens_per_s": int(statistics.median(r["tokens_per_s"] for r in got)),
                     **({"host_issue_ms": round(statistics.median(r["host_issue_ms"] for r in got), 1)}
                        if all("host_issue_ms" in r for r in got) else {}),
+                    **({"state_MB": got[0]["state_MB"]} if "state_MB" in got[0] else {}),
                     "note": got[0].get("note", "")})
     return out
 
 
 def _print_table(rows: list[dict]) -> None:
     """The short table: median step, its ratio to the floor [spread over rounds], the fastest step's ratio to the
-    floor's fastest, peak memory and its ratio, tokens/s, the host's time to issue a step."""
+    floor's fastest, peak memory and its ratio, tokens/s, the host's time to issue a step, the optimizer state."""
     print(f"{'optimizer':26s} {'step ms':>8s} {'x floor':>8s} {'fastest':>8s} {'peak GB':>8s} {'x floor':>8s} "
-          f"{'tokens/s':>9s} {'host ms':>8s}")
+          f"{'tokens/s':>9s} {'host ms':>8s} {'state MB':>9s}")
     nan = float("nan")
     for r in rows:
         if "step_ms" in r:
@@ -554,7 +588,7 @@ def _print_table(rows: list[dict]) -> None:
             fastest = r.get("fastest_vs_floor")
             print(f"{r['name']:26s} {r['step_ms']:8.1f} {r.get('time_vs_floor', nan):8.3f} "
                   f"{nan if fastest is None else fastest:8.3f} {r['peak_GB']:8.2f} {r.get('mem_vs_floor', nan):8.3f} "
-                  f"{r['tokens_per_s']:9d} {r.get('host_issue_ms', nan):8.1f}{spread}")
+                  f"{r['tokens_per_s']:9d} {r.get('host_issue_ms', nan):8.1f} {r.get('state_MB', nan):9.1f}{spread}")
         else:
             print(f"{r['name']:26s} {r.get('skipped') or r.get('error')}")
 

@@ -199,3 +199,18 @@ def test_row_settings_end_with_its_block():
     undo()
     assert CONFIG == before
     assert not B._left_hooks(params)
+
+
+def test_adapm_rows():
+    """``adapm_*`` rows: the second moment from the name, suffixes as for the other rows, names for the policy."""
+    import torch
+    model = torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8), "o_proj": torch.nn.Linear(8, 8)})
+    params = list(model.parameters())
+    for row, second, fused in (("adapm_fused", "factored", True), ("adapm_adam_classic", "adam", False),
+                               ("adapm_adam_fused_b0", "adam", True)):
+        opt, is_fused, note, undo = B._optimizer(row, model, params, cuda=False)
+        assert is_fused == fused and opt.param_groups[0]["second_moment"] == second
+        assert opt.momentum_kind(model["q_proj"].weight) == "low_rank" and "low_rank=" in note
+        assert row != "adapm_adam_fused_b0" or opt.bucket_cap_mb == 0
+        undo()
+        assert not B._left_hooks(params)
