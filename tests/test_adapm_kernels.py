@@ -232,6 +232,25 @@ def check_nonfinite(device: str, second: str) -> None:
     assert int(opt.skipped_updates) == 1
 
 
+def check_projection(device: str) -> None:
+    """The projection kernel (P^T g or g P, read in g's own dtype, split over the reduced side when the output has
+    few blocks) against ``momentum.project`` on the upcast gradient; strided and scaled gradients included."""
+    from adalomo import momentum as Mom
+    from adalomo.kernels import adapm as K
+    from adalomo.kernels.launch import LaunchContext
+    gen = torch.Generator().manual_seed(0)
+    for shape, side, r in (((520, 600), "left", 5), ((600, 520), "right", 20), ((40, 90), "left", 3)):
+        for dtype, scale in ((torch.float32, None), (torch.bfloat16, 0.5)):
+            big = torch.randn(shape[0], shape[1] + 7, generator=gen).to(device, dtype)
+            g = big[:, 3:3 + shape[1]]  # rows padded: a strided view
+            P = torch.linalg.qr(torch.randn(shape[0] if side == "left" else shape[1], r, generator=gen))[0].to(device)
+            s_t = None if scale is None else torch.full((), scale, device=device)
+            ctx = LaunchContext(g)
+            got = K._project(g, P, side, s_t, (ctx.stream, ctx.device, None))
+            want = Mom.project(g.float() * (1.0 if scale is None else scale), P, side)
+            _close(got, want, 1e-5, 1e-5, f"projection {shape} {side} {dtype}")
+
+
 def check_no_sync(device: str) -> None:
     """A kernel step with a basis refresh (randomized, the default) reads nothing back from the device and makes no
     tensor from host data (on CUDA both wait for the device), and calls no factorisation that does (svd, eigh)."""
@@ -287,6 +306,7 @@ CASES["options_adam"] = lambda d: check_torch_path(d, "split_cols", "adam", weig
                                                    betas=(0.0, 0.95), eps=1e-6)
 CASES["bf16_stochastic_rounding"] = lambda d: check_torch_path(d, "full", "factored", torch.bfloat16)
 CASES["no_sync"] = check_no_sync
+CASES["projection"] = check_projection
 
 
 def run_cases(device: str, cases: dict[str, Callable[[str], None]]) -> dict[str, str]:

@@ -34,7 +34,7 @@ from .. import _compat
 from .. import functional as F
 from .. import momentum as Mom
 from .common import a16, and_flag, round_to_bf16, strides_known, sum_parts
-from .config import next_pow2, tiling
+from .config import cdiv, next_pow2, tiling
 from .launch import LaunchContext, Launcher, seed_arg
 
 __all__ = ["adapm_update_"]
@@ -80,9 +80,9 @@ def _lift(a_ptr, b, rows, rmask, sa_m, sa_k, R, RP: tl.constexpr):
     return tl.dot(a, b, input_precision="ieee")
 
 
-_INTS = ["M", "N", "TM", "TN", "rows_per_prog", "sg_m", "sg_n", "sp_m", "sp_n", "sm_m", "sv_m", "sa_m", "sa_k",
-         "sb_k", "sb_n", "R", "n_fin", "off_psq", "off_row", "off_col", "off_r", "off_c", "off_usq", "n_usq", "n_psq",
-         "off_out", "row0", "col0", "n_total", "seed"]
+_INTS = ["per_split", "n_blocks", "M", "N", "TM", "TN", "rows_per_prog", "sg_m", "sg_n", "sp_m", "sp_n", "sm_m",
+         "sv_m", "sa_m", "sa_k", "sb_k", "sb_n", "R", "n_fin", "off_psq", "off_row", "off_col", "off_r", "off_c",
+         "off_usq", "n_usq", "n_psq", "off_out", "row0", "col0", "n_total", "seed"]
 
 
 def _jit(fn):
@@ -320,31 +320,94 @@ def adapm_write_kernel(g_ptr, p_ptr, m_ptr, v_ptr, a_ptr, b_ptr, scale_ptr, flag
         tl.store(p_ptrs, new.to(p_ptr.dtype.element_ty), mask=and_flag(mask, okp))
 
 
+@_jit
+def adapm_project_kernel(g_ptr, P_ptr, scale_ptr, out_ptr, M, N, sg_m, sg_n, sa_m, sa_k, R, per_split, n_blocks,
+                         HAS_SCALE: tl.constexpr, LEFT: tl.constexpr, ALIGN: tl.constexpr, G_UNIT: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP: tl.constexpr):
+    """The projected gradient, reading g once in its own dtype: LEFT, P^T g (P: M x R) as partial sums over row
+    splits, [split, R, N]; else g P (P: N x R) over column splits, [split, M, R]. A program takes one block of the
+    output's long side and one split of the reduced side (a fixed order: deterministic)."""
+    N, _, sg_m, sg_n = strides_known(N, 0, sg_m, sg_n, ALIGN, G_UNIT)
+    pid = tl.program_id(0)
+    blk = pid % n_blocks
+    split = pid // n_blocks
+    ks = tl.arange(0, RP)
+    kmask = ks < R
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr).to(tl.float32)
+    if LEFT:
+        cols = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        acc = tl.zeros([RP, BLOCK_N], dtype=tl.float32)
+        lo = split * per_split
+        for m0 in range(0, per_split, BLOCK_M):
+            rows = lo + m0 + tl.arange(0, BLOCK_M)
+            rmask = rows < M
+            g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * sg_m + cols[None, :] * sg_n,
+                        mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+            if HAS_SCALE:
+                g = g * scale
+            pt = tl.load(P_ptr + rows[:, None] * sa_m + ks[None, :] * sa_k, mask=rmask[:, None] & kmask[None, :],
+                         other=0.0)
+            acc += tl.dot(tl.trans(pt), g, input_precision="ieee")
+        tl.store(out_ptr + (split * R + ks[:, None]).to(tl.int64) * N + cols[None, :], acc,
+                 mask=kmask[:, None] & cmask[None, :])
+    else:
+        rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < M
+        acc = tl.zeros([BLOCK_M, RP], dtype=tl.float32)
+        lo = split * per_split
+        for n0 in range(0, per_split, BLOCK_N):
+            cols = lo + n0 + tl.arange(0, BLOCK_N)
+            cmask = cols < N
+            g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * sg_m + cols[None, :] * sg_n,
+                        mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+            if HAS_SCALE:
+                g = g * scale
+            pt = tl.load(P_ptr + cols[:, None] * sa_m + ks[None, :] * sa_k, mask=cmask[:, None] & kmask[None, :],
+                         other=0.0)
+            acc += tl.dot(g, pt, input_precision="ieee")
+        tl.store(out_ptr + (split * M + rows.to(tl.int64))[:, None] * R + ks[None, :], acc,
+                 mask=rmask[:, None] & kmask[None, :])
+
+
 stats = Launcher(adapm_stats_kernel, "HAS_SCALE", "FACTORED", "PSQ", "ALIGN", "G_UNIT", "P_UNIT", "BLOCK_M", "BLOCK_N")
 finish = Launcher(adapm_finish_kernel, "FACTORED", "BLOCK")
 usq = Launcher(adapm_usq_kernel, "HAS_SCALE", "MOM", "ALIGN", "G_UNIT", "BLOCK_M", "BLOCK_N", "RP")
+project = Launcher(adapm_project_kernel, "HAS_SCALE", "LEFT", "ALIGN", "G_UNIT", "BLOCK_M", "BLOCK_N", "RP")
 write = Launcher(adapm_write_kernel, "HAS_SCALE", "MOM", "ADAM", "M_STORED", "HAS_WD", "HAS_USQ", "PSQ", "SR", "ALIGN",
                  "G_UNIT", "P_UNIT", "BLOCK_M", "BLOCK_N", "RP")
 
 
 # ------------------------------------------------------------------------------------------------ host side
-def _project(g: torch.Tensor, P: torch.Tensor, side: str, scale) -> torch.Tensor:
-    """proj(g * scale) in fp32; a gradient of another dtype (or scaled) is upcast a row block at a time."""
-    if g.dtype == torch.float32 and scale is None:
-        return Mom.project(g, P, side)
-    blocks = list(F.row_blocks(g))
-    if len(blocks) == 1:
-        return Mom.project(F.upcast(g, scale), P, side)
-    if side == "right":
-        return torch.cat([F.upcast(g[b], scale) @ P for b in blocks])
-    out = None
-    for b in blocks:
-        part = P[b].mT @ F.upcast(g[b], scale)
-        out = part if out is None else out.add_(part)
-    return out
+#: the projection's programs: enough to fill an H100's 132 SMs twice, with splits of the reduced side when the
+#: output's long side has fewer blocks
+_PROJECT_PROGRAMS = 264
+_PROJECT_BLOCK = 64  # output block along the long side
+_PROJECT_K = 32  # reduced-side rows (left) or columns (right) per step
 
 
-def _low_rank(gc, state, ch, beta1: float, t: float, ok, refresh: bool, fill: bool, scale):
+def _project(g: torch.Tensor, P: torch.Tensor, side: str, scale, run) -> torch.Tensor:
+    """proj(g * scale) in fp32 (``momentum.project``), reading g once in its own dtype (``adapm_project_kernel``)."""
+    M, N = g.shape
+    R = P.shape[1]
+    left = side == "left"
+    long_side, short_side = (N, M) if left else (M, N)
+    n_blocks = cdiv(long_side, _PROJECT_BLOCK)
+    splits = max(1, min(cdiv(_PROJECT_PROGRAMS, n_blocks), cdiv(short_side, 8 * _PROJECT_K)))
+    per_split = cdiv(cdiv(short_side, splits), _PROJECT_K) * _PROJECT_K
+    splits = cdiv(short_side, per_split)
+    out = torch.empty((splits, R, N) if left else (splits, M, R), dtype=torch.float32, device=g.device)
+    has_scale = scale is not None
+    sg = g.stride()
+    bm, bn = (_PROJECT_K, _PROJECT_BLOCK) if left else (_PROJECT_BLOCK, _PROJECT_K)
+    project(n_blocks * splits, (g, P, scale if has_scale else g, out, M, N, sg[0], sg[1], P.stride(0), P.stride(1), R,
+                                per_split, n_blocks),
+            (has_scale, left, _aligned(N, sg[0]) and sg[1] == 1, sg[1] == 1, bm, bn, max(16, next_pow2(R))), 4, run)
+    return out[0] if splits == 1 else out.sum(0)
+
+
+def _low_rank(gc, state, ch, beta1: float, t: float, ok, refresh: bool, fill: bool, scale, run):
     """The small part of a low-rank chunk in torch (``momentum.momentum_estimate_``'s, without forming m_hat):
     refresh the basis if due, update M, and return (A, B) with lift(M / bc - pg) = A @ B."""
     P, Mst = state[ch.prefix + "proj"], state[ch.prefix + "exp_avg_lr"]
@@ -357,7 +420,7 @@ def _low_rank(gc, state, ch, beta1: float, t: float, ok, refresh: bool, fill: bo
         pg = Mom.project(g32, P, side)
         del g32, safe
     else:
-        pg = _project(gc, P, side, scale)
+        pg = _project(gc, P, side, scale, run)
     Mst.copy_(torch.where(ok, torch.lerp(pg, Mst, beta1) if beta1 != 0 else pg, Mst))
     C = Mst / (1.0 - beta1 ** t) - pg
     return (P, C) if side == "left" else (C, P.mT)
@@ -418,7 +481,7 @@ def adapm_update_(p, g, state, chunks: list, *, t: float, lr: float, beta1: floa
             continue
         if ok is None:
             ok = flags[0] != 0
-        lifts.append(_low_rank(gc, state, ch, b1, t, ok, refresh, fill, grad_scale))
+        lifts.append(_low_rank(gc, state, ch, b1, t, ok, refresh, fill, scale if has_scale else None, run))
 
     def args_of(ch, gc, lift):
         code = _KIND_CODES[ch.kind]
