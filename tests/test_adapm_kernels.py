@@ -348,6 +348,58 @@ def test_cuda(name):
     CASES[name]("cuda")
 
 
+_SM90_FLOATS = ("beta1", "bc1", "beta2", "bc2", "eps", "sbc2", "eps1", "lr", "weight_decay", "numel_f", "sqrt_numel",
+                "clip_threshold")
+
+
+def _sm90_variants(tl):
+    """AdaPM's kernels in the variants the optimizer launches (bf16 p and g): every momentum code, both second
+    moments, stochastic rounding on and off, rank 64."""
+    from adalomo.kernels import adapm as K
+    from adalomo.kernels.config import CONFIG as C
+    tile = dict(ALIGN=True, G_UNIT=True, BLOCK_M=C["block_m"], BLOCK_N=C["block_n"])
+    out = [("adapm_stats", K.adapm_stats_kernel, dict(tile, HAS_SCALE=True, FACTORED=True, PSQ=True, P_UNIT=True),
+            K.WARPS, True),
+           ("adapm_finish", K.adapm_finish_kernel, dict(FACTORED=True, BLOCK=512), 8, False)]
+    for left in (True, False):
+        bm, bn, warps = K._PROJECT_LEFT if left else K._PROJECT_RIGHT
+        out.append((f"adapm_project_{'left' if left else 'right'}", K.adapm_project_kernel,
+                    dict(HAS_SCALE=False, LEFT=left, ALIGN=True, G_UNIT=True, BLOCK_M=bm, BLOCK_N=bn, RP=64), warps,
+                    True))
+    for mom in (0, 1, 2):
+        t = dict(tile) if mom != 2 else dict(tile, BLOCK_M=K._LOW_RANK_TILE[0], BLOCK_N=K._LOW_RANK_TILE[1])
+        out.append((f"adapm_usq_{mom}", K.adapm_usq_kernel, dict(t, HAS_SCALE=False, MOM=mom, RP=64), K.WARPS, True))
+        for adam in (True, False):
+            for sr in (True, False):
+                out.append((f"adapm_write_{mom}_{'adam' if adam else 'factored'}{'' if sr else '_nosr'}",
+                            K.adapm_write_kernel, dict(t, HAS_SCALE=False, MOM=mom, ADAM=adam, M_STORED=not adam,
+                                                       HAS_WD=True, HAS_USQ=not adam, PSQ=not adam, SR=sr,
+                                                       P_UNIT=True, RP=64), K.WARPS, True))
+    return out
+
+
+def test_kernels_compile_for_sm90():
+    """The kernels compile for a Hopper GPU (Triton's compiler and ptxas on CPU, as ``test_kernels_sm90.py`` does):
+    the interpreter never lowers ``tl.dot`` or the barriers; no register spills in the streaming passes."""
+    import test_kernels_sm90 as S
+    why = S._toolchain_missing()
+    if why:
+        pytest.skip(why)
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "ADALOMO_TRITON_INTERPRET")}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "src"), HERE])
+    code = ("import json, test_kernels_sm90 as S, test_adapm_kernels as T; "
+            "print(json.dumps(S._compile_all(T._sm90_variants, T._SM90_FLOATS)))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900,
+                          cwd=ROOT)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    res = {k: v for k, v in json.loads(lines[-1]).items() if not k.startswith("_")}
+    failed = {k: v["error"] for k, v in res.items() if not v["ok"]}
+    assert not failed, failed
+    spilled = {k: v["spills"] for k, v in res.items() if v["streaming"] and v["spills"]}
+    assert not spilled, f"register spills (local memory) in streaming kernels: {spilled}"
+
+
 def test_only_matrices_take_the_kernels():
     """1-D (and >2-D) tensors keep the torch path (``_grouped_takes``); matrices with fp32 contiguous state go."""
     ps = [nn.Parameter(torch.zeros(4, 6)), nn.Parameter(torch.zeros(6)), nn.Parameter(torch.zeros(2, 3, 4))]

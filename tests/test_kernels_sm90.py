@@ -107,7 +107,10 @@ def _variants(tl):
     return out
 
 
-def _compile_all() -> dict:
+def _compile_all(variants=None, floats: tuple[str, ...] = ()) -> dict:
+    """Compile ``variants(tl)`` (default: ``_variants``, the kernels of this file's docstring; ``floats``: more
+    argument names that take Python floats) for sm_90: per kernel its instruction count, spills, registers and
+    asynchronous copies."""
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -119,7 +122,7 @@ def _compile_all() -> dict:
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     target = GPUTarget("cuda", 90, 32)
     res = {"_elements_per_thread_write": CONFIG["block_m"] * CONFIG["block_n"] // (32 * CONFIG["warps_write"])}
-    for name, fn, consts, warps, streaming, *opts in _variants(tl):
+    for name, fn, consts, warps, streaming, *opts in (variants or _variants)(tl):
         try:
             sig = {}
             for a in fn.arg_names:
@@ -130,7 +133,7 @@ def _compile_all() -> dict:
                 elif a == "seed":
                     sig[a] = "i64"
                 else:
-                    sig[a] = "fp32" if a in _FLOATS else "i32"
+                    sig[a] = "fp32" if a in _FLOATS or a in floats else "i32"
             ptr_idx = [i for i, a in enumerate(fn.arg_names) if sig[a].startswith("*")]
             src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
                             attrs={(i,): [["tt.divisibility", 16]] for i in ptr_idx})

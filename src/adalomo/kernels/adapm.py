@@ -279,7 +279,7 @@ def adapm_write_kernel(g_ptr, p_ptr, m_ptr, v_ptr, a_ptr, b_ptr, scale_ptr, flag
         c = tl.load(ws_ptr + off_c + cols, mask=cmask, other=0.0)
     if MOM == 2:
         b = _lift_rhs(b_ptr, cols, cmask, sb_k, sb_n, R, RP)
-    for m0 in range(0, rows_per_prog, BLOCK_M):
+    for m0 in tl.range(0, rows_per_prog, BLOCK_M, num_stages=1):
         rows = r0 + m0 + lrows
         rmask = rows < M
         mask = rmask[:, None] & cmask[None, :]
@@ -383,8 +383,13 @@ write = Launcher(adapm_write_kernel, "HAS_SCALE", "MOM", "ADAM", "M_STORED", "HA
 #: the projection's programs: enough to fill an H100's 132 SMs twice, with splits of the reduced side when the
 #: output's long side has fewer blocks
 _PROJECT_PROGRAMS = 264
-_PROJECT_BLOCK = 64  # output block along the long side
-_PROJECT_K = 32  # reduced-side rows (left) or columns (right) per step
+#: (BLOCK_M, BLOCK_N, warps) of the projection, left (P^T g: BLOCK_M rows reduced per step, BLOCK_N output columns)
+#: and right (g P: BLOCK_M output rows, BLOCK_N columns reduced per step); and of the passes over low-rank chunks,
+#: whose rank-r product per tile holds more registers: sizes without register spills on sm_90
+#: (tests/test_adapm_kernels.py compiles them)
+_PROJECT_LEFT = (16, 64, 8)
+_PROJECT_RIGHT = (64, 32, 4)
+_LOW_RANK_TILE = (16, 64)
 
 
 def _project(g: torch.Tensor, P: torch.Tensor, side: str, scale, run) -> torch.Tensor:
@@ -392,18 +397,19 @@ def _project(g: torch.Tensor, P: torch.Tensor, side: str, scale, run) -> torch.T
     M, N = g.shape
     R = P.shape[1]
     left = side == "left"
-    long_side, short_side = (N, M) if left else (M, N)
-    n_blocks = cdiv(long_side, _PROJECT_BLOCK)
-    splits = max(1, min(cdiv(_PROJECT_PROGRAMS, n_blocks), cdiv(short_side, 8 * _PROJECT_K)))
-    per_split = cdiv(cdiv(short_side, splits), _PROJECT_K) * _PROJECT_K
+    bm, bn, warps = _PROJECT_LEFT if left else _PROJECT_RIGHT
+    (long_side, block), (short_side, step) = ((N, bn), (M, bm)) if left else ((M, bm), (N, bn))
+    n_blocks = cdiv(long_side, block)
+    splits = max(1, min(cdiv(_PROJECT_PROGRAMS, n_blocks), cdiv(short_side, 256)))
+    per_split = cdiv(cdiv(short_side, splits), step) * step
     splits = cdiv(short_side, per_split)
     out = torch.empty((splits, R, N) if left else (splits, M, R), dtype=torch.float32, device=g.device)
     has_scale = scale is not None
     sg = g.stride()
-    bm, bn = (_PROJECT_K, _PROJECT_BLOCK) if left else (_PROJECT_BLOCK, _PROJECT_K)
     project(n_blocks * splits, (g, P, scale if has_scale else g, out, M, N, sg[0], sg[1], P.stride(0), P.stride(1), R,
                                 per_split, n_blocks),
-            (has_scale, left, _aligned(N, sg[0]) and sg[1] == 1, sg[1] == 1, bm, bn, max(16, next_pow2(R))), 4, run)
+            (has_scale, left, _aligned(N, sg[0]) and sg[1] == 1, sg[1] == 1, bm, bn, max(16, next_pow2(R))), warps,
+            run)
     return out[0] if splits == 1 else out.sum(0)
 
 
@@ -449,16 +455,18 @@ def adapm_update_(p, g, state, chunks: list, *, t: float, lr: float, beta1: floa
     n_prog = TM * TN
     psq = factored and relative_lr
     has_usq = factored and clip_threshold is not None
-    geos = []
+    geos = []  # per chunk: its gradient, programs, column tiles, rows per program, tile
     for ch in chunks:
         gc = g[ch.rows, ch.cols]
         cg = tiling(gc.shape[0], gc.shape[1])
-        geos.append((gc, cg["TM"] * cg["TN"], cg["TN"], cg["rows_per_prog"]))
+        tile = _LOW_RANK_TILE if ch.kind == "low_rank" else (bm, bn)
+        tn = cdiv(gc.shape[1], tile[1])
+        geos.append((gc, cg["TM"] * tn, tn, cg["rows_per_prog"], tile))
     # workspace (fp32): partial sums of g and p^2, of the row and column sums of g^2, of u^2 per chunk; r and c
     off_psq, off_row = n_prog, 2 * n_prog
     off_col = off_row + (TN * Mrows if factored else 0)
     off_usq = off_col + (TM * N if factored else 0)
-    n_usq = sum(n for _, n, _, _ in geos) if has_usq else 0
+    n_usq = sum(n for _, n, _, _, _ in geos) if has_usq else 0
     off_r = off_usq + n_usq
     off_c = off_r + (Mrows if factored else 0)
     ws = torch.empty(off_c + (N if factored else 0), dtype=torch.float32, device=dev)
@@ -475,7 +483,7 @@ def adapm_update_(p, g, state, chunks: list, *, t: float, lr: float, beta1: floa
     sbc2 = math.sqrt(bc2)
     lifts = []
     ok = None
-    for ch, (gc, _, _, _) in zip(chunks, geos):
+    for ch, (gc, *_) in zip(chunks, geos):
         if ch.kind != "low_rank":
             lifts.append(None)
             continue
@@ -497,19 +505,19 @@ def adapm_update_(p, g, state, chunks: list, *, t: float, lr: float, beta1: floa
 
     if has_usq:
         off_out = off_usq
-        for ch, (gc, n_c, tn_c, rpp_c), lift in zip(chunks, geos, lifts):
+        for ch, (gc, n_c, tn_c, rpp_c, (cbm, cbn)), lift in zip(chunks, geos, lifts):
             code, m, (a_p, b_p, *lift_ints), RP, row0, col0 = args_of(ch, gc, lift)
             sm = m.stride(0) if code == FULL else 0
             al = _aligned(gc.shape[1], gc.stride(0), sm) and gc.stride(1) == 1
             usq(n_c, (gc, m, a_p, b_p, scale, flags, ws, gc.shape[0], gc.shape[1], tn_c, rpp_c, gc.stride(0),
                       gc.stride(1), sm, *lift_ints, off_r + row0, off_c + col0, off_out, b1, bc1, sbc2),
-                (has_scale, code, al, gc.stride(1) == 1, bm, bn, RP), WARPS, run)
+                (has_scale, code, al, gc.stride(1) == 1, cbm, cbn, RP), WARPS, run)
             off_out += n_c
     sr = bool(stochastic_rounding) and p.dtype == torch.bfloat16
     seed_i = seed_arg(sr, seed)
     v = None if factored else state["exp_avg_sq"]
     numel = p.numel()
-    for ch, (gc, n_c, tn_c, rpp_c), lift in zip(chunks, geos, lifts):
+    for ch, (gc, n_c, tn_c, rpp_c, (cbm, cbn)), lift in zip(chunks, geos, lifts):
         code, m, (a_p, b_p, *lift_ints), RP, row0, col0 = args_of(ch, gc, lift)
         pc = p[ch.rows, ch.cols]
         vc = v[ch.rows, ch.cols] if v is not None else ws
@@ -521,6 +529,6 @@ def adapm_update_(p, g, state, chunks: list, *, t: float, lr: float, beta1: floa
                     bc1, float(beta2), float(bc2), float(eps), sbc2, float(numel), math.sqrt(numel),
                     float(clip_threshold or 1.0)),
               (has_scale, code, not factored, has_usq, weight_decay != 0, has_usq, psq, sr, al, gc.stride(1) == 1,
-               pc.stride(1) == 1, bm, bn, RP), WARPS, run)
+               pc.stride(1) == 1, cbm, cbn, RP), WARPS, run)
     _compat.bump_versions([p])
     return flags[1] != 0
