@@ -67,10 +67,10 @@ def _close(a, b, rtol, atol, what):
 
 
 def _train(device, kind, second, *, dtype=torch.float32, steps=9, seed=0, torch_path=False, **kw):
-    """AdaPM on two matrices (basis left and right) and a bias, classic mode; returns (params, kernel calls)."""
+    """AdaPM on two matrices (basis left and right), a 1-D and a 0-D tensor, classic mode; returns (params, kernel
+    calls)."""
     torch.manual_seed(seed)
-    ps = [nn.Parameter(torch.randn(s).to(device, dtype)) for s in SHAPES] + [nn.Parameter(torch.randn(5).to(device,
-                                                                                                       dtype))]
+    ps = [nn.Parameter(torch.randn(s).to(device, dtype)) for s in SHAPES + [(5,), ()]]
     opt = AdaPM([{"params": ps, "momentum": KINDS[kind]}], lr=1e-2, rank=3, update_proj_gap=4,
                 second_moment=second, **kw)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -85,12 +85,13 @@ def _train(device, kind, second, *, dtype=torch.float32, steps=9, seed=0, torch_
 # --------------------------------------------------------------------------------------------- cases
 def check_reference(device: str, kind: str, second: str) -> None:
     """fp32, 10 steps with basis refreshes at steps 1, 5 and 9: the kernels against the float64 reference
-    (svd basis), matrix by matrix."""
+    (svd basis), tensor by tensor (two matrices and a 1-D tensor)."""
     steps, gap, lr, wd = 10, 4, 1e-2, 0.1
     params, refs, grads = [], [], []
-    for i, shape in enumerate(SHAPES):
+    for i, shape in enumerate(SHAPES + [(9,)]):  # and a 1-D tensor (one row; low-rank means full there)
         params.append(nn.Parameter(torch.randn(shape, generator=torch.Generator().manual_seed(i)).to(device)))
-        refs.append(RefAdaPM(params[-1].cpu(), kind, lr=lr, wd=wd, rank=3, gap=gap, second=second))
+        k = kind if (kind != "low_rank" or len(shape) == 2) else "full"
+        refs.append(RefAdaPM(params[-1].cpu(), k, lr=lr, wd=wd, rank=3, gap=gap, second=second))
         grads.append(_planted_grads(shape, steps, 100 + i))
     opt = AdaPM([{"params": params, "momentum": kind}], lr=lr, weight_decay=wd, rank=3, update_proj_gap=gap,
                 second_moment=second, proj_method="svd")
@@ -109,7 +110,7 @@ def check_torch_path(device: str, kind: str, second: str, dtype=torch.float32, *
     """The kernels against the torch path (same basis function, randomized), every kind incl. SplitMomentum."""
     a, n = _train(device, kind, second, dtype=dtype, **kw)
     b, _ = _train(device, kind, second, dtype=dtype, torch_path=True, **kw)
-    assert n == 9 * len(SHAPES), f"the kernels updated {n} matrices"
+    assert n == 9 * (len(SHAPES) + 2), f"the kernels updated {n} tensors"
     rtol, atol = (2e-5, 2e-6) if dtype == torch.float32 else (3e-2, 3e-2)
     for x, y in zip(a, b):
         assert x.dtype == dtype
@@ -203,7 +204,7 @@ def check_fused_equals_classic(device: str, dtype: torch.dtype, second: str) -> 
                 m(x).float().square().mean().backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-        assert c.n == 4 * len(xs), f"{mode}: the kernels updated {c.n} matrices"
+        assert c.n == 9 * len(xs), f"{mode}: the kernels updated {c.n} tensors"
         out[mode] = [p.detach().clone() for p in m.parameters()] + [
             v.clone() for st in opt.state.values() for v in st.values()]
     for mode in ("bucketed", "per_tensor"):
@@ -273,7 +274,7 @@ def check_no_sync(device: str) -> None:
     try:
         for second in ("adam", "factored"):
             ps, n = _train(device, "split_cols", second, steps=5, relative_lr=True)
-            assert n == 10
+            assert n == 20
     finally:
         K.adapm_update_ = orig
     assert "aten.linalg_qr.default" in seen, "no refresh was recorded"
@@ -400,11 +401,13 @@ def test_kernels_compile_for_sm90():
     assert not spilled, f"register spills (local memory) in streaming kernels: {spilled}"
 
 
-def test_only_matrices_take_the_kernels():
-    """1-D (and >2-D) tensors keep the torch path (``_grouped_takes``); matrices with fp32 contiguous state go."""
-    ps = [nn.Parameter(torch.zeros(4, 6)), nn.Parameter(torch.zeros(6)), nn.Parameter(torch.zeros(2, 3, 4))]
+def test_which_tensors_take_the_kernels():
+    """Tensors of up to two dims with fp32 contiguous state take the kernels (``_grouped_takes``); more dims keep the
+    torch path."""
+    ps = [nn.Parameter(torch.zeros(4, 6)), nn.Parameter(torch.zeros(6)), nn.Parameter(torch.zeros(())),
+          nn.Parameter(torch.zeros(2, 3, 4))]
     opt = AdaPM(ps, momentum_policy="low_rank", second_moment="factored")
-    assert [opt._grouped_takes(p) for p in ps] == [True, False, False]
+    assert [opt._grouped_takes(p) for p in ps] == [True, True, True, False]
 
 
 if __name__ == "__main__":

@@ -147,11 +147,12 @@ def _sum_partials(ws_ptr, off, stride, n_parts, idx, msk, BLOCK: tl.constexpr, P
 
 @_jit
 def adapm_finish_kernel(ws_ptr, row_ptr, col_ptr, flags_ptr, n_fin, M, N, TM, TN, off_row, off_col, off_r, off_c,
-                        beta2, eps1, FACTORED: tl.constexpr, BLOCK: tl.constexpr):
+                        beta2, eps1, FACTORED: tl.constexpr, ROW_STATE: tl.constexpr, BLOCK: tl.constexpr):
     """One program: the finite flags into ``flags`` (int32: [momentum: sum g finite, parameter: that and the
     factored statistics finite]). FACTORED: row means and column means of g^2 + eps1 from the partial sums, their
     EMAs into the state where finite, and the preconditioner's factors rsqrt(row / mean(row)) at ws[off_r + i] and
-    rsqrt(col) at ws[off_c + j], all in a fixed order."""
+    rsqrt(col) at ws[off_c + j], all in a fixed order. Without ROW_STATE (a 0-D/1-D tensor as one row: its second
+    moment is the full v, stored as the column state) the one row factor is 1."""
     fin = sum_parts(ws_ptr, 0, n_fin, BLOCK)
     ok1 = (tl.abs(fin) <= 3.4028234663852886e38).to(tl.int32)  # 0 for NaN and +-inf
     okp = ok1
@@ -179,10 +180,13 @@ def adapm_finish_kernel(ws_ptr, row_ptr, col_ptr, flags_ptr, n_fin, M, N, TM, TN
         for i0 in range(0, M, BLOCK):
             idx = i0 + offs
             msk = idx < M
-            old = tl.load(row_ptr + idx, mask=msk, other=0.0)
-            new = tl.where(ok2, old * beta2 + tl.load(ws_ptr + off_r + idx, mask=msk, other=0.0) * (1.0 - beta2),
-                           old)
-            tl.store(row_ptr + idx, new, mask=msk)
+            mean = tl.load(ws_ptr + off_r + idx, mask=msk, other=0.0)
+            if ROW_STATE:
+                old = tl.load(row_ptr + idx, mask=msk, other=0.0)
+                new = tl.where(ok2, old * beta2 + mean * (1.0 - beta2), old)
+                tl.store(row_ptr + idx, new, mask=msk)
+            else:
+                new = mean
             new_sum += tl.where(msk, new, 0.0)
         for j0 in range(0, N, BLOCK):
             idx = j0 + offs
@@ -197,8 +201,12 @@ def adapm_finish_kernel(ws_ptr, row_ptr, col_ptr, flags_ptr, n_fin, M, N, TM, TN
         for i0 in range(0, M, BLOCK):
             idx = i0 + offs
             msk = idx < M
-            row = tl.load(row_ptr + idx, mask=msk, other=1.0)
-            tl.store(ws_ptr + off_r + idx, tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(row, row_mean))), mask=msk)
+            if ROW_STATE:
+                row = tl.load(row_ptr + idx, mask=msk, other=1.0)
+                r = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(row, row_mean)))
+            else:
+                r = tl.full([BLOCK], 1.0, tl.float32)
+            tl.store(ws_ptr + off_r + idx, r, mask=msk)
     tl.store(flags_ptr, ok1)
     tl.store(flags_ptr + 1, okp)
 
@@ -372,7 +380,7 @@ def adapm_project_kernel(g_ptr, P_ptr, scale_ptr, out_ptr, M, N, sg_m, sg_n, sa_
 
 
 stats = Launcher(adapm_stats_kernel, "HAS_SCALE", "FACTORED", "PSQ", "ALIGN", "G_UNIT", "P_UNIT", "BLOCK_M", "BLOCK_N")
-finish = Launcher(adapm_finish_kernel, "FACTORED", "BLOCK")
+finish = Launcher(adapm_finish_kernel, "FACTORED", "ROW_STATE", "BLOCK")
 usq = Launcher(adapm_usq_kernel, "HAS_SCALE", "MOM", "ALIGN", "G_UNIT", "BLOCK_M", "BLOCK_N", "RP")
 project = Launcher(adapm_project_kernel, "HAS_SCALE", "LEFT", "ALIGN", "G_UNIT", "BLOCK_M", "BLOCK_N", "RP")
 write = Launcher(adapm_write_kernel, "HAS_SCALE", "MOM", "ADAM", "M_STORED", "HAS_WD", "HAS_USQ", "PSQ", "SR", "ALIGN",
@@ -439,8 +447,13 @@ def _aligned(N: int, *strides: int) -> bool:
 def adapm_update_(p, g, state, chunks: list, *, t: float, lr: float, beta1: float, beta2: float, bc2: float,
                   eps: float, weight_decay: float, second_moment: str, clip_threshold, relative_lr: bool,
                   refresh: bool, fill: bool, grad_scale, stochastic_rounding: bool, seed: int) -> torch.Tensor:
-    """One AdaPM step on the 2-D ``p`` (``optim.adapm.AdaPM._update``'s maths; ``state['step']`` already at ``t``).
-    Returns the 0-d bool "the gradient was finite" (when not, p and the state are left as they were)."""
+    """One AdaPM step on ``p`` (``optim.adapm.AdaPM._update``'s maths; ``state['step']`` already at ``t``): a matrix,
+    or a 0-D/1-D tensor seen as one row. Returns the 0-d bool "the gradient was finite" (when not, p and the state
+    are left as they were)."""
+    whole = p
+    if p.dim() < 2:  # one row; its full second moment (factored: exp_avg_sq) is the column state of that row
+        p, g = p.view(1, -1), g.view(1, -1)
+        state = {k: v if k == "step" else v.view(1, -1) for k, v in state.items()}
     dev = p.device
     ctx = LaunchContext(p)
     run = (ctx.stream, ctx.device, None)
@@ -475,9 +488,11 @@ def adapm_update_(p, g, state, chunks: list, *, t: float, lr: float, beta1: floa
     align = _aligned(N, sg[0], sp[0]) and sg[1] == 1 and sp[1] == 1
     stats(n_prog, (g, p, scale, ws, Mrows, N, TN, rpp, sg[0], sg[1], sp[0], sp[1], off_psq, off_row, off_col),
           (has_scale, factored, psq, align, sg[1] == 1, sp[1] == 1, bm, bn), WARPS, run)
-    row_st, col_st = (state["exp_avg_sq_row"], state["exp_avg_sq_col"]) if factored else (ws, ws)
+    row_state = factored and "exp_avg_sq_row" in state
+    row_st = state["exp_avg_sq_row"] if row_state else ws
+    col_st = (state["exp_avg_sq_col"] if row_state else state["exp_avg_sq"]) if factored else ws
     finish(1, (ws, row_st, col_st, flags, n_prog, Mrows, N, TM, TN, off_row, off_col, off_r, off_c, float(beta2),
-               float(eps) ** 2), (factored, 512), 8, run)
+               float(eps) ** 2), (factored, row_state, 512), 8, run)
     b1 = float(beta1)
     bc1 = 1.0 - b1 ** t
     sbc2 = math.sqrt(bc2)
@@ -530,5 +545,5 @@ def adapm_update_(p, g, state, chunks: list, *, t: float, lr: float, beta1: floa
                     float(clip_threshold or 1.0)),
               (has_scale, code, not factored, has_usq, weight_decay != 0, has_usq, psq, sr, al, gc.stride(1) == 1,
                pc.stride(1) == 1, cbm, cbn, RP), WARPS, run)
-    _compat.bump_versions([p])
+    _compat.bump_versions([whole])
     return flags[1] != 0

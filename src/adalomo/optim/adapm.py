@@ -225,7 +225,7 @@ class AdaPM(LowMemoryOptimizer):
     ``clip_grad_norm``, ``stochastic_rounding``.
     """
 
-    #: matrices go through the Triton kernels (``kernels.adapm``) on CUDA, in classic and fused mode alike
+    #: tensors of up to two dims go through the Triton kernels (``kernels.adapm``) on CUDA, classic and fused alike
     _has_many = True
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -343,8 +343,8 @@ class AdaPM(LowMemoryOptimizer):
         return basis
 
     def _grouped_takes(self, p: Tensor) -> bool:
-        return p.dim() == 2 and all(v.is_contiguous() and v.dtype == torch.float32
-                                    for v in self.state[p].values() if v.dim())
+        return p.dim() <= 2 and all(v.is_contiguous() and v.dtype == torch.float32
+                                    for k, v in self.state[p].items() if k != "step")
 
     def _chunks(self, p: Tensor, group: dict[str, Any], step: int) -> list:
         """The momentum chunks of the matrix ``p`` for the kernels: (kind, state prefix, rows, cols, basis)."""
