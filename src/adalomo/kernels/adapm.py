@@ -1,5 +1,5 @@
-"""AdaPM (``optim/adapm.py``) on a matrix in Triton kernels: every momentum kind with the Adam or the factored second
-moment, in few passes and without a full-size temporary.
+"""AdaPM (``optim/adapm.py``) on one tensor in Triton kernels: every momentum kind with the Adam or the factored second
+moment, in few passes and without a full-size temporary. A matrix, or a 0-D/1-D tensor seen as one row.
 
 A matrix is updated chunk by chunk (one chunk, or the equal chunks of a ``SplitMomentum``), each chunk with its own
 momentum kind; the second moment, the finite test and RMS(u) belong to the whole matrix. Passes (bytes per element
@@ -7,19 +7,21 @@ for a bf16 gradient and parameter, fp32 state):
 
 * ``stats``: reads g (and p for the relative step): the partial sums of g (the finite test) and, for the factored
   second moment, the row and column sums of g^2 (and of p^2). 2 bytes (4 with ``relative_lr``).
-* low-rank chunks: pg = P^T g (or g P) as a torch matmul over row blocks (a bounded upcast temporary), the small
-  momentum M <- beta1 M + (1 - beta1) pg and C = M / (1 - beta1^t) - pg in torch; the estimate
+* ``finish`` (one program, small data): the finite flags; factored: the row and column EMAs where finite and the
+  preconditioner's factors.
+* low-rank chunks, ``project``: pg = P^T g (or g P) in fp32 from one read of g in its own dtype (2 bytes); then in
+  torch, on r x b data: M <- beta1 M + (1 - beta1) pg and C = M / (1 - beta1^t) - pg. The estimate
   m_hat = g + lift(C) is never stored: each tile of the later passes adds its rank-r product (``tl.dot``, K = r).
-  2 bytes.
-* ``usq`` (factored only; the update clipping needs RMS(u) before any write): u = m_hat * rsqrt(v_hat), partial sums
-  of u^2. Full momentum writes m_new here (the finite test is known), so that the write pass reads m instead of g
+* ``usq`` (factored with clipping: RMS(u) is needed before any write): u = m_hat * rsqrt(v_hat), partial sums of
+  u^2. Full momentum writes m_new here (the finite test is known), so that the write pass reads m instead of g
   and m: reads g (+ m), writes m. none/low-rank: 2 bytes, full: 10.
 * ``write``: p <- p (1 - step wd) - step clip u. Adam: also m and v (one pass reads g, p, m, v and writes p, m, v:
   22 bytes for full momentum, 14 without). Factored: reads g (or m for full momentum) and p, writes p: 6 bytes.
 
 Totals per element (bf16 p and g): Adam v: full 24, low-rank 18, none 16; factored v: full 20, low-rank 12, none 10.
 The scalars that depend on the data (finite flags, clip factor, relative step) stay on the device: the kernels read
-them through pointers, so nothing waits for the device.
+them through pointers, so nothing waits for the device. A basis refresh (``momentum.orthonormal_basis``) runs in
+torch on an fp32 copy of the chunk's gradient, QR factorisations only (no host synchronisation).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from .. import functional as F
 from .. import momentum as Mom
 from .common import a16, and_flag, round_to_bf16, strides_known, sum_parts
 from .config import cdiv, next_pow2, tiling
-from .launch import LaunchContext, Launcher, seed_arg
+from .launch import LaunchContext, Launcher, on_tensor_device, seed_arg
 
 __all__ = ["adapm_update_"]
 
@@ -440,10 +442,19 @@ def _low_rank(gc, state, ch, beta1: float, t: float, ok, refresh: bool, fill: bo
     return (P, C) if side == "left" else (C, P.mT)
 
 
+_WHOLE = slice(None)
+
+
+def _part(t: torch.Tensor, ch) -> torch.Tensor:
+    """The chunk's rows and columns of the matrix ``t`` (``t`` itself for a whole-matrix chunk: no view to make)."""
+    return t if ch.rows == _WHOLE and ch.cols == _WHOLE else t[ch.rows, ch.cols]
+
+
 def _aligned(N: int, *strides: int) -> bool:
     return N % 16 == 0 and all(x % 16 == 0 for x in strides)
 
 
+@on_tensor_device
 def adapm_update_(p, g, state, chunks: list, *, t: float, lr: float, beta1: float, beta2: float, bc2: float,
                   eps: float, weight_decay: float, second_moment: str, clip_threshold, relative_lr: bool,
                   refresh: bool, fill: bool, grad_scale, stochastic_rounding: bool, seed: int) -> torch.Tensor:
@@ -470,7 +481,7 @@ def adapm_update_(p, g, state, chunks: list, *, t: float, lr: float, beta1: floa
     has_usq = factored and clip_threshold is not None
     geos = []  # per chunk: its gradient, programs, column tiles, rows per program, tile
     for ch in chunks:
-        gc = g[ch.rows, ch.cols]
+        gc = _part(g, ch)
         cg = tiling(gc.shape[0], gc.shape[1])
         tile = _LOW_RANK_TILE if ch.kind == "low_rank" else (bm, bn)
         tn = cdiv(gc.shape[1], tile[1])
@@ -534,8 +545,8 @@ def adapm_update_(p, g, state, chunks: list, *, t: float, lr: float, beta1: floa
     numel = p.numel()
     for ch, (gc, n_c, tn_c, rpp_c, (cbm, cbn)), lift in zip(chunks, geos, lifts):
         code, m, (a_p, b_p, *lift_ints), RP, row0, col0 = args_of(ch, gc, lift)
-        pc = p[ch.rows, ch.cols]
-        vc = v[ch.rows, ch.cols] if v is not None else ws
+        pc = _part(p, ch)
+        vc = _part(v, ch) if v is not None else ws
         sm, sv = m.stride(0) if code == FULL else 0, vc.stride(0) if v is not None else 0
         al = _aligned(gc.shape[1], gc.stride(0), pc.stride(0), sm, sv) and gc.stride(1) == 1 and pc.stride(1) == 1
         write(n_c, (gc, pc, m, vc, a_p, b_p, scale, flags, ws, seed_i, gc.shape[0], gc.shape[1], tn_c, rpp_c,
