@@ -410,6 +410,34 @@ def test_which_tensors_take_the_kernels():
     assert [opt._grouped_takes(p) for p in ps] == [True, True, True, False]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("second", ["adam", "factored"])
+def test_cuda_fused_steps_with_refresh_never_wait_for_the_gpu(second):
+    """On a GPU, fused AdaPM steps (every momentum kind, a basis refresh every other step, bf16 with stochastic
+    rounding) run under ``torch.cuda.set_sync_debug_mode("error")``: nothing waits for the device."""
+    pytest.importorskip("triton")
+    torch.manual_seed(0)
+    m = nn.ModuleDict({"q_proj": nn.Linear(64, 64), "v_proj": nn.Linear(64, 64), "o_proj": nn.Linear(64, 64),
+                       "qkv_proj": nn.Linear(64, 192)}).to("cuda", torch.bfloat16)
+    opt = AdaPM(m.named_parameters(), lr=1e-3, rank=8, update_proj_gap=2, second_moment=second, fused=True,
+                relative_lr=True)
+    assert opt.momentum_kind(m["qkv_proj"].weight) == SplitMomentum(0, ("low_rank", "low_rank", "full"))
+    x = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        h = m["o_proj"](m["v_proj"](m["q_proj"](x)))
+        m["qkv_proj"](h).float().square().mean().backward()
+    step()  # warm-up: kernel compilation, allocator, step counters cached
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
 if __name__ == "__main__":
     # the interpreter run; also usable on a GPU machine: python tests/test_adapm_kernels.py cuda [case,case]
     dev = sys.argv[1] if len(sys.argv) > 1 else "cpu"

@@ -325,8 +325,8 @@ def test_fused_gradients_are_one_bucket_never_a_full_set():
         assert e["bucket_cap"] == 256 * MiB  # "auto": 15% of 12.6 GiB, clamped to 256 MiB
         assert e["bucket_cap"] <= e["grads"] < e["bucket_cap"] + head and e["temporaries"] == 0
     assert M.estimate("llama-7b", "adalomo", bucket_cap_mb=0)["grads"] == head  # one gradient at a time
-    pm = M.estimate("llama-7b", "adapm-fused")
-    assert pm["bucket_cap"] == 0 and pm["grads"] == head  # AdaPM has no grouped update: no buckets
+    pm = M.estimate("llama-7b", "adapm-fused")  # AdaPM's grouped update (kernels.adapm) takes buckets too
+    assert pm["bucket_cap"] == 256 * MiB and pm["bucket_cap"] <= pm["grads"] < pm["bucket_cap"] + head
     # GPT-2 small: a 64 MiB bucket, and the tied embedding's gradient (73.6 MiB) alive from the LM head on;
     # never above a full set (0.32 GiB against 0.23 before)
     wte, full = 2 * 50257 * 768, 2 * 124_439_808
@@ -409,9 +409,10 @@ class _LiveBytes(TorchDispatchMode):
 @pytest.mark.parametrize("second_moment", ["adam", "factored"])
 @pytest.mark.parametrize("kind", ["none", "full", "low_rank", "split"])
 def test_adapm_update_temporaries_bound_a_measured_step(dtype, second_moment, kind):
-    """The planner's AdaPM temporaries bound what one update holds at once, measured on CPU. The planner counts
-    the accelerator path, which keeps one or two fp32 copies more than the CPU path (the old weights for the
-    non-finite select; fp32 weights updated out of place): 4 to 8 bytes per element."""
+    """The planner's AdaPM temporaries of the torch path bound what one update holds at once, measured on CPU. The
+    planner counts the path on an accelerator (tensors of more than two dims there), which keeps one or two fp32
+    copies more than the CPU path (the old weights for the non-finite select; fp32 weights updated out of place): 4
+    to 8 bytes per element."""
     policy = SplitMomentum(-1, ("low_rank", "low_rank", "full")) if kind == "split" else kind
     p = nn.Parameter(torch.randn(192, 96, dtype=dtype))
     opt = AdaPM([p], momentum_policy=lambda name, t: policy, rank=4, second_moment=second_moment,
@@ -426,10 +427,9 @@ def test_adapm_update_temporaries_bound_a_measured_step(dtype, second_moment, ki
 
 def test_notes_say_what_dominates():
     pm = M.estimate("llama-7b", "adapm")
-    state, temps = pm["notes"]
+    (state,) = pm["notes"]  # the temporaries (a basis refresh's copies of the largest low-rank matrix) are small
     assert "4.39 bytes/param against AdamW's 4" in state and "fp32 second moment" in state and "factored" in state
-    assert "model.embed_tokens.weight" in temps and "30 bytes" in temps
-    assert pm["temporaries"] == 30 * 32000 * 4096 and pm["peak_at"] == "optimizer step"
+    assert pm["temporaries"] == 8 * 11008 * 4096 and pm["peak_at"] == "optimizer step"
     # with the factored second moment its state is under AdamW's: no state note
     fac = M.estimate("llama-7b", "adapm", adapm_second_moment="factored")
     assert not any(n.startswith("state") for n in fac["notes"])

@@ -18,8 +18,9 @@ of each component of one training step on one GPU:
     the optimizer state, see :func:`optimizer_state_bytes`. With ``master_weights`` the classic
     optimizers also keep an fp32 copy of the weights (mixed precision, 16 bytes/param for AdamW).
 ``temporaries``
-    the update's own memory at its largest: AdaPM's whole-tensor torch maths (about 30 bytes per
-    element of the largest tensor in bf16, see :func:`_adapm_update_bytes`), torch's foreach
+    the update's own memory at its largest: AdaPM's basis refresh (8 bytes per element of the largest
+    low-rank matrix, :func:`_adapm_kernel_update_bytes`; its torch maths on tensors of more than two dims,
+    about 30 bytes per element in bf16, :func:`_adapm_update_bytes`), torch's foreach
     Adafactor (gradient-sized). The Triton kernels of the other optimizers of this library need only
     fp32 partial sums (0.1-0.5 bytes per parameter updated at once), which are not counted.
 ``activations``
@@ -123,8 +124,9 @@ DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "half": 2, "fp
 GPUS = {"24": 24564 * MiB, "40": 40536 * MiB, "80": 81559 * MiB, "141": 143771 * MiB}
 
 #: Fused optimizers whose hooks queue gradients into buckets for the grouped Triton kernels on GPUs (the
-#: others update each tensor as its gradient arrives). A test checks this against the optimizer classes.
-BUCKETED = ("lomo", "adalomo", "adafactor-fused")
+#: others update each tensor as its gradient arrives; AdaPM's tensors of more than two dims too). A test checks this
+#: against the optimizer classes.
+BUCKETED = ("lomo", "adalomo", "adafactor-fused", "adapm-fused")
 
 #: Optimizers: name -> (fused backward?, description).
 OPTIMIZERS: dict[str, tuple[bool, str]] = {
@@ -513,7 +515,8 @@ def activation_bytes(model: Any, *, seq_len: int, batch: int, dtype: str = "bf16
 def _adapm_update_bytes(shape: Sequence[int], kind: Any, second_moment: str, param_bytes: int) -> int:
     """Bytes of the temporaries alive at once while AdaPM updates one tensor on an accelerator.
 
-    AdaPM's update is torch maths on the whole tensor (no Triton kernel, no row blocks): per element 12
+    AdaPM's torch path (CPU, and tensors of more than two dims on a GPU) is torch maths on the whole tensor (no
+    row blocks): per element 12
     bytes of fp32 tensors for the second moment's update, u and the new weights, 4 for the momentum
     estimate (not for ``none``; 4 more for a split tensor, whose chunks are estimated apart and then
     joined), 4 for a 1-D tensor's factored second moment, 8 for fp32 copies of a 16-bit gradient and
@@ -530,6 +533,15 @@ def _adapm_update_bytes(shape: Sequence[int], kind: Any, second_moment: str, par
     if param_bytes == 2:
         per += 18  # bf16: stochastic rounding; fp16 has no rounding but the same fp32 copies (+8)
     return per * _numel(shape)
+
+
+def _adapm_kernel_update_bytes(shape: Sequence[int], kind: Any) -> int:
+    """Bytes of the temporaries alive at once while AdaPM updates a tensor of up to two dims on a GPU (the kernels of
+    ``kernels.adapm``): no full-size one but at a basis refresh, which holds an fp32 copy of a low-rank chunk's
+    gradient and its finite-masked copy (8 bytes per element of the chunk). The partial sums and the r x b momentum
+    temporaries are left to the overhead, as for the other kernels."""
+    kinds = kind.kinds if isinstance(kind, SplitMomentum) else (kind,)
+    return 8 * (_numel(shape) // len(kinds)) if "low_rank" in kinds and len(shape) == 2 else 0
 
 
 def _arrival_order(shapes: Shapes, tied: str | None) -> Shapes:
@@ -639,7 +651,8 @@ def estimate(model: Any, optimizer: str, *, seq_len: int = 1024, batch: int = 1,
     if adapm:
         second = state_kw.get("adapm_second_moment", "adam")
         kinds = _adapm_kinds(shapes, state_kw.get("adapm_policy", "adapm"))
-        temps_of = {n: _adapm_update_bytes(s, kinds[n], second, pb) for n, s in shapes}
+        temps_of = {n: _adapm_kernel_update_bytes(s, kinds[n]) if len(s) <= 2 else
+                    _adapm_update_bytes(s, kinds[n], second, pb) for n, s in shapes}
     else:
         temps_of = {}  # Triton kernels: their fp32 partial sums are left to the overhead (see docs/memory.md)
     tied = shapes[0][0] if spec is not None and spec.tie_word_embeddings and shapes else None
@@ -745,9 +758,11 @@ def _notes(row: dict[str, Any], shapes: Shapes, per_tensor_state: dict[str, int]
         if temps_of:
             name, nbytes = max(temps_of.items(), key=lambda kv: kv[1])
             n = _numel(dict(shapes)[name])
-            notes.append(f"temps: AdaPM updates each tensor with torch maths on the whole tensor, {nbytes // n} "
-                         f"bytes of temporaries per element: {_size(_shard(nbytes, N))} for {name} "
-                         f"({_count(n)} elements)")
+            how = ("at a basis refresh AdaPM holds an fp32 copy of a low-rank gradient and its masked copy"
+                   if len(dict(shapes)[name]) <= 2 else "AdaPM updates a tensor of more than two dims with torch "
+                   "maths on the whole tensor")
+            notes.append(f"temps: {how}, {nbytes // n} bytes of temporaries per element: {_size(_shard(nbytes, N))} "
+                         f"for {name} ({_count(n)} elements)")
         elif opt == "adafactor-torch":
             notes.append("temps: torch's foreach Adafactor makes gradient-sized temporaries at the step")
     return notes
