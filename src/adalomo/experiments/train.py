@@ -774,7 +774,7 @@ def train_one(task, run: RunSpec, cfg: ExperimentConfig, device, progress: Calla
             break
         if cfg.time_limit_s is not None and elapsed > cfg.time_limit_s:
             break  # a guard against overrunning a time budget: the report shows steps < planned_steps
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < steps:
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == steps):  # the last step too: time-to-target
             te = time.perf_counter()
             model.eval()
             evals.append([step, round(elapsed, 3), task.evaluate(model, "valid", cfg.eval_batches)])
