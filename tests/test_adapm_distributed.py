@@ -7,6 +7,7 @@ uneven rows over 2 ranks (11, 7, 3 and 1 rows: rank 1 holds no row of the head),
 
 from __future__ import annotations
 
+import copy
 import os
 import traceback
 import warnings
@@ -238,6 +239,25 @@ def _scenario_hsdp_dcp(rank: int, tmp: str):
             assert torch.equal(got[n], uninterrupted[n]), f"DCP resume ({second}): {n} differs"
 
 
+    # a plain state dict of a one-process run loads into the sharded optimizer: its rows, or the whole of the rest
+    ref = make_model()
+    ref_opt = local(adapm(ref, "split", "factored", True))
+    train(ref, ref_opt, 5, None)
+    model = shard(make_model())
+    opt = adapm(model, "split", "factored", True)
+    train(model, opt, 5, rank)
+    opt.load_state_dict(copy.deepcopy(ref_opt.state_dict()))  # torch would share the step counters
+    for name, p in model.named_parameters():
+        want = ref_opt.state[dict(ref.named_parameters())[name]]
+        for k, v in opt.state[p].items():
+            got = v.full_tensor() if is_dtensor(v) else v
+            assert is_dtensor(v) or k == "step", (name, k)
+            assert torch.equal(got, want[k]), f"plain state dict: {name} {k}"
+    train(ref, ref_opt, 5, None, start=5)
+    train(model, opt, 5, rank, start=5)
+    close(full_params(model), full_params(ref), "after loading a plain state dict")
+
+
 SCENARIOS = {"exact": _scenario_exact, "hsdp_dcp": _scenario_hsdp_dcp}
 
 
@@ -252,5 +272,6 @@ def test_adapm_fsdp2_matches_single_process(tmp_path):
 
 def test_adapm_hsdp_and_dcp_resume(tmp_path):
     """HSDP (2, 1) with a dim-0 split equals the single process; a DCP save at step 5 and a resume on 2 ranks equal
-    the uninterrupted run bit for bit (both second moments)."""
+    the uninterrupted run bit for bit (both second moments); a one-process state dict loads into the sharded
+    optimizer."""
     spawn("hsdp_dcp", tmp_path)
