@@ -70,9 +70,9 @@ def close(a: dict, b: dict, what: str) -> None:
     assert d <= REL_TOL, f"{what}: max relative difference {d:.3g} > {REL_TOL}"
 
 
-def reference(policy: str, second: str, fused: bool, steps: int = STEPS, **kw) -> dict:
+def reference(policy: str, second: str, fused: bool, steps: int = STEPS, two_pass: bool = False, **kw) -> dict:
     ref = make_model()
-    train(ref, local(adapm(ref, policy, second, fused, **kw)), steps, None, fused)
+    train(ref, local(adapm(ref, policy, second, fused, **kw)), steps, None, fused, two_pass)
     return full_params(ref)
 
 
@@ -190,6 +190,13 @@ def _scenario_exact(rank: int, tmp: str):
     train(model, opt, 6, rank, bad_steps=bad)
     assert int(opt.skipped_updates) == int(ref_opt.skipped_updates) == 1
     close(full_params(model), full_params(ref), "non-finite step")
+
+    # global-norm clipping (two passes in fused mode): the sharded maths sees the scaled gradient
+    for fused in (True, False):
+        expected = reference("low_rank", "adam", fused, 5, clip_grad_norm=0.05, two_pass=fused)
+        model = shard(make_model())
+        train(model, adapm(model, "low_rank", "adam", fused, clip_grad_norm=0.05), 5, rank, fused, two_pass=fused)
+        close(full_params(model), expected, f"clip_grad_norm fused={fused}")
 
     # a split along dim 0 of a row-sharded tensor: refused with what to do
     model = shard(make_model())
