@@ -5,6 +5,8 @@ Both avoid host synchronisation so that a fused-backward step never waits on the
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = ["stochastic_round_to_bf16", "write_back_", "DynamicLossScaler", "sr_generator"]
@@ -18,17 +20,31 @@ def stochastic_round_to_bf16(x: torch.Tensor, generator: torch.Generator | None 
     Adds 16 random bits below the bf16 mantissa, then truncates: a value at fraction f between two
     bf16 neighbours rounds up with probability f, so E[round(x)] = x. inf stays inf and NaN stays NaN.
     """
+    return _rounded_bits(x, generator).to(torch.bfloat16)  # exact: the low 16 bits are zero
+
+
+def _rounded_bits(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """``stochastic_round_to_bf16(x)`` still in fp32 (its low 16 bits zero), in one int32 temporary."""
     if x.dtype != torch.float32:
         x = x.float()
     if generator is not None and not isinstance(generator, torch.Generator):  # a kernels.Seed: same seed, torch bits
         generator = sr_generator(x.device, generator.initial_seed())
     bits = x.contiguous().view(torch.int32)
-    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
-    rounded = (bits + noise).bitwise_and_(_LOW16)
-    # NaN payloads may have lost their mantissa bits to the mask: keep NaN as NaN.
-    out = rounded.view(torch.float32)
-    out = torch.where(torch.isnan(x), x, out)
-    return out.to(torch.bfloat16)  # exact: the low 16 bits are zero
+    noise = _random_16_bits(x.shape, x.device, generator)
+    out = noise.add_(bits).bitwise_and_(_LOW16).view(torch.float32)
+    # NaN payloads may have lost their mantissa bits to the mask: keep NaN as NaN. On CPU a sum (a NaN in x makes
+    # it NaN) read on the host skips the select, ten times its cost, when there is none.
+    if x.device.type != "cpu" or bool(x.sum().isnan()):
+        out = torch.where(torch.isnan(x), x, out, out=out)
+    return out
+
+
+def _random_16_bits(shape: torch.Size, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    """Uniform int32 values in [0, 2^16): four per 64-bit draw of the generator (drawing each value on its own
+    costs three times as much on CPU)."""
+    n = math.prod(shape)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2**63, None, generator=generator)
+    return words.view(torch.int16)[:n].to(torch.int32).bitwise_and_(0xFFFF).view(shape)
 
 
 def sr_generator(device: torch.device, seed: int) -> torch.Generator:
@@ -42,7 +58,7 @@ def write_back_(dst: torch.Tensor, value: torch.Tensor, stochastic_rounding: boo
                 generator: torch.Generator | None = None) -> None:
     """Store the fp32 ``value`` into ``dst`` (any float dtype); bf16 may round stochastically."""
     if dst.dtype == torch.bfloat16 and stochastic_rounding:
-        dst.copy_(stochastic_round_to_bf16(value, generator))
+        dst.copy_(_rounded_bits(value, generator))  # exact: the low 16 bits are zero
     else:
         dst.copy_(value)
 
