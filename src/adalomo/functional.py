@@ -22,7 +22,7 @@ place, and scalar arithmetic costs no dispatched ops. Large 2-D tensors are proc
 temporaries stay bounded.
 
 Passes over a factored fp32 tensor (``scaled_rms_update_``): g^2 (a temporary), its row means and column sums,
-sum(u^2) = sum_i r_i^2 sum_j g_ij^2 c_j^2 from that g^2 (two passes over it; u is never materialised), RMS(p),
+sum(u^2) = sum_i r_i^2 (g^2 c^2)_i from that g^2 (a matrix-vector product; u is never materialised), RMS(p),
 g * r (the other temporary), p *= 1 - lr wd (with weight decay only), p += (g r) (c coef). A tensor of several
 row blocks recomputes g^2 per block for sum(u^2) instead of keeping it.
 """
@@ -263,10 +263,12 @@ def precondition(g: Tensor, factors: tuple[Tensor, ...], rows: slice = slice(Non
 
 
 def factored_sum_of_squares(sq: Tensor, factors: tuple[Tensor, Tensor]) -> Tensor:
-    """sum(u^2) for u = g * r * c (``factors`` = (r, c) of ``preconditioner``) from ``sq`` = g^2 (overwritten),
-    without u: sum_ij g_ij^2 r_i^2 c_j^2 = sum_i r_i^2 (sum_j g_ij^2 c_j^2)."""
+    """sum(u^2) for u = g * r * c (``factors`` = (r, c) of ``preconditioner``) from ``sq`` = g^2, without u:
+    sum_ij g_ij^2 r_i^2 c_j^2 = sum_i r_i^2 (g^2 c^2)_i, one matrix-vector product (a single read of ``sq``)."""
     r, c = factors
-    return sq.mul_(c.square()).sum(-1, keepdim=True).mul_(r.square()).sum()
+    c2 = c.square()
+    row_dots = torch.mv(sq, c2.view(-1)) if sq.dim() == 2 else torch.matmul(sq, c2.transpose(-1, -2))
+    return torch.dot(row_dots.reshape(-1), r.square().reshape(-1))
 
 
 def clip_by_rms(sum_sq: Tensor | float, numel: int, threshold: float) -> Tensor | float:
