@@ -175,13 +175,17 @@ def sum_of_squares(u: Tensor) -> Tensor:
     return torch.linalg.vector_norm(u, dtype=compute_dtype(u)).square()
 
 
-def row_means_col_sums(g: Tensor, eps1: float,
-                       grad_scale: Tensor | float | None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Row means and column sums of U = g^2 + eps1 over the last two dims, in row blocks for large tensors; and
-    g^2 itself when it was computed whole (one block), for ``clip_and_apply_``'s sum(u^2), else None.
+def row_means_col_sums(g: Tensor, eps1: float, grad_scale: Tensor | float | None) -> tuple[Tensor, Tensor]:
+    """Row means and column sums of U = g^2 + eps1 over the last two dims, in row blocks for large tensors.
 
     eps1 is added to the (small) reductions, not to every element: sum(g^2 + eps1) = sum(g^2) + n eps1.
     """
+    return row_stats(g, eps1, grad_scale)[:2]
+
+
+def row_stats(g: Tensor, eps1: float, grad_scale: Tensor | float | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``row_means_col_sums`` and g^2 itself when it was computed whole (one block), for ``clip_and_apply_``'s
+    sum(u^2); None for a tensor of several blocks."""
     blocks = list(row_blocks(g))
     if len(blocks) == 1:
         sq = square(g, grad_scale)
@@ -197,15 +201,16 @@ def row_means_col_sums(g: Tensor, eps1: float,
 
 
 def masked_ema_(avg: Tensor, new: Tensor, beta: float, ok: Tensor) -> None:
-    """avg <- beta avg + (1 - beta) new (as a lerp) where ``ok`` (a 0-d bool tensor), else unchanged.
+    """avg <- beta avg + (1 - beta) new where ``ok`` (a 0-d bool tensor), else unchanged; rounded as the kernels
+    and the sharded row statistics round it (two products, then their sum).
 
     On CPU in place (the flag read on the host); elsewhere a device-side select, without synchronisation.
     """
     if avg.device.type == "cpu":
         if bool(ok):
-            avg.lerp_(new, 1.0 - beta)
+            avg.mul_(beta).add_(new * (1.0 - beta))
         return
-    avg.copy_(torch.where(ok, torch.lerp(avg, new, 1.0 - beta), avg))
+    avg.copy_(torch.where(ok, avg * beta + new * (1.0 - beta), avg))
 
 
 def update_second_moment_(state: dict[str, Tensor], g: Tensor, *, beta2: float, eps1: float,
@@ -219,10 +224,10 @@ def update_second_moment_(state: dict[str, Tensor], g: Tensor, *, beta2: float, 
 
 def second_moment_(state: dict[str, Tensor], g: Tensor, *, beta2: float, eps1: float,
                    grad_scale: Tensor | float | None) -> tuple[Tensor, Tensor | None]:
-    """``update_second_moment_``, also returning g^2 of a factored tensor of one block (see ``row_means_col_sums``)."""
+    """``update_second_moment_``, also returning g^2 of a factored tensor of one block (see ``row_stats``)."""
     if is_factored(g):
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-        row_mean, col_sum, sq = row_means_col_sums(g, eps1, grad_scale)
+        row_mean, col_sum, sq = row_stats(g, eps1, grad_scale)
         col_mean = col_sum.div_(g.shape[-2])
         ok = torch.isfinite(row_mean.sum() + col_mean.sum())
         masked_ema_(row, row_mean, beta2, ok)

@@ -21,14 +21,14 @@ __all__ = ["second_moment_", "scaled_rms_update_", "lomo_update_"]
 
 def second_moment_(state: dict[str, Tensor], g: Tensor, *, beta2: float, eps1: float,
                    grad_scale: Tensor | float | None, shard: ShardInfo,
-                   extra: tuple[Tensor, ...] = ()) -> tuple[Tensor, Tensor | None, list[Tensor], Tensor | None]:
-    """``functional.second_moment_`` on the local rows, in one all-reduce.
+                   extra: tuple[Tensor, ...] = ()) -> tuple[Tensor, Tensor | None, list[Tensor]]:
+    """``functional.update_second_moment_`` on the local rows, in one all-reduce.
 
     For a 2-D tensor the column statistics reduce over the sharded dim: their sums are all-reduced and
     divided by the global row count. For 1-D and >= 3-D tensors every statistic is local. The non-finite
     count, the sums needed for the global mean of the new row statistics (2-D) and the caller's ``extra``
     partial sums ride in the same all-reduce. Returns (ok, global mean of the new row statistics as a 0-d
-    tensor or None, reduced ``extra``, the local g^2 of a factored tensor of one block or None).
+    tensor or None, reduced ``extra``).
     """
     if not F.is_factored(g):
         v = state["exp_avg_sq"]
@@ -37,17 +37,17 @@ def second_moment_(state: dict[str, Tensor], g: Tensor, *, beta2: float, eps1: f
         out = shard.all_reduce_sum_([bad, *extra])
         ok = out[0] == 0
         F.masked_ema_(v, u, beta2, ok)
-        return ok, None, out[1:], None
+        return ok, None, out[1:]
     row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-    row_mean, col_sum, sq = F.row_means_col_sums(g, eps1, grad_scale)
+    row_mean, col_sum = F.row_means_col_sums(g, eps1, grad_scale)
     bad = (~torch.isfinite(row_mean.sum() + col_sum.sum())).float()
     if g.dim() != 2:  # dim 0 is a batch dim of the factorisation: everything is local but the flag
         out = shard.all_reduce_sum_([bad, *extra])
         ok = out[0] == 0
         F.masked_ema_(row, row_mean, beta2, ok)
         F.masked_ema_(col, col_sum.div_(g.shape[-2]), beta2, ok)
-        return ok, None, out[1:], sq
-    row_new = torch.lerp(row, row_mean, 1.0 - beta2)  # as F.masked_ema_
+        return ok, None, out[1:]
+    row_new = row * beta2 + row_mean * (1.0 - beta2)
     out = shard.all_reduce_sum_([col_sum, bad, row_new.sum(), row.sum(), *extra])
     col_sum, bad, new_sum, old_sum = out[:4]
     ok = bad == 0
@@ -55,7 +55,7 @@ def second_moment_(state: dict[str, Tensor], g: Tensor, *, beta2: float, eps1: f
     row.copy_(torch.where(ok, row_new, row))
     F.masked_ema_(col, col_sum.to(col.dtype) / m, beta2, ok)
     row_mean_global = torch.where(ok, new_sum, old_sum).to(row.dtype) / m
-    return ok, row_mean_global, out[4:], sq
+    return ok, row_mean_global, out[4:]
 
 
 def scaled_rms_update_(p: Tensor, g: Tensor, state: dict[str, Tensor], *, rho: float, eps: tuple[float, float],
@@ -68,20 +68,17 @@ def scaled_rms_update_(p: Tensor, g: Tensor, state: dict[str, Tensor], *, rho: f
     2. [sum u^2].
     """
     extra = (torch.linalg.vector_norm(p, dtype=F.compute_dtype(p)).square(),) if scale_parameter else ()
-    ok, row_mean, extra, sq = second_moment_(state, g, beta2=beta2, eps1=eps[0], grad_scale=grad_scale,
-                                             shard=shard, extra=extra)
-    factors = F.preconditioner(state, row_mean)
-    sum_sq = None if sq is None else F.factored_sum_of_squares(sq, factors)
-    del sq  # the update's temporary reuses its memory
+    ok, row_mean, extra = second_moment_(state, g, beta2=beta2, eps1=eps[0], grad_scale=grad_scale, shard=shard,
+                                         extra=extra)
     numel = shard.numel
     if scale_parameter:
         step_size = (extra[0].sqrt() / math.sqrt(max(numel, 1))).clamp_min(eps[1]) * rho
     else:
         step_size = torch.full((), rho, device=p.device)
-    F.clip_and_apply_(p, g, state, factors, ok, step_size, numel=numel, clip_threshold=clip_threshold,
-                      weight_decay=weight_decay, beta1=beta1, grad_scale=grad_scale,
+    F.clip_and_apply_(p, g, state, F.preconditioner(state, row_mean), ok, step_size, numel=numel,
+                      clip_threshold=clip_threshold, weight_decay=weight_decay, beta1=beta1, grad_scale=grad_scale,
                       stochastic_rounding=stochastic_rounding, generator=generator,
-                      reduce_sum_sq=lambda x: shard.all_reduce_sum_([x])[0], sum_sq=sum_sq)
+                      reduce_sum_sq=lambda x: shard.all_reduce_sum_([x])[0])
     return ok
 
 
