@@ -1,20 +1,20 @@
-"""CPU step time and peak memory of the torch path, against torch Adam/AdamW and a floor.
+"""CPU update time and peak memory of the torch path: fused AdaLomo against torch Adam and against a floor.
 
-    PYTHONPATH=src python benchmarks/bench_cpu_step.py [--threads N] [--out benchmarks/results/cpu_step.json]
+    PYTHONPATH=src python benchmarks/bench_cpu_step.py --out benchmarks/results/cpu_step.json
 
-Rows: the floor (forward + backward with every gradient dropped in a post-accumulate hook), AdaLomo fused and
-classic, Adafactor, Lomo, torch Adam and AdamW, each built as ``adalomo experiment`` builds it (its default lr
-and settings). Two measurements:
+Two questions, one table each:
 
-* speed, on the quick-start model (``adalomo experiment lstm-lm``: the word-level LSTM on the embedded corpus,
-  batch 20 x 35): every row trains its own copy of the model on the same batches, the rows interleaved step by
-  step in one process (in a rotating order), median over ``--steps`` steps after ``--warmup``. "train ms":
-  forward + backward + update; "update ms": the optimizer alone (``step()`` and ``zero_grad()`` for classic
-  rows; for fused rows the time spent in the updates inside backward and at its end); "CPU ms": the update's
-  CPU time (``time.process_time``: what it costs when other jobs share the cores);
-* memory, on a ~1 GB fp32 LLaMA-style model (245M parameters, the largest tensors the 32000 x 1024 embeddings):
-  each row in its own subprocess, peak RSS (``ru_maxrss``) after ``--rss-steps`` training steps, every row with
-  ``torch._dynamo`` imported (as any ``torch.optim.Optimizer`` imports it; see ``rss_row``).
+* **speed**: the time of the update on the WikiText-2 LSTM (``adalomo experiment lstm-lm --corpus wikitext-2``:
+  a 33278-word vocabulary, LSTM 2 x 200, tied embedding; batch 20 x 35 of random tokens), fp32 and bf16
+  parameters, one thread. Every row trains its own copy of the model on the same batches, the rows interleaved
+  step by step in one process (in a rotating order), median over ``--steps`` steps after ``--warmup``.
+  "update ms": the optimizer alone (``step()`` and ``zero_grad()`` for classic rows; for fused rows the time spent
+  in the updates inside backward and at its end); "train ms": forward + backward + update; "CPU ms": the update's
+  CPU time (``time.process_time``: what it costs when other jobs share the cores). Optimizers as
+  ``adalomo experiment`` builds them (default lr and settings; torch Adam's CPU default, a loop over tensors);
+* **memory**: peak RSS (``ru_maxrss``) after ``--rss-steps`` training steps of a ~1 GB fp32 LLaMA-style model (245M
+  parameters, the largest tensors the 32000 x 1024 embeddings), each row in its own subprocess, against the
+  floor: forward + backward with every gradient dropped in a post-accumulate hook (no optimizer at all).
 
 The machine's load (other jobs on its cores) is recorded with the results: compare rows of one run only.
 """
@@ -34,7 +34,11 @@ import time
 
 import torch
 
-ROWS = ("floor", "adalomo", "adalomo-classic", "adafactor", "lomo", "adam", "adamw")
+SPEED_ROWS = ("floor", "adalomo", "adalomo-classic", "adam")
+RSS_ROWS = ("floor", "adalomo", "adalomo-classic", "adafactor", "lomo", "adam", "adamw")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+#: the word-level WikiText-2 LSTM of ``adalomo experiment lstm-lm`` (its vocabulary with <unk> and <eos>)
+LSTM = dict(vocab=33278, embed=200, hidden=200, layers=2, dropout=0.2, tied=True, batch=20, seq=35)
 #: ~1 GB in fp32: 14 LLaMA blocks of dim 1024 (SwiGLU 2816) and untied 32000 x 1024 embeddings
 RSS_MODEL = dict(vocab_size=32000, dim=1024, n_layers=14, n_heads=16, ffn_dim=2816, max_seq=128)
 
@@ -93,30 +97,27 @@ class UpdateClock:
         return t
 
 
-def lstm_speed(steps: int, warmup: int) -> dict[str, dict[str, float]]:
-    """Median train/update (wall) and update CPU ms per row on the quick-start LSTM, the rows interleaved step by
+def lstm_speed(steps: int, warmup: int, dtype: torch.dtype) -> dict[str, dict[str, float]]:
+    """Median train/update (wall) and update CPU ms per row on the WikiText-2 LSTM, the rows interleaved step by
     step."""
-    from adalomo.experiments.data import load_embedded_lm
     from adalomo.experiments.models import LSTMLM
 
-    corpus = load_embedded_lm()
-    batch, seq = 20, 35
-    data = corpus.train[: corpus.train.numel() // batch * batch].view(batch, -1)
     clock = UpdateClock()
     runs = {}
-    for row in ROWS:
+    for row in SPEED_ROWS:
         torch.manual_seed(0)
-        model = LSTMLM(len(corpus.vocab), 200, 200, 2, 0.2, True)
+        model = LSTMLM(LSTM["vocab"], LSTM["embed"], LSTM["hidden"], LSTM["layers"], LSTM["dropout"],
+                       LSTM["tied"]).to(dtype)
         opt = make_optimizer(row, model, "lstm-lm")
         fused = bool(getattr(opt, "fused", False))
         if fused:
             clock.watch(opt)
         runs[row] = (model, opt, fused, {"train": [], "update": [], "update_cpu": []})
-    n_windows = (data.size(1) - 1) // seq
+    gen = torch.Generator().manual_seed(0)
     for i in range(warmup + steps):
-        w = i % n_windows
-        x, y = data[:, w * seq: (w + 1) * seq], data[:, w * seq + 1: (w + 1) * seq + 1]
-        order = ROWS[i % len(ROWS):] + ROWS[: i % len(ROWS)]
+        tokens = torch.randint(LSTM["vocab"], (LSTM["batch"], LSTM["seq"] + 1), generator=gen)
+        x, y = tokens[:, :-1], tokens[:, 1:]
+        order = SPEED_ROWS[i % len(SPEED_ROWS):] + SPEED_ROWS[: i % len(SPEED_ROWS)]
         for row in order:
             model, opt, fused, times = runs[row]
             clock.take()
@@ -133,7 +134,7 @@ def lstm_speed(steps: int, warmup: int) -> dict[str, dict[str, float]]:
                 times["train"].append(_since(t0)[0])
                 times["update"].append(step[0] + inside[0] if opt is not None else 0.0)
                 times["update_cpu"].append(step[1] + inside[1] if opt is not None else 0.0)
-    return {row: {k: statistics.median(v) * 1e3 for k, v in runs[row][3].items()} for row in ROWS}
+    return {row: {k: statistics.median(v) * 1e3 for k, v in runs[row][3].items()} for row in SPEED_ROWS}
 
 
 def _rss_mib() -> float:
@@ -173,7 +174,7 @@ def rss_row(row: str, steps: int) -> dict[str, float]:
 
 def rss_table(steps: int, threads: int) -> dict[str, dict[str, float]]:
     out = {}
-    for row in ROWS:
+    for row in RSS_ROWS:
         cmd = [sys.executable, os.path.abspath(__file__), "--rss-row", row, "--rss-steps", str(steps),
                "--threads", str(threads)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -192,55 +193,63 @@ def machine() -> str:
     return f"{name}, {os.cpu_count()} cores"
 
 
+def speed_rows(speed: dict[str, dict[str, float]]) -> list[dict]:
+    adam = speed["adam"]
+    return [{"row": row, "train_ms": sp["train"], "update_ms": sp["update"],
+             "update_x_adam": sp["update"] / adam["update"], "update_cpu_ms": sp["update_cpu"],
+             "update_cpu_x_adam": sp["update_cpu"] / adam["update_cpu"]} for row, sp in speed.items()]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--steps", type=int, default=60, help="timed LSTM steps per row")
-    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--steps", type=int, default=20, help="timed LSTM steps per row and dtype")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--dtypes", default="fp32,bf16", help="parameter dtypes of the speed table")
     ap.add_argument("--rss-steps", type=int, default=3)
     ap.add_argument("--no-rss", action="store_true", help="skip the memory table")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--rss-row", default=None, help=argparse.SUPPRESS)  # one memory row (the subprocess)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     if args.rss_row:
         print(json.dumps(rss_row(args.rss_row, args.rss_steps)))
         return
-    threads = torch.get_num_threads()
     load_before = os.getloadavg()
-    speed = lstm_speed(args.steps, args.warmup)
+    speed = {}
+    for name in args.dtypes.split(","):
+        speed[name] = speed_rows(lstm_speed(args.steps, args.warmup, DTYPES[name]))
+        print(f"update on the WikiText-2 LSTM, {name} parameters, {args.threads} thread(s), median of {args.steps}")
+        print(f"  {'':16s} {'update ms':>10s} {'x Adam':>7s} {'CPU ms':>7s} {'x Adam':>7s} {'train ms':>9s}")
+        for r in speed[name]:
+            print(f"  {r['row']:16s} {r['update_ms']:10.2f} {r['update_x_adam']:7.2f} {r['update_cpu_ms']:7.2f} "
+                  f"{r['update_cpu_x_adam']:7.2f} {r['train_ms']:9.1f}", flush=True)
     load_after = os.getloadavg()
-    memory = None if args.no_rss else rss_table(args.rss_steps, threads)
-    adam, floor = speed["adam"], (memory or {}).get("floor")
-    rows = []
-    print(f"{'':16s} {'train ms':>9s} {'x Adam':>7s} {'update ms':>10s} {'x Adam':>7s} {'CPU ms':>7s} {'x Adam':>7s} "
-          f"{'peak RSS MiB':>13s} {'x floor':>8s}")
-    for row in ROWS:
-        sp = speed[row]
-        r = {"row": row, "train_ms": sp["train"], "train_x_adam": sp["train"] / adam["train"],
-             "update_ms": sp["update"], "update_x_adam": sp["update"] / adam["update"],
-             "update_cpu_ms": sp["update_cpu"], "update_cpu_x_adam": sp["update_cpu"] / adam["update_cpu"]}
-        line = (f"{row:16s} {r['train_ms']:9.1f} {r['train_x_adam']:7.2f} {r['update_ms']:10.2f} "
-                f"{r['update_x_adam']:7.2f} {r['update_cpu_ms']:7.2f} {r['update_cpu_x_adam']:7.2f}")
-        if memory is not None:
-            r["peak_rss_mib"] = round(memory[row]["peak_rss_mib"], 1)
-            r["rss_x_floor"] = memory[row]["peak_rss_mib"] / floor["peak_rss_mib"]
-            line += f" {r['peak_rss_mib']:13.0f} {r['rss_x_floor']:8.3f}"
-        rows.append({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()})
-        print(line)
+    memory = None if args.no_rss else rss_table(args.rss_steps, args.threads)
+    if memory is not None:
+        floor = memory["floor"]["peak_rss_mib"]
+        print(f"peak RSS, ~1 GB fp32 model ({memory['floor']['params'] / 1e6:.0f}M parameters), one process per row")
+        print(f"  {'':16s} {'MiB':>8s} {'x floor':>8s}")
+        for row, m in memory.items():
+            print(f"  {row:16s} {m['peak_rss_mib']:8.0f} {m['peak_rss_mib'] / floor:8.3f}")
     if args.out:
         result = {"command": " ".join(["python"] + sys.argv), "date": datetime.datetime.now().isoformat(
-            timespec="seconds"), "machine": machine(), "torch": torch.__version__, "threads": threads,
+            timespec="seconds"), "machine": machine(), "torch": torch.__version__, "threads": args.threads,
             "load_average": {"before": load_before, "after": load_after},
-            "speed": {"model": "lstm-lm quick start (embedded corpus, LSTM 2 x 200, tied, batch 20 x 35), fp32",
-                      "steps": args.steps, "warmup": args.warmup, "statistic": "median"},
+            "speed": {"model": LSTM, "steps": args.steps, "warmup": args.warmup, "statistic": "median",
+                      "rows": {k: [_rounded(r) for r in v] for k, v in speed.items()}},
             "memory": None if memory is None else {
                 "model": RSS_MODEL, "params": memory["floor"]["params"], "steps": args.rss_steps,
-                "statistic": "ru_maxrss", "dynamo_import_mib": round(memory["floor"]["dynamo_import_mib"], 1)},
-            "rows": rows}
+                "statistic": "ru_maxrss", "dynamo_import_mib": round(memory["floor"]["dynamo_import_mib"], 1),
+                "rows": [{"row": row, "peak_rss_mib": round(m["peak_rss_mib"], 1),
+                          "x_floor": round(m["peak_rss_mib"] / memory["floor"]["peak_rss_mib"], 4)}
+                         for row, m in memory.items()]}}
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
+
+
+def _rounded(row: dict) -> dict:
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
 
 
 if __name__ == "__main__":

@@ -21,10 +21,13 @@ factor) are read on the host, so a skipped update costs nothing, the moving aver
 place, and scalar arithmetic costs no dispatched ops. Large 2-D tensors are processed in row blocks so that the
 temporaries stay bounded.
 
-Passes over a factored fp32 tensor (``scaled_rms_update_``): g^2 (a temporary), its row means and column sums,
-sum(u^2) = sum_i r_i^2 (g^2 c^2)_i from that g^2 (a matrix-vector product; u is never materialised), RMS(p),
-g * r (the other temporary), p *= 1 - lr wd (with weight decay only), p += (g r) (c coef). A tensor of several
-row blocks recomputes g^2 per block for sum(u^2) instead of keeping it.
+Passes over a factored tensor on CPU (``scaled_rms_update_``), per row block of at most ``BLOCK_NUMEL`` elements
+(the temporaries are block-sized): g^2 (a temporary; from an fp32 copy of a 16-bit g) and three reads of it, its row
+means, its column sums and the column weights sum_i g_ij^2 / row'_i that give sum(u^2) without u; RMS(p), one read;
+g r (the other temporary, from an fp32 copy of a 16-bit g), then p += (g r)(c coef) in place (p *= 1 - lr wd
+first, with weight decay). A 16-bit p is updated inside the temporary (p + (g r)(c coef): one pass without weight
+decay) and written back, rounded stochastically in place for bf16 (random bits, their sum with the value's bits, a
+mask, a copy).
 """
 
 from __future__ import annotations
@@ -116,9 +119,10 @@ def step_size_of(p: Tensor, rho: float, eps2: float, scale_parameter: bool) -> T
     cpu = p.device.type == "cpu"
     if not scale_parameter:
         return rho if cpu else torch.full((), rho, dtype=compute_dtype(p), device=p.device)
-    if cpu:
-        norm = float(torch.linalg.vector_norm(p, dtype=compute_dtype(p)))
-        return max(eps2, norm / math.sqrt(max(p.numel(), 1))) * rho
+    if cpu:  # a 16-bit p in blocks: a whole-tensor upcast would be a fresh allocation, page faults and all
+        blocks = p.reshape(-1).split(BLOCK_NUMEL) if p.dtype != compute_dtype(p) else (p,)
+        sum_sq = sum(float(torch.linalg.vector_norm(x, dtype=compute_dtype(p))) ** 2 for x in blocks)
+        return max(eps2, math.sqrt(sum_sq / max(p.numel(), 1))) * rho
     return param_scale(p, eps2) * rho
 
 
@@ -180,24 +184,27 @@ def row_means_col_sums(g: Tensor, eps1: float, grad_scale: Tensor | float | None
 
     eps1 is added to the (small) reductions, not to every element: sum(g^2 + eps1) = sum(g^2) + n eps1.
     """
-    return row_stats(g, eps1, grad_scale)[:2]
+    return factored_statistics(g, eps1, grad_scale)[:2]
 
 
-def row_stats(g: Tensor, eps1: float, grad_scale: Tensor | float | None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """``row_means_col_sums`` and g^2 itself when it was computed whole (one block), for ``clip_and_apply_``'s
-    sum(u^2); None for a tensor of several blocks."""
-    blocks = list(row_blocks(g))
-    if len(blocks) == 1:
-        sq = square(g, grad_scale)
-        return sq.mean(-1).add_(eps1), sq.sum(-2).add_(eps1 * g.shape[-2]), sq
+def factored_statistics(g: Tensor, eps1: float, grad_scale: Tensor | float | None, row: Tensor | None = None,
+                        beta2: float = 0.0) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``row_means_col_sums`` in the same pass over g^2, and, given the row statistics ``row`` (the state before
+    this step's average with ``beta2``), the column weights w_j = sum_i g_ij^2 / row'_i (row' the averaged
+    statistics): sum(u^2) = mean(row') sum_j w_j / col'_j (``factored_sum_of_squares``), so clipping by RMS(u)
+    reads g no second time."""
     kw = dict(dtype=compute_dtype(g), device=g.device)
     row_mean = torch.empty(g.shape[:-1], **kw)
     col_sum = torch.full(g.shape[:-2] + g.shape[-1:], eps1 * g.shape[-2], **kw)
-    for b in blocks:
+    weights = None if row is None else torch.zeros_like(col_sum)
+    for b in row_blocks(g):
         sq = square(g[b], grad_scale)
-        torch.mean(sq, -1, out=row_mean[b])
+        mean = torch.mean(sq, -1, out=row_mean[b])
         col_sum += sq.sum(-2)
-    return row_mean.add_(eps1), col_sum, None
+        if weights is not None:  # row' rounded as masked_ema_ rounds it
+            inv_row = (row[b] * beta2 + (mean + eps1) * (1.0 - beta2)).reciprocal_()
+            weights += torch.matmul(inv_row.unsqueeze(-2), sq).squeeze(-2)
+    return row_mean.add_(eps1), col_sum, weights
 
 
 def masked_ema_(avg: Tensor, new: Tensor, beta: float, ok: Tensor) -> None:
@@ -224,15 +231,16 @@ def update_second_moment_(state: dict[str, Tensor], g: Tensor, *, beta2: float, 
 
 def second_moment_(state: dict[str, Tensor], g: Tensor, *, beta2: float, eps1: float,
                    grad_scale: Tensor | float | None) -> tuple[Tensor, Tensor | None]:
-    """``update_second_moment_``, also returning g^2 of a factored tensor of one block (see ``row_stats``)."""
+    """``update_second_moment_``, also returning a factored tensor's column weights for sum(u^2) (see
+    ``factored_statistics``)."""
     if is_factored(g):
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-        row_mean, col_sum, sq = row_stats(g, eps1, grad_scale)
+        row_mean, col_sum, weights = factored_statistics(g, eps1, grad_scale, row, beta2)
         col_mean = col_sum.div_(g.shape[-2])
         ok = torch.isfinite(row_mean.sum() + col_mean.sum())
         masked_ema_(row, row_mean, beta2, ok)
         masked_ema_(col, col_mean, beta2, ok)
-        return ok, sq
+        return ok, weights
     v = state["exp_avg_sq"]
     u = square(g, grad_scale).add_(eps1)
     ok = torch.isfinite(u.sum())
@@ -267,13 +275,25 @@ def precondition(g: Tensor, factors: tuple[Tensor, ...], rows: slice = slice(Non
     return u.mul_(factors[1]) if len(factors) == 2 else u
 
 
-def factored_sum_of_squares(sq: Tensor, factors: tuple[Tensor, Tensor]) -> Tensor:
-    """sum(u^2) for u = g * r * c (``factors`` = (r, c) of ``preconditioner``) from ``sq`` = g^2, without u:
-    sum_ij g_ij^2 r_i^2 c_j^2 = sum_i r_i^2 (g^2 c^2)_i, one matrix-vector product (a single read of ``sq``)."""
+def factored_sum_of_squares(weights: Tensor, state: dict[str, Tensor]) -> Tensor:
+    """sum(u^2) for u = g r c, r_i = (row_i / mean(row))^-1/2 and c_j = col_j^-1/2 (``preconditioner`` of the
+    averaged ``state``), from the column weights w_j = sum_i g_ij^2 / row_i of ``factored_statistics``:
+    sum_ij g_ij^2 mean(row) / (row_i col_j) = mean(row) sum_j w_j / col_j. Reads no full-size tensor."""
+    row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+    return (row.mean(-1) * (weights / col).sum(-1)).sum()
+
+
+def blocked_sum_of_squares(g: Tensor, factors: tuple[Tensor, Tensor], grad_scale: Tensor | float | None) -> Tensor:
+    """sum(u^2) for u = g * r * c (``factors`` = (r, c) of ``preconditioner``) without u, per row block:
+    sum_ij g_ij^2 r_i^2 c_j^2 = sum_i r_i^2 (g^2 c^2)_i, one matrix-vector product over each block's g^2 (the
+    sharded path, whose row statistics are averaged after the all-reduce)."""
     r, c = factors
-    c2 = c.square()
-    row_dots = torch.mv(sq, c2.view(-1)) if sq.dim() == 2 else torch.matmul(sq, c2.transpose(-1, -2))
-    return torch.dot(row_dots.reshape(-1), r.square().reshape(-1))
+    c2 = c.square().transpose(-1, -2)
+    total = 0.0
+    for b in row_blocks(g):
+        row_dots = torch.matmul(square(g[b], grad_scale), c2).squeeze(-1)
+        total = total + torch.dot(row_dots.reshape(-1), r[b].square().reshape(-1))
+    return total
 
 
 def clip_by_rms(sum_sq: Tensor | float, numel: int, threshold: float) -> Tensor | float:
@@ -312,19 +332,21 @@ def apply_update_(p: Tensor, u: Tensor, step_size: Tensor | float, weight_decay:
                 p.mul_(decay)
             _add_scaled_(p, u, coef)
             return
-        if scratch:  # u <- coef * u + decay * p: the fp32 result without a copy of p
+        if scratch and weight_decay == 0:  # u <- p + coef * u: the fp32 result without a copy of p, one pass
+            new = torch.addcmul(p, u, coef, out=u) if isinstance(coef, Tensor) else torch.add(p, u, alpha=coef, out=u)
+        elif scratch:  # u <- coef * u + decay * p
             new = u.mul_(coef).add_(p, alpha=float(decay))
         else:
             new = p.to(cdt)
             if weight_decay != 0:
                 new.mul_(decay)
             _add_scaled_(new, u, coef)
-        write_back_(p, new, stochastic_rounding, generator)
+        write_back_(p, new, stochastic_rounding, generator, scratch=True)
         return
     pc = p.to(cdt)
     new = pc * decay if weight_decay != 0 else pc
     new = torch.addcmul(new, u, coef) if isinstance(coef, Tensor) else torch.add(new, u, alpha=coef)
-    write_back_(p, torch.where(ok, new, pc), stochastic_rounding, generator)
+    write_back_(p, torch.where(ok, new, pc), stochastic_rounding, generator, scratch=True)
 
 
 def clip_and_apply_(p: Tensor, g: Tensor, state: dict[str, Tensor], factors: tuple[Tensor, ...], ok: Tensor,
@@ -347,8 +369,7 @@ def clip_and_apply_(p: Tensor, g: Tensor, state: dict[str, Tensor], factors: tup
         u = precondition(g, factors, grad_scale=grad_scale)
         sum_sq = sum_of_squares(u)
     elif sum_sq is None:
-        r, c = factors
-        sum_sq = sum(factored_sum_of_squares(square(g[b], grad_scale), (r[b], c)) for b in blocks)
+        sum_sq = blocked_sum_of_squares(g, factors, grad_scale)
     if reduce_sum_sq is not None:
         sum_sq = reduce_sum_sq(sum_sq)
     clip = clip_by_rms(on_host(sum_sq), numel, clip_threshold)
@@ -379,12 +400,11 @@ def scaled_rms_update_(p: Tensor, g: Tensor, state: dict[str, Tensor], *, rho: f
     ``state['step']`` is not touched (the caller counts steps). Returns the 0-d bool "g was finite"; when it
     is False, ``p`` and ``state`` are left unchanged.
     """
-    ok, sq = second_moment_(state, g, beta2=beta2, eps1=eps[0], grad_scale=grad_scale)
+    ok, weights = second_moment_(state, g, beta2=beta2, eps1=eps[0], grad_scale=grad_scale)
     if p.device.type == "cpu" and not bool(ok):
         return ok
     factors = preconditioner(state)
-    sum_sq = None if sq is None else factored_sum_of_squares(sq, factors)
-    del sq  # the update's temporary reuses its memory
+    sum_sq = None if weights is None else factored_sum_of_squares(weights, state)
     step_size = step_size_of(p, rho, eps[1], scale_parameter)
     clip_and_apply_(p, g, state, factors, ok, step_size, numel=g.numel(), clip_threshold=clip_threshold,
                     weight_decay=weight_decay, beta1=beta1, grad_scale=grad_scale,
