@@ -206,6 +206,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="timed LSTM steps per row and dtype")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--dtypes", default="fp32,bf16", help="parameter dtypes of the speed table")
+    ap.add_argument("--vocab", type=int, default=LSTM["vocab"],
+                    help="the LSTM's vocabulary (2364: the quick start's embedded corpus)")
     ap.add_argument("--rss-steps", type=int, default=3)
     ap.add_argument("--no-rss", action="store_true", help="skip the memory table")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
@@ -215,11 +217,13 @@ def main() -> None:
     if args.rss_row:
         print(json.dumps(rss_row(args.rss_row, args.rss_steps)))
         return
+    LSTM["vocab"] = args.vocab
     load_before = os.getloadavg()
     speed = {}
     for name in args.dtypes.split(","):
         speed[name] = speed_rows(lstm_speed(args.steps, args.warmup, DTYPES[name]))
-        print(f"update on the WikiText-2 LSTM, {name} parameters, {args.threads} thread(s), median of {args.steps}")
+        print(f"update on the LSTM ({args.vocab} words), {name} parameters, {args.threads} thread(s), "
+              f"median of {args.steps}")
         print(f"  {'':16s} {'update ms':>10s} {'x Adam':>7s} {'CPU ms':>7s} {'x Adam':>7s} {'train ms':>9s}")
         for r in speed[name]:
             print(f"  {r['row']:16s} {r['update_ms']:10.2f} {r['update_x_adam']:7.2f} {r['update_cpu_ms']:7.2f} "

@@ -193,18 +193,29 @@ def factored_statistics(g: Tensor, eps1: float, grad_scale: Tensor | float | Non
     this step's average with ``beta2``), the column weights w_j = sum_i g_ij^2 / row'_i (row' the averaged
     statistics): sum(u^2) = mean(row') sum_j w_j / col'_j (``factored_sum_of_squares``), so clipping by RMS(u)
     reads g no second time."""
+    blocks = list(row_blocks(g))
+    if len(blocks) == 1:  # the same sums in fewer ops (small tensors cost their ops' dispatch more than their maths)
+        sq = square(g, grad_scale)
+        row_mean = sq.mean(-1).add_(eps1)
+        col_sum = sq.sum(-2).add_(eps1 * g.shape[-2])
+        return row_mean, col_sum, None if row is None else _column_weights(sq, row, row_mean, beta2)
     kw = dict(dtype=compute_dtype(g), device=g.device)
     row_mean = torch.empty(g.shape[:-1], **kw)
     col_sum = torch.full(g.shape[:-2] + g.shape[-1:], eps1 * g.shape[-2], **kw)
     weights = None if row is None else torch.zeros_like(col_sum)
-    for b in row_blocks(g):
+    for b in blocks:
         sq = square(g[b], grad_scale)
         mean = torch.mean(sq, -1, out=row_mean[b])
         col_sum += sq.sum(-2)
-        if weights is not None:  # row' rounded as masked_ema_ rounds it
-            inv_row = (row[b] * beta2 + (mean + eps1) * (1.0 - beta2)).reciprocal_()
-            weights += torch.matmul(inv_row.unsqueeze(-2), sq).squeeze(-2)
+        if weights is not None:
+            weights += _column_weights(sq, row[b], mean + eps1, beta2)
     return row_mean.add_(eps1), col_sum, weights
+
+
+def _column_weights(sq: Tensor, row: Tensor, row_mean: Tensor, beta2: float) -> Tensor:
+    """sum_i sq_ij / row'_i, row' = beta2 row + (1 - beta2) row_mean rounded as ``masked_ema_`` rounds it."""
+    inv_row = (row * beta2 + row_mean * (1.0 - beta2)).reciprocal_()
+    return torch.matmul(inv_row.unsqueeze(-2), sq).squeeze(-2)
 
 
 def masked_ema_(avg: Tensor, new: Tensor, beta: float, ok: Tensor) -> None:
