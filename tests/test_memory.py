@@ -411,7 +411,8 @@ class _LiveBytes(TorchDispatchMode):
 def test_adapm_update_temporaries_bound_a_measured_step(dtype, second_moment, kind):
     """The planner's AdaPM temporaries bound what one update holds at once, measured on CPU. The planner counts
     the accelerator path, which keeps one or two fp32 copies more than the CPU path (the old weights for the
-    non-finite select; fp32 weights updated out of place): 4 to 8 bytes per element."""
+    non-finite select; fp32 weights updated out of place): 4 to 8 bytes per element, and for bf16 weights the 6 bytes
+    of the rounding's random bits and int32 sum, which the CPU path adds in place to its fp32 temporary."""
     policy = SplitMomentum(-1, ("low_rank", "low_rank", "full")) if kind == "split" else kind
     p = nn.Parameter(torch.randn(192, 96, dtype=dtype))
     opt = AdaPM([p], momentum_policy=lambda name, t: policy, rank=4, second_moment=second_moment,
@@ -421,15 +422,16 @@ def test_adapm_update_temporaries_bound_a_measured_step(dtype, second_moment, ki
         with _LiveBytes() as live:
             opt.step()
     planned = M._adapm_update_bytes(p.shape, opt.momentum_kind(p), second_moment, p.element_size())
-    assert live.peak <= planned <= live.peak + 8 * p.numel()
+    slack = 8 + (6 if dtype == torch.bfloat16 else 0)
+    assert live.peak <= planned <= live.peak + slack * p.numel()
 
 
 def test_notes_say_what_dominates():
     pm = M.estimate("llama-7b", "adapm")
     state, temps = pm["notes"]
     assert "4.39 bytes/param against AdamW's 4" in state and "fp32 second moment" in state and "factored" in state
-    assert "model.embed_tokens.weight" in temps and "30 bytes" in temps
-    assert pm["temporaries"] == 30 * 32000 * 4096 and pm["peak_at"] == "optimizer step"
+    assert "model.embed_tokens.weight" in temps and "26 bytes" in temps
+    assert pm["temporaries"] == 26 * 32000 * 4096 and pm["peak_at"] == "optimizer step"
     # with the factored second moment its state is under AdamW's: no state note
     fac = M.estimate("llama-7b", "adapm", adapm_second_moment="factored")
     assert not any(n.startswith("state") for n in fac["notes"])
