@@ -91,9 +91,22 @@ def spawn(scenario: str, tmp_path) -> None:
     mp.spawn(_entry, args=(WORLD, _free_port(), scenario, str(tmp_path)), nprocs=WORLD, join=True)
 
 
+#: functions of adalomo/functional.py that read a flag or a sum back on the CPU only (free there, skipped on accelerators)
+CPU_ONLY_READS = {"step_size_of", "on_host", "masked_ema_", "apply_update_"}
+
+
+def _cpu_only_read() -> bool:
+    """The innermost adalomo frame of this read is one of the torch path's CPU-only reads."""
+    for frame in reversed(traceback.extract_stack()):
+        if "/adalomo/" in frame.filename.replace("\\", "/"):
+            return frame.filename.endswith("functional.py") and "distributed" not in frame.filename \
+                and frame.name in CPU_ONLY_READS
+    return False
+
+
 class HostReads(TorchDispatchMode):
     """Records the ATen ops that make a tensor from host data or read a scalar back to the host, except the reads
-    that are host-side by design: the 0-d CPU step counters and ``apply_update_``'s CPU-only flag read."""
+    that are host-side by design: the 0-d CPU step counters and the torch path's CPU-only reads."""
 
     def __init__(self, counters):
         super().__init__()
@@ -105,7 +118,7 @@ class HostReads(TorchDispatchMode):
         self.ops.add(name)
         if name == "aten.lift_fresh.default" or (
                 name == "aten._local_scalar_dense.default" and id(args[0]) not in self.counters
-                and "apply_update_" not in {f.name for f in traceback.extract_stack(limit=8)}):
+                and not _cpu_only_read()):
             self.found.append(name)
         return func(*args, **(kwargs or {}))
 
