@@ -1,9 +1,10 @@
-"""FSDP2 throughput and memory: fused AdaLomo vs FSDP2 + torch AdamW, 1 -> 2 -> 4 GPUs.
+"""FSDP2 throughput and memory: fused AdaLomo (and AdaPM) vs FSDP2 + torch AdamW, 1 -> 2 -> 4 GPUs.
 
 Driver (one torchrun per configuration, so every run starts with an empty allocator)::
 
     python benchmarks/bench_fsdp.py --sizes 1b,7b --gpus 1,2 --optimizers adalomo,adamw
     python benchmarks/bench_fsdp.py --find-max --gpus 2          # the largest preset that fits, per optimizer
+    python benchmarks/bench_fsdp.py --sizes 1b --gpus 1,2 --optimizers adalomo,adapm,adapm_factored,adamw
     python benchmarks/bench_fsdp.py --sizes tiny --gpus 2 --device cpu --steps 3 --warmup 1 --seq-len 64
 
 prints a Markdown table (tokens/s per GPU, peak memory per GPU, scaling versus 1 GPU) and writes JSON
@@ -30,6 +31,9 @@ from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+#: AdaPM rows (``--optimizers adapm,adapm_factored``): fused AdaPM with its default momentum policy
+ADAPM = {"adapm": {}, "adapm_factored": {"second_moment": "factored"}}
 
 # Presets beyond adalomo.experiments.models.GPT_PRESETS (LLaMA shapes, full multi-head attention, vocab 32000).
 EXTRA_SIZES = {
@@ -71,7 +75,8 @@ def worker(args) -> None:
     rank, world, device = ex.setup(args.device)
     cuda = device.type == "cuda"
     cfg = gpt_config(args.size, args.seq_len, args.gradient_checkpointing)
-    if args.optimizer == "adalomo":
+    ours = args.optimizer in ("adalomo", *ADAPM)
+    if ours:
         dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     else:
         dtype = torch.bfloat16 if args.adamw_dtype == "bf16" else torch.float32
@@ -82,7 +87,11 @@ def worker(args) -> None:
     model = ex.build_model(cfg, device, dtype, None, True, 0)
     result["params"] = sum(p.numel() for p in model.parameters())
     lr = 1e-2 if args.optimizer == "adalomo" else 3e-4
-    opt = ex.make_optimizer(args.optimizer, model, lr, 0.0, None, device)
+    if args.optimizer in ADAPM:  # fused, its default policy by parameter name
+        import adalomo
+        opt = adalomo.AdaPM(model.named_parameters(), lr=lr, fused=True, **ADAPM[args.optimizer])
+    else:
+        opt = ex.make_optimizer(args.optimizer, model, lr, 0.0, None, device)
     if args.optimizer == "adalomo" and args.adalomo_kwargs:  # e.g. {"bucket_cap_mb": 256}
         for k, v in json.loads(args.adalomo_kwargs).items():
             if not hasattr(opt, k):
@@ -90,7 +99,7 @@ def worker(args) -> None:
             setattr(opt, k, v)
         result["optimizer"] = f"adalomo {args.adalomo_kwargs}"
     batches = ex.Batches(cfg.vocab_size, args.batch_size, args.seq_len, rank, world, device)
-    fused = args.optimizer == "adalomo"
+    fused = ours
 
     def one_step(step):
         x, y = batches(step)
@@ -247,7 +256,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=4, help="sequences per GPU")
     ap.add_argument("--seq-len", type=int, default=2048)
-    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="AdaLomo weights")
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="AdaLomo and AdaPM weights")
     ap.add_argument("--adamw-dtype", choices=["bf16", "fp32"], default="fp32",
                     help="AdamW weights and moments (fp32 master weights + bf16 compute is the usual recipe)")
     ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,

@@ -318,3 +318,39 @@ def test_step_time_is_the_median_so_a_stall_does_not_count(tmp_path, monkeypatch
     steady = r["steps"] - r["timing_skipped_steps"]
     assert r["time_per_step_s"] * steady < r["wall_time_s"] - 1.2
     assert r["tokens_per_s"] == pytest.approx(4 * 32 / r["time_per_step_s"])
+
+
+def test_time_to_target_interpolates_between_evaluations():
+    """The wall time to reach AdamW's final validation loss: linear between the two evaluations around it."""
+    from adalomo.experiments.report import time_to_target, time_to_target_table
+
+    def run(opt, curve):
+        return {"optimizer": opt, "eval_curve": [[10 * (i + 1), t, loss] for i, (t, loss) in enumerate(curve)]}
+
+    res = {"runs": {"adamw": run("adamw", [(1.0, 5.0), (2.0, 4.0), (4.0, 3.0)]),
+                    "adalomo": run("adalomo", [(1.0, 4.0), (2.0, 2.0), (3.0, 1.0)]),
+                    "early": run("lomo", [(0.5, 2.5), (1.0, 2.0)]),
+                    "slow": run("sgd", [(1.0, 6.0), (2.0, 3.5)]),
+                    "no-curve": {"optimizer": "adam", "eval_curve": []}}}
+    t = time_to_target(res)
+    assert t["reference"] == "adamw" and t["target_valid_loss"] == 3.0
+    assert t["runs"]["adamw"]["time_s"] == pytest.approx(4.0)
+    assert t["runs"]["adalomo"]["time_s"] == pytest.approx(1.5)  # 4.0 at 1 s, 2.0 at 2 s: 3.0 at 1.5 s
+    assert t["runs"]["adalomo"]["vs_reference"] == pytest.approx(1.5 / 4.0)
+    assert t["runs"]["early"]["time_s"] == pytest.approx(0.5)  # below the target at its first evaluation
+    assert t["runs"]["slow"]["time_s"] is None and t["runs"]["slow"]["vs_reference"] is None
+    assert "no-curve" not in t["runs"]
+    table = time_to_target_table(t)
+    assert "| adalomo | 1.0000 | 1.5 | 0.38 |" in table and "| slow | 3.5000 | not reached | – |" in table
+    assert time_to_target({"runs": {"adalomo": res["runs"]["adalomo"]}}) is None
+
+
+def test_time_to_target_in_the_report(tmp_path):
+    cfg = ExperimentConfig(task="gpt-lm", optimizers="adamw,adalomo", max_steps=4, eval_every=2, eval_batches=1,
+                           quiet=True, out=str(tmp_path), data_limit=LIMIT, **TINY["gpt-lm"])
+    run_experiment(cfg, log=lambda *a: None)
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert [e[0] for e in res["runs"]["adamw"]["eval_curve"]] == [2, 4]  # the last step is evaluated too
+    ttt = res["time_to_target"]
+    assert ttt["reference"] == "adamw" and ttt["target_valid_loss"] == res["runs"]["adamw"]["eval_curve"][-1][2]
+    assert "Time to adamw's final validation loss" in (tmp_path / "results.md").read_text()

@@ -58,9 +58,9 @@ def test_end_to_end_pretrain_save_load_finetune_both_tasks(pretrained):
         for plot in ("lr", "loss", "memory"):
             assert (out / f"{plot}_{name}.png").stat().st_size > 1000
     runs = res["tasks"]["domain"]["runs"]
-    assert runs["adalomo@0.001"]["score"] == pytest.approx(runs["adafactor@0.001"]["score"], rel=1e-5)
-    assert {"target_ppl", "source_ppl"} <= set(runs["adamw@5e-05"])
-    sft = res["tasks"]["sft"]["runs"]["adalomo@0.0005"]
+    assert runs["adalomo@0.03"]["score"] == pytest.approx(runs["adafactor@0.03"]["score"], rel=1e-5)
+    assert {"target_ppl", "source_ppl"} <= set(runs["adamw@0.0005"])
+    sft = res["tasks"]["sft"]["runs"]["adalomo@0.016"]
     assert sft["bleu"] is not None and sft["samples"] and sft["answer_ppl"] == sft["score"]
     assert res["tasks"]["sft"]["eval_pairs"] == 12
     md = (out / "results.md").read_text()
@@ -74,10 +74,10 @@ def test_saved_base_is_reloaded_and_swept(pretrained, tmp_path):
     task = res["tasks"]["domain"]
     # the same base and data as the pretraining run: the same score before fine-tuning
     assert task["before"]["score"] == pytest.approx(pretrained[1]["tasks"]["domain"]["before"]["score"])
-    assert sorted(task["runs"]) == sorted(["adalomo@0.00032", "adalomo@0.001", "adalomo@0.0032", "adamw@1.6e-05",
-                                           "adamw@5e-05", "adamw@0.00016"])
+    assert sorted(task["runs"]) == sorted(["adalomo@0.0095", "adalomo@0.03", "adalomo@0.095", "adamw@0.00016",
+                                           "adamw@0.0005", "adamw@0.0016"])
     s = task["summary"]["adalomo"]
-    assert s["lrs"] == [0.00032, 0.001, 0.0032] and s["default_lr"] == 0.001 and s["band"]["sweep_points"] == 3
+    assert s["lrs"] == [0.0095, 0.03, 0.095] and s["default_lr"] == 0.03 and s["band"]["sweep_points"] == 3
     assert s["best_score"] == min(s["scores"]) and s["default_vs_reference_best"] is not None
 
 
@@ -139,7 +139,7 @@ def test_transformers_gpt2_directory_without_tokenizer_gets_a_word_vocabulary(tm
     base = res["base"]
     assert base["tokenizer"]["type"] == "word" and base["tokenizer"]["size"] <= 3000
     assert "has no tokenizer" in base["notes"][0]
-    assert res["tasks"]["sft"]["runs"]["adalomo@0.0005"]["steps"] == 2
+    assert res["tasks"]["sft"]["runs"]["adalomo@0.016"]["steps"] == 2
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -190,8 +190,8 @@ def test_sweep_points_and_the_run_order():
     cfg = FinetuneConfig(task="domain,sft", pretrain_steps=1, optimizers="adalomo,adamw@1e-4", lr_sweep=5).resolve()
     plan = plan_runs(cfg)
     assert len(plan) == 2 * 2 * 5
-    assert [(p.task, p.run.label) for p in plan[:4]] == [("domain", "adalomo@0.001"), ("domain", "adamw@0.0001"),
-                                                         ("sft", "adalomo@0.0005"), ("sft", "adamw@0.0001")]
+    assert [(p.task, p.run.label) for p in plan[:4]] == [("domain", "adalomo@0.03"), ("domain", "adamw@0.0001"),
+                                                         ("sft", "adalomo@0.016"), ("sft", "adamw@0.0001")]
     assert [p.distance for p in plan] == sorted(p.distance for p in plan) and all(p.is_default for p in plan[:4])
 
 
@@ -238,7 +238,7 @@ def test_budget_starts_only_runs_that_fit(monkeypatch):
 def test_budget_exhausted_still_writes_a_report(pretrained, tmp_path):
     res = _finetune(["--base", str(pretrained[0] / "base"), "--task", "sft", "--optimizers", "adalomo",
                      "--lr-sweep", "3", "--max-steps", "2", "--budget-minutes", "1e-6"], tmp_path)
-    assert res["skipped"] == ["sft: adalomo@0.0005", "sft: adalomo@0.00016", "sft: adalomo@0.0016"]
+    assert res["skipped"] == ["sft: adalomo@0.016", "sft: adalomo@0.0051", "sft: adalomo@0.051"]
     assert res["tasks"]["sft"]["runs"] == {} and "not run" in (tmp_path / "results.md").read_text()
 
 

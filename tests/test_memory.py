@@ -412,7 +412,8 @@ def test_adapm_update_temporaries_bound_a_measured_step(dtype, second_moment, ki
     """The planner's AdaPM temporaries of the torch path bound what one update holds at once, measured on CPU. The
     planner counts the path on an accelerator (tensors of more than two dims there), which keeps one or two fp32
     copies more than the CPU path (the old weights for the non-finite select; fp32 weights updated out of place): 4
-    to 8 bytes per element."""
+    to 8 bytes per element, and for bf16 weights the 6 bytes of the rounding's random bits and int32 sum, which the
+    CPU path adds in place to its fp32 temporary."""
     policy = SplitMomentum(-1, ("low_rank", "low_rank", "full")) if kind == "split" else kind
     p = nn.Parameter(torch.randn(192, 96, dtype=dtype))
     opt = AdaPM([p], momentum_policy=lambda name, t: policy, rank=4, second_moment=second_moment,
@@ -422,7 +423,8 @@ def test_adapm_update_temporaries_bound_a_measured_step(dtype, second_moment, ki
         with _LiveBytes() as live:
             opt.step()
     planned = M._adapm_update_bytes(p.shape, opt.momentum_kind(p), second_moment, p.element_size())
-    assert live.peak <= planned <= live.peak + 8 * p.numel()
+    slack = 8 + (6 if dtype == torch.bfloat16 else 0)
+    assert live.peak <= planned <= live.peak + slack * p.numel()
 
 
 def test_notes_say_what_dominates():

@@ -83,3 +83,30 @@ def test_write_back_accepts_a_kernel_seed():
     assert torch.equal(a, b)
     write_back_(b, value, True, kernels.Seed(54321))
     assert not torch.equal(a, b), "another seed must draw other rounding bits"
+
+
+def test_stochastic_rounding_keeps_nan_payloads():
+    """A NaN whose payload sits only in the 16 bits below bf16's mantissa stays NaN (the noise and the mask alone
+    would turn it into inf or a number), also among finite values and through ``write_back_``."""
+    from adalomo.precision import write_back_
+
+    low_nan = torch.tensor([0x7F800001, -0x007FFFFF], dtype=torch.int32).view(torch.float32)  # +NaN, -NaN
+    x = torch.cat([torch.randn(1000), low_nan, torch.randn(1000)])
+    for seed in range(8):
+        y = stochastic_round_to_bf16(x, torch.Generator().manual_seed(seed))
+        assert torch.isnan(y[1000:1002]).all() and torch.isfinite(y[:1000]).all()
+        dst = torch.empty(x.shape, dtype=torch.bfloat16)
+        write_back_(dst, x, True, torch.Generator().manual_seed(seed))
+        assert torch.isnan(dst[1000:1002]).all() and torch.isfinite(dst[:1000]).all()
+
+
+def test_rounding_noise_uses_every_bit_of_each_draw():
+    """Four 16-bit values come from each 64-bit draw: every bit of every one of the four is a fair coin."""
+    from adalomo.precision import _random_16_bits
+
+    noise = _random_16_bits(torch.Size([4 * 20000]), torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert noise.dtype == torch.int16
+    noise = noise.to(torch.int32) + (1 << 15)  # as the rounding adds it
+    for k in range(4):  # the k-th value of each draw
+        bits = torch.stack([(noise[k::4] >> b) & 1 for b in range(16)]).float().mean(1)
+        assert (bits - 0.5).abs().max() < 0.02, (k, bits)

@@ -40,6 +40,7 @@ WORLD = 2
 ROOT = Path(__file__).resolve().parents[1]
 FSDP2 = dict(fsdp=True, fsdp_config={"version": 2})
 STEPS = dict(max_steps=4, warmup_steps=1)
+ADAPM = {"rank": 4, "update_proj_gap": 2}
 
 
 def run(out, *, batch: int, ga: int = 1, optimizer: str = "adalomo", adalomo_kwargs=None, resume=None, seed=0,
@@ -169,9 +170,17 @@ def _scenarios(rank: int, tmp: str) -> None:
     # a plain accelerate loop with FSDP2 and accelerator.accumulate
     assert_close(weights(accelerate_loop(fsdp=True)), refs["accelerate"], "accelerate FSDP2, accumulation")
 
-    # what cannot run says so
-    with pytest.raises(ValueError, match="AdaPM does not run under FSDP2"):
-        run(out("adapm"), batch=4, optimizer="adapm")
+    # AdaPM (default policy by name, a basis refresh at steps 1 and 3): FSDP2 with a checkpoint at step 2 and a
+    # resume from it, HSDP with accumulation
+    adapm = dict(optimizer="adapm", adalomo_kwargs=ADAPM)
+    fsdp = run(out("fsdp_adapm"), batch=4, save_strategy="steps", save_steps=2, **adapm, **FSDP2)
+    opt = fsdp.optimizer.optimizer
+    assert opt.momentum_kind(fsdp.model.model.layers[0].self_attn.q_proj.weight) == "low_rank"
+    assert_close(weights(fsdp), refs["adapm"], "FSDP2 fused AdaPM")
+    resumed = run(out("fsdp_adapm"), batch=4, seed=1, resume=out("fsdp_adapm/checkpoint-2"), **adapm, **FSDP2)
+    assert_close(weights(resumed), weights(fsdp), "FSDP2 AdaPM resumed from step 2", exact=True)
+    hsdp = run(out("hsdp_adapm"), batch=1, ga=4, **adapm)
+    assert_close(weights(hsdp), refs["adapm"], "HSDP fused AdaPM, accumulation")
 
 
 def _entry(rank: int, port: int, tmp: str) -> None:
@@ -187,7 +196,7 @@ def _entry(rank: int, port: int, tmp: str) -> None:
 
 
 def test_trainer_fsdp2_and_hsdp_equal_the_single_process(tmp_path):
-    """FSDP2 and HSDP under AdaLomoTrainer on 2 ranks (fused AdaLomo, Adafactor, Lomo; gradient accumulation 4;
+    """FSDP2 and HSDP under AdaLomoTrainer on 2 ranks (fused AdaLomo, Adafactor, Lomo, AdaPM; gradient accumulation 4;
     two-pass and accumulated clipping) equal the single-process run of the same global batch to fp32 rounding;
     classic and fused FSDP2 agree bit for bit; a checkpoint at step 2 resumes bit-identically on 2 ranks; a plain
     accelerate loop with FSDP2 and accumulation equals its single-process run."""
@@ -199,6 +208,7 @@ def test_trainer_fsdp2_and_hsdp_equal_the_single_process(tmp_path):
         refs["adalomo_clip"] = weights(run(tmp_path / "ref_clip", batch=8, max_grad_norm=0.5,
                                            adalomo_kwargs={"clip_grad_norm": 0.5}))
         refs["accelerate"] = weights(accelerate_loop(fsdp=False))
+        refs["adapm"] = weights(run(tmp_path / "ref_adapm", batch=8, optimizer="adapm", adalomo_kwargs=ADAPM))
     _reset_accelerate()
     torch.save(refs, tmp_path / "refs.pt")
     mp.spawn(_entry, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)

@@ -18,9 +18,9 @@ of each component of one training step on one GPU:
     the optimizer state, see :func:`optimizer_state_bytes`. With ``master_weights`` the classic
     optimizers also keep an fp32 copy of the weights (mixed precision, 16 bytes/param for AdamW).
 ``temporaries``
-    the update's own memory at its largest: AdaPM's basis refresh (8 bytes per element of the largest
+    the update's own memory at its largest: AdaPM's basis refresh on a GPU (8 bytes per element of the largest
     low-rank matrix, :func:`_adapm_kernel_update_bytes`; its torch maths on tensors of more than two dims,
-    about 30 bytes per element in bf16, :func:`_adapm_update_bytes`), torch's foreach
+    about 26 bytes per element in bf16, :func:`_adapm_update_bytes`), torch's foreach
     Adafactor (gradient-sized). The Triton kernels of the other optimizers of this library need only
     fp32 partial sums (0.1-0.5 bytes per parameter updated at once), which are not counted.
 ``activations``
@@ -520,7 +520,8 @@ def _adapm_update_bytes(shape: Sequence[int], kind: Any, second_moment: str, par
     bytes of fp32 tensors for the second moment's update, u and the new weights, 4 for the momentum
     estimate (not for ``none``; 4 more for a split tensor, whose chunks are estimated apart and then
     joined), 4 for a 1-D tensor's factored second moment, 8 for fp32 copies of a 16-bit gradient and
-    weights, 10 for bf16 stochastic rounding (on by default: random bits and the rounded values).
+    weights, 6 for bf16 stochastic rounding (on by default: random bits, drawn four to a 64-bit word, and the
+    rounded values).
     Counted with a tracker of live tensors; tests/test_memory.py checks it against one CPU step.
     """
     per = 12
@@ -531,7 +532,7 @@ def _adapm_update_bytes(shape: Sequence[int], kind: Any, second_moment: str, par
     if second_moment == "factored" and len(shape) < 2:
         per += 4
     if param_bytes == 2:
-        per += 18  # bf16: stochastic rounding; fp16 has no rounding but the same fp32 copies (+8)
+        per += 14  # bf16: stochastic rounding; fp16 has no rounding but the same fp32 copies (+8)
     return per * _numel(shape)
 
 

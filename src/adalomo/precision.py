@@ -5,6 +5,8 @@ Both avoid host synchronisation so that a fused-backward step never waits on the
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = ["stochastic_round_to_bf16", "write_back_", "DynamicLossScaler", "sr_generator"]
@@ -18,17 +20,35 @@ def stochastic_round_to_bf16(x: torch.Tensor, generator: torch.Generator | None 
     Adds 16 random bits below the bf16 mantissa, then truncates: a value at fraction f between two
     bf16 neighbours rounds up with probability f, so E[round(x)] = x. inf stays inf and NaN stays NaN.
     """
-    if x.dtype != torch.float32:
-        x = x.float()
+    return _rounded_bits(x, generator).to(torch.bfloat16)  # exact: the low 16 bits are zero
+
+
+def _rounded_bits(x: torch.Tensor, generator: torch.Generator | None, scratch: bool = False) -> torch.Tensor:
+    """``stochastic_round_to_bf16(x)`` still in fp32 (its low 16 bits zero). ``scratch``: ``x`` may be overwritten
+    (an fp32 ``x`` is then rounded in place on CPU, without an int32 temporary)."""
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        x, scratch = x.float().contiguous(), True
     if generator is not None and not isinstance(generator, torch.Generator):  # a kernels.Seed: same seed, torch bits
         generator = sr_generator(x.device, generator.initial_seed())
-    bits = x.contiguous().view(torch.int32)
-    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
-    rounded = (bits + noise).bitwise_and_(_LOW16)
-    # NaN payloads may have lost their mantissa bits to the mask: keep NaN as NaN.
-    out = rounded.view(torch.float32)
-    out = torch.where(torch.isnan(x), x, out)
-    return out.to(torch.bfloat16)  # exact: the low 16 bits are zero
+    # NaN payloads may lose their mantissa bits to the noise and the mask: keep NaN as NaN. On CPU a sum (a NaN in x
+    # makes it NaN) read on the host skips the select, ten times its cost, when there is none.
+    keep_nan = x.device.type != "cpu" or bool(x.sum().isnan())
+    bits = x.view(torch.int32)
+    noise = _random_16_bits(x.shape, x.device, generator)
+    out = bits.add_(noise) if scratch and not keep_nan else torch.add(bits, noise)
+    del noise  # the generator's words
+    out = out.add_(1 << 15).bitwise_and_(_LOW16).view(torch.float32)  # noise + 2^15: uniform in [0, 2^16)
+    if keep_nan:
+        out = torch.where(torch.isnan(x), x, out, out=out)
+    return out
+
+
+def _random_16_bits(shape: torch.Size, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    """Uniform int16 values (in [-2^15, 2^15)): four per 64-bit draw of the generator (drawing each value on its
+    own costs three times as much on CPU)."""
+    n = math.prod(shape)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2**63, None, generator=generator)
+    return words.view(torch.int16)[:n].view(shape)
 
 
 def sr_generator(device: torch.device, seed: int) -> torch.Generator:
@@ -39,10 +59,11 @@ def sr_generator(device: torch.device, seed: int) -> torch.Generator:
 
 
 def write_back_(dst: torch.Tensor, value: torch.Tensor, stochastic_rounding: bool,
-                generator: torch.Generator | None = None) -> None:
-    """Store the fp32 ``value`` into ``dst`` (any float dtype); bf16 may round stochastically."""
+                generator: torch.Generator | None = None, scratch: bool = False) -> None:
+    """Store the fp32 ``value`` into ``dst`` (any float dtype); bf16 may round stochastically. ``scratch``:
+    ``value`` is a temporary that the rounding may overwrite."""
     if dst.dtype == torch.bfloat16 and stochastic_rounding:
-        dst.copy_(stochastic_round_to_bf16(value, generator))
+        dst.copy_(_rounded_bits(value, generator, scratch))  # exact: the low 16 bits are zero
     else:
         dst.copy_(value)
 

@@ -16,7 +16,7 @@ from torch import Tensor
 from .. import functional as F
 from .shard import ShardInfo
 
-__all__ = ["second_moment_", "scaled_rms_update_", "lomo_update_"]
+__all__ = ["second_moment_", "scaled_rms_update_", "lomo_update_", "gather_rows", "param_scale"]
 
 
 def second_moment_(state: dict[str, Tensor], g: Tensor, *, beta2: float, eps1: float,
@@ -72,7 +72,7 @@ def scaled_rms_update_(p: Tensor, g: Tensor, state: dict[str, Tensor], *, rho: f
                                          extra=extra)
     numel = shard.numel
     if scale_parameter:
-        step_size = (extra[0].sqrt() / math.sqrt(max(numel, 1))).clamp_min(eps[1]) * rho
+        step_size = param_scale(extra[0], numel, eps[1]) * rho
     else:
         step_size = torch.full((), rho, device=p.device)
     F.clip_and_apply_(p, g, state, F.preconditioner(state, row_mean), ok, step_size, numel=numel,
@@ -92,3 +92,26 @@ def lomo_update_(p: Tensor, g: Tensor, *, lr: float, weight_decay: float, clip_g
     ok = shard.all_reduce_sum_([(~ok).float()])[0] == 0
     return F.lomo_update_(p, g, lr=lr, weight_decay=weight_decay, clip_grad_value=clip_grad_value,
                           grad_scale=grad_scale, stochastic_rounding=stochastic_rounding, generator=generator, ok=ok)
+
+
+def gather_rows(x: Tensor, shard: ShardInfo) -> Tensor:
+    """The whole tensor from every rank's rows (``x``: this rank's, any trailing shape): one all-gather.
+
+    Shards are padded to the largest one (``ceil(rows / world)`` rows); as only the trailing shards can be short,
+    the first ``rows`` rows of the gathered buffer are the whole tensor, in order.
+    """
+    import torch.distributed as dist
+
+    world = dist.get_world_size(shard.group)
+    rows = shard.global_shape[0]
+    chunk = -(-rows // world)
+    buf = x.new_zeros((chunk, *x.shape[1:]))
+    buf[:x.shape[0]] = x
+    out = x.new_empty((chunk * world, *x.shape[1:]))
+    dist.all_gather_into_tensor(out, buf, group=shard.group)
+    return out[:rows]
+
+
+def param_scale(sum_sq: Tensor, numel: int, eps2: float) -> Tensor:
+    """``functional.param_scale`` (max(eps2, RMS(p))) from the all-reduced sum of squares of p."""
+    return (sum_sq.sqrt() / math.sqrt(max(numel, 1))).clamp_min(eps2)

@@ -54,12 +54,15 @@ def init_sharded_state(opt: Any, p: Tensor, group: dict[str, Any], layout: Param
     Which state follows the rows (``Shard(0)`` like the parameter) and which is whole on every rank
     (``Replicate()``) is found by probing ``_init_state`` on meta tensors with m and m + 1 rows: a state
     whose shape changes with the row count is row-sharded, one whose shape does not is replicated.
-    0-d state (``step``) stays a plain tensor.
+    0-d state (``step``) stays a plain tensor. An optimizer whose state depends on more than the tensor it is
+    given (AdaPM: the momentum kind of that parameter, the side of a low-rank basis) says it instead with
+    ``_sharded_state_spec(p, group, layout) -> (state of the whole tensor on the meta device, row-sharded keys)``.
     """
-    from torch.distributed.tensor import DTensor, Replicate
-
     if not getattr(opt, "_supports_sharding", True):
         raise NotImplementedError(f"{type(opt).__name__} does not support FSDP2-sharded (DTensor) parameters yet")
+    spec = getattr(opt, "_sharded_state_spec", None)
+    if spec is not None:
+        return _state_from_spec(p, layout, *spec(p, group, layout))
     with torch.no_grad():
         local_p = p.to_local().detach()
         try:
@@ -68,7 +71,8 @@ def init_sharded_state(opt: Any, p: Tensor, group: dict[str, Any], layout: Param
             raise NotImplementedError(
                 f"{type(opt).__name__}._init_state failed on the local shard (shape {tuple(local_p.shape)}) of an "
                 f"FSDP2 parameter of shape {tuple(p.shape)}: {type(e).__name__}: {e}. Sharded parameters need "
-                "an _init_state that depends only on the tensor it is given (AdaLomo, Adafactor, Lomo).") from e
+                "an _init_state that depends only on the tensor it is given (AdaLomo, Adafactor, Lomo), or a "
+                "_sharded_state_spec (AdaPM).") from e
         shape_a = torch.Size(p.shape)
         shape_b = torch.Size((shape_a[0] + 1,) + tuple(shape_a[1:]))
         try:
@@ -77,27 +81,58 @@ def init_sharded_state(opt: Any, p: Tensor, group: dict[str, Any], layout: Param
         except Exception as e:  # noqa: BLE001 - reported with context below
             raise RuntimeError(f"{type(opt).__name__}._init_state must work on meta tensors to shard its state "
                                f"for FSDP2 (parameter of shape {tuple(p.shape)}): {e}") from e
-    out: dict[str, Tensor] = {}
+    kinds: dict[str, str] = {}
     for k, v in state.items():
         if not isinstance(v, Tensor) or v.dim() == 0:
-            out[k] = v
-            layout.state_layout[k] = "local"
             continue
         sa, sb = probe_a[k].shape, probe_b[k].shape
         if sa == sb:
             if v.shape != sa:
                 raise RuntimeError(f"{type(opt).__name__}: state {k!r} of a parameter of shape {tuple(p.shape)} "
                                    f"has local shape {tuple(v.shape)} but global shape {tuple(sa)}")
-            placements = [Replicate()] * layout.mesh.ndim
-            kind = "replicate"
+            kinds[k] = "replicate"
         elif len(sa) >= 1 and sa[0] == shape_a[0] and sb[0] == shape_b[0] and sa[1:] == sb[1:] \
                 and v.shape[1:] == sa[1:] and v.shape[0] == layout.local_rows:
-            placements = list(layout.placements)
-            kind = "shard"
+            kinds[k] = "shard"
         else:
             raise RuntimeError(f"{type(opt).__name__}: cannot tell how to shard state {k!r} (global shape "
                                f"{tuple(sa)}) of a parameter of shape {tuple(p.shape)} sharded on dim 0; state "
                                "must either follow the parameter's rows on dim 0 or not depend on them")
+    return _wrap(state, {k: probe_a[k].shape for k in kinds}, kinds, layout)
+
+
+def _state_from_spec(p: Tensor, layout: ParamLayout, whole: dict[str, Any], rows: set[str] | tuple[str, ...]
+                     ) -> dict[str, Tensor]:
+    """Zero local state from an optimizer's spec: ``whole`` (the state of the whole tensor, on the meta device
+    but for 0-d tensors such as ``step``) and the keys whose dim 0 follows the parameter's rows."""
+    device = p.to_local().device
+    state, shapes, kinds = {}, {}, {}
+    for k, v in whole.items():
+        if not isinstance(v, Tensor) or v.dim() == 0:
+            state[k] = v
+            continue
+        kinds[k] = "shard" if k in rows else "replicate"
+        shape = (layout.local_rows, *v.shape[1:]) if k in rows else v.shape
+        state[k] = torch.zeros(shape, dtype=v.dtype, device=device)
+        shapes[k] = v.shape
+    return _wrap(state, shapes, kinds, layout)
+
+
+def _wrap(state: dict[str, Any], shapes: dict[str, torch.Size], kinds: dict[str, str], layout: ParamLayout
+          ) -> dict[str, Any]:
+    """The local ``state`` as DTensors of the global ``shapes``: row-sharded like the parameter (``kinds[k]`` is
+    "shard") or replicated; anything else (0-d ``step``) stays as it is."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    out: dict[str, Any] = {}
+    for k, v in state.items():
+        kind = kinds.get(k)
+        if kind is None:
+            out[k] = v
+            layout.state_layout[k] = "local"
+            continue
+        sa = shapes[k]
+        placements = list(layout.placements) if kind == "shard" else [Replicate()] * layout.mesh.ndim
         out[k] = DTensor.from_local(v, layout.mesh, placements, run_check=False, shape=sa,
                                     stride=_contiguous_stride(sa))
         layout.state_layout[k] = kind

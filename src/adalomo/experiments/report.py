@@ -74,6 +74,47 @@ def markdown_table(results: dict) -> str:
     return "\n".join(rows)
 
 
+def time_to_target(results: dict, reference: str = "adamw") -> dict | None:
+    """The paper's way of counting GPU hours: the training wall time each run needs to reach the reference
+    optimizer's final validation loss (the first run of ``reference``), from the validation curves
+    (``--eval-every``), linearly interpolated between two evaluations. None without a reference run that has a
+    validation curve. Per run: ``final_valid_loss``, ``time_s`` (None if never reached) and ``vs_reference``
+    (time_s / the reference's time: below 1 saves time)."""
+    runs = results["runs"]
+    ref_label = next((k for k, r in runs.items() if r["optimizer"] == reference and r.get("eval_curve")), None)
+    if ref_label is None:
+        return None
+    target = runs[ref_label]["eval_curve"][-1][2]
+    out = {}
+    for label, r in runs.items():
+        curve = r.get("eval_curve") or []
+        if not curve:
+            continue
+        t_hit, prev = None, (0.0, math.inf)
+        for _, t, loss in curve:
+            if loss <= target:
+                t0, l0 = prev
+                # linear between the previous evaluation and this one (the first one: its own time)
+                t_hit = t if not math.isfinite(l0) else t0 + (t - t0) * (l0 - target) / max(l0 - loss, 1e-12)
+                break
+            prev = (t, loss)
+        out[label] = {"final_valid_loss": curve[-1][2], "time_s": t_hit}
+    ref_t = out[ref_label]["time_s"]
+    for v in out.values():
+        v["vs_reference"] = None if v["time_s"] is None or not ref_t else v["time_s"] / ref_t
+    return {"reference": ref_label, "target_valid_loss": target, "runs": out}
+
+
+def time_to_target_table(ttt: dict) -> str:
+    rows = [f"Time to {ttt['reference']}'s final validation loss ({ttt['target_valid_loss']:.4f}), training wall "
+            "time only, interpolated between evaluations:", "",
+            "| run | final valid loss | time to target (s) | x reference |", "|---|---:|---:|---:|"]
+    for label, v in ttt["runs"].items():
+        t = "not reached" if v["time_s"] is None else f"{v['time_s']:.1f}"
+        rows.append(f"| {label} | {v['final_valid_loss']:.4f} | {t} | {_fmt(v['vs_reference'], '.2f')} |")
+    return "\n".join(rows)
+
+
 def write_markdown(results: dict, path: Path, plots=()) -> Path:
     path = Path(path)
     c, env, model = results["corpus"], results["environment"], results.get("model") or {}
@@ -96,6 +137,9 @@ def write_markdown(results: dict, path: Path, plots=()) -> Path:
     for note in results.get("notes", []):
         lines.append(f"- {note}")
     lines += ["", markdown_table(results), ""]
+    ttt = results.get("time_to_target")
+    if ttt:
+        lines += [time_to_target_table(ttt), ""]
     lines += [
         "- train loss: mean training cross-entropy over the last "
         f"{next(iter(results['runs'].values()))['final_train_loss_window'] if results['runs'] else '?'} steps; "
@@ -167,6 +211,10 @@ def plot_losses(results: dict, path: Path) -> Path:
         for step, t, loss in r.get("eval_curve") or []:
             axes[0].plot(step, loss, "o", color=color, ms=3)
             axes[1].plot(t, loss, "o", color=color, ms=3)
+    ttt = results.get("time_to_target")
+    if ttt:
+        axes[1].axhline(ttt["target_valid_loss"], color="gray", ls="--", lw=0.8,
+                        label=f"{ttt['reference']}'s final validation loss")
     for ax, xl in ((axes[0], "step"), (axes[1], "wall time (s, training only)")):
         ax.set_xlabel(xl)
         ax.set_ylabel("train loss (cross-entropy)")
@@ -177,6 +225,8 @@ def plot_losses(results: dict, path: Path) -> Path:
             pad = 0.08 * (hi - lo)
             ax.set_ylim(lo - pad, hi + 3 * pad)
     axes[0].legend(fontsize=8)
+    if ttt:
+        axes[1].legend(handles=axes[1].get_lines()[-1:], fontsize=8)
     fig.suptitle(f"{results['task']} on {results['corpus']['name']}: loss vs step and vs wall time "
                  "(faint: per step, solid: EMA)", fontsize=10)
     fig.tight_layout()
@@ -256,6 +306,7 @@ def write_all(results: dict, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     plots = []
     if results["runs"]:
+        results["time_to_target"] = time_to_target(results)
         plots = [plot_losses(results, out / "loss.png"), plot_memory(results, out / "memory.png")]
     return {"json": write_json(results, out / "results.json"),
             "md": write_markdown(results, out / "results.md", plots), "plots": plots}

@@ -135,11 +135,11 @@ def _sgd(params, lr, task, weight_decay=None):
 # further pre-training and 5e-4 for instruction tuning; AdamW (and AdaPM, whose step is AdamW's) 5e-5, the
 # transformers Trainer's default and the usual value for fine-tuning GPT-2-small-sized models; clipped LOMO
 # 3e-2, the LOMO authors' value with clip_grad_norm=1.0; unclipped SGD 1e-2, untuned. Why: docs/experiments.md.
-_ADALOMO_LR = {"lstm-lm": 3e-2, "seq2seq": 3e-2, "gpt-lm": 3e-2, "domain": 1e-3, "sft": 5e-4}
+_ADALOMO_LR = {"lstm-lm": 3e-2, "seq2seq": 3e-2, "gpt-lm": 3e-2, "domain": 3e-2, "sft": 1.6e-2}
 _SGD_LR = {"lstm-lm": 10.0, "seq2seq": 1.0, "gpt-lm": 0.05,  # gpt-lm: a guess (0.3 diverged at 1B in bf16)
            "domain": 1e-2, "sft": 1e-2}
-_LOMO_CLIP_LR = {**_SGD_LR, "domain": 3e-2, "sft": 3e-2}
-_ADAM_LR = {"lstm-lm": 3e-3, "seq2seq": 3e-3, "gpt-lm": 6e-4, "domain": 5e-5, "sft": 5e-5}
+_LOMO_CLIP_LR = {**_SGD_LR, "domain": 1.0, "sft": 1.0}
+_ADAM_LR = {"lstm-lm": 3e-3, "seq2seq": 3e-3, "gpt-lm": 6e-4, "domain": 5e-4, "sft": 5e-4}
 # LOMO's two-pass clipping, as its authors fine-tune with it
 CLIP_GRAD_NORM = 1.0
 
@@ -774,7 +774,7 @@ def train_one(task, run: RunSpec, cfg: ExperimentConfig, device, progress: Calla
             break
         if cfg.time_limit_s is not None and elapsed > cfg.time_limit_s:
             break  # a guard against overrunning a time budget: the report shows steps < planned_steps
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < steps:
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == steps):  # the last step too: time-to-target
             te = time.perf_counter()
             model.eval()
             evals.append([step, round(elapsed, 3), task.evaluate(model, "valid", cfg.eval_batches)])

@@ -348,10 +348,6 @@ class AdaLomoTrainerMixin:
         plugin = getattr(self.accelerator.state, "fsdp_plugin", None) if self.is_fsdp_enabled else None
         if plugin is not None and int(getattr(plugin, "fsdp_version", 1)) != 2:
             raise ValueError(_FSDP1_MESSAGE)
-        if plugin is not None and OPTIMIZERS.get(getattr(self, "adalomo_optimizer", "")) is AdaPM:
-            raise ValueError("AdaPM does not run under FSDP2 yet, and fused data parallelism runs FSDP2 (HSDP): with "
-                             "several processes use adalomo_optimizer='adalomo', 'adafactor' or 'lomo', or AdaPM with "
-                             "fused=False (DDP) without FSDP")
         if plugin is not None and self.optimizer is not None and not _is_fsdp2_module(self.model):
             raise ValueError("under FSDP2 the optimizer must be built from the sharded model, which does not exist "
                              "yet when the Trainer is created: drop optimizers=(opt, ...) and choose the optimizer "

@@ -21,6 +21,8 @@ from torch import Tensor, nn
 from .. import functional as F
 from .. import kernels
 from .. import momentum as M
+from ..distributed import functional as DF
+from ..distributed import momentum as DM
 from ..momentum import KINDS, SplitMomentum
 from .base import LowMemoryOptimizer
 from .checks import as_float, check_number
@@ -188,6 +190,33 @@ def adapm_param_groups(model: nn.Module, policy: Policy = "adapm", *, rank: int 
     return list(groups.values())
 
 
+# --------------------------------------------------------------------------------- the second moment
+
+
+def _beta2(group: dict[str, Any], t: float) -> tuple[float, float]:
+    """beta2 at step t and its bias correction 1 - beta2^t (1 with ``decay_rate``, whose beta2_t needs none)."""
+    if group["decay_rate"] is not None:
+        return F.beta2_at(t, group["decay_rate"]), 1.0
+    beta2 = group["betas"][1]
+    return beta2, 1.0 - beta2 ** t
+
+
+def _adam_direction(m_hat: Tensor, g: Tensor, v: Tensor, ok: Tensor, beta2: float, bc2: float, eps: float) -> Tensor:
+    """v <- beta2 v + (1 - beta2) g^2 (where ``ok``); u = m_hat / (sqrt(v / bc2) + eps), elementwise."""
+    v.copy_(torch.where(ok, torch.lerp(g * g, v, beta2), v))
+    return m_hat / (v / bc2).sqrt_().add_(eps)
+
+
+def _factored_direction(m_hat: Tensor, factors: tuple[Tensor, ...], bc2: float) -> Tensor:
+    """u = m_hat / sqrt(v_hat / bc2), v_hat the product of the preconditioner's ``factors``."""
+    u = m_hat * factors[0]  # m_hat may be the state itself: the first multiply makes a new tensor
+    for f in factors[1:]:
+        u.mul_(f)
+    if bc2 != 1.0:
+        u.mul_(math.sqrt(bc2))
+    return u
+
+
 # ------------------------------------------------------------------------------------------- the optimizer
 
 
@@ -239,6 +268,7 @@ class AdaPM(LowMemoryOptimizer):
         self._policy_is_named = momentum_policy in ("adapm", adapm_policy) or isinstance(momentum_policy, Mapping)
         self._kinds: dict[int, Kind] = {}
         self._names: dict[int, str | None] = {}
+        self._local_owner: dict[int, Tensor] = {}  # id(step counter) -> parameter, for FSDP2's local tensors
         self._warned_unnamed = False
         self.proj_seed = int(proj_seed)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
@@ -309,7 +339,10 @@ class AdaPM(LowMemoryOptimizer):
         return int(rank)
 
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
-        kind = self._kinds[id(p)]
+        return self._state_for(p, self._kinds[id(p)], group)
+
+    def _state_for(self, p: Tensor, kind: Kind, group: dict[str, Any]) -> dict[str, Tensor]:
+        """Zero state of a tensor like ``p`` (a meta tensor of the global shape for FSDP2) with momentum ``kind``."""
         state: dict[str, Tensor] = {"step": torch.tensor(0.0)}
         dt = F.compute_dtype(p)
         if isinstance(kind, SplitMomentum):
@@ -324,6 +357,38 @@ class AdaPM(LowMemoryOptimizer):
         else:
             state["exp_avg_sq"] = torch.zeros(p.shape, dtype=dt, device=p.device)
         return state
+
+    def _sharded_state_spec(self, p: Tensor, group: dict[str, Any], layout: Any) -> tuple[dict[str, Tensor], set[str]]:
+        """The state of an FSDP2 parameter: that of the whole tensor (meta) and the keys that follow its rows
+        (:mod:`adalomo.distributed.momentum` says which and why)."""
+        kind, shape = self._kinds[id(p)], torch.Size(p.shape)
+        whole = self._state_for(torch.empty(shape, dtype=p.dtype, device="meta"), kind, group)
+        if layout.shard is None:  # one rank on the shard dim (HSDP): every rank holds the whole state
+            return whole, set()
+        DM.check_split(kind, shape, f"AdaPM: parameter {self._names.get(id(p)) or tuple(shape)!r}")
+        rows = set(DM.second_moment_row_keys(group["second_moment"], len(shape)))
+        if isinstance(kind, SplitMomentum):
+            cs = _chunk_shape(shape, kind)
+            for i, k in enumerate(kind.kinds):
+                rows.update(DM.row_state_keys(k, cs, f"{i}."))
+        else:
+            rows.update(DM.row_state_keys(kind, shape))
+        return whole, rows
+
+    def _registered(self, t: Tensor, state: dict[str, Tensor]) -> Tensor:
+        """The registered parameter that ``t`` is, or whose local tensor it is: the FSDP2 path hands the maths a
+        fresh ``p.to_local()`` and a dict of its local state, whose step counter is the parameter's own (found
+        again after ``load_state_dict`` replaced the counters)."""
+        if id(t) in self._kinds:
+            return t
+        counter = state["step"]
+        owner = self._local_owner.get(id(counter))
+        if owner is None or self.state[owner].get("step") is not counter:
+            self._local_owner = {id(st["step"]): q for q, st in self.state.items() if "step" in st}
+            owner = self._local_owner.get(id(counter))
+            if owner is None:
+                raise KeyError(f"AdaPM: a tensor of shape {tuple(t.shape)} is not one of this optimizer's parameters")
+        return owner
 
     def momentum_kind(self, p: Tensor) -> Kind:
         """The momentum kind AdaPM uses for ``p``."""
@@ -384,42 +449,80 @@ class AdaPM(LowMemoryOptimizer):
         # read-only from here on: no copy when the gradient is in the compute dtype already
         g = grad.to(F.compute_dtype(grad)) if grad_scale is None else F.upcast(grad, grad_scale)
         ok = torch.isfinite(g.sum())
-        kind = self._kinds[id(p)]
+        param = self._registered(p, state)  # under HSDP ``p`` is the (whole) local tensor of a DTensor
+        kind = self._kinds[id(param)]
         refresh = (int(t) - 1) % group["update_proj_gap"] == 0
         if isinstance(kind, SplitMomentum):
             parts = []
             for i, (k, gc) in enumerate(zip(kind.kinds, g.chunk(len(kind.kinds), kind.dim))):
                 parts.append(M.momentum_estimate_(k, state, gc, beta1=beta1, step=t, ok=ok, refresh=refresh,
-                                                  basis=self._basis_fn(p, group, int(t), i),
+                                                  basis=self._basis_fn(param, group, int(t), i),
                                                   fill=group["refresh_fill"], prefix=f"{i}."))
             m_hat = torch.cat(parts, kind.dim)
         else:
             m_hat = M.momentum_estimate_(kind, state, g, beta1=beta1, step=t, ok=ok, refresh=refresh,
-                                         basis=self._basis_fn(p, group, int(t), 0), fill=group["refresh_fill"])
-        if group["decay_rate"] is not None:
-            beta2, bc2 = F.beta2_at(t, group["decay_rate"]), 1.0
-        else:
-            bc2 = 1.0 - beta2 ** t
+                                         basis=self._basis_fn(param, group, int(t), 0), fill=group["refresh_fill"])
+        beta2, bc2 = _beta2(group, t)
         lr, u_scale = as_float(group["lr"]), None
         if group["second_moment"] == "adam":
-            v = state["exp_avg_sq"]
-            v.copy_(torch.where(ok, torch.lerp(g * g, v, beta2), v))
-            u = m_hat / (v / bc2).sqrt_().add_(group["eps"])
+            u = _adam_direction(m_hat, g, state["exp_avg_sq"], ok, beta2, bc2, group["eps"])
             step_size = torch.full((), lr, dtype=g.dtype, device=p.device)
         else:
             ok = ok & F.update_second_moment_(state, g, beta2=beta2, eps1=group["eps"] ** 2)
-            factors = F.preconditioner(state)
-            u = m_hat * factors[0]  # m_hat may be the state itself: the first multiply makes a new tensor
-            for f in factors[1:]:
-                u.mul_(f)
-            if bc2 != 1.0:
-                u.mul_(math.sqrt(bc2))
+            u = _factored_direction(m_hat, F.preconditioner(state), bc2)
             if group["clip_threshold"] is not None:  # folded into the step: no pass over u
                 u_scale = F.clip_by_rms(F.sum_of_squares(u), u.numel(), group["clip_threshold"])
             if group["relative_lr"]:
                 step_size = F.param_scale(p, PARAM_SCALE_EPS) * lr
             else:
                 step_size = torch.full((), lr, dtype=g.dtype, device=p.device)
+        F.apply_update_(p, u, step_size, group["weight_decay"], ok, stochastic_rounding, generator, u_scale=u_scale)
+        return ok
+
+    def _update_sharded(self, p, grad, group, state, grad_scale, stochastic_rounding, generator, shard):
+        """``_update`` on the local rows of an FSDP2 parameter (:mod:`adalomo.distributed.momentum`).
+
+        Collectives: one all-reduce of [finite flag | P^T g of each ``left`` low-rank chunk | the factored second
+        moment's column sums and row-statistic sums | sum p^2 (``relative_lr``)]; a second one of sum u^2 for the
+        update clipping (factored second moment only); at a basis refresh one all-gather of the whole gradient.
+        """
+        param = self._registered(p, state)
+        kind = self._kinds[id(param)]
+        state["step"] += 1
+        t = float(state["step"])
+        beta1 = group["betas"][0]
+        beta2, bc2 = _beta2(group, t)
+        g = grad.to(F.compute_dtype(grad)) if grad_scale is None else F.upcast(grad, grad_scale)
+        shape = shard.global_shape
+        parts = DM.chunks(kind, g, shape, _chunk_shape(shape, kind) if isinstance(kind, SplitMomentum) else None)
+        if (int(t) - 1) % group["update_proj_gap"] == 0 and any(c.kind == "low_rank" for c in parts):
+            DM.refresh_(kind, parts, g, state, beta1=beta1, step=t, fill=group["refresh_fill"], shard=shard,
+                        bases=[self._basis_fn(param, group, int(t), i) for i in range(len(parts))])
+        projected = DM.partial_projections(parts, state)
+        factored = group["second_moment"] == "factored"
+        relative = factored and group["relative_lr"]
+        extra = [(~torch.isfinite(g.sum())).float(), *projected, *([F.sum_of_squares(p)] if relative else [])]
+        if factored:
+            ok_v, row_mean, extra = DF.second_moment_(state, g, beta2=beta2, eps1=group["eps"] ** 2, grad_scale=None,
+                                                      shard=shard, extra=extra)
+        else:
+            extra = shard.all_reduce_sum_(extra)
+        ok = extra[0] == 0
+        summed = [x.to(g.dtype) for x in extra[1:1 + len(projected)]]
+        m_parts = DM.estimates_(parts, state, beta1=beta1, step=t, ok=ok, projected=summed)
+        m_hat = m_parts[0] if len(m_parts) == 1 else torch.cat(m_parts, kind.dim)
+        lr, u_scale = as_float(group["lr"]), None
+        step_size = torch.full((), lr, dtype=g.dtype, device=p.device)
+        if not factored:
+            u = _adam_direction(m_hat, g, state["exp_avg_sq"], ok, beta2, bc2, group["eps"])
+        else:
+            ok = ok & ok_v
+            u = _factored_direction(m_hat, F.preconditioner(state, row_mean), bc2)
+            if group["clip_threshold"] is not None:
+                sum_sq = shard.all_reduce_sum_([F.sum_of_squares(u)])[0]
+                u_scale = F.clip_by_rms(sum_sq, shard.numel, group["clip_threshold"])
+            if relative:
+                step_size = DF.param_scale(extra[-1], shard.numel, PARAM_SCALE_EPS) * lr
         F.apply_update_(p, u, step_size, group["weight_decay"], ok, stochastic_rounding, generator, u_scale=u_scale)
         return ok
 
@@ -449,7 +552,7 @@ class AdaPM(LowMemoryOptimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         copy = "_policy_spec" in state  # not torch's load_state_dict, which passes state and param_groups only
         if copy:
-            self._kinds, self._names, self._warned_unnamed = {}, {}, True
+            self._kinds, self._names, self._local_owner, self._warned_unnamed = {}, {}, {}, True
             self._policy = resolve_policy(state["_policy_spec"])
         super().__setstate__(state)
         if copy:

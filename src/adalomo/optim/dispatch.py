@@ -112,7 +112,7 @@ def _update_one(opt: LowMemoryOptimizer, group: dict, p: Tensor, grad: Tensor) -
         gen = sr_generator(p.device, seed)
     grad_scale = opt._grad_scale(p.device)
     if layout is None:
-        opt._oks.append(opt._update(p, grad, group, state, grad_scale, sr, gen))
+        opt._oks.append(_kept(opt._update(p, grad, group, state, grad_scale, sr, gen)))
         return
     with torch.no_grad():
         p_l, g_l = p.to_local(), grad.to_local()
@@ -130,7 +130,18 @@ def _update_one(opt: LowMemoryOptimizer, group: dict, p: Tensor, grad: Tensor) -
                 old.to_local().copy_(v)
             else:
                 state[k] = v
-    opt._oks.append(ok)
+    opt._oks.append(_kept(ok))
+
+
+#: the finite flags of CPU updates, shared (read-only): a fresh 0-d tensor per update, kept until the end of the
+#: backward, lands between the gradients' buffers in the allocator's heap and keeps them from being reused
+_CPU_FLAGS = {True: torch.tensor(True), False: torch.tensor(False)}
+
+
+def _kept(ok: Tensor) -> Tensor:
+    """The flag ``ok`` as ``opt._oks`` keeps it until the end of the step: one of two shared tensors on CPU (the
+    host reads it for free there), the device tensor itself elsewhere (no synchronisation)."""
+    return _CPU_FLAGS[bool(ok)] if ok.device.type == "cpu" else ok
 
 
 def check_placements(opt: LowMemoryOptimizer, p: Tensor, grad: Tensor, layout: Any) -> None:
