@@ -149,12 +149,14 @@ def orthonormal_basis(g: Tensor, r: int, side: str, method: str = "randomized",
     return (q @ _leading_subspace(q.mT @ x, r, generator)).contiguous()
 
 
-def _leading_subspace(b: Tensor, r: int, generator: torch.Generator | None, iters: int = 8) -> Tensor:
+def _leading_subspace(b: Tensor, r: int, generator: torch.Generator | None, iters: int = 32) -> Tensor:
     """An orthonormal k x r basis of the leading r-dimensional left singular subspace of the small k x n ``b``:
     orthogonal iteration on b b^T (k x k), QR only. On CUDA ``torch.linalg.svd`` and ``eigh`` wait for the device
     (they read an error code back); ``qr`` does not, so a basis refresh never stalls the step. The subspace is all
     that matters (m_hat is invariant under a rotation of P within it); each iteration shrinks the part outside it
-    by (sigma_{r+1} / sigma_r)^2, after the range finder's power iterations."""
+    by (sigma_{r+1} / sigma_r)^2. Iterated well past the point where the subspace stops moving, so that a gradient
+    that differs by rounding (FSDP2's averaged one against one process's) gives a basis that differs as little as
+    an SVD's would (fewer iterations leave the result sensitive to the starting vectors' mix)."""
     s = b @ b.mT
     z = torch.randn(s.shape[0], r, generator=generator, device=b.device, dtype=b.dtype)
     for _ in range(iters):

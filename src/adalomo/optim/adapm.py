@@ -426,14 +426,10 @@ class AdaPM(LowMemoryOptimizer):
         return out
 
     def _update_many(self, ps, grads, group, *, states, steps, seeds, sr, grad_scale, shards):
-        beta1, beta2 = group["betas"]
-        lr, decay = as_float(group["lr"]), group["decay_rate"]
+        beta1, lr = group["betas"][0], as_float(group["lr"])
         oks = []
         for p, g, state, t, seed in zip(ps, grads, states, steps, seeds):
-            if decay is not None:
-                b2, bc2 = F.beta2_at(t, decay), 1.0
-            else:
-                b2, bc2 = beta2, 1.0 - beta2 ** t
+            b2, bc2 = _beta2(group, t)
             oks.append(kernels.adapm_update_(
                 p, g, state, self._chunks(p, group, int(t)), t=t, lr=lr, beta1=beta1, beta2=b2, bc2=bc2,
                 eps=group["eps"], weight_decay=group["weight_decay"], second_moment=group["second_moment"],
