@@ -91,7 +91,7 @@ def spawn(scenario: str, tmp_path) -> None:
     mp.spawn(_entry, args=(WORLD, _free_port(), scenario, str(tmp_path)), nprocs=WORLD, join=True)
 
 
-#: functions of adalomo/functional.py that read a flag or a sum back on the CPU only (free there, skipped on accelerators)
+#: functions of adalomo/functional.py that read a flag or a sum back on the CPU only (free there; not on accelerators)
 CPU_ONLY_READS = {"step_size_of", "on_host", "masked_ema_", "apply_update_"}
 
 
