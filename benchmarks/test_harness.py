@@ -98,6 +98,7 @@ def test_row_suffixes_pick_kernel_settings():
     assert B.kernel_settings(["fused", "carry", "r3"]) == {"carry_psq": True, "stages_read": 3}
     assert B.kernel_settings(["fused", "b256", "three"]) == {"one_read": False}
     assert B.kernel_settings(["fused", "nocarry", "three"]) == {"carry_psq": False, "one_read": False}
+    assert B.kernel_settings(["fused", "psqstats"]) == {"psq_in_stats": True}
     from adalomo.kernels.config import CONFIG  # every setting a suffix names exists
     assert set(B.kernel_settings(["carry", "r2", "three"])) <= set(CONFIG)
 

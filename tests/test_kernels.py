@@ -433,7 +433,7 @@ def check_one_read(device: str) -> None:
     """``one_read``: the statistics and RMS(u) from one read of g (``grouped_factored_stats_one_read_kernel``) give
     the updates of the three passes within rounding, in one call with matrices too wide for it (three passes, another
     group), with a gradient scale, a non-finite gradient, several row tiles per program and carried sums of p^2."""
-    from adalomo.kernels import factored, one_read, updates
+    from adalomo.kernels import updates
     gen = torch.Generator().manual_seed(5)
     specs = [((37, 53), torch.float32), ((16, 130), torch.bfloat16), ((2, 9, 33), torch.float32),
              ((300, 3), torch.float32), ((5, 70), torch.bfloat16), ((1, 77), torch.float32)]
@@ -461,10 +461,25 @@ def check_one_read(device: str) -> None:
 
     base, base_st, nbs = run(dict(one_read=False))
     assert nbs == {0}, nbs
-    # fused buckets (a matrix or two each) and the classic step's one group sum alike: bit-identical, with
-    # several programs per matrix (its geometry depends on its shape alone; one row per tile, so that a geometry
-    # that followed the group's size would give these matrices another number of programs)
+    _one_read_fused_equals_classic(device, gen)
+    for cfg in (dict(one_read_max_n=64), dict(one_read_max_n=64, one_read_tm=2, one_read_elems=64)):
+        updates._PLANS.clear()
+        ps, sts, nbs = run(cfg)
+        assert 64 in nbs and 0 in nbs, f"{cfg}: expected one-read and three-pass groups, got tile widths {nbs}"
+        for i, (s, dt) in enumerate(specs):
+            what = f"one_read {cfg} {s}"
+            _check_ulps(ps[i], base[i], dt, what, init[i])
+            for k in ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq"):
+                if k in sts[i]:
+                    _close(sts[i][k], base_st[i][k], 1e-5, f"{what} state {k}")
+
+
+def _one_read_fused_equals_classic(device: str, gen: torch.Generator) -> None:
+    """Fused buckets (a matrix or two each) and the classic step's one group sum alike: bit-identical, with several
+    programs per matrix (its geometry depends on its shape alone; one row per tile, so that a geometry that followed
+    the group's size would give these matrices another number of programs)."""
     from adalomo import AdaLomo
+    from adalomo.kernels import factored, one_read
     prev = kernels.set_config(one_read_tm=2, one_read_elems=16)
     try:
         out = {}
@@ -486,16 +501,6 @@ def check_one_read(device: str) -> None:
         assert torch.equal(out["fused"], out["classic"]), "one_read: fused buckets and the classic step differ"
     finally:
         kernels.set_config(**prev)
-    for cfg in (dict(one_read_max_n=64), dict(one_read_max_n=64, one_read_tm=2, one_read_elems=64)):
-        updates._PLANS.clear()
-        ps, sts, nbs = run(cfg)
-        assert 64 in nbs and 0 in nbs, f"{cfg}: expected one-read and three-pass groups, got tile widths {nbs}"
-        for i, (s, dt) in enumerate(specs):
-            what = f"one_read {cfg} {s}"
-            _check_ulps(ps[i], base[i], dt, what, init[i])
-            for k in ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq"):
-                if k in sts[i]:
-                    _close(sts[i][k], base_st[i][k], 1e-5, f"{what} state {k}")
 
 
 class _Seed:
@@ -514,6 +519,85 @@ def check_import_is_lazy(device: str) -> None:
             "assert 'triton' not in sys.modules, 'import adalomo imported triton'")
     env = {k: v for k, v in os.environ.items() if k not in ("ADALOMO_TRITON_INTERPRET", "TRITON_INTERPRET")}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+def check_psq_in_stats(device: str) -> None:
+    """``psq_in_stats``: the one-read statistics pass sums p^2 itself (no three-pass statistics launch for those
+    groups, nothing carried): the torch path's updates for one-read and three-pass groups, odd layouts, several
+    programs per matrix; fused buckets bit-identical to the classic step."""
+    from adalomo.kernels import factored
+    launched = []
+    stats = factored.grouped_stats
+
+    def counting(grid, args, consts, *rest, **kw):
+        launched.append(consts)
+        return stats(grid, args, consts, *rest, **kw)
+
+    prev = kernels.set_config(psq_in_stats=True)
+    factored.grouped_stats = counting
+    try:
+        for cfg in ({}, dict(one_read_tm=2, one_read_elems=64), dict(one_read_max_n=64)):
+            prev_cfg = kernels.set_config(**cfg)
+            try:
+                launched.clear()
+                check_scaled(device, (37, 53), torch.bfloat16, rho=0.2, steps=2)
+                check_scaled(device, (21, 45), p_layout="sliced", g_layout="transposed", steps=2)
+                check_scaled(device, (2, 70, 9), beta1=0.9, steps=2)
+                assert not launched, f"{cfg}: the three-pass statistics ran for one-read matrices"
+                check_scaled(device, (5, 90), wd=0.1, steps=2)  # three passes with one_read_max_n=64
+                assert bool(launched) == ("one_read_max_n" in cfg), f"{cfg}: three-pass launches {launched}"
+                check_many(device)
+            finally:
+                kernels.set_config(**prev_cfg)
+        _one_read_fused_equals_classic(device, torch.Generator().manual_seed(5))
+    finally:
+        factored.grouped_stats = stats
+        kernels.set_config(**prev)
+
+
+def _steps_after_data_edit(device: str, cfg: dict) -> None:
+    """Three grouped steps (one-read and three-pass matrices, a vector) with the kernel settings ``cfg``; before the
+    third, p changes through ``p.data`` (its version counter does not move). Each step equals the torch path's from
+    the same p and state (which reads p at every step)."""
+    gen = torch.Generator().manual_seed(8)
+    specs = [((37, 53), torch.float32), ((16, 130), torch.bfloat16), ((5, 90), torch.float32), ((70,), torch.float32)]
+    ps = [_rand(s, gen, device, dt) for s, dt in specs]
+    sts = [_state(p, None) for p in ps]
+    prev = kernels.set_config(one_read_max_n=64, **cfg)  # (5, 90): three passes
+    try:
+        for step in (1, 2, 3):
+            if step == 3:
+                for p in ps:
+                    p.data.mul_(1.5)
+            gs = [_rand(s, gen, device, dt) for s, dt in specs]
+            p_before = [p.clone() for p in ps]
+            st_before = [{k: v.clone() for k, v in st.items()} for st in sts]
+            kw = dict(eps=EPS, clip_threshold=1.0, weight_decay=0.1, scale_parameter=True, beta1=None,
+                      grad_scale=None, stochastic_rounding=False)
+            kernels.scaled_rms_update_many_(ps, gs, sts, rhos=[0.2] * len(ps), beta2s=[F.beta2_at(step, -0.8)] * 4,
+                                            seeds=[0] * len(ps), **kw)
+            for i, (s, dt) in enumerate(specs):
+                p_t = p_before[i].clone()
+                with _TorchPath():
+                    F.scaled_rms_update_(p_t, gs[i], st_before[i], rho=0.2, beta2=F.beta2_at(step, -0.8),
+                                         generator=None, **kw)
+                _check_ulps(ps[i], p_t, dt, f"{s} step {step}", p_before[i])
+    finally:
+        kernels.set_config(**prev)
+
+
+def check_psq_after_data_edit(device: str) -> None:
+    """``psq_in_stats``: a change of p through ``p.data`` between two steps gives exactly the right next step. The
+    planted bug, a step sized by a stale sum of p^2 (``carry_psq``'s carried sums), fails the same check."""
+    _steps_after_data_edit(device, dict(psq_in_stats=True))
+    try:
+        _steps_after_data_edit(device, dict(carry_psq=True, psq_in_stats=False))
+    except AssertionError as e:
+        assert "step 3" in str(e), e
+    else:
+        raise AssertionError("a step sized by a stale sum of p^2 passed the check")
+    finally:
+        kernels.take_carry_stale(torch.device(device))  # the carried run's write flagged its stale sums
 
 
 def check_carry_psq(device: str) -> None:
@@ -712,6 +796,8 @@ CASES: dict[str, Callable[[str], None]] = {
     "carry_psq": check_carry_psq,
     "one_read": check_one_read,
     "carry_stale_reported": check_carry_stale_reported,
+    "psq_in_stats": check_psq_in_stats,
+    "psq_after_data_edit": check_psq_after_data_edit,
 }
 
 def check_fast_launch_used(device: str) -> None:

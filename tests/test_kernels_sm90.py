@@ -41,7 +41,7 @@ def _variants(tl):
     launch: the grouped ones, and the single-tensor ones of the FSDP2 path."""
     from adalomo.kernels import factored, grouped, lomo, one_read, vector
     from adalomo.kernels.config import CONFIG as C
-    from adalomo.kernels.config import VEC_BLOCK
+    from adalomo.kernels.config import VEC_BLOCK, set_config
 
     bm, bn = C["block_m"], C["block_n"]
     tile = dict(ALIGN=True, G_UNIT=True, BLOCK_M=bm, BLOCK_N=bn)
@@ -92,9 +92,14 @@ def _variants(tl):
          dict(BLOCK=128, PB=32), 4, False),
     ]
     for nb in (2048, 4096, C["one_read_max_n"]):
-        out.append((f"grouped_factored_stats_one_read_{nb}", one_read.grouped_factored_stats_one_read_kernel,
-                    dict(G_DT=tl.bfloat16, HAS_SCALE=False, ALIGN=True, G_UNIT=True, BLOCK_M=one_read.tile_rows(nb),
-                         NB=nb), C["warps_one_read"], True))
+        for sum_p in (False, True):  # with SUM_P: the sums of p^2 too (kernel setting psq_in_stats)
+            prev = set_config(psq_in_stats=sum_p)
+            bm1 = one_read.tile_rows(nb)
+            set_config(**prev)
+            out.append((f"grouped_factored_stats_one_read_{nb}" + ("_psq" if sum_p else ""),
+                        one_read.grouped_factored_stats_one_read_kernel,
+                        dict(**bf, HAS_SCALE=False, SUM_P=sum_p, ALIGN=True, G_UNIT=True, P_UNIT=True, BLOCK_M=bm1,
+                             NB=nb), C["warps_one_read"], True))
     for sr in (True, False):
         tag = "" if sr else "_nosr"
         out += [

@@ -29,6 +29,9 @@ CONFIG = {
     # counter that write left; the write checks the carried sums against the p it reads, and the optimizer warns and
     # turns this off when a change through ``p.data`` (no version bump) made them stale (docs/kernels.md)
     "carry_psq": True,
+    # A/B only: the one-read statistics pass also reads p and sums p^2 (10 bytes per bf16 parameter, exact after any
+    # change of p); carry_psq is then not used
+    "psq_in_stats": False,
     # grouped AdaLomo/Adafactor: the statistics and RMS(u) from ONE read of g (10 -> 8 bytes per bf16 parameter with
     # carry_psq), for matrices whose rows fit one tile (next power of two of the row length <= one_read_max_n)
     "one_read": True,
@@ -37,7 +40,7 @@ CONFIG = {
     "one_read_tm": 64,  # row groups (programs) per matrix, fewer for short ones, more for tall ones
     "warps_one_read": 8,
 }
-_FLAGS = ("carry_psq", "one_read")
+_FLAGS = ("carry_psq", "psq_in_stats", "one_read")
 _POW2 = ("block_m", "block_n", "one_read_max_n", "one_read_elems")
 _WARPS = ("warps_stats", "warps_usq", "warps_write", "warps_one_read")
 

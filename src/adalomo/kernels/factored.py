@@ -488,12 +488,14 @@ def launch_group(gp: grouped.GroupPlan, meta_t, fmeta_t, oks, carried: bool, sta
     gd, pd = TL_DTYPES[gdt], TL_DTYPES[pdt]
     fin = (gp.fb, max(1, min(32, 4096 // gp.fb)))
     sum_p = sp_flag and not carried
-    if not gp.nb or sum_p:  # one_read: this pass only for the sums of p^2 (in the order the write carries)
+    psq_in_stats = CONFIG["psq_in_stats"]  # one_read sums p^2 in its own pass
+    if not gp.nb or (sum_p and not psq_in_stats):  # one_read: this pass only for the sums of p^2
         grouped_stats(gp.prog, (meta_t, gp.pmap, scale, eps1),
                       (gd, pd, has_scale, sum_p, align, g_unit, p_unit, bm, bn, store, rs), CONFIG["warps_stats"], run)
     if gp.nb:
         one_read.stats(gp.prog1, (meta_t, fmeta_t, gp.pmap1, scale, eps1),
-                       (gd, has_scale, align, g_unit, gp.bm1, gp.nb), CONFIG["warps_one_read"], run)
+                       (gd, pd, has_scale, sum_p and psq_in_stats, align, g_unit, p_unit, gp.bm1, gp.nb),
+                       CONFIG["warps_one_read"], run)
         one_read.finalize(gp.fprog, (meta_t, fmeta_t, gp.fpmap), fin, 4, run)
     else:
         grouped_finalize(gp.fprog, (meta_t, fmeta_t, gp.fpmap), fin, 4, run)

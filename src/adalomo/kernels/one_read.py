@@ -23,11 +23,13 @@ from .launch import Launcher
 
 @triton.jit
 def grouped_factored_stats_one_read_kernel(meta_ptr, fmeta_ptr, pmap_ptr, scale_ptr, eps1, G_DT: tl.constexpr,
-                                           HAS_SCALE: tl.constexpr, ALIGN: tl.constexpr, G_UNIT: tl.constexpr,
+                                           P_DT: tl.constexpr, HAS_SCALE: tl.constexpr, SUM_P: tl.constexpr,
+                                           ALIGN: tl.constexpr, G_UNIT: tl.constexpr, P_UNIT: tl.constexpr,
                                            BLOCK_M: tl.constexpr, NB: tl.constexpr):
     """A program owns whole rows of one matrix (a row per tile line, NB >= its length): besides the column sums of
     g^2 + eps1 it accumulates W_j = sum_i g_ij^2 / r_i. Per program: one partial row of each, the sum of its new r_i
-    and of its row means (the finite test)."""
+    and of its row means (the finite test), and with SUM_P its partial sum of p^2 (read in the same loop as g: more
+    bytes, no extra pass)."""
     pid, t, row, frow = this_program(meta_ptr, fmeta_ptr, pmap_ptr)
     local = pid - meta_int(row, COL.first_prog_1)
     g_ptr = meta_pointer(row, COL.grad, G_DT, ALIGN)
@@ -37,6 +39,8 @@ def grouped_factored_stats_one_read_kernel(meta_ptr, fmeta_ptr, pmap_ptr, scale_
     TM1, rpp = meta_int(row, COL.row_groups_1), meta_int(row, COL.rows_per_prog_1)
     sg_b, sg_m, sg_n = meta_int(row, COL.g_stride_b), meta_int(row, COL.g_stride_m), meta_int(row, COL.g_stride_n)
     N, sg_b, sg_m, sg_n = strides_known(N, sg_b, sg_m, sg_n, ALIGN, G_UNIT)
+    sp_b, sp_m, sp_n = meta_int(row, COL.p_stride_b), meta_int(row, COL.p_stride_m), meta_int(row, COL.p_stride_n)
+    _, sp_b, sp_m, sp_n = strides_known(N, sp_b, sp_m, sp_n, ALIGN, P_UNIT)
     beta2, omb2 = tl.load(frow + FCOL.beta2), tl.load(frow + FCOL.one_minus_beta2)
     b = local // TM1
     i = local % TM1
@@ -50,16 +54,25 @@ def grouped_factored_stats_one_read_kernel(meta_ptr, fmeta_ptr, pmap_ptr, scale_
     lim = tl.minimum(M, r0 + rpp)
     g_base = g_ptr + b64 * sg_b + r0.to(tl.int64) * sg_m
     offs = lrows[:, None] * sg_m + cols[None, :] * sg_n
+    p_base = meta_pointer(row, COL.param, P_DT, ALIGN) + b64 * sp_b + r0.to(tl.int64) * sp_m
+    p_offs = lrows[:, None] * sp_m + cols[None, :] * sp_n
     newrow = ws_ptr + a16(meta_int(row, COL.off_newrow)) + b64 * M + r0
     old = old_ptr + b64 * M + r0
     c_acc = tl.zeros([NB], dtype=tl.float32)
     w_acc = tl.zeros([NB], dtype=tl.float32)
     r_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
     f_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    p_acc = tl.zeros([NB], dtype=tl.float32)
     nx = load_tile(g_base, 0, sg_m, offs, r0, lrows, lim, cmask)
+    if SUM_P:
+        p_nx = load_tile(p_base, 0, sp_m, p_offs, r0, lrows, lim, cmask)
     for m0 in range(0, rpp, BLOCK_M):
         g = nx.to(tl.float32)
         nx = load_tile(g_base, m0 + BLOCK_M, sg_m, offs, r0, lrows, lim, cmask)  # the next rows in flight
+        if SUM_P:
+            pv = p_nx.to(tl.float32)
+            p_nx = load_tile(p_base, m0 + BLOCK_M, sp_m, p_offs, r0, lrows, lim, cmask)
+            p_acc += tl.sum(pv * pv, axis=0)
         rmask = r0 + m0 + lrows < lim
         if HAS_SCALE:
             g = g * scale
@@ -78,6 +91,8 @@ def grouped_factored_stats_one_read_kernel(meta_ptr, fmeta_ptr, pmap_ptr, scale_
     tl.store(ws_ptr + meta_int(row, COL.off_rsum) + b * TM1 + i, tl.sum(r_acc, axis=0))
     tl.store(ws_ptr + meta_int(row, COL.off_fin) + B * meta_int(row, COL.n_col_blocks) + b * TM1 + i,
              tl.sum(f_acc, axis=0))
+    if SUM_P:
+        tl.store(ws_ptr + meta_int(row, COL.off_psq) + local, tl.sum(p_acc, axis=0))
 
 
 @triton.jit
@@ -107,7 +122,8 @@ def grouped_factored_finalize_one_read_kernel(meta_ptr, fmeta_ptr, pmap_ptr, BLO
     tl.store(ws_ptr + meta_int(row, COL.off_usq) + local, usq)
 
 
-stats = Launcher(grouped_factored_stats_one_read_kernel, "G_DT", "HAS_SCALE", "ALIGN", "G_UNIT", "BLOCK_M", "NB")
+stats = Launcher(grouped_factored_stats_one_read_kernel, "G_DT", "P_DT", "HAS_SCALE", "SUM_P", "ALIGN", "G_UNIT",
+                 "P_UNIT", "BLOCK_M", "NB")
 finalize = Launcher(grouped_factored_finalize_one_read_kernel, "BLOCK", "PB")
 
 
@@ -118,8 +134,10 @@ def tile_width(N: int) -> int:
 
 
 def tile_rows(nb: int) -> int:
-    """Rows per tile of the one-read statistics (one value per group: a constexpr)."""
-    return min(max(1, CONFIG["one_read_elems"] // nb), ONE_READ_MAX_ROWS)
+    """Rows per tile of the one-read statistics (one value per group: a constexpr). Half as many elements when the
+    pass reads p too (``psq_in_stats``): the same bytes in flight, and the registers of two tiles without spills."""
+    elems = CONFIG["one_read_elems"] // (2 if CONFIG["psq_in_stats"] else 1)
+    return min(max(1, elems // nb), ONE_READ_MAX_ROWS)
 
 
 def geometry(geo: dict, B: int, M: int, N: int, nb: int) -> dict:
@@ -138,5 +156,8 @@ def geometry(geo: dict, B: int, M: int, N: int, nb: int) -> dict:
     geo.update(TM1=tm1, RPP1=rpp1, n_prog1=B * tm1, n_rp=tm1, RP_BLOCK=max(2, next_pow2(tm1)),
                n_fin=B * (n_cp + tm1), n_usq=B * n_cp, n_fprog=B * n_cp)
     np_ = cdiv(N, 16) * 16
+    if CONFIG["psq_in_stats"]:  # the sums of p^2 from this pass: one per program
+        geo["n_psq"] = B * tm1
+        workspace(geo, psq=B * tm1)
     return workspace(geo, rsum=B * tm1, fin=B * (n_cp + tm1), usq=B * n_cp, colpart1=tm1 * B * np_,
                      wpart=tm1 * B * np_)

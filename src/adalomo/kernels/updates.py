@@ -159,7 +159,7 @@ def _run_scaled(plan: Plan, ps, gs, rhos, beta2s, seeds, *, eps, clip_threshold,
     b1, omb1 = (float(beta1), 1.0 - float(beta1)) if has_m else (0.0, 1.0)
     sp_flag, hw = bool(scale_parameter), weight_decay != 0
     eps1, eps2, ct, wd = float(eps[0]), float(eps[1]), float(clip_threshold), float(weight_decay)
-    store = CONFIG["carry_psq"] and sp_flag
+    store = CONFIG["carry_psq"] and not CONFIG["psq_in_stats"] and sp_flag
     bufs, ws = upload(plan, ctx.stream, dev, gs, seeds, stochastic_rounding, rhos, beta2s)  # ws: read through meta
     carried_all = tuple(gp.fac and store and gp.psq_versions is not None
                         and gp.psq_versions == _compat.versions([ps[i] for i in gp.idx])
