@@ -1,5 +1,5 @@
-"""AdaLomo/Adafactor's statistics and RMS(u) from ONE read of g (kernel setting ``one_read``), for matrices whose
-rows fit one tile (grouped launches only).
+"""AdaLomo/Adafactor's statistics, RMS(u) and RMS(p) from ONE read of g and p (kernel setting ``one_read``), for
+matrices whose rows fit one tile (grouped launches only).
 
 A program owns whole rows of one matrix, so a row's new factor r_i (EMA of the row mean of g^2 + eps1) is known
 once the row is read, and
@@ -7,7 +7,8 @@ once the row is read, and
     sum_ij u_ij^2 = mean(r) * sum_j W_j / c_j,    W_j = sum_i g_ij^2 / r_i
 
 needs no second read: the statistics pass accumulates W with the column sums, and the finalize pass forms sum u^2
-with the new column factors c_j. 8 bytes per bf16 parameter for the whole update instead of 10.
+with the new column factors c_j. The same loop sums p^2 (for RMS(p)). 10 bytes per bf16 parameter for the whole
+update instead of 12.
 """
 
 from __future__ import annotations
@@ -28,8 +29,7 @@ def grouped_factored_stats_one_read_kernel(meta_ptr, fmeta_ptr, pmap_ptr, scale_
                                            BLOCK_M: tl.constexpr, NB: tl.constexpr):
     """A program owns whole rows of one matrix (a row per tile line, NB >= its length): besides the column sums of
     g^2 + eps1 it accumulates W_j = sum_i g_ij^2 / r_i. Per program: one partial row of each, the sum of its new r_i
-    and of its row means (the finite test), and with SUM_P its partial sum of p^2 (read in the same loop as g: more
-    bytes, no extra pass)."""
+    and of its row means (the finite test), and with SUM_P (``scale_parameter``) its partial sum of p^2."""
     pid, t, row, frow = this_program(meta_ptr, fmeta_ptr, pmap_ptr)
     local = pid - meta_int(row, COL.first_prog_1)
     g_ptr = meta_pointer(row, COL.grad, G_DT, ALIGN)
@@ -134,19 +134,16 @@ def tile_width(N: int) -> int:
 
 
 def tile_rows(nb: int) -> int:
-    """Rows per tile of the one-read statistics (one value per group: a constexpr). Half as many elements when the
-    pass reads p too (``psq_in_stats``): the same bytes in flight, and the registers of two tiles without spills."""
-    elems = CONFIG["one_read_elems"] // (2 if CONFIG["psq_in_stats"] else 1)
-    return min(max(1, elems // nb), ONE_READ_MAX_ROWS)
+    """Rows per tile of the one-read statistics (one value per group: a constexpr)."""
+    return min(max(1, CONFIG["one_read_elems"] // nb), ONE_READ_MAX_ROWS)
 
 
 def geometry(geo: dict, B: int, M: int, N: int, nb: int) -> dict:
-    """The three-pass geometry ``geo`` of a grouped matrix (its write's tiles, and the three-pass statistics' regions:
-    that pass still runs, for the sums of p^2 only, when they are not carried) extended by the one-read programs
-    (TM1 row groups of RPP1 rows, ``tile_rows(nb)`` rows per tile: a function of the shape alone, so that fused
-    buckets and classic groups sum alike) and their regions: partial column sums and W, the sums of the new rows (TM1
-    per matrix), the finite test's and sum u^2's partials."""
-    geo = dict(geo)
+    """A grouped matrix's three-pass geometry ``geo`` (the write's tiles) with the one-read programs (TM1 row groups
+    of RPP1 rows, ``tile_rows(nb)`` rows per tile: a function of the shape alone, so that fused buckets and classic
+    groups sum alike) and a workspace of their own regions only: partial column sums and W, the new rows and
+    columns, the sums of the new rows (TM1 per matrix), the finite test's, sum u^2's and sum p^2's partials."""
+    geo = {k: v for k, v in geo.items() if not k.startswith("off_") and k != "ws_numel"}
     bm1 = tile_rows(nb)
     m_tiles = cdiv(M, bm1)
     tm_cap = max(CONFIG["one_read_tm"], cdiv(M, ONE_READ_MAX_ROWS))
@@ -154,10 +151,8 @@ def geometry(geo: dict, B: int, M: int, N: int, nb: int) -> dict:
     tm1 = cdiv(M, rpp1)
     n_cp = geo["n_cp"]
     geo.update(TM1=tm1, RPP1=rpp1, n_prog1=B * tm1, n_rp=tm1, RP_BLOCK=max(2, next_pow2(tm1)),
-               n_fin=B * (n_cp + tm1), n_usq=B * n_cp, n_fprog=B * n_cp)
+               n_fin=B * (n_cp + tm1), n_usq=B * n_cp, n_psq=B * tm1, n_fprog=B * n_cp)
     np_ = cdiv(N, 16) * 16
-    if CONFIG["psq_in_stats"]:  # the sums of p^2 from this pass: one per program
-        geo["n_psq"] = B * tm1
-        workspace(geo, psq=B * tm1)
-    return workspace(geo, rsum=B * tm1, fin=B * (n_cp + tm1), usq=B * n_cp, colpart1=tm1 * B * np_,
-                     wpart=tm1 * B * np_)
+    # no three-pass statistics for this matrix: its partial rows and columns take no room
+    return workspace(geo, rowpart=0, colpart=0, newrow=B * M, newcol=B * N, rsum=B * tm1, fin=B * (n_cp + tm1),
+                     usq=B * n_cp, psq=B * tm1, scal=2, colpart1=tm1 * B * np_, wpart=tm1 * B * np_)
