@@ -15,8 +15,7 @@ spread (the machine drifts during a run: 8% between the first and last floor of 
 Rows (``--only`` picks some): ``floor``; ours, for each of ``adalomo``/``adafactor``/``lomo``: ``*_fused``
 (fused hooks, gradients bucketed into the grouped Triton kernels, default ``bucket_cap_mb``), ``*_classic``
 (``step()`` after backward, grouped kernels); variants of a fused row by suffix: ``_b{MB}`` sets
-``bucket_cap_mb`` (``_b0``: one update per tensor), ``_carry``/``_nocarry`` take sum(p^2) from the previous
-write or not (kernel setting ``carry_psq``, on by default), ``_r{N}`` sets the kernel setting ``stages_read``
+``bucket_cap_mb`` (``_b0``: one update per tensor), ``_r{N}`` sets the kernel setting ``stages_read``
 (software-pipelined read loops), ``_timed`` adds up the host time inside the fused hooks and flushes
 (``counters``), ``_three`` turns the kernel setting ``one_read`` off, e.g. ``adalomo_fused_b0_three``;
 ``adalomo_fused_torchpath`` (ADALOMO_DISABLE_TRITON=1); AdaPM (default momentum policy, rank 64, by parameter
@@ -74,12 +73,10 @@ ROWS = ["floor", "adalomo_fused", "adalomo_fused_b0", "adalomo_classic", "adafac
 
 # ------------------------------------------------------------------------------------------- child
 def kernel_settings(opts: list[str]) -> dict:
-    """The kernel settings (``kernels.set_config``) that a row's suffixes ask for: ``carry``/``nocarry`` (sum(p^2)
-    carried from the previous write, the default, or not), ``r{N}`` (the read passes' row loops pipelined over N
-    stages), ``three`` (the statistics and RMS(u) in three passes, kernel setting ``one_read`` off)."""
+    """The kernel settings (``kernels.set_config``) that a row's suffixes ask for: ``r{N}`` (the read passes' row
+    loops pipelined over N stages), ``three`` (the statistics and RMS(u) in three passes, kernel setting ``one_read``
+    off)."""
     out = {}
-    if "carry" in opts or "nocarry" in opts:
-        out["carry_psq"] = "carry" in opts
     if "three" in opts:
         out["one_read"] = False
     for o in opts:

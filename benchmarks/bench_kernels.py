@@ -242,9 +242,9 @@ SWEEP_BUCKETS = {"6.7b mlp": [(11008, 4096)], "6.7b attn x2": [(4096, 4096)] * 2
                  # a 6.7B MLP's three matrices, about one bucket of this version's default (256 MiB)
                  "6.7b mlp x3": [(11008, 4096), (11008, 4096), (4096, 11008)],
                  "0.94b down x2": [(2048, 5504)] * 2, "6.7b embed": [(32000, 4096)]}
-# per bf16 element: the three-pass statistics read g and p (p only without carry_psq; counted), the one-read
-# statistics (``one_read``) g once; the first pass whose name is in the kernel's name
-_PASS_BYTES = {"stats_one_read": 2, "stats": 4, "rms": 2, "write": 6, "sum": 2}
+# per bf16 element: the statistics (three-pass or ``one_read``) read g and p; the first pass whose name is in the
+# kernel's name
+_PASS_BYTES = {"stats_one_read": 4, "stats": 4, "rms": 2, "write": 6, "sum": 2}
 
 
 def grouped_kernel_times(algo, shapes, reps=10):
@@ -308,8 +308,8 @@ def bytes_moved(p: torch.Tensor, g: torch.Tensor, kind: str, *, scale_parameter:
         return {"sum": n * eg, "write": n * (eg + 2 * ep)}
     m = 8 * n if beta1 else 0
     if p.dim() >= 2:
-        return {"stats": n * (eg + (ep if scale_parameter else 0)), "stats_one_read": n * eg, "usq": n * eg,
-                "write": n * (eg + 2 * ep) + m}
+        stats = n * (eg + (ep if scale_parameter else 0))
+        return {"stats": stats, "stats_one_read": stats, "usq": n * eg, "write": n * (eg + 2 * ep) + m}
     return {"stats": n * (eg + 8 + (ep if scale_parameter else 0)), "write": n * (eg + 2 * ep + 12) + m}
 
 

@@ -95,11 +95,11 @@ def test_dry_run_on_cpu_with_rounds(tmp_path):
 
 def test_row_suffixes_pick_kernel_settings():
     assert B.kernel_settings(["fused"]) == {}
-    assert B.kernel_settings(["fused", "carry", "r3"]) == {"carry_psq": True, "stages_read": 3}
+    assert B.kernel_settings(["fused", "r3"]) == {"stages_read": 3}
     assert B.kernel_settings(["fused", "b256", "three"]) == {"one_read": False}
-    assert B.kernel_settings(["fused", "nocarry", "three"]) == {"carry_psq": False, "one_read": False}
+    assert B.kernel_settings(["fused", "r2", "three"]) == {"stages_read": 2, "one_read": False}
     from adalomo.kernels.config import CONFIG  # every setting a suffix names exists
-    assert set(B.kernel_settings(["carry", "r2", "three"])) <= set(CONFIG)
+    assert set(B.kernel_settings(["r2", "three"])) <= set(CONFIG)
 
 
 def test_rows_finished_before_a_kill_are_kept(tmp_path, monkeypatch):
@@ -185,7 +185,7 @@ def test_hooks_of_a_peer_are_removed_by_its_undo():
 
 
 def test_row_settings_end_with_its_block():
-    """A row's kernel settings (suffixes ``_nocarry``, ``_three``) hold for its own block only: in one process
+    """A row's kernel settings (suffixes ``_r2``, ``_three``) hold for its own block only: in one process
     (``--together``) the rows after it run with the defaults."""
     pytest.importorskip("triton")
     import torch
@@ -194,8 +194,8 @@ def test_row_settings_end_with_its_block():
     model = torch.nn.Linear(4, 3)
     params = list(model.parameters())
     before = dict(CONFIG)
-    opt, fused, _, undo = B._optimizer("adalomo_fused_nocarry_three", model, params, cuda=False)
-    assert fused and CONFIG["carry_psq"] is False and CONFIG["one_read"] is False
+    opt, fused, _, undo = B._optimizer("adalomo_fused_r2_three", model, params, cuda=False)
+    assert fused and CONFIG["stages_read"] == 2 and CONFIG["one_read"] is False
     undo()
     assert CONFIG == before
     assert not B._left_hooks(params)

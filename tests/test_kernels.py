@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 import time
-import weakref
 from collections.abc import Callable
 
 import pytest
@@ -299,12 +298,10 @@ def check_fused_buckets(device: str) -> None:
     for dtype in (torch.float32, torch.bfloat16):
         cap = 175 * torch.tensor([], dtype=dtype).element_size() / 2**20  # two flushes per backward here
         modes = {"classic": dict(fused=False), "bucketed": dict(fused=True, bucket_cap_mb=cap),
-                 "per_tensor": dict(fused=True, bucket_cap_mb=0),
-                 "carry": dict(fused=True, bucket_cap_mb=cap)}  # with the kernel setting carry_psq
+                 "per_tensor": dict(fused=True, bucket_cap_mb=0)}
         for name, make in makers.items():
             out, flushes = {}, {}
             for mode, kw in modes.items():
-                prev = kernels.set_config(carry_psq=mode == "carry")
                 torch.manual_seed(0)
                 m = torch.nn.Sequential(torch.nn.Linear(13, 17), torch.nn.LayerNorm(17), torch.nn.Linear(17, 9),
                                         torch.nn.Tanh(), torch.nn.Linear(9, 5)).to(device, dtype)
@@ -324,16 +321,11 @@ def check_fused_buckets(device: str) -> None:
                     opt.zero_grad(set_to_none=True)
                 out[mode] = torch.cat([p.detach().float().flatten() for p in m.parameters()])
                 flushes[mode] = [s for s in sizes if s]
-                kernels.set_config(**prev)
             what = f"{name} {dtype}"
             assert len(flushes["bucketed"]) >= 2 * len(xs), f"{what}: expected several flushes, got {flushes}"
             biggest = max(p.numel() for p in m.parameters()) * torch.tensor([], dtype=dtype).element_size()
             assert max(flushes["bucketed"]) < cap * 2**20 + biggest, f"{what}: a bucket held too much"
             assert torch.equal(out["bucketed"], out["classic"]), f"{what}: bucketed fused != classic grouped step"
-            if device == "cpu":  # interpreted: the carried sums are bit-identical to the re-read ones
-                assert torch.equal(out["carry"], out["bucketed"]), f"{what}: carry_psq changed the result"
-            else:
-                _close(out["carry"], out["bucketed"], 1e-5 if dtype == torch.float32 else 2e-2, f"{what} carry_psq")
             assert torch.equal(out["per_tensor"], out["classic"]), f"{what}: per-tensor fused != classic grouped step"
 
 
@@ -432,8 +424,8 @@ def check_many(device: str, lomo: bool = False) -> None:
 def check_one_read(device: str) -> None:
     """``one_read``: the statistics and RMS(u) from one read of g (``grouped_factored_stats_one_read_kernel``) give
     the updates of the three passes within rounding, in one call with matrices too wide for it (three passes, another
-    group), with a gradient scale, a non-finite gradient, several row tiles per program and carried sums of p^2."""
-    from adalomo.kernels import factored, one_read, updates
+    group), with a gradient scale, a non-finite gradient and several row tiles per program."""
+    from adalomo.kernels import updates
     gen = torch.Generator().manual_seed(5)
     specs = [((37, 53), torch.float32), ((16, 130), torch.bfloat16), ((2, 9, 33), torch.float32),
              ((300, 3), torch.float32), ((5, 70), torch.bfloat16), ((1, 77), torch.float32)]
@@ -461,10 +453,25 @@ def check_one_read(device: str) -> None:
 
     base, base_st, nbs = run(dict(one_read=False))
     assert nbs == {0}, nbs
-    # fused buckets (a matrix or two each) and the classic step's one group sum alike: bit-identical, with
-    # several programs per matrix (its geometry depends on its shape alone; one row per tile, so that a geometry
-    # that followed the group's size would give these matrices another number of programs)
+    _one_read_fused_equals_classic(device, gen)
+    for cfg in (dict(one_read_max_n=64), dict(one_read_max_n=64, one_read_tm=2, one_read_elems=64)):
+        updates._PLANS.clear()
+        ps, sts, nbs = run(cfg)
+        assert 64 in nbs and 0 in nbs, f"{cfg}: expected one-read and three-pass groups, got tile widths {nbs}"
+        for i, (s, dt) in enumerate(specs):
+            what = f"one_read {cfg} {s}"
+            _check_ulps(ps[i], base[i], dt, what, init[i])
+            for k in ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq"):
+                if k in sts[i]:
+                    _close(sts[i][k], base_st[i][k], 1e-5, f"{what} state {k}")
+
+
+def _one_read_fused_equals_classic(device: str, gen: torch.Generator) -> None:
+    """Fused buckets (a matrix or two each) and the classic step's one group sum alike: bit-identical, with several
+    programs per matrix (its geometry depends on its shape alone; one row per tile, so that a geometry that followed
+    the group's size would give these matrices another number of programs)."""
     from adalomo import AdaLomo
+    from adalomo.kernels import factored, one_read
     prev = kernels.set_config(one_read_tm=2, one_read_elems=16)
     try:
         out = {}
@@ -486,16 +493,6 @@ def check_one_read(device: str) -> None:
         assert torch.equal(out["fused"], out["classic"]), "one_read: fused buckets and the classic step differ"
     finally:
         kernels.set_config(**prev)
-    for cfg in (dict(one_read_max_n=64), dict(one_read_max_n=64, one_read_tm=2, one_read_elems=64)):
-        updates._PLANS.clear()
-        ps, sts, nbs = run(cfg)
-        assert 64 in nbs and 0 in nbs, f"{cfg}: expected one-read and three-pass groups, got tile widths {nbs}"
-        for i, (s, dt) in enumerate(specs):
-            what = f"one_read {cfg} {s}"
-            _check_ulps(ps[i], base[i], dt, what, init[i])
-            for k in ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq"):
-                if k in sts[i]:
-                    _close(sts[i][k], base_st[i][k], 1e-5, f"{what} state {k}")
 
 
 class _Seed:
@@ -516,123 +513,66 @@ def check_import_is_lazy(device: str) -> None:
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
 
 
-def check_carry_psq(device: str) -> None:
-    """``carry_psq``: sum(p^2) taken from the previous write gives the same updates as reading p again (exactly
-    when interpreted: same tiling, same order), across a skipped step and an in-place change of p; the carried
-    sums are really used (a corrupted carry changes the next update) and dropped when p's version moved (after
-    ``p.mul_``, the same corruption changes nothing)."""
-    from adalomo.kernels import updates
-    kernels.take_carry_stale(torch.device(device))  # what earlier cases left (run_cases fails a case that leaves any)
-    gen = torch.Generator().manual_seed(21)
-    specs = [((37, 53), torch.bfloat16), ((150, 20), torch.float32), ((2, 9, 33), torch.bfloat16),
-             ((70,), torch.float32)]
-    init = [_rand(s, gen, device, dt) for s, dt in specs]
-    grads = [[_rand(s, gen, device, dt) for s, dt in specs] for _ in range(5)]
-    grads[2][0][3, 4] = float("nan")  # step 3: the first tensor's update is skipped
+def check_one_read_psq(device: str) -> None:
+    """The one-read statistics pass sums p^2 itself (no three-pass statistics launch for those groups): the torch
+    path's updates for one-read and three-pass groups, odd layouts, several programs per matrix; fused buckets
+    bit-identical to the classic step."""
+    from adalomo.kernels import factored
+    launched = []
+    stats = factored.grouped_stats
 
-    def run(carry: bool, corrupt_at: int | None = None, bump_first: bool = False, sr: bool = True,
-            foreign: bool = False):
-        prev = kernels.set_config(carry_psq=carry, max_tm=2)  # max_tm=2: several row tiles per program
-        try:
-            ps = [p.clone() for p in init]
-            sts = [_state(p, None) for p in ps]
-            out = []
-            for step in range(5):
-                if step == 3:
-                    with torch.no_grad():
-                        ps[1].mul_(1.25)  # an in-place change: its version moves, its carried sum is not used
-                if corrupt_at == step:
-                    groups = [gp for plan in updates._PLANS.values() for gp in plan.groups
-                              if gp.fac and gp.psq_versions is not None]
-                    assert groups, "nothing carried"
-                    for gp in groups:
-                        gp.psqc.fill_(7.0)
-                    if bump_first:
-                        with torch.no_grad():
-                            for p in ps:
-                                p.mul_(1.0)
-                    if foreign:  # the sums belong to other tensor objects (as when freed tensors' ids and
-                        # storage are reused by new ones with matching versions): not ours to use
-                        others = [torch.empty(0) for _ in range(len(ps))]
-                        for gp in groups:
-                            gp.psq_owners = [weakref.ref(others[i]) for i in gp.idx]
-                kernels.scaled_rms_update_many_(ps, grads[step], sts, rhos=[0.05] * len(ps),
-                                                beta2s=[F.beta2_at(step + 1.0, -0.8)] * len(ps), eps=EPS,
-                                                clip_threshold=1.0, weight_decay=0.1, scale_parameter=True, beta1=None,
-                                                grad_scale=None, stochastic_rounding=sr,
-                                                seeds=[step * 10 + i for i in range(len(ps))])
-                out.append([p.clone() for p in ps])
-            return out
-        finally:
-            kernels.set_config(**prev)
+    def counting(grid, args, consts, *rest, **kw):
+        launched.append(consts)
+        return stats(grid, args, consts, *rest, **kw)
 
-    def same(a, b):
-        if device == "cpu":
-            return all(torch.equal(x, y) for x, y in zip(a, b))
-        for x, y, p0, (_, dt) in zip(a, b, init, specs):
-            _check_ulps(x, y, dt, "carry_psq", p0)
-        return True
-
-    for sr in (False, True):  # bf16 rounded to nearest or stochastically: the carry sums what was stored
-        base, carried = run(False, sr=sr), run(True, sr=sr)
-        for step, (a, b) in enumerate(zip(base, carried)):
-            assert same(a, b), f"step {step}: carrying sum(p^2) changed the update (stochastic rounding {sr})"
-        flag = kernels.take_carry_stale(torch.device(device))
-        assert flag is not None and not bool(flag), "the check flagged carried sums of unchanged parameters"
-    kernels.take_carry_stale(torch.device(device))  # clear what the runs above left (nothing: checked below)
-    corrupted = run(True, corrupt_at=2)
-    stale = kernels.take_carry_stale(torch.device(device))
-    assert stale is not None and bool(stale), "a corrupted carry was not reported by the write's check"
-    assert not bool(kernels.take_carry_stale(torch.device(device))), "the check's flag was not cleared when taken"
-    assert not torch.equal(corrupted[2][0], base[2][0]) or not torch.equal(corrupted[2][2], base[2][2]), \
-        "a corrupted carry did not change the update: the carried sums are not used"
-    bumped = run(True, corrupt_at=2, bump_first=True)  # p.mul_(1.0): same values, versions moved
-    assert same(bumped[2], base[2]), "a carried sum was used after p's version moved"
-    foreign = run(True, corrupt_at=2, foreign=True)
-    assert same(foreign[2], base[2]), "a carried sum was used for tensors it does not belong to"
-
-
-def check_carry_stale_reported(device: str) -> None:
-    """``carry_psq`` in an optimizer: steps with unchanged parameters are silent; a change through ``p.data`` (no
-    version bump) is reported after the step that used the stale sums, and the setting is turned off."""
-    import warnings
-
-    from adalomo import AdaLomo
-    prev = kernels.set_config(carry_psq=True)
+    factored.grouped_stats = counting
     try:
-        torch.manual_seed(0)
-        m = torch.nn.Sequential(torch.nn.Linear(13, 17), torch.nn.Tanh(), torch.nn.Linear(17, 5)).to(device)
-        opt = AdaLomo(m.parameters(), lr=1e-2)
-        x = torch.randn(6, 13, device=device)
-        with warnings.catch_warnings(record=True) as quiet:
-            warnings.simplefilter("always")
-            for _ in range(3):
-                m(x).square().mean().backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-        # silent: no warning but NumPy's floating-point ones, which the interpreter raises for lanes that are
-        # masked out (the workspace's padding is never written: garbage, NaN at times, in dead lanes only)
-        said = [str(w.message) for w in quiet if "encountered in" not in str(w.message)]
-        assert not said, said
-        assert kernels.get_config()["carry_psq"], "carry_psq was turned off without a change of the parameters"
-        m[0].weight.data.mul_(1.5)  # no version bump: the carried sums are stale
-        m(x).square().mean().backward()
-        with warnings.catch_warnings(record=True) as got:
-            warnings.simplefilter("always")
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            for _ in range(2):  # the report may arrive a step later on a GPU (read without waiting)
-                if not any("carry_psq" in str(w.message) for w in got):
-                    if device == "cuda":
-                        torch.cuda.synchronize()
-                    m(x).square().mean().backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-        assert any("carry_psq is now off" in str(w.message) for w in got), [str(w.message) for w in got]
-        assert not kernels.get_config()["carry_psq"]
-        m(x).square().mean().backward()
-        opt.step()  # goes on without the carry
-        assert all(torch.isfinite(p).all() for p in m.parameters())
+        for cfg in ({}, dict(one_read_tm=2, one_read_elems=64), dict(one_read_max_n=64)):
+            prev_cfg = kernels.set_config(**cfg)
+            try:
+                launched.clear()
+                check_scaled(device, (37, 53), torch.bfloat16, rho=0.2, steps=2)
+                check_scaled(device, (21, 45), p_layout="sliced", g_layout="transposed", steps=2)
+                check_scaled(device, (2, 70, 9), beta1=0.9, steps=2)
+                assert not launched, f"{cfg}: the three-pass statistics ran for one-read matrices"
+                check_scaled(device, (5, 90), wd=0.1, steps=2)  # three passes with one_read_max_n=64
+                assert bool(launched) == ("one_read_max_n" in cfg), f"{cfg}: three-pass launches {launched}"
+                check_many(device)
+            finally:
+                kernels.set_config(**prev_cfg)
+        _one_read_fused_equals_classic(device, torch.Generator().manual_seed(5))
+    finally:
+        factored.grouped_stats = stats
+
+
+def check_psq_after_data_edit(device: str) -> None:
+    """A change of p through ``p.data`` (its version counter does not move) between two steps gives exactly the
+    right next step: three grouped steps (one-read and three-pass matrices, a vector), each equal to the torch path's
+    from the same p and state. (A step sized by a stale sum of p^2, such as one carried from the previous write,
+    fails it at step 3.)"""
+    gen = torch.Generator().manual_seed(8)
+    specs = [((37, 53), torch.float32), ((16, 130), torch.bfloat16), ((5, 90), torch.float32), ((70,), torch.float32)]
+    ps = [_rand(s, gen, device, dt) for s, dt in specs]
+    sts = [_state(p, None) for p in ps]
+    prev = kernels.set_config(one_read_max_n=64)  # (5, 90): three passes
+    try:
+        for step in (1, 2, 3):
+            if step == 3:
+                for p in ps:
+                    p.data.mul_(1.5)
+            gs = [_rand(s, gen, device, dt) for s, dt in specs]
+            p_before = [p.clone() for p in ps]
+            st_before = [{k: v.clone() for k, v in st.items()} for st in sts]
+            kw = dict(eps=EPS, clip_threshold=1.0, weight_decay=0.1, scale_parameter=True, beta1=None,
+                      grad_scale=None, stochastic_rounding=False)
+            kernels.scaled_rms_update_many_(ps, gs, sts, rhos=[0.2] * len(ps), beta2s=[F.beta2_at(step, -0.8)] * 4,
+                                            seeds=[0] * len(ps), **kw)
+            for i, (s, dt) in enumerate(specs):
+                p_t = p_before[i].clone()
+                with _TorchPath():
+                    F.scaled_rms_update_(p_t, gs[i], st_before[i], rho=0.2, beta2=F.beta2_at(step, -0.8),
+                                         generator=None, **kw)
+                _check_ulps(ps[i], p_t, dt, f"{s} step {step}", p_before[i])
     finally:
         kernels.set_config(**prev)
 
@@ -709,9 +649,9 @@ CASES: dict[str, Callable[[str], None]] = {
     "many_scaled": check_many,
     "many_lomo": lambda d: check_many(d, lomo=True),
     "other_configs": check_other_configs,
-    "carry_psq": check_carry_psq,
     "one_read": check_one_read,
-    "carry_stale_reported": check_carry_stale_reported,
+    "one_read_psq": check_one_read_psq,
+    "psq_after_data_edit": check_psq_after_data_edit,
 }
 
 def check_fast_launch_used(device: str) -> None:
@@ -744,26 +684,17 @@ GPU_CASES: dict[str, Callable[[str], None]] = {
 
 
 def run_cases(device: str, cases: dict[str, Callable[[str], None]]) -> dict[str, str]:
-    """Every case, each reported (a verdict and its seconds). With carry_psq on (the default), a case that leaves
-    the carry check's flag set made it flag parameters that no ``p.data`` write changed: that case fails."""
+    """Every case, each reported (a verdict and its seconds)."""
     results = {}
     for name, fn in cases.items():
         t0 = time.perf_counter()
         try:
             fn(device)
             results[name] = "ok"
-            if name != "carry_psq" and _carry_flagged(device):
-                results[name] = "the carry_psq check flagged carried sums of unchanged parameters in this case"
         except Exception as e:  # report every case, keep going
             results[name] = f"{type(e).__name__}: {e}"[:500]
         results[name + ":seconds"] = f"{time.perf_counter() - t0:.2f}"
     return results
-
-
-def _carry_flagged(device: str) -> bool:
-    """Take the carry check's flag on ``device`` (set since the last take), if the kernels are loaded."""
-    flag = kernels.take_carry_stale(device)
-    return flag is not None and bool(flag)
 
 
 # --------------------------------------------------------------------------------------------- tests
@@ -887,22 +818,22 @@ def test_direct_launch_cache(monkeypatch):
 
 
 def test_public_set_config(monkeypatch):
-    """``adalomo.kernels.set_config``: the documented way to change a kernel setting (e.g. turn ``carry_psq`` off);
+    """``adalomo.kernels.set_config``: the documented way to change a kernel setting (e.g. turn ``one_read`` off);
     it returns what it changed, refuses unknown keys, and says so when there are no kernels to configure."""
     pytest.importorskip("triton")
     from adalomo.kernels.config import CONFIG
-    assert CONFIG["carry_psq"] and CONFIG["stages_read"] == 3  # the defaults the README's tables were run at
-    prev = kernels.set_config(carry_psq=False)
+    assert CONFIG["one_read"] and CONFIG["stages_read"] == 3  # the defaults the README's tables were run at
+    prev = kernels.set_config(one_read=False)
     try:
-        assert prev == {"carry_psq": True} and not CONFIG["carry_psq"]
+        assert prev == {"one_read": True} and not CONFIG["one_read"]
         with pytest.raises(ValueError, match="known:"):
-            kernels.set_config(carry_psk=True)
+            kernels.set_config(one_raed=True)
     finally:
         kernels.set_config(**prev)
-    assert CONFIG["carry_psq"]
+    assert CONFIG["one_read"]
     monkeypatch.setattr(kernels, "_load", lambda interpret: None)
     with pytest.raises(RuntimeError, match="not available"):
-        kernels.set_config(carry_psq=False)
+        kernels.set_config(one_read=False)
 
 
 if __name__ == "__main__":

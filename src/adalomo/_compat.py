@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-__all__ = ["bump_versions", "versions", "raw_stream", "local_tensor", "current_graph_task_id",
+__all__ = ["bump_versions", "raw_stream", "local_tensor", "current_graph_task_id",
            "queue_backward_callback", "in_reentrant_backward", "direct_launch_supported", "direct_launch_ok",
            "launch_compiled"]
 
@@ -38,12 +38,6 @@ else:  # pragma: no cover - old torch
     def bump_versions(ts: list[torch.Tensor]) -> None:
         for t in ts:
             torch.autograd.graph.increment_version(t)
-
-
-def versions(ts) -> list[int]:
-    """The version counters (``Tensor._version``, a private attribute) of ``ts``: they move at every in-place change
-    that autograd sees, which tells a cached result of an earlier write from a stale one."""
-    return [t._version for t in ts]
 
 
 if hasattr(torch._C, "_cuda_getCurrentRawStream"):

@@ -30,8 +30,7 @@ from .._compat import local_tensor as _local
 
 __all__ = ["use_triton", "gradient_fits", "sharded_fits", "scaled_rms_update_", "lomo_update_",
            "scaled_rms_update_many_", "lomo_update_many_", "adapm_update_", "AdaPMChunk",
-           "triton_available", "Seed", "set_config", "get_config",
-           "take_carry_stale", "bump_versions"]
+           "triton_available", "Seed", "set_config", "get_config", "bump_versions"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -92,9 +91,9 @@ def _require(t: torch.Tensor):
 
 
 def set_config(**changes) -> dict:
-    """Change kernel settings (``adalomo.kernels.config.CONFIG``: ``carry_psq``, ``one_read``,
-    ``stages_read`` and the launch geometry) for the rest of the process; returns the previous values of the changed
-    keys, so that ``set_config(**prev)`` restores them. ``ADALOMO_KERNEL_CONFIG='{"carry_psq": false}'`` (JSON) does
+    """Change kernel settings (``adalomo.kernels.config.CONFIG``: ``one_read``, ``stages_read`` and the launch
+    geometry) for the rest of the process; returns the previous values of the changed keys, so that
+    ``set_config(**prev)`` restores them. ``ADALOMO_KERNEL_CONFIG='{"one_read": false}'`` (JSON) does
     the same when the kernels load. See ``docs/kernels.md``."""
     impl = _load(_flag("ADALOMO_TRITON_INTERPRET"))
     if impl is None:
@@ -108,16 +107,6 @@ def get_config() -> dict:
     """A copy of the kernel settings; empty when the kernels are not loaded (nothing imported them yet, or triton is
     missing)."""
     return dict(_impl.CONFIG) if _impl is not None else {}
-
-
-def take_carry_stale(device=None):
-    """``carry_psq``'s check: per device where the grouped write took carried sums of p^2, a 0-d bool device tensor
-    "some carried sum was stale (p changed without a version bump, e.g. through ``p.data``) since the last call",
-    then cleared. With ``device``: that device's flag, or None when nothing was carried there; without: the list
-    of every device's flag (empty when the kernels are not loaded)."""
-    if _impl is None:
-        return None if device is not None else []
-    return _impl.take_carry_stale(device)
 
 
 def triton_available() -> bool:

@@ -129,12 +129,11 @@ def sum_partial_rows(base, B, b64, idx, Np, n, PB: tl.constexpr, BLOCK: tl.const
 
 # ---------------------------------------------------------------------------------------- scalar prologue
 @triton.jit
-def step_scalars(ws_ptr, psq_ptr, scale_ptr, n_fin, n_usq, n_psq, off_fin, off_usq, off_psq, numel_f, sqrt_numel,
+def step_scalars(ws_ptr, scale_ptr, n_fin, n_usq, n_psq, off_fin, off_usq, off_psq, numel_f, sqrt_numel,
                  rho, eps2, clip_threshold, FIN_SCALE: tl.constexpr, HAS_USQ: tl.constexpr, HAS_PSQ: tl.constexpr,
                  BLOCK: tl.constexpr):
-    """(finite flag as int8, clip factor 1/max(1, RMS(u)/d), step size rho*max(eps2, RMS(p))) from the partial sums,
-    in a fixed order. The partial sums of p^2 are at ``psq_ptr + off_psq``: in the workspace, or carried over from
-    the previous write."""
+    """(finite flag as int8, clip factor 1/max(1, RMS(u)/d), step size rho*max(eps2, RMS(p))) from the partial sums
+    in the workspace, in a fixed order."""
     fin = sum_parts(ws_ptr, off_fin, n_fin, BLOCK)
     if FIN_SCALE:
         fin = fin * tl.load(scale_ptr).to(tl.float32)
@@ -147,7 +146,7 @@ def step_scalars(ws_ptr, psq_ptr, scale_ptr, n_fin, n_usq, n_psq, off_fin, off_u
         clip = 1.0 / tl.maximum(tl.sqrt_rn(usq / numel_f) / clip_threshold, 1.0)
     step = fin * 0.0 + rho
     if HAS_PSQ:
-        psq = sum_parts(psq_ptr, off_psq, n_psq, BLOCK)
+        psq = sum_parts(ws_ptr, off_psq, n_psq, BLOCK)
         step = tl.maximum(tl.sqrt_rn(psq) / sqrt_numel, eps2) * rho
     return ok, clip, step
 
@@ -160,7 +159,7 @@ def write_scalars(pid, ws_ptr, scale_ptr, ok_ptr, n_fin, n_usq, n_psq, off_fin, 
     the (few, L2-resident) partials itself, and program 0 ANDs the flag into ``*ok_ptr``; else they were stored by
     the finish kernel (the flag at ``ok_ptr``, clip and step in the workspace)."""
     if FOLD:
-        ok, clip, step = step_scalars(ws_ptr, ws_ptr, scale_ptr, n_fin, n_usq, n_psq, off_fin, off_usq, off_psq,
+        ok, clip, step = step_scalars(ws_ptr, scale_ptr, n_fin, n_usq, n_psq, off_fin, off_usq, off_psq,
                                       numel_f, sqrt_numel, rho, eps2, clip_threshold, FIN_SCALE, HAS_USQ, HAS_PSQ,
                                       1024)
         if pid == 0:

@@ -2,7 +2,7 @@
 
 ``CONFIG`` holds the settings that a measurement showed to pay (``docs/kernels.md``) and the tile geometry that
 ``benchmarks/bench_kernels.py --sweep`` varies; change them through :func:`set_config` (checked, and the caches
-that depend on them dropped), or with ``ADALOMO_KERNEL_CONFIG='{"carry_psq": false}'`` (JSON) when the kernels
+that depend on them dropped), or with ``ADALOMO_KERNEL_CONFIG='{"one_read": false}'`` (JSON) when the kernels
 load. :func:`tiling` is the one function that turns a matrix shape into the row-tiled passes' launch geometry;
 :func:`workspace` lays out a kernel family's fp32 partial sums.
 """
@@ -24,20 +24,15 @@ CONFIG = {
     # software pipelining of the read-only passes' row loops (``tl.range(num_stages=...)``): > 1 has Triton copy the
     # next tiles into shared memory asynchronously, so that the loads in flight no longer sit in registers
     "stages_read": 3,
-    # grouped AdaLomo/Adafactor: take sum(p^2) (for RMS(p)) from the previous step's write instead of reading p in
-    # the statistics pass (12 -> 10 bytes per bf16 parameter). Used while every tensor of a bucket keeps the version
-    # counter that write left; the write checks the carried sums against the p it reads, and the optimizer warns and
-    # turns this off when a change through ``p.data`` (no version bump) made them stale (docs/kernels.md)
-    "carry_psq": True,
-    # grouped AdaLomo/Adafactor: the statistics and RMS(u) from ONE read of g (10 -> 8 bytes per bf16 parameter with
-    # carry_psq), for matrices whose rows fit one tile (next power of two of the row length <= one_read_max_n)
+    # grouped AdaLomo/Adafactor: the statistics, RMS(u) and sum(p^2) from ONE read of g and p (12 -> 10 bytes per bf16
+    # parameter), for matrices whose rows fit one tile (next power of two of the row length <= one_read_max_n)
     "one_read": True,
     "one_read_max_n": 8192,
-    "one_read_elems": 16384,  # elements per row tile (rows = this / row length)
+    "one_read_elems": 8192,  # elements per row tile of g and of p (rows = this / row length)
     "one_read_tm": 64,  # row groups (programs) per matrix, fewer for short ones, more for tall ones
     "warps_one_read": 8,
 }
-_FLAGS = ("carry_psq", "one_read")
+_FLAGS = ("one_read",)
 _POW2 = ("block_m", "block_n", "one_read_max_n", "one_read_elems")
 _WARPS = ("warps_stats", "warps_usq", "warps_write", "warps_one_read")
 

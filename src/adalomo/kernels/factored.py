@@ -4,9 +4,8 @@ clipped by its RMS, step relative to RMS(p).
 Passes (each a grouped launch over a group of tensors, see ``updates``; the FSDP2 path launches the single-tensor
 kernels per shard, see ``sharded``):
 
-1. statistics   read g (and p): partial row/column sums of g^2 + eps1, partial sums of p^2 (unless carried over
-                from the previous write: ``carry_psq``). Matrices whose rows fit one tile take ``one_read``'s pass
-                instead, which also yields what RMS(u) needs; this one then runs only for the sums of p^2.
+1. statistics   read g and p: partial row/column sums of g^2 + eps1, partial sums of p^2. Matrices whose rows fit
+                one tile take ``one_read``'s pass instead, which also yields what RMS(u) needs.
 2. finalize     row/column EMAs into the workspace, partial sums of mean(row) and of the finite test
 3. RMS(u)       read g: partial sums of u^2, u = g * rsqrt(row/mean(row)) * rsqrt(col)
 4. finish       per tensor: finite flag, clip = 1/max(1, RMS(u)/d), step = rho*max(eps2, RMS(p)), in a fixed order
@@ -38,17 +37,13 @@ from .config import CONFIG, cdiv, fin_block, next_pow2, on_change, pipeline_stag
 from .grouped import COL, FCOL, meta_int, meta_pointer, this_program
 from .launch import TL_DTYPES, Launcher
 
-VERIFY_MAXNREG = 128  # == the registers of the write variant without the check (8 warps, tests/test_kernels_sm90.py)
-
 
 # ---------------------------------------------------------------------------------------------- passes
 @triton.jit
 def _stats(pid, g_ptr, p_ptr, scale_ptr, ws_ptr, B, M, N, TM, TN, rows_per_prog, sg_b, sg_m, sg_n, sp_b, sp_m, sp_n,
            off_rowpart, off_colpart, off_psq, eps1, HAS_SCALE: tl.constexpr, SUM_P: tl.constexpr,
            ALIGN: tl.constexpr, G_UNIT: tl.constexpr, P_UNIT: tl.constexpr, BLOCK_M: tl.constexpr,
-           BLOCK_N: tl.constexpr, ROW_PSQ: tl.constexpr = False, STAGES: tl.constexpr = 1):
-    """ROW_PSQ: sum p^2 per row first, in the order of the sums that the write pass carries (``carry_psq``); else
-    per element (faster)."""
+           BLOCK_N: tl.constexpr, STAGES: tl.constexpr = 1):
     N, sg_b, sg_m, sg_n = strides_known(N, sg_b, sg_m, sg_n, ALIGN, G_UNIT)
     _, sp_b, sp_m, sp_n = strides_known(N, sp_b, sp_m, sp_n, ALIGN, P_UNIT)
     off_rowpart, off_colpart = a16(off_rowpart), a16(off_colpart)
@@ -59,10 +54,7 @@ def _stats(pid, g_ptr, p_ptr, scale_ptr, ws_ptr, B, M, N, TM, TN, rows_per_prog,
     if HAS_SCALE:
         scale = tl.load(scale_ptr).to(tl.float32)
     col_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # reduced over rows once, after the loop
-    if ROW_PSQ:
-        psq = tl.zeros([BLOCK_M], dtype=tl.float32)
-    else:
-        psq = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    psq = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     r0 = i * rows_per_prog
     lim = tl.minimum(M, r0 + rows_per_prog)
     g_base = g_ptr + b64 * sg_b + r0.to(tl.int64) * sg_m
@@ -86,17 +78,11 @@ def _stats(pid, g_ptr, p_ptr, scale_ptr, ws_ptr, B, M, N, TM, TN, rows_per_prog,
         tl.store(rowpart + m0 + lrows, tl.sum(sq, axis=1), mask=rmask)
         col_acc += sq
         if SUM_P:
-            if ROW_PSQ:
-                psq += tl.sum(pv * pv, axis=1)
-            else:
-                psq += pv * pv
+            psq += pv * pv
     tl.store(ws_ptr + off_colpart + (i * B + b).to(tl.int64) * a16(N + 15) + cols, tl.sum(col_acc, axis=0),
              mask=cmask)
     if SUM_P:
-        if ROW_PSQ:
-            tl.store(ws_ptr + off_psq + pid, tl.sum(psq, axis=0))
-        else:
-            tl.store(ws_ptr + off_psq + pid, tl.sum(tl.sum(psq, axis=1), axis=0))
+        tl.store(ws_ptr + off_psq + pid, tl.sum(tl.sum(psq, axis=1), axis=0))
 
 
 @triton.jit
@@ -173,18 +159,14 @@ def _rms(pid, g_ptr, scale_ptr, ws_ptr, B, M, N, TM, TN, rows_per_prog, sg_b, sg
 
 
 @triton.jit
-def _write(pid, g_ptr, p_ptr, scale_ptr, ws_ptr, row_ptr, col_ptr, m_ptr, ok_ptr, psqc_ptr, stale_ptr, seed,
+def _write(pid, g_ptr, p_ptr, scale_ptr, ws_ptr, row_ptr, col_ptr, m_ptr, ok_ptr, seed,
            B, M, N, TM, TN, rows_per_prog, sg_b, sg_m, sg_n, sp_b, sp_m, sp_n, n_rp, off_newrow, off_newcol, off_rsum,
            off_scal, n_fin, n_usq, n_psq, off_fin, off_usq, off_psq, numel_f, sqrt_numel, rho, eps2, clip_threshold,
            weight_decay, beta1, one_minus_beta1, HAS_SCALE: tl.constexpr, SCALE_PARAM: tl.constexpr,
-           HAS_WD: tl.constexpr, HAS_M: tl.constexpr, SR: tl.constexpr, FOLD: tl.constexpr, STORE_PSQ: tl.constexpr,
+           HAS_WD: tl.constexpr, HAS_M: tl.constexpr, SR: tl.constexpr, FOLD: tl.constexpr,
            ALIGN: tl.constexpr, G_UNIT: tl.constexpr, P_UNIT: tl.constexpr, BLOCK_M: tl.constexpr,
-           BLOCK_N: tl.constexpr, RP_BLOCK: tl.constexpr, PF: tl.constexpr = False, VERIFY: tl.constexpr = False):
-    """The write pass. With STORE_PSQ also this program's partial sum of p^2 over the values it leaves in p (the
-    written ones, or the old ones when the step is skipped) at ``psqc_ptr + pid``, in the tiling and order of the
-    statistics pass, so that the next step can take it instead of reading p again (``carry_psq``). VERIFY (this
-    step used carried sums): the same sum over the values of p read now, compared with the carried one; a difference
-    means p changed without a version bump (through ``p.data``) and sets ``*stale_ptr``."""
+           BLOCK_N: tl.constexpr, RP_BLOCK: tl.constexpr, PF: tl.constexpr = False):
+    """The write pass: p (and exp_avg) from u, the row/column state committed when the step is finite."""
     N, sg_b, sg_m, sg_n = strides_known(N, sg_b, sg_m, sg_n, ALIGN, G_UNIT)
     _, sp_b, sp_m, sp_n = strides_known(N, sp_b, sp_m, sp_n, ALIGN, P_UNIT)
     off_newrow, off_newcol = a16(off_newrow), a16(off_newcol)
@@ -212,11 +194,6 @@ def _write(pid, g_ptr, p_ptr, scale_ptr, ws_ptr, row_ptr, col_ptr, m_ptr, ok_ptr
     p_offs = lrows[:, None] * sp_m + cols[None, :] * sp_n
     lin_offs = lrows[:, None] * N + cols[None, :]
     row_ok = ok & (j == 0).to(tl.int8)
-    if STORE_PSQ:
-        psq = tl.zeros([BLOCK_M], dtype=tl.float32)  # per row: a 2-D accumulator costs 16 more registers
-    if VERIFY:
-        carried = tl.load(psqc_ptr + pid)  # before this program overwrites it
-        chk = tl.zeros([BLOCK_M], dtype=tl.float32)
     lim = tl.minimum(M, r0 + rows_per_prog)
     g_nx, p_nx = first_tiles(g_base, p_base, sg_m, sp_m, g_offs, p_offs, r0, lrows, lim, cmask, PF)
     for m0 in tl.range(0, rows_per_prog, BLOCK_M, num_stages=1):
@@ -224,8 +201,6 @@ def _write(pid, g_ptr, p_ptr, scale_ptr, ws_ptr, row_ptr, col_ptr, m_ptr, ok_ptr
         mask = rmask[:, None] & cmask[None, :]
         g, p, g_nx, p_nx = next_tiles(g_nx, p_nx, g_base, p_base, m0, sg_m, sp_m, g_offs, p_offs, r0, lrows, lim,
                                       cmask, mask, PF, BLOCK_M)
-        if VERIFY:  # p as read (0 where masked), summed like the carried sums were
-            chk += tl.sum(p * p, axis=1)
         if HAS_SCALE:
             g = g * scale
         new_row = tl.load(newrow + m0 + lrows, mask=rmask, other=1.0)
@@ -246,21 +221,9 @@ def _write(pid, g_ptr, p_ptr, scale_ptr, ws_ptr, row_ptr, col_ptr, m_ptr, ok_ptr
         if SR:
             rows = (b64 * M + r0 + m0 + lrows).to(tl.int32)
             new = round_to_bf16(new, rows[:, None] * N + cols[None, :], seed)
-        stored = new.to(p_ptr.dtype.element_ty)
-        tl.store(p_ptrs, stored, mask=and_flag(mask, ok))
+        tl.store(p_ptrs, new.to(p_ptr.dtype.element_ty), mask=and_flag(mask, ok))
         tl.store(row_ptr + b64 * M + r0 + m0 + lrows, new_row, mask=and_flag(rmask, row_ok))
-        if STORE_PSQ:
-            kept = tl.where(ok != 0, stored.to(tl.float32), p)
-            kept = tl.where(mask, kept, 0.0)
-            psq += tl.sum(kept * kept, axis=1)
     tl.store(col_ptr + b64 * N + cols, new_col, mask=and_flag(cmask, ok & (i == 0).to(tl.int8)))
-    if STORE_PSQ:
-        tl.store(psqc_ptr + pid, tl.sum(psq, axis=0))
-    if VERIFY:  # the same values when p is unchanged, summed by another compiled variant (whose reductions a
-        # compiler may order otherwise). 1e-5 relative is what matters: a carried sum within it gives RMS(p) within
-        # 5e-6, below bf16's resolution, so a change that moves the sum less is harmless; any larger one is reported
-        now = tl.sum(chk, axis=0)
-        tl.store(stale_ptr, 1, mask=tl.abs(now - carried) > 1e-5 * carried)
 
 
 # ------------------------------------------------------------------- one tensor per launch (FSDP2 shards)
@@ -308,11 +271,11 @@ def factored_write_kernel(g_ptr, p_ptr, scale_ptr, ws_ptr, row_ptr, col_ptr, m_p
                           BLOCK_N: tl.constexpr, RP_BLOCK: tl.constexpr):
     """The write of one tensor whose partial sums were reduced across ranks: every program folds them (FOLD) and
     program 0 ANDs the finite flag into ``*ok_ptr``."""
-    _write(tl.program_id(0), g_ptr, p_ptr, scale_ptr, ws_ptr, row_ptr, col_ptr, m_ptr, ok_ptr, ws_ptr, ws_ptr, seed,
+    _write(tl.program_id(0), g_ptr, p_ptr, scale_ptr, ws_ptr, row_ptr, col_ptr, m_ptr, ok_ptr, seed,
            B, M, N, TM, TN, rows_per_prog, sg_b, sg_m, sg_n, sp_b, sp_m, sp_n, n_rp, off_newrow, off_newcol, off_rsum,
            off_scal, n_fin, n_usq, n_psq, off_fin, off_usq, off_psq, numel_f, sqrt_numel, rho, eps2, clip_threshold,
-           weight_decay, beta1, one_minus_beta1, HAS_SCALE, SCALE_PARAM, HAS_WD, HAS_M, SR, True, False, ALIGN,
-           G_UNIT, P_UNIT, BLOCK_M, BLOCK_N, RP_BLOCK)
+           weight_decay, beta1, one_minus_beta1, HAS_SCALE, SCALE_PARAM, HAS_WD, HAS_M, SR, True, ALIGN, G_UNIT,
+           P_UNIT, BLOCK_M, BLOCK_N, RP_BLOCK)
 
 
 stats = Launcher(factored_stats_kernel, "HAS_SCALE", "SUM_P", "ALIGN", "G_UNIT", "P_UNIT", "BLOCK_M", "BLOCK_N")
@@ -341,7 +304,7 @@ def meta_strides(row):
 def grouped_factored_stats_kernel(meta_ptr, pmap_ptr, scale_ptr, eps1, G_DT: tl.constexpr, P_DT: tl.constexpr,
                                   HAS_SCALE: tl.constexpr, SUM_P: tl.constexpr, ALIGN: tl.constexpr,
                                   G_UNIT: tl.constexpr, P_UNIT: tl.constexpr, BLOCK_M: tl.constexpr,
-                                  BLOCK_N: tl.constexpr, ROW_PSQ: tl.constexpr, STAGES: tl.constexpr):
+                                  BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
     pid, _, row, _ = this_program(meta_ptr, meta_ptr, pmap_ptr)
     B, M, N, TM, TN, rpp = meta_tiling(row)
     sg_b, sg_m, sg_n, sp_b, sp_m, sp_n = meta_strides(row)
@@ -349,7 +312,7 @@ def grouped_factored_stats_kernel(meta_ptr, pmap_ptr, scale_ptr, eps1, G_DT: tl.
            meta_pointer(row, COL.param, P_DT, ALIGN), scale_ptr, meta_pointer(row, COL.workspace, tl.float32, True),
            B, M, N, TM, TN, rpp, sg_b, sg_m, sg_n, sp_b, sp_m, sp_n, meta_int(row, COL.off_rowpart),
            meta_int(row, COL.off_colpart), meta_int(row, COL.off_psq), eps1, HAS_SCALE, SUM_P, ALIGN, G_UNIT, P_UNIT,
-           BLOCK_M, BLOCK_N, ROW_PSQ, STAGES)
+           BLOCK_M, BLOCK_N, STAGES)
 
 
 @triton.jit
@@ -378,34 +341,32 @@ def grouped_factored_rms_kernel(meta_ptr, pmap_ptr, scale_ptr, G_DT: tl.constexp
 
 
 @triton.jit
-def grouped_factored_write_kernel(meta_ptr, fmeta_ptr, pmap_ptr, scale_ptr, oks_ptr, stale_ptr, weight_decay, beta1,
+def grouped_factored_write_kernel(meta_ptr, fmeta_ptr, pmap_ptr, scale_ptr, oks_ptr, weight_decay, beta1,
                                   one_minus_beta1, G_DT: tl.constexpr, P_DT: tl.constexpr, HAS_SCALE: tl.constexpr,
                                   SCALE_PARAM: tl.constexpr, HAS_WD: tl.constexpr, HAS_M: tl.constexpr,
-                                  SR: tl.constexpr, STORE_PSQ: tl.constexpr, ALIGN: tl.constexpr,
-                                  G_UNIT: tl.constexpr, P_UNIT: tl.constexpr, BLOCK_M: tl.constexpr,
-                                  BLOCK_N: tl.constexpr, RP_BLOCK: tl.constexpr, VERIFY: tl.constexpr):
+                                  SR: tl.constexpr, ALIGN: tl.constexpr, G_UNIT: tl.constexpr, P_UNIT: tl.constexpr,
+                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP_BLOCK: tl.constexpr):
     pid, t, row, frow = this_program(meta_ptr, fmeta_ptr, pmap_ptr)
     B, M, N, TM, TN, rpp = meta_tiling(row)
     sg_b, sg_m, sg_n, sp_b, sp_m, sp_n = meta_strides(row)
     _write(pid - meta_int(row, COL.first_prog), meta_pointer(row, COL.grad, G_DT, ALIGN),
            meta_pointer(row, COL.param, P_DT, ALIGN), scale_ptr, meta_pointer(row, COL.workspace, tl.float32, True),
            meta_pointer(row, COL.row_state, tl.float32, True), meta_pointer(row, COL.col_state, tl.float32, True),
-           meta_pointer(row, COL.exp_avg, tl.float32, True), oks_ptr + t,
-           meta_pointer(row, COL.carried_psq, tl.float32, True), stale_ptr, tl.load(row + COL.seed),
+           meta_pointer(row, COL.exp_avg, tl.float32, True), oks_ptr + t, tl.load(row + COL.seed),
            B, M, N, TM, TN, rpp, sg_b, sg_m, sg_n, sp_b, sp_m, sp_n, meta_int(row, COL.n_row_blocks),
            meta_int(row, COL.off_newrow), meta_int(row, COL.off_newcol), meta_int(row, COL.off_rsum),
            meta_int(row, COL.off_scal), 0, 0, 0, 0, 0, 0, 1.0, 1.0, tl.load(frow + FCOL.rho), 0.0, 1.0, weight_decay,
-           beta1, one_minus_beta1, HAS_SCALE, SCALE_PARAM, HAS_WD, HAS_M, SR, False, STORE_PSQ, ALIGN, G_UNIT, P_UNIT,
-           BLOCK_M, BLOCK_N, RP_BLOCK, True, VERIFY)
+           beta1, one_minus_beta1, HAS_SCALE, SCALE_PARAM, HAS_WD, HAS_M, SR, False, ALIGN, G_UNIT, P_UNIT, BLOCK_M,
+           BLOCK_N, RP_BLOCK, True)
 
 
 grouped_stats = Launcher(grouped_factored_stats_kernel, "G_DT", "P_DT", "HAS_SCALE", "SUM_P", "ALIGN", "G_UNIT",
-                         "P_UNIT", "BLOCK_M", "BLOCK_N", "ROW_PSQ", "STAGES")
+                         "P_UNIT", "BLOCK_M", "BLOCK_N", "STAGES")
 grouped_finalize = Launcher(grouped_factored_finalize_kernel, "BLOCK", "PB")
 grouped_rms = Launcher(grouped_factored_rms_kernel, "G_DT", "HAS_SCALE", "ALIGN", "G_UNIT", "BLOCK_M", "BLOCK_N",
                        "RP_BLOCK", "STAGES")
 grouped_write = Launcher(grouped_factored_write_kernel, "G_DT", "P_DT", "HAS_SCALE", "SCALE_PARAM", "HAS_WD", "HAS_M",
-                         "SR", "STORE_PSQ", "ALIGN", "G_UNIT", "P_UNIT", "BLOCK_M", "BLOCK_N", "RP_BLOCK", "VERIFY")
+                         "SR", "ALIGN", "G_UNIT", "P_UNIT", "BLOCK_M", "BLOCK_N", "RP_BLOCK")
 
 
 # ------------------------------------------------------------------------------------------- host side
@@ -450,13 +411,8 @@ def plan_group(items: list, layout: tuple, nb: int, fb: int, has_m: bool, dev: t
     if nb:
         geos = [one_read.geometry(geo, B, M, N, nb) for geo, (*_, (B, M, N)) in zip(geos, items)]
         gp.nb, gp.bm1 = nb, one_read.tile_rows(nb)
-    # the sums of p^2 that a write leaves for the next step (``carry_psq``): n_psq floats per tensor, 16-byte aligned
-    psq_offs = [0]
-    for geo in geos:
-        psq_offs.append(psq_offs[-1] + cdiv(geo["n_psq"], 4) * 4)
-    gp.psqc = torch.zeros(max(psq_offs[-1], 4), dtype=torch.float32, device=dev)
     fcounts, counts1 = [], []
-    for k, ((_, p, _, sts, sg, sp, (B, M, N)), geo) in enumerate(zip(items, geos)):
+    for (_, p, _, sts, sg, sp, (B, M, N)), geo in zip(items, geos):
         n_fprog = geo["n_fprog"] if nb else B * (geo["n_rp"] + geo["n_cp"])
         extra = {}
         if nb:
@@ -466,8 +422,7 @@ def plan_group(items: list, layout: tuple, nb: int, fb: int, has_m: bool, dev: t
             gp.prog1 += geo["n_prog1"]
         gp.add(p, (sts[0].data_ptr(), sts[1].data_ptr(), sts[-1].data_ptr() if has_m else 0), geo["n_prog"],
                geo["ws_numel"], B * M * N, B=B, M=M, N=N, **grouped.stride_columns(sg, sp),
-               first_finalize_prog=gp.fprog, carried_psq=gp.psqc.data_ptr() + 4 * psq_offs[k],
-               **{col: geo[key] for col, key in _GEOMETRY_COLUMNS.items()}, **extra)
+               first_finalize_prog=gp.fprog, **{col: geo[key] for col, key in _GEOMETRY_COLUMNS.items()}, **extra)
         fcounts.append(n_fprog)
         gp.fprog += n_fprog
     gp.rp_block = max(geo["RP_BLOCK"] for geo in geos)
@@ -476,32 +431,29 @@ def plan_group(items: list, layout: tuple, nb: int, fb: int, has_m: bool, dev: t
     return gp
 
 
-def launch_group(gp: grouped.GroupPlan, meta_t, fmeta_t, oks, carried: bool, stale, run: tuple, scale,
-                 has_scale: bool, sp_flag: bool, hw: bool, has_m: bool, stochastic_rounding: bool, store: bool,
-                 eps1: float, eps2: float, ct: float, wd: float, b1: float, omb1: float) -> None:
-    """The launches of one group of matrices (``run``: stream, device, launch-cache key). ``carried``: the sums of
-    p^2 come from the previous write (``carry_psq``), ``store``: this write leaves them for the next step."""
+def launch_group(gp: grouped.GroupPlan, meta_t, fmeta_t, oks, run: tuple, scale, has_scale: bool, sp_flag: bool,
+                 hw: bool, has_m: bool, stochastic_rounding: bool, eps1: float, eps2: float, ct: float, wd: float,
+                 b1: float, omb1: float) -> None:
+    """The launches of one group of matrices (``run``: stream, device, launch-cache key). The statistics pass reads
+    p (for RMS(p), ``sp_flag``) in the loop that reads g: every step sizes itself by the p it updates."""
     pdt, gdt, align, g_unit, p_unit = gp.layout
     bm, bn = CONFIG["block_m"], CONFIG["block_n"]
     rs = pipeline_stages(CONFIG["stages_read"], bm, bn, gdt, pdt)
     sr = bool(stochastic_rounding) and pdt == torch.bfloat16
     gd, pd = TL_DTYPES[gdt], TL_DTYPES[pdt]
     fin = (gp.fb, max(1, min(32, 4096 // gp.fb)))
-    sum_p = sp_flag and not carried
-    if not gp.nb or sum_p:  # one_read: this pass only for the sums of p^2 (in the order the write carries)
-        grouped_stats(gp.prog, (meta_t, gp.pmap, scale, eps1),
-                      (gd, pd, has_scale, sum_p, align, g_unit, p_unit, bm, bn, store, rs), CONFIG["warps_stats"], run)
     if gp.nb:
         one_read.stats(gp.prog1, (meta_t, fmeta_t, gp.pmap1, scale, eps1),
-                       (gd, has_scale, align, g_unit, gp.bm1, gp.nb), CONFIG["warps_one_read"], run)
+                       (gd, pd, has_scale, sp_flag, align, g_unit, p_unit, gp.bm1, gp.nb), CONFIG["warps_one_read"],
+                       run)
         one_read.finalize(gp.fprog, (meta_t, fmeta_t, gp.fpmap), fin, 4, run)
     else:
+        grouped_stats(gp.prog, (meta_t, gp.pmap, scale, eps1),
+                      (gd, pd, has_scale, sp_flag, align, g_unit, p_unit, bm, bn, rs), CONFIG["warps_stats"], run)
         grouped_finalize(gp.fprog, (meta_t, fmeta_t, gp.fpmap), fin, 4, run)
         grouped_rms(gp.prog, (meta_t, gp.pmap, scale), (gd, has_scale, align, g_unit, bm, bn, gp.rp_block, rs),
                     CONFIG["warps_usq"], run)
-    grouped.finish(len(gp.idx), (meta_t, fmeta_t, scale, oks, eps2, ct), (False, True, sp_flag, carried, 1024), 4, run)
-    # the check's sums take ~18 more registers per thread: capped (ptxas then fits them without spilling) so that
-    # the write keeps its two programs per SM
-    grouped_write(gp.prog, (meta_t, fmeta_t, gp.pmap, scale, oks, stale if carried else oks, wd, b1, omb1),
-                  (gd, pd, has_scale, sp_flag, hw, has_m, sr, store, align, g_unit, p_unit, bm, bn, gp.rp_block,
-                   carried), CONFIG["warps_write"], run, maxnreg=VERIFY_MAXNREG if carried else None)
+    grouped.finish(len(gp.idx), (meta_t, fmeta_t, scale, oks, eps2, ct), (False, True, sp_flag, 1024), 4, run)
+    grouped_write(gp.prog, (meta_t, fmeta_t, gp.pmap, scale, oks, wd, b1, omb1),
+                  (gd, pd, has_scale, sp_flag, hw, has_m, sr, align, g_unit, p_unit, bm, bn, gp.rp_block),
+                  CONFIG["warps_write"], run)

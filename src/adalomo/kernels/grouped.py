@@ -42,8 +42,6 @@ INT_COLUMNS = (
     # partial sums of the finite test, sum u^2 and sum p^2; the workspace regions (fp32 offsets)
     "n_fin", "n_usq", "n_psq",
     "off_rowpart", "off_colpart", "off_newrow", "off_newcol", "off_rsum", "off_fin", "off_usq", "off_psq", "off_scal",
-    # pointer: the sums of p^2 that this tensor's last write left (``carry_psq``)
-    "carried_psq",
     # the one-read statistics (``one_read``): row groups, rows per program, its partial column sums and W, its first
     # program
     "row_groups_1", "rows_per_prog_1", "off_colpart_1", "off_wpart", "first_prog_1",
@@ -97,28 +95,24 @@ def meta_pointer(row, k, DT: tl.constexpr, ALIGN: tl.constexpr):
 
 @triton.jit
 def grouped_finish_kernel(meta_ptr, fmeta_ptr, scale_ptr, oks_ptr, eps2, clip_threshold, FIN_SCALE: tl.constexpr,
-                          HAS_USQ: tl.constexpr, HAS_PSQ: tl.constexpr, PSQ_CARRIED: tl.constexpr,
-                          BLOCK: tl.constexpr):
+                          HAS_USQ: tl.constexpr, HAS_PSQ: tl.constexpr, BLOCK: tl.constexpr):
     """One program per tensor of a group (every family): its finite flag into ``oks_ptr[t]``, its clip factor and
     step size into its workspace (``off_scal``), from the partial sums of the read passes."""
     t = tl.program_id(0).to(tl.int64)
     row, frow = meta_ptr + t * INT_W, fmeta_ptr + t * FLOAT_W
     ws = meta_pointer(row, COL.workspace, tl.float32, True)
-    if PSQ_CARRIED:  # the sums of p^2 that the previous write left (``carry_psq``)
-        psq_ptr, off_psq = meta_pointer(row, COL.carried_psq, tl.float32, True), 0
-    else:
-        psq_ptr, off_psq = ws, meta_int(row, COL.off_psq)
-    ok, clip, step = step_scalars(ws, psq_ptr, scale_ptr, meta_int(row, COL.n_fin), meta_int(row, COL.n_usq),
+    ok, clip, step = step_scalars(ws, scale_ptr, meta_int(row, COL.n_fin), meta_int(row, COL.n_usq),
                                   meta_int(row, COL.n_psq), meta_int(row, COL.off_fin), meta_int(row, COL.off_usq),
-                                  off_psq, tl.load(frow + FCOL.numel), tl.load(frow + FCOL.sqrt_numel),
-                                  tl.load(frow + FCOL.rho), eps2, clip_threshold, FIN_SCALE, HAS_USQ, HAS_PSQ, BLOCK)
+                                  meta_int(row, COL.off_psq), tl.load(frow + FCOL.numel),
+                                  tl.load(frow + FCOL.sqrt_numel), tl.load(frow + FCOL.rho), eps2, clip_threshold,
+                                  FIN_SCALE, HAS_USQ, HAS_PSQ, BLOCK)
     tl.store(oks_ptr + t, ok != 0)
     off_scal = meta_int(row, COL.off_scal)
     tl.store(ws + off_scal, clip)
     tl.store(ws + off_scal + 1, step)
 
 
-finish = Launcher(grouped_finish_kernel, "FIN_SCALE", "HAS_USQ", "HAS_PSQ", "PSQ_CARRIED", "BLOCK")
+finish = Launcher(grouped_finish_kernel, "FIN_SCALE", "HAS_USQ", "HAS_PSQ", "BLOCK")
 
 
 def int_row(**values: int) -> list[int]:
@@ -149,14 +143,13 @@ class GroupPlan:
     P_UNIT), program counts and maps per launch, per tensor the static pointers and workspace offsets, and (until
     ``make_plan`` packs them) the metadata rows."""
     __slots__ = ("fac", "layout", "idx", "prog", "fprog", "fb", "rp_block", "ws_total", "pmap", "fpmap", "statics",
-                 "moff", "foff", "ooff", "psqc", "psq_versions", "psq_owners", "nb", "bm1", "prog1", "pmap1", "counts",
-                 "rows", "frows")
+                 "moff", "foff", "ooff", "nb", "bm1", "prog1", "pmap1", "counts", "rows", "frows")
 
     def __init__(self, fac: bool, layout: tuple, idx: list[int]):
         self.fac, self.layout, self.idx = fac, layout, idx
         self.prog = self.fprog = self.fb = self.rp_block = self.ws_total = self.nb = self.bm1 = self.prog1 = 0
-        self.pmap = self.fpmap = self.pmap1 = self.psqc = self.psq_versions = None
-        self.statics, self.psq_owners, self.counts, self.rows, self.frows = [], [], [], [], []
+        self.pmap = self.fpmap = self.pmap1 = None
+        self.statics, self.counts, self.rows, self.frows = [], [], [], []
 
     def add(self, p: torch.Tensor, state_ptrs: tuple[int, int, int], n_prog: int, ws_numel: int, numel: int,
             **columns: int) -> None:

@@ -193,6 +193,6 @@ def launch_group(gp: grouped.GroupPlan, meta_t, fmeta_t, oks, run: tuple, scale,
     grouped_sum(gp.prog, (meta_t, gp.pmap),
                 (gd, align, g_unit, bm, bn, pipeline_stages(CONFIG["stages_read"], bm, bn, gdt)), CONFIG["warps_usq"],
                 run)
-    grouped.finish(len(gp.idx), (meta_t, fmeta_t, scale, oks, 0.0, 1.0), (has_scale, False, False, False, 1024), 4, run)
+    grouped.finish(len(gp.idx), (meta_t, fmeta_t, scale, oks, 0.0, 1.0), (has_scale, False, False, 1024), 4, run)
     grouped_write(gp.prog, (meta_t, fmeta_t, gp.pmap, scale, oks, cv),
                   (gd, pd, has_scale, wd != 0, clip, sr, align, g_unit, p_unit, bm, bn), CONFIG["warps_write"], run)

@@ -12,8 +12,6 @@ rho, lr, ...) in the metadata, so no call waits for the device.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from .. import _compat
@@ -22,8 +20,8 @@ from .config import CONFIG, fin_block, on_change, set_config
 from .grouped import Plan, grouped_key, make_plan, upload
 from .launch import LaunchContext, align_flags, aligned, on_tensor_device, scale_arg, shape3, strides3
 
-__all__ = ["scaled_rms_update_many_", "lomo_update_many_", "scaled_rms_update_", "lomo_update_", "take_carry_stale",
-           "CONFIG", "set_config"]
+__all__ = ["scaled_rms_update_many_", "lomo_update_many_", "scaled_rms_update_", "lomo_update_", "CONFIG",
+           "set_config"]
 
 _PLANS: dict = {}
 _MAX_PLANS = 4096  # above every model's tensor count: one-tensor calls keep a plan per tensor
@@ -159,34 +157,18 @@ def _run_scaled(plan: Plan, ps, gs, rhos, beta2s, seeds, *, eps, clip_threshold,
     b1, omb1 = (float(beta1), 1.0 - float(beta1)) if has_m else (0.0, 1.0)
     sp_flag, hw = bool(scale_parameter), weight_decay != 0
     eps1, eps2, ct, wd = float(eps[0]), float(eps[1]), float(clip_threshold), float(weight_decay)
-    store = CONFIG["carry_psq"] and sp_flag
     bufs, ws = upload(plan, ctx.stream, dev, gs, seeds, stochastic_rounding, rhos, beta2s)  # ws: read through meta
-    carried_all = tuple(gp.fac and store and gp.psq_versions is not None
-                        and gp.psq_versions == _compat.versions([ps[i] for i in gp.idx])
-                        and all(r() is ps[i] for r, i in zip(gp.psq_owners, gp.idx)) for gp in plan.groups)
-    stale = _stale_flag(dev) if any(carried_all) else None
 
     run = (ctx.stream, ctx.device, grouped_key(ctx.device, ctx.stream, scale))
-    for gp, (meta_t, fmeta_t, oks), carried in zip(plan.groups, bufs.views, carried_all):
+    for gp, (meta_t, fmeta_t, oks) in zip(plan.groups, bufs.views):
         if gp.fac:
-            factored.launch_group(gp, meta_t, fmeta_t, oks, carried, stale, run, scale, has_scale, sp_flag, hw,
-                                  has_m, stochastic_rounding, store, eps1, eps2, ct, wd, b1, omb1)
+            factored.launch_group(gp, meta_t, fmeta_t, oks, run, scale, has_scale, sp_flag, hw, has_m,
+                                  stochastic_rounding, eps1, eps2, ct, wd, b1, omb1)
         else:
             vector.launch_group(gp, meta_t, fmeta_t, oks, run, scale, has_scale, sp_flag, hw, has_m,
                                 stochastic_rounding, eps1, eps2, ct, wd, b1, omb1)
     del ws
-    updated = ps if not plan.unfit else [ps[i] for gp in plan.groups for i in gp.idx]
-    _compat.bump_versions(updated)
-    for gp in plan.groups:
-        if gp.fac:
-            if store:  # the versions the carried sums of p^2 belong to: any later in-place change bumps them
-                tensors = [ps[i] for i in gp.idx]
-                gp.psq_versions = _compat.versions(tensors)
-                # and the tensors they belong to: a plan is found by id() and data pointer, which new tensors can reuse
-                # once the old ones are freed, with version counters small enough to match
-                gp.psq_owners = [weakref.ref(t) for t in tensors]
-            else:
-                gp.psq_versions = None
+    _compat.bump_versions(ps if not plan.unfit else [ps[i] for gp in plan.groups for i in gp.idx])
     return bufs.oks_all
 
 
@@ -285,41 +267,3 @@ def lomo_update_(p, g, *, lr, weight_decay, clip_grad_value, grad_scale, stochas
     if ok_into is not None:
         ok_into.logical_and_(ok)
     return ok
-
-
-# -------------------------------------------------------------------------------- carry_psq's stale check
-# A write that used carried sums of p^2 compares them with the p it reads and sets this per-device flag when they
-# differ (p changed through ``p.data``: the version counter did not move). The optimizer takes it once per step while
-# carry_psq is on (``take_carry_stale``) and reports it without waiting.
-_STALE: dict = {}
-
-
-def _device_key(dev) -> torch.device:
-    """``dev`` with its index: the flags are keyed by a tensor's device (``cuda:0``), and ``torch.device("cuda")``
-    is not equal to it."""
-    dev = torch.device(dev)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    return dev
-
-
-def _stale_flag(dev) -> torch.Tensor:
-    dev = _device_key(dev)
-    flag = _STALE.get(dev)
-    if flag is None:
-        flag = _STALE[dev] = torch.zeros(1, dtype=torch.int32, device=dev)
-    return flag
-
-
-def take_carry_stale(dev=None):
-    """A 0-d bool device tensor: some carried sum of p^2 on ``dev`` (e.g. ``"cuda"``, ``cuda:1``) was stale since the
-    last call (then cleared); None when nothing was carried on ``dev`` yet. Without ``dev``: the list of those flags
-    of every device where something was carried."""
-    if dev is None:
-        return [take_carry_stale(d) for d in list(_STALE)]
-    flag = _STALE.get(_device_key(dev))
-    if flag is None:
-        return None
-    out = flag[0] != 0
-    flag.zero_()
-    return out

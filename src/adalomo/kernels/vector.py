@@ -187,6 +187,6 @@ def launch_group(gp: grouped.GroupPlan, meta_t, fmeta_t, oks, run: tuple, scale,
     gd, pd = TL_DTYPES[gdt], TL_DTYPES[pdt]
     grouped_stats(gp.prog, (meta_t, fmeta_t, gp.pmap, scale, eps1), (gd, pd, has_scale, sp_flag, g_unit, p_unit,
                                                                      VEC_BLOCK), 4, run)
-    grouped.finish(len(gp.idx), (meta_t, fmeta_t, scale, oks, eps2, ct), (False, True, sp_flag, False, 1024), 4, run)
+    grouped.finish(len(gp.idx), (meta_t, fmeta_t, scale, oks, eps2, ct), (False, True, sp_flag, 1024), 4, run)
     grouped_write(gp.prog, (meta_t, fmeta_t, gp.pmap, scale, oks, wd, b1, omb1),
                   (gd, pd, has_scale, sp_flag, hw, has_m, sr, g_unit, p_unit, VEC_BLOCK), 4, run)

@@ -371,7 +371,6 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
         oks, self._oks = self._oks, []
         self._clip_coef = None
         self._grad_scale_cache = None
-        self._report.check_carried_sums()
         if oks:
             self._report.account(all_finite(oks))
 

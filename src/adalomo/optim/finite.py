@@ -5,8 +5,7 @@ Every update returns a 0-d bool "the gradient was finite" (a tensor whose gradie
 At the end of a step (classic) or of a backward (fused) the flags are ANDed on the device; then, by the
 optimizer's ``nonfinite`` mode: ``"warn"`` copies the flag to pinned host memory and warns once it has arrived (a
 step or so later; at the latest in ``state_dict()``), ``"raise"`` waits and raises, ``"count"`` only counts. A
-``DynamicLossScaler`` takes the flag instead (it backs off and skips). The kernels' ``carry_psq`` check is
-reported the same way.
+``DynamicLossScaler`` takes the flag instead (it backs off and skips).
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ class FiniteReport:
         self.opt = opt
         self.skipped_updates: Tensor | None = None
         self._in_flight: list[tuple[Tensor, Any]] = []  # "warn" mode: (host flag, CUDA event or None)
-        self._stale_in_flight: list[tuple[Tensor, Any]] = []
 
     def account(self, ok_all: Tensor) -> None:
         """One step's AND of the finite flags (a 0-d bool device tensor)."""
@@ -61,25 +59,6 @@ class FiniteReport:
         return (f"{type(self.opt).__name__}: a gradient contained NaN or inf; the tensors concerned were left "
                 "unchanged that step (weights stay finite). Lower the learning rate, check the loss, or use "
                 "bf16/fp32 (fp16 needs loss_scaler=adalomo.DynamicLossScaler()).")
-
-    def check_carried_sums(self) -> None:
-        """The kernels' ``carry_psq``: report, without waiting, a step whose carried sums of p^2 did not match the
-        parameters the write read (changed through ``p.data``), and turn the setting off."""
-        from .. import kernels
-
-        for flag in kernels.take_carry_stale():
-            self._stale_in_flight.append(_host_copy(flag))
-        for flag in _arrived(self._stale_in_flight, block=False):
-            if bool(flag):
-                self._stale_in_flight.clear()
-                kernels.set_config(carry_psq=False)
-                warnings.warn(
-                    f"{type(self.opt).__name__}: with the kernel setting carry_psq, a parameter changed between two "
-                    "steps without its version counter moving (a write through p.data): that step scaled its update "
-                    "by the RMS of the weights before the change (the direction was right, the size off by the ratio "
-                    "of the two RMS). carry_psq is now off; change parameters in place under torch.no_grad() "
-                    "instead of through .data to keep it, or turn it off from the start with "
-                    "adalomo.kernels.set_config(carry_psq=False).", RuntimeWarning, stacklevel=4)
 
 
 def all_finite(oks: list[Tensor]) -> Tensor:
