@@ -113,7 +113,7 @@ def _env(cuda: bool) -> dict[str, str]:
 def test_every_page_has_its_blocks_found():
     """The extractor sees the README's blocks (a broken fence pattern would make every test below vacuous)."""
     readme = [b for b in BLOCKS if b.page == "README.md"]
-    assert sum(b.lang == "python" for b in readme) >= 4
+    assert sum(b.lang == "python" for b in readme) >= 3  # quick start, Trainer, FSDP2
     assert any(argv[:1] == ["experiment"] for b, argv in CLI if b.page == "README.md")
     for b in BLOCKS:
         if b.marker:
