@@ -15,7 +15,7 @@ spread (the machine drifts during a run: 8% between the first and last floor of 
 Rows (``--only`` picks some): ``floor``; ours, for each of ``adalomo``/``adafactor``/``lomo``: ``*_fused``
 (fused hooks, gradients bucketed into the grouped Triton kernels, default ``bucket_cap_mb``), ``*_classic``
 (``step()`` after backward, grouped kernels); variants of a fused row by suffix: ``_b{MB}`` sets
-``bucket_cap_mb`` (``_b0``: one update per tensor), ``_r{N}`` sets the kernel setting ``stages_read``
+``bucket_cap_mb`` (``_b0``: one update per tensor), ``_r{N}`` sets the kernel setting ``pipeline_depth``
 (software-pipelined read loops), ``_timed`` adds up the host time inside the fused hooks and flushes
 (``counters``), ``_three`` turns the kernel setting ``one_read`` off, e.g. ``adalomo_fused_b0_three``;
 ``adalomo_fused_torchpath`` (ADALOMO_DISABLE_TRITON=1); AdaPM (default momentum policy, rank 64, by parameter
@@ -81,7 +81,7 @@ def kernel_settings(opts: list[str]) -> dict:
         out["one_read"] = False
     for o in opts:
         if o[:1] == "r" and o[1:].isdigit():
-            out["stages_read"] = int(o[1:])
+            out["pipeline_depth"] = int(o[1:])
     return out
 
 

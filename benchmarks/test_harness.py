@@ -95,9 +95,9 @@ def test_dry_run_on_cpu_with_rounds(tmp_path):
 
 def test_row_suffixes_pick_kernel_settings():
     assert B.kernel_settings(["fused"]) == {}
-    assert B.kernel_settings(["fused", "r3"]) == {"stages_read": 3}
+    assert B.kernel_settings(["fused", "r3"]) == {"pipeline_depth": 3}
     assert B.kernel_settings(["fused", "b256", "three"]) == {"one_read": False}
-    assert B.kernel_settings(["fused", "r2", "three"]) == {"stages_read": 2, "one_read": False}
+    assert B.kernel_settings(["fused", "r2", "three"]) == {"pipeline_depth": 2, "one_read": False}
     from adalomo.kernels.config import CONFIG  # every setting a suffix names exists
     assert set(B.kernel_settings(["r2", "three"])) <= set(CONFIG)
 
@@ -195,7 +195,7 @@ def test_row_settings_end_with_its_block():
     params = list(model.parameters())
     before = dict(CONFIG)
     opt, fused, _, undo = B._optimizer("adalomo_fused_r2_three", model, params, cuda=False)
-    assert fused and CONFIG["stages_read"] == 2 and CONFIG["one_read"] is False
+    assert fused and CONFIG["pipeline_depth"] == 2 and CONFIG["one_read"] is False
     undo()
     assert CONFIG == before
     assert not B._left_hooks(params)

@@ -580,9 +580,9 @@ def check_psq_after_data_edit(device: str) -> None:
 def check_other_configs(device: str) -> None:
     """Other launch geometries (``set_config``: tile sizes, many row groups, warps) compute the same updates,
     per tensor and grouped; bad settings are refused with the known keys named."""
-    from adalomo.kernels.config import pipeline_stages
-    for bad in (dict(block_m=48), dict(max_tm=0), dict(warps_usq=64), dict(nonsense=1), dict(stages_read=0),
-                dict(stages_read=9), dict(one_read="yes"), dict(one_read_max_n=100),
+    from adalomo.kernels.config import pipeline_depth_for
+    for bad in (dict(block_m=48), dict(max_tm=0), dict(warps_usq=64), dict(nonsense=1), dict(pipeline_depth=0),
+                dict(pipeline_depth=9), dict(one_read="yes"), dict(one_read_max_n=100),
                 dict(one_read_tm=0), dict(warps_one_read=3)):
         try:
             kernels.set_config(**bad)
@@ -590,15 +590,15 @@ def check_other_configs(device: str) -> None:
             continue
         raise AssertionError(f"set_config accepted {bad}")
     # pipelined loops keep stages - 1 tiles per loaded tensor in shared memory: fewer stages for large tiles
-    assert pipeline_stages(3, 32, 128, torch.bfloat16, torch.bfloat16) == 3
-    assert pipeline_stages(8, 64, 256, torch.bfloat16, torch.bfloat16) == 2
-    assert pipeline_stages(3, 64, 256, torch.float32, torch.float32) == 1
-    assert pipeline_stages(1, 8, 8, torch.bfloat16) == 1
+    assert pipeline_depth_for(3, 32, 128, torch.bfloat16, torch.bfloat16) == 3
+    assert pipeline_depth_for(8, 64, 256, torch.bfloat16, torch.bfloat16) == 2
+    assert pipeline_depth_for(3, 64, 256, torch.float32, torch.float32) == 1
+    assert pipeline_depth_for(1, 8, 8, torch.bfloat16) == 1
     # several row tiles per program (max_tm=2) and one (max_tm=256 on these shapes)
     for cfg in (dict(block_m=16, block_n=64, max_tm=256, warps_stats=8, warps_usq=8, warps_write=4),
                 dict(block_m=64, block_n=256, max_tm=2),
                 # software-pipelined row loops (cp.async on a GPU; the same loop, unprefetched, in the interpreter)
-                dict(block_m=16, max_tm=2, stages_read=3), dict(stages_read=4),
+                dict(block_m=16, max_tm=2, pipeline_depth=3), dict(pipeline_depth=4),
                 # the statistics in three passes; one read with several row tiles per program and small tiles
                 dict(one_read=False), dict(one_read_tm=2, one_read_elems=256, warps_one_read=4)):
         prev = kernels.set_config(**cfg)
@@ -822,7 +822,7 @@ def test_public_set_config(monkeypatch):
     it returns what it changed, refuses unknown keys, and says so when there are no kernels to configure."""
     pytest.importorskip("triton")
     from adalomo.kernels.config import CONFIG
-    assert CONFIG["one_read"] and CONFIG["stages_read"] == 3  # the defaults the README's tables were run at
+    assert CONFIG["one_read"] and CONFIG["pipeline_depth"] == 3  # the defaults the README's tables were run at
     prev = kernels.set_config(one_read=False)
     try:
         assert prev == {"one_read": True} and not CONFIG["one_read"]

@@ -6,7 +6,7 @@ takes). This compiles every kernel, single-tensor and grouped, in the variants t
 the machine code (``cuobjdump -sass``, shipped with Triton) for properties that only show there:
 
 * no register spills (local-memory loads/stores) in the streaming kernels at the default launch geometry;
-* the software-pipelined variants (kernel setting ``stages_read``) really copy their tiles asynchronously
+* the software-pipelined variants (kernel setting ``pipeline_depth``) really copy their tiles asynchronously
   (LDGSTS), which is what that setting is for;
 * stochastic rounding's random bits stay cheap: at most 25 more instructions per element in the write kernels
   than the same kernels with round-to-nearest (the hash: ~12; Triton's Philox per element: ~55, which made the
@@ -48,7 +48,7 @@ def _variants(tl):
     wr = dict(HAS_SCALE=False, SCALE_PARAM=True, HAS_WD=True, HAS_M=False, P_UNIT=True)
     lw = dict(HAS_SCALE=False, HAS_WD=False, HAS_CLIP=False, P_UNIT=True)
     ws, wu, ww = C["warps_stats"], C["warps_usq"], C["warps_write"]
-    rs = dict(STAGES=C["stages_read"])
+    rs = dict(DEPTH=C["pipeline_depth"])
     g_write = dict(tile, **bf, **wr, SR=True, RP_BLOCK=64)
     out = [
         ("factored_stats", factored.factored_stats_kernel, dict(tile, HAS_SCALE=True, SUM_P=True, P_UNIT=True), ws,
@@ -71,13 +71,13 @@ def _variants(tl):
         ("grouped_vector_write", vector.grouped_vector_write_kernel,
          dict(**bf, **wr, SR=True, G_UNIT=True, BLOCK=VEC_BLOCK), 4, True),
         ("grouped_lomo_sum", lomo.grouped_lomo_sum_kernel, dict(tile, G_DT=tl.bfloat16, **rs), wu, True),
-        # the read passes' row loops software-pipelined (kernel setting stages_read > 1): their loads must become
+        # the read passes' row loops software-pipelined (kernel setting pipeline_depth > 1): their loads must become
         # asynchronous copies into shared memory (LDGSTS), else the setting changes nothing
-        ("grouped_factored_stats_stages3", factored.grouped_factored_stats_kernel,
-         dict(tile, **bf, HAS_SCALE=False, SUM_P=True, P_UNIT=True, STAGES=3), ws, True),
-        ("grouped_factored_rms_stages3", factored.grouped_factored_rms_kernel,
-         dict(tile, G_DT=tl.bfloat16, HAS_SCALE=False, RP_BLOCK=64, STAGES=3), wu, True),
-        ("grouped_lomo_sum_stages3", lomo.grouped_lomo_sum_kernel, dict(tile, G_DT=tl.bfloat16, STAGES=3), wu, True),
+        ("grouped_factored_stats_depth3", factored.grouped_factored_stats_kernel,
+         dict(tile, **bf, HAS_SCALE=False, SUM_P=True, P_UNIT=True, DEPTH=3), ws, True),
+        ("grouped_factored_rms_depth3", factored.grouped_factored_rms_kernel,
+         dict(tile, G_DT=tl.bfloat16, HAS_SCALE=False, RP_BLOCK=64, DEPTH=3), wu, True),
+        ("grouped_lomo_sum_depth3", lomo.grouped_lomo_sum_kernel, dict(tile, G_DT=tl.bfloat16, DEPTH=3), wu, True),
         # the one-read statistics (kernel setting one_read) at the row widths of LLaMA 0.94B/6.7B and the widest
         ("grouped_factored_finalize_one_read", one_read.grouped_factored_finalize_one_read_kernel,
          dict(BLOCK=128, PB=32), 4, False),
@@ -175,8 +175,8 @@ def test_kernels_compile_for_sm90():
     assert not failed, failed
     spilled = {k: v["spills"] for k, v in res.items() if not k.startswith("_") and v["streaming"] and v["spills"]}
     assert not spilled, f"register spills (local memory) in streaming kernels: {spilled}"
-    not_pipelined = [k for k, v in res.items() if k.endswith("_stages3") and not v["async_copies"]]
-    assert not not_pipelined, f"STAGES=3 left these loops unpipelined (no LDGSTS): {not_pipelined}"
+    not_pipelined = [k for k, v in res.items() if k.endswith("_depth3") and not v["async_copies"]]
+    assert not not_pipelined, f"DEPTH=3 left these loops unpipelined (no LDGSTS): {not_pipelined}"
     per_thread = res["_elements_per_thread_write"]
     for k in ("factored_write", "lomo_write", "grouped_factored_write", "grouped_lomo_write"):
         extra = (res[k]["instructions"] - res[k + "_nosr"]["instructions"]) / per_thread

@@ -91,7 +91,7 @@ def _require(t: torch.Tensor):
 
 
 def set_config(**changes) -> dict:
-    """Change kernel settings (``adalomo.kernels.config.CONFIG``: ``one_read``, ``stages_read`` and the launch
+    """Change kernel settings (``adalomo.kernels.config.CONFIG``: ``one_read``, ``pipeline_depth`` and the launch
     geometry) for the rest of the process; returns the previous values of the changed keys, so that
     ``set_config(**prev)`` restores them. ``ADALOMO_KERNEL_CONFIG='{"one_read": false}'`` (JSON) does
     the same when the kernels load. See ``docs/kernels.md``."""

@@ -2,7 +2,7 @@
 passes, and stochastic rounding's random bits.
 
 Every tensor is seen as a batch of matrices [B, M, N] through its strides, so non-contiguous gradients and
-parameters are read and written in place. Reductions are two-stage (per-program partials in an fp32 workspace,
+parameters are read and written in place. Reductions are two-level (per-program partials in an fp32 workspace,
 then a fixed-order sum), so the results are deterministic run to run.
 """
 
@@ -58,10 +58,10 @@ def load_tile(base, m0, stride_m, offs, r0, lrows, lim, cmask):
 
 
 @triton.jit
-def first_tile(base, stride_m, offs, r0, lrows, lim, cmask, STAGES: tl.constexpr = 1):
+def first_tile(base, stride_m, offs, r0, lrows, lim, cmask, DEPTH: tl.constexpr = 1):
     """What a streaming loop carries into its first iteration: row tile 0, prefetched by hand; nothing when the loop
-    is software-pipelined by Triton (STAGES > 1: the next tiles are copied into shared memory asynchronously)."""
-    if STAGES <= 1:
+    is software-pipelined by Triton (DEPTH > 1: the next tiles are copied into shared memory asynchronously)."""
+    if DEPTH <= 1:
         return load_tile(base, 0, stride_m, offs, r0, lrows, lim, cmask)
     else:
         return 0.0
@@ -69,11 +69,11 @@ def first_tile(base, stride_m, offs, r0, lrows, lim, cmask, STAGES: tl.constexpr
 
 @triton.jit
 def next_tile(nx, base, m0, stride_m, offs, r0, lrows, lim, cmask, BLOCK_M: tl.constexpr,
-              STAGES: tl.constexpr = 1):
+              DEPTH: tl.constexpr = 1):
     """Row tile ``m0`` in fp32, and what to carry on. ``nx`` holds tile m0 and tile m0 + BLOCK_M is loaded now, before
     the caller reduces the current one: two tiles in flight per program (the read passes are latency-bound with
-    one). Pipelined (STAGES > 1): tile m0 is loaded now, Triton overlaps the loads."""
-    if STAGES <= 1:
+    one). Pipelined (DEPTH > 1): tile m0 is loaded now, Triton overlaps the loads."""
+    if DEPTH <= 1:
         return nx.to(tl.float32), load_tile(base, m0 + BLOCK_M, stride_m, offs, r0, lrows, lim, cmask)
     else:
         return load_tile(base, m0, stride_m, offs, r0, lrows, lim, cmask).to(tl.float32), nx

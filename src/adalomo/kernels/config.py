@@ -23,7 +23,7 @@ CONFIG = {
     "warps_write": 8,
     # software pipelining of the read-only passes' row loops (``tl.range(num_stages=...)``): > 1 has Triton copy the
     # next tiles into shared memory asynchronously, so that the loads in flight no longer sit in registers
-    "stages_read": 3,
+    "pipeline_depth": 3,
     # grouped AdaLomo/Adafactor: the statistics, RMS(u) and sum(p^2) from ONE read of g and p (12 -> 10 bytes per bf16
     # parameter), for matrices whose rows fit one tile (next power of two of the row length <= one_read_max_n)
     "one_read": True,
@@ -39,7 +39,7 @@ _WARPS = ("warps_stats", "warps_usq", "warps_write", "warps_one_read")
 VEC_BLOCK = 1024  # elements per program of the 0-D/1-D kernels
 FIN_BLOCK = 128  # rows/columns per program of the finalize pass (more for matrices wider than 128K)
 ONE_READ_MAX_ROWS = 256  # rows per one-read program and per one-read tile, at most
-STAGE_SMEM = 96 * 1024  # shared memory a pipelined loop may take for its tiles in flight, per program
+PIPELINE_SMEM = 96 * 1024  # shared memory a pipelined loop may take for its tiles in flight, per program
 
 _ON_CHANGE: list = []  # callbacks that drop what depends on CONFIG (geometry, plans)
 
@@ -61,8 +61,8 @@ def set_config(**changes) -> dict:
             continue
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"kernel setting {k}={v!r}: expected a positive int")
-        if k == "stages_read" and v > 8:
-            raise ValueError(f"kernel setting {k}={v}: at most 8 stages")
+        if k == "pipeline_depth" and v > 8:
+            raise ValueError(f"kernel setting {k}={v}: at most 8")
         if (k in _POW2 or k in _WARPS) and v & (v - 1):
             raise ValueError(f"kernel setting {k}={v}: must be a power of two")
         if k in _WARPS and v > 32:
@@ -113,12 +113,12 @@ def workspace(geo: dict, **sizes: int) -> dict:
     return geo
 
 
-def pipeline_stages(stages: int, bm: int, bn: int, *dtypes) -> int:
-    """The stages a pipelined row loop gets: Triton keeps ``stages - 1`` tiles of every loaded tensor (of torch
+def pipeline_depth_for(depth: int, bm: int, bn: int, *dtypes) -> int:
+    """The pipeline depth a row loop gets: Triton keeps ``depth - 1`` tiles of every loaded tensor (of torch
     ``dtypes``) in shared memory, so large tiles of wide dtypes get fewer, down to 1 (not pipelined), instead of a
     launch that fails for want of shared memory."""
-    per_stage = bm * bn * sum(d.itemsize for d in dtypes)
-    return max(1, min(stages, 1 + STAGE_SMEM // per_stage))
+    per_tile = bm * bn * sum(d.itemsize for d in dtypes)
+    return max(1, min(depth, 1 + PIPELINE_SMEM // per_tile))
 
 
 if os.environ.get("ADALOMO_KERNEL_CONFIG"):

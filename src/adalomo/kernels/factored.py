@@ -33,7 +33,7 @@ from .common import (
     tile_coords,
     write_scalars,
 )
-from .config import CONFIG, cdiv, fin_block, next_pow2, on_change, pipeline_stages, tiling, workspace
+from .config import CONFIG, cdiv, fin_block, next_pow2, on_change, pipeline_depth_for, tiling, workspace
 from .grouped import COL, FCOL, meta_int, meta_pointer, this_program
 from .launch import TL_DTYPES, Launcher
 
@@ -43,7 +43,7 @@ from .launch import TL_DTYPES, Launcher
 def _stats(pid, g_ptr, p_ptr, scale_ptr, ws_ptr, B, M, N, TM, TN, rows_per_prog, sg_b, sg_m, sg_n, sp_b, sp_m, sp_n,
            off_rowpart, off_colpart, off_psq, eps1, HAS_SCALE: tl.constexpr, SUM_P: tl.constexpr,
            ALIGN: tl.constexpr, G_UNIT: tl.constexpr, P_UNIT: tl.constexpr, BLOCK_M: tl.constexpr,
-           BLOCK_N: tl.constexpr, STAGES: tl.constexpr = 1):
+           BLOCK_N: tl.constexpr, DEPTH: tl.constexpr = 1):
     N, sg_b, sg_m, sg_n = strides_known(N, sg_b, sg_m, sg_n, ALIGN, G_UNIT)
     _, sp_b, sp_m, sp_n = strides_known(N, sp_b, sp_m, sp_n, ALIGN, P_UNIT)
     off_rowpart, off_colpart = a16(off_rowpart), a16(off_colpart)
@@ -63,15 +63,15 @@ def _stats(pid, g_ptr, p_ptr, scale_ptr, ws_ptr, B, M, N, TM, TN, rows_per_prog,
     lrows = tl.arange(0, BLOCK_M)
     g_offs = lrows[:, None] * sg_m + cols[None, :] * sg_n
     p_offs = lrows[:, None] * sp_m + cols[None, :] * sp_n
-    g_nx = first_tile(g_base, sg_m, g_offs, r0, lrows, lim, cmask, STAGES)
+    g_nx = first_tile(g_base, sg_m, g_offs, r0, lrows, lim, cmask, DEPTH)
     if SUM_P:
-        p_nx = first_tile(p_base, sp_m, p_offs, r0, lrows, lim, cmask, STAGES)
-    for m0 in tl.range(0, rows_per_prog, BLOCK_M, num_stages=STAGES):
+        p_nx = first_tile(p_base, sp_m, p_offs, r0, lrows, lim, cmask, DEPTH)
+    for m0 in tl.range(0, rows_per_prog, BLOCK_M, num_stages=DEPTH):
         rmask = r0 + m0 + lrows < M
         mask = rmask[:, None] & cmask[None, :]
-        g, g_nx = next_tile(g_nx, g_base, m0, sg_m, g_offs, r0, lrows, lim, cmask, BLOCK_M, STAGES)
+        g, g_nx = next_tile(g_nx, g_base, m0, sg_m, g_offs, r0, lrows, lim, cmask, BLOCK_M, DEPTH)
         if SUM_P:
-            pv, p_nx = next_tile(p_nx, p_base, m0, sp_m, p_offs, r0, lrows, lim, cmask, BLOCK_M, STAGES)
+            pv, p_nx = next_tile(p_nx, p_base, m0, sp_m, p_offs, r0, lrows, lim, cmask, BLOCK_M, DEPTH)
         if HAS_SCALE:
             g = g * scale
         sq = tl.where(mask, g * g + eps1, 0.0)
@@ -126,7 +126,7 @@ def _row_mean(ws_ptr, off_rsum, b, n_rp, M, RP_BLOCK: tl.constexpr):
 @triton.jit
 def _rms(pid, g_ptr, scale_ptr, ws_ptr, B, M, N, TM, TN, rows_per_prog, sg_b, sg_m, sg_n, n_rp, off_newrow,
          off_newcol, off_rsum, off_usq, HAS_SCALE: tl.constexpr, ALIGN: tl.constexpr, G_UNIT: tl.constexpr,
-         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP_BLOCK: tl.constexpr, STAGES: tl.constexpr = 1):
+         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP_BLOCK: tl.constexpr, DEPTH: tl.constexpr = 1):
     """This program's partial sum of u^2 (for RMS(u))."""
     N, sg_b, sg_m, sg_n = strides_known(N, sg_b, sg_m, sg_n, ALIGN, G_UNIT)
     off_newrow, off_newcol = a16(off_newrow), a16(off_newcol)
@@ -145,9 +145,9 @@ def _rms(pid, g_ptr, scale_ptr, ws_ptr, B, M, N, TM, TN, rows_per_prog, sg_b, sg
     lrows = tl.arange(0, BLOCK_M)
     g_offs = lrows[:, None] * sg_m + cols[None, :] * sg_n
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    g_nx = first_tile(g_base, sg_m, g_offs, r0, lrows, lim, cmask, STAGES)
-    for m0 in tl.range(0, rows_per_prog, BLOCK_M, num_stages=STAGES):
-        g, g_nx = next_tile(g_nx, g_base, m0, sg_m, g_offs, r0, lrows, lim, cmask, BLOCK_M, STAGES)
+    g_nx = first_tile(g_base, sg_m, g_offs, r0, lrows, lim, cmask, DEPTH)
+    for m0 in tl.range(0, rows_per_prog, BLOCK_M, num_stages=DEPTH):
+        g, g_nx = next_tile(g_nx, g_base, m0, sg_m, g_offs, r0, lrows, lim, cmask, BLOCK_M, DEPTH)
         rmask = r0 + m0 + lrows < M
         mask = rmask[:, None] & cmask[None, :]
         if HAS_SCALE:
@@ -304,7 +304,7 @@ def meta_strides(row):
 def grouped_factored_stats_kernel(meta_ptr, pmap_ptr, scale_ptr, eps1, G_DT: tl.constexpr, P_DT: tl.constexpr,
                                   HAS_SCALE: tl.constexpr, SUM_P: tl.constexpr, ALIGN: tl.constexpr,
                                   G_UNIT: tl.constexpr, P_UNIT: tl.constexpr, BLOCK_M: tl.constexpr,
-                                  BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
+                                  BLOCK_N: tl.constexpr, DEPTH: tl.constexpr):
     pid, _, row, _ = this_program(meta_ptr, meta_ptr, pmap_ptr)
     B, M, N, TM, TN, rpp = meta_tiling(row)
     sg_b, sg_m, sg_n, sp_b, sp_m, sp_n = meta_strides(row)
@@ -312,7 +312,7 @@ def grouped_factored_stats_kernel(meta_ptr, pmap_ptr, scale_ptr, eps1, G_DT: tl.
            meta_pointer(row, COL.param, P_DT, ALIGN), scale_ptr, meta_pointer(row, COL.workspace, tl.float32, True),
            B, M, N, TM, TN, rpp, sg_b, sg_m, sg_n, sp_b, sp_m, sp_n, meta_int(row, COL.off_rowpart),
            meta_int(row, COL.off_colpart), meta_int(row, COL.off_psq), eps1, HAS_SCALE, SUM_P, ALIGN, G_UNIT, P_UNIT,
-           BLOCK_M, BLOCK_N, STAGES)
+           BLOCK_M, BLOCK_N, DEPTH)
 
 
 @triton.jit
@@ -330,14 +330,14 @@ def grouped_factored_finalize_kernel(meta_ptr, fmeta_ptr, pmap_ptr, BLOCK: tl.co
 @triton.jit
 def grouped_factored_rms_kernel(meta_ptr, pmap_ptr, scale_ptr, G_DT: tl.constexpr, HAS_SCALE: tl.constexpr,
                                 ALIGN: tl.constexpr, G_UNIT: tl.constexpr, BLOCK_M: tl.constexpr,
-                                BLOCK_N: tl.constexpr, RP_BLOCK: tl.constexpr, STAGES: tl.constexpr):
+                                BLOCK_N: tl.constexpr, RP_BLOCK: tl.constexpr, DEPTH: tl.constexpr):
     pid, _, row, _ = this_program(meta_ptr, meta_ptr, pmap_ptr)
     B, M, N, TM, TN, rpp = meta_tiling(row)
     _rms(pid - meta_int(row, COL.first_prog), meta_pointer(row, COL.grad, G_DT, ALIGN), scale_ptr,
          meta_pointer(row, COL.workspace, tl.float32, True), B, M, N, TM, TN, rpp, meta_int(row, COL.g_stride_b),
          meta_int(row, COL.g_stride_m), meta_int(row, COL.g_stride_n), meta_int(row, COL.n_row_blocks),
          meta_int(row, COL.off_newrow), meta_int(row, COL.off_newcol), meta_int(row, COL.off_rsum),
-         meta_int(row, COL.off_usq), HAS_SCALE, ALIGN, G_UNIT, BLOCK_M, BLOCK_N, RP_BLOCK, STAGES)
+         meta_int(row, COL.off_usq), HAS_SCALE, ALIGN, G_UNIT, BLOCK_M, BLOCK_N, RP_BLOCK, DEPTH)
 
 
 @triton.jit
@@ -361,10 +361,10 @@ def grouped_factored_write_kernel(meta_ptr, fmeta_ptr, pmap_ptr, scale_ptr, oks_
 
 
 grouped_stats = Launcher(grouped_factored_stats_kernel, "G_DT", "P_DT", "HAS_SCALE", "SUM_P", "ALIGN", "G_UNIT",
-                         "P_UNIT", "BLOCK_M", "BLOCK_N", "STAGES")
+                         "P_UNIT", "BLOCK_M", "BLOCK_N", "DEPTH")
 grouped_finalize = Launcher(grouped_factored_finalize_kernel, "BLOCK", "PB")
 grouped_rms = Launcher(grouped_factored_rms_kernel, "G_DT", "HAS_SCALE", "ALIGN", "G_UNIT", "BLOCK_M", "BLOCK_N",
-                       "RP_BLOCK", "STAGES")
+                       "RP_BLOCK", "DEPTH")
 grouped_write = Launcher(grouped_factored_write_kernel, "G_DT", "P_DT", "HAS_SCALE", "SCALE_PARAM", "HAS_WD", "HAS_M",
                          "SR", "ALIGN", "G_UNIT", "P_UNIT", "BLOCK_M", "BLOCK_N", "RP_BLOCK")
 
@@ -438,7 +438,7 @@ def launch_group(gp: grouped.GroupPlan, meta_t, fmeta_t, oks, run: tuple, scale,
     p (for RMS(p), ``sp_flag``) in the loop that reads g: every step sizes itself by the p it updates."""
     pdt, gdt, align, g_unit, p_unit = gp.layout
     bm, bn = CONFIG["block_m"], CONFIG["block_n"]
-    rs = pipeline_stages(CONFIG["stages_read"], bm, bn, gdt, pdt)
+    rs = pipeline_depth_for(CONFIG["pipeline_depth"], bm, bn, gdt, pdt)
     sr = bool(stochastic_rounding) and pdt == torch.bfloat16
     gd, pd = TL_DTYPES[gdt], TL_DTYPES[pdt]
     fin = (gp.fb, max(1, min(32, 4096 // gp.fb)))

@@ -19,14 +19,14 @@ from .common import (
     tile_coords,
     write_scalars,
 )
-from .config import CONFIG, on_change, pipeline_stages, tiling, workspace
+from .config import CONFIG, on_change, pipeline_depth_for, tiling, workspace
 from .grouped import COL, FCOL, meta_int, meta_pointer, this_program
 from .launch import TL_DTYPES, Launcher
 
 
 @triton.jit
 def _sum(pid, g_ptr, ws_ptr, M, N, TM, TN, rows_per_prog, sg_b, sg_m, sg_n, off_fin, ALIGN: tl.constexpr,
-         G_UNIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr = 1):
+         G_UNIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DEPTH: tl.constexpr = 1):
     N, sg_b, sg_m, sg_n = strides_known(N, sg_b, sg_m, sg_n, ALIGN, G_UNIT)
     b, i, j = tile_coords(pid, TM, TN)
     cols = j * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -37,9 +37,9 @@ def _sum(pid, g_ptr, ws_ptr, M, N, TM, TN, rows_per_prog, sg_b, sg_m, sg_n, off_
     g_offs = lrows[:, None] * sg_m + cols[None, :] * sg_n
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     lim = tl.minimum(M, r0 + rows_per_prog)
-    g_nx = first_tile(g_base, sg_m, g_offs, r0, lrows, lim, cmask, STAGES)
-    for m0 in tl.range(0, rows_per_prog, BLOCK_M, num_stages=STAGES):
-        if STAGES <= 1:  # not next_tile: adding before the next load is the order that measured faster
+    g_nx = first_tile(g_base, sg_m, g_offs, r0, lrows, lim, cmask, DEPTH)
+    for m0 in tl.range(0, rows_per_prog, BLOCK_M, num_stages=DEPTH):
+        if DEPTH <= 1:  # not next_tile: adding before the next load is the order that measured faster
             acc += g_nx.to(tl.float32)
             g_nx = load_tile(g_base, m0 + BLOCK_M, sg_m, g_offs, r0, lrows, lim, cmask)
         else:
@@ -120,13 +120,13 @@ write = Launcher(lomo_write_kernel, "HAS_SCALE", "HAS_WD", "HAS_CLIP", "SR", "AL
 # ------------------------------------------------------------------------------------- grouped kernels
 @triton.jit
 def grouped_lomo_sum_kernel(meta_ptr, pmap_ptr, G_DT: tl.constexpr, ALIGN: tl.constexpr, G_UNIT: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DEPTH: tl.constexpr):
     pid, _, row, _ = this_program(meta_ptr, meta_ptr, pmap_ptr)
     _sum(pid - meta_int(row, COL.first_prog), meta_pointer(row, COL.grad, G_DT, ALIGN),
          meta_pointer(row, COL.workspace, tl.float32, True), meta_int(row, COL.M), meta_int(row, COL.N),
          meta_int(row, COL.row_groups), meta_int(row, COL.col_tiles), meta_int(row, COL.rows_per_prog),
          meta_int(row, COL.g_stride_b), meta_int(row, COL.g_stride_m), meta_int(row, COL.g_stride_n),
-         meta_int(row, COL.off_fin), ALIGN, G_UNIT, BLOCK_M, BLOCK_N, STAGES)
+         meta_int(row, COL.off_fin), ALIGN, G_UNIT, BLOCK_M, BLOCK_N, DEPTH)
 
 
 @triton.jit
@@ -147,7 +147,7 @@ def grouped_lomo_write_kernel(meta_ptr, fmeta_ptr, pmap_ptr, scale_ptr, oks_ptr,
            P_UNIT, BLOCK_M, BLOCK_N, True)
 
 
-grouped_sum = Launcher(grouped_lomo_sum_kernel, "G_DT", "ALIGN", "G_UNIT", "BLOCK_M", "BLOCK_N", "STAGES")
+grouped_sum = Launcher(grouped_lomo_sum_kernel, "G_DT", "ALIGN", "G_UNIT", "BLOCK_M", "BLOCK_N", "DEPTH")
 grouped_write = Launcher(grouped_lomo_write_kernel, "G_DT", "P_DT", "HAS_SCALE", "HAS_WD", "HAS_CLIP", "SR", "ALIGN",
                          "G_UNIT", "P_UNIT", "BLOCK_M", "BLOCK_N")
 
@@ -191,8 +191,8 @@ def launch_group(gp: grouped.GroupPlan, meta_t, fmeta_t, oks, run: tuple, scale,
     sr = bool(stochastic_rounding) and pdt == torch.bfloat16
     gd, pd = TL_DTYPES[gdt], TL_DTYPES[pdt]
     grouped_sum(gp.prog, (meta_t, gp.pmap),
-                (gd, align, g_unit, bm, bn, pipeline_stages(CONFIG["stages_read"], bm, bn, gdt)), CONFIG["warps_usq"],
-                run)
+                (gd, align, g_unit, bm, bn, pipeline_depth_for(CONFIG["pipeline_depth"], bm, bn, gdt)),
+                CONFIG["warps_usq"], run)
     grouped.finish(len(gp.idx), (meta_t, fmeta_t, scale, oks, 0.0, 1.0), (has_scale, False, False, 1024), 4, run)
     grouped_write(gp.prog, (meta_t, fmeta_t, gp.pmap, scale, oks, cv),
                   (gd, pd, has_scale, wd != 0, clip, sr, align, g_unit, p_unit, bm, bn), CONFIG["warps_write"], run)
