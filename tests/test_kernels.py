@@ -14,7 +14,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 
 import pytest
@@ -25,6 +24,7 @@ ROOT = os.path.dirname(HERE)
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
+from kernel_cases import interpreter_results, run_cases  # noqa: E402
 from reference import RefFactored, ref_lomo  # noqa: E402
 
 from adalomo import functional as F  # noqa: E402
@@ -683,37 +683,16 @@ GPU_CASES: dict[str, Callable[[str], None]] = {
 }
 
 
-def run_cases(device: str, cases: dict[str, Callable[[str], None]]) -> dict[str, str]:
-    """Every case, each reported (a verdict and its seconds)."""
-    results = {}
-    for name, fn in cases.items():
-        t0 = time.perf_counter()
-        try:
-            fn(device)
-            results[name] = "ok"
-        except Exception as e:  # report every case, keep going
-            results[name] = f"{type(e).__name__}: {e}"[:500]
-        results[name + ":seconds"] = f"{time.perf_counter() - t0:.2f}"
-    return results
-
-
 # --------------------------------------------------------------------------------------------- tests
 @pytest.fixture(scope="module")
-def interpreter_results() -> dict[str, str]:
+def interpreter_run() -> dict[str, str]:
     pytest.importorskip("triton")
-    env = dict(os.environ, ADALOMO_TRITON_INTERPRET="1", TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "src"), os.environ.get("PYTHONPATH", "")]))
-    env.pop("ADALOMO_DISABLE_TRITON", None)
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], capture_output=True, text=True, env=env,
-                          timeout=600, cwd=ROOT)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    assert proc.returncode == 0 and lines, f"interpreter run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return json.loads(lines[-1])
+    return interpreter_results(__file__, timeout=600)
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_interpreter(interpreter_results, name):
-    assert interpreter_results[name] == "ok", interpreter_results[name]
+def test_interpreter(interpreter_run, name):
+    assert interpreter_run[name] == "ok", interpreter_run[name]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
