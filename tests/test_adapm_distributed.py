@@ -10,22 +10,20 @@ from __future__ import annotations
 import copy
 import os
 import traceback
-import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from test_distributed import (  # noqa: E402
     STEPS,
     WORLD,
-    _free_port,
     full_params,
     local,
     make_model,
     shard,
     train,
 )
+from test_distributed import spawn as distributed_spawn  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import adalomo
@@ -77,18 +75,8 @@ def reference(policy: str, second: str, fused: bool, steps: int = STEPS, two_pas
 
 
 # ----------------------------------------------------------------------------------------------- spawning
-def _entry(rank: int, world: int, port: int, scenario: str, tmp: str):
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore", message="FSDP2-wrapped module")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        SCENARIOS[scenario](rank, tmp)
-    finally:
-        dist.destroy_process_group()
-
-
 def spawn(scenario: str, tmp_path) -> None:
-    mp.spawn(_entry, args=(WORLD, _free_port(), scenario, str(tmp_path)), nprocs=WORLD, join=True)
+    distributed_spawn(scenario, tmp_path, __name__)
 
 
 #: functions of adalomo/functional.py that read a flag or a sum back on the CPU only (free there; not on accelerators)

@@ -7,6 +7,7 @@ batch. FSDP2 on gloo averages gradients correctly only from torch 2.9 on, so eve
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 import subprocess
@@ -137,18 +138,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, scenario: str, tmp: str):
+def _entry(rank: int, world: int, port: int, module: str, scenario: str, tmp: str):
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module")  # Linear on 3-D input returns a view
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        SCENARIOS[scenario](rank, tmp)
+        importlib.import_module(module).SCENARIOS[scenario](rank, tmp)
     finally:
         dist.destroy_process_group()
 
 
-def spawn(scenario: str, tmp_path) -> None:
-    mp.spawn(_entry, args=(WORLD, _free_port(), scenario, str(tmp_path)), nprocs=WORLD, join=True)
+def spawn(scenario: str, tmp_path, module: str = __name__) -> None:
+    """Run ``SCENARIOS[scenario](rank, tmp)`` of test module ``module`` on WORLD gloo processes."""
+    mp.spawn(_entry, args=(WORLD, _free_port(), module, scenario, str(tmp_path)), nprocs=WORLD, join=True)
 
 
 # ----------------------------------------------------------------------------------------------- scenarios
