@@ -69,6 +69,10 @@ def _copy_bandwidth(torch, dev, n: int) -> float:
     return 4 * n / (e0.elapsed_time(e1) / 20 / 1e3) / 1e9
 
 
+#: the device time (us per step) of each kernel of the last ``_time_steps`` on CUDA
+LAST_KERNELS: dict = {}
+
+
 def _time_steps(torch, opt, p, grads, iters: int, cuda: bool) -> tuple[float, float]:
     """(wall seconds per ``opt.step()`` from CUDA events, device seconds per step: the sum of its kernels' times from
     torch.profiler) over ``iters`` steps (gradients rotated), after 2 warm-up steps. A small tensor's step may be
@@ -94,10 +98,15 @@ def _time_steps(torch, opt, p, grads, iters: int, cuda: bool) -> tuple[float, fl
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         run(iters)
         torch.cuda.synchronize()
-    total = 0.0
+    total, per_kernel = 0.0, {}
     for e in prof.key_averages():
         us = getattr(e, "self_device_time_total", None)
-        total += us if us is not None else getattr(e, "self_cuda_time_total", 0.0)
+        us = us if us is not None else getattr(e, "self_cuda_time_total", 0.0)
+        total += us
+        if us:
+            per_kernel[e.key[:40]] = round(us / iters, 1)
+    LAST_KERNELS.clear()
+    LAST_KERNELS.update(per_kernel)
     return wall, total / iters / 1e6
 
 
@@ -140,6 +149,9 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--no-torch-path", action="store_true", help="skip the torch path's timings")
+    ap.add_argument("--dot", default="",
+                    help="comma-separated tl.dot precisions to compare on low-rank rows (ieee, tf32x3, tf32); "
+                         "default: the kernels' own")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     if args.device == "cpu":  # the interpreter (set before anything imports triton): a dry run
@@ -169,11 +181,20 @@ def main() -> None:
                 row = {"shape": name, "kind": kind, "second_moment": second, "numel": numel,
                        "bytes_per_param": bytes_per_element(kind, second), "us": round(t * 1e6, 1),
                        "wall_us": round(wall * 1e6, 1), "GB_s": round(moved / t / 1e9, 1),
-                       "of_copy_bw": round(moved / t / 1e9 / copy_gbs, 3)}
+                       "of_copy_bw": round(moved / t / 1e9 / copy_gbs, 3), "kernels": dict(LAST_KERNELS)}
                 if not args.no_torch_path:
                     _, tt = measure(shape, kind, second, dev=args.device, iters=max(2, args.iters // 4),
                                     rank=args.rank, torch_path=True)
                     row["torch_us"] = round(tt * 1e6, 1)
+                if kind == "low_rank" and args.dot:
+                    from adalomo.kernels import adapm as KA
+                    own = KA.DOT_PRECISION
+                    for prec in args.dot.split(","):
+                        KA.DOT_PRECISION = prec
+                        _, tp = measure(shape, kind, second, dev=args.device, iters=args.iters, rank=args.rank,
+                                        torch_path=False)
+                        row[f"us_{prec}"] = round(tp * 1e6, 1)
+                    KA.DOT_PRECISION = own
                 if kind == "low_rank":
                     _, tr = measure(shape, kind, second, dev=args.device, iters=max(2, args.iters // 4),
                                     rank=args.rank, torch_path=False, refresh=True)

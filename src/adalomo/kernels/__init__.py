@@ -241,7 +241,7 @@ class AdaPMChunk:
 
 
 def adapm_update_(p, g, state, chunks, **hyper):
-    """AdaPM's step on the 2-D ``p`` in Triton kernels (``kernels.adapm``); returns the 0-d bool finite flag."""
+    """AdaPM's step on the 2-D ``p`` in Triton kernels (``kernels.adapm``); its finite flags go to ``flags``."""
     _require(p)
     from . import adapm
     return adapm.adapm_update_(p, g, state, chunks, **hyper)

@@ -26,7 +26,9 @@ torch on an fp32 copy of the chunk's gradient, QR factorisations only (no host s
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -36,7 +38,7 @@ from .. import _compat
 from .. import functional as F
 from .. import momentum as Mom
 from .common import a16, and_flag, round_to_bf16, strides_known, sum_parts
-from .config import cdiv, next_pow2, tiling
+from .config import CONFIG, cdiv, next_pow2, tiling
 from .launch import LaunchContext, Launcher, on_tensor_device, seed_arg
 
 __all__ = ["adapm_update_"]
@@ -74,17 +76,17 @@ def _lift_rhs(b_ptr, cols, cmask, sb_k, sb_n, R, RP: tl.constexpr):
 
 
 @triton.jit
-def _lift(a_ptr, b, rows, rmask, sa_m, sa_k, R, RP: tl.constexpr):
-    """Rows ``rows`` of A @ B: the low-rank part of the estimate, in full fp32 (no TF32)."""
+def _lift(a_ptr, b, rows, rmask, sa_m, sa_k, R, RP: tl.constexpr, DOT: tl.constexpr):
+    """Rows ``rows`` of A @ B: the low-rank part of the estimate, at the product precision ``DOT``."""
     ks = tl.arange(0, RP)
     a = tl.load(a_ptr + rows.to(tl.int64)[:, None] * sa_m + ks[None, :] * sa_k,
                 mask=rmask[:, None] & (ks < R)[None, :], other=0.0)
-    return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b, input_precision=DOT)
 
 
-_INTS = ["per_split", "n_blocks", "M", "N", "TM", "TN", "rows_per_prog", "sg_m", "sg_n", "sp_m", "sp_n", "sm_m",
-         "sv_m", "sa_m", "sa_k", "sb_k", "sb_n", "R", "n_fin", "off_psq", "off_row", "off_col", "off_r", "off_c",
-         "off_usq", "n_usq", "n_psq", "off_out", "row0", "col0", "n_total", "seed"]
+_INTS = ["n_parts", "per_split", "n_blocks", "M", "N", "TM", "TN", "rows_per_prog", "sg_m", "sg_n", "sp_m", "sp_n",
+         "sm_m", "sv_m", "sa_m", "sa_k", "sb_k", "sb_n", "R", "n_fin", "off_psq", "off_row", "off_col", "off_r",
+         "off_c", "off_usq", "n_usq", "n_psq", "off_out", "row0", "col0", "n_total", "seed"]
 
 
 def _jit(fn):
@@ -217,7 +219,7 @@ def adapm_finish_kernel(ws_ptr, row_ptr, col_ptr, flags_ptr, n_fin, M, N, TM, TN
 def adapm_usq_kernel(g_ptr, m_ptr, a_ptr, b_ptr, scale_ptr, flags_ptr, ws_ptr, M, N, TN, rows_per_prog, sg_m, sg_n,
                      sm_m, sa_m, sa_k, sb_k, sb_n, R, off_r, off_c, off_out, beta1, bc1, sbc2,
                      HAS_SCALE: tl.constexpr, MOM: tl.constexpr, ALIGN: tl.constexpr, G_UNIT: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP: tl.constexpr, DOT: tl.constexpr):
     """Factored second moment: partial sums of u^2 (u = m_hat * r * c * sqrt(bc2)) at ws[off_out + pid]. Full
     momentum: the new m is stored here (where the momentum's finite flag holds)."""
     N, _, sg_m, sg_n = strides_known(N, 0, sg_m, sg_n, ALIGN, G_UNIT)
@@ -248,7 +250,7 @@ def adapm_usq_kernel(g_ptr, m_ptr, a_ptr, b_ptr, scale_ptr, flags_ptr, ws_ptr, M
             tl.store(m_ptrs, m, mask=and_flag(mask, okm))
             mh = tl.div_rn(m, bc1)
         else:
-            mh = g + _lift(a_ptr, b, rows, rmask, sa_m, sa_k, R, RP)
+            mh = g + _lift(a_ptr, b, rows, rmask, sa_m, sa_k, R, RP, DOT)
         r = tl.load(ws_ptr + off_r + rows, mask=rmask, other=0.0)
         u = mh * r[:, None] * c[None, :] * sbc2
         acc += tl.where(mask, u * u, 0.0)
@@ -262,7 +264,8 @@ def adapm_write_kernel(g_ptr, p_ptr, m_ptr, v_ptr, a_ptr, b_ptr, scale_ptr, flag
                        eps, sbc2, numel_f, sqrt_numel, clip_threshold, HAS_SCALE: tl.constexpr, MOM: tl.constexpr,
                        ADAM: tl.constexpr, M_STORED: tl.constexpr, HAS_WD: tl.constexpr, HAS_USQ: tl.constexpr,
                        PSQ: tl.constexpr, SR: tl.constexpr, ALIGN: tl.constexpr, G_UNIT: tl.constexpr,
-                       P_UNIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP: tl.constexpr):
+                       P_UNIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP: tl.constexpr,
+                       DOT: tl.constexpr):
     """p <- p (1 - step wd) - step clip u where the parameter's finite flag holds. ADAM: v (and full momentum's m)
     are updated here too, where the momentum's flag holds, step = lr. Factored: u = m_hat * r * c * sqrt(bc2), the
     clip factor 1/max(1, RMS(u)/d) and the relative step lr * max(1e-3, RMS(p)) from the partial sums, which every
@@ -310,7 +313,7 @@ def adapm_write_kernel(g_ptr, p_ptr, m_ptr, v_ptr, a_ptr, b_ptr, scale_ptr, flag
                 tl.store(m_ptrs, m, mask=and_flag(mask, okm))
             mh = tl.div_rn(m, bc1)
         else:
-            mh = g + _lift(a_ptr, b, rows, rmask, sa_m, sa_k, R, RP)
+            mh = g + _lift(a_ptr, b, rows, rmask, sa_m, sa_k, R, RP, DOT)
         if ADAM:
             v_ptrs = v_ptr + r64 * sv_m + cols[None, :]
             v = _lerp(g * g, tl.load(v_ptrs, mask=mask, other=0.0), beta2)
@@ -333,7 +336,7 @@ def adapm_write_kernel(g_ptr, p_ptr, m_ptr, v_ptr, a_ptr, b_ptr, scale_ptr, flag
 @_jit
 def adapm_project_kernel(g_ptr, P_ptr, scale_ptr, out_ptr, M, N, sg_m, sg_n, sa_m, sa_k, R, per_split, n_blocks,
                          HAS_SCALE: tl.constexpr, LEFT: tl.constexpr, ALIGN: tl.constexpr, G_UNIT: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP: tl.constexpr, DOT: tl.constexpr):
     """The projected gradient, reading g once in its own dtype: LEFT, P^T g (P: M x R) as partial sums over row
     splits, [split, R, N]; else g P (P: N x R) over column splits, [split, M, R]. A program takes one block of the
     output's long side and one split of the reduced side (a fixed order: deterministic)."""
@@ -359,7 +362,7 @@ def adapm_project_kernel(g_ptr, P_ptr, scale_ptr, out_ptr, M, N, sg_m, sg_n, sa_
                 g = g * scale
             pt = tl.load(P_ptr + rows[:, None] * sa_m + ks[None, :] * sa_k, mask=rmask[:, None] & kmask[None, :],
                          other=0.0)
-            acc += tl.dot(tl.trans(pt), g, input_precision="ieee")
+            acc += tl.dot(tl.trans(pt), g, input_precision=DOT)
         tl.store(out_ptr + (split * R + ks[:, None]).to(tl.int64) * N + cols[None, :], acc,
                  mask=kmask[:, None] & cmask[None, :])
     else:
@@ -376,17 +379,35 @@ def adapm_project_kernel(g_ptr, P_ptr, scale_ptr, out_ptr, M, N, sg_m, sg_n, sa_
                 g = g * scale
             pt = tl.load(P_ptr + cols[:, None] * sa_m + ks[None, :] * sa_k, mask=cmask[:, None] & kmask[None, :],
                          other=0.0)
-            acc += tl.dot(g, pt, input_precision="ieee")
+            acc += tl.dot(g, pt, input_precision=DOT)
         tl.store(out_ptr + (split * M + rows.to(tl.int64))[:, None] * R + ks[None, :], acc,
                  mask=rmask[:, None] & kmask[None, :])
 
 
+@_jit
+def adapm_momentum_kernel(parts_ptr, m_ptr, c_ptr, flags_ptr, n_parts, n_total, beta1, bc1, BLOCK: tl.constexpr):
+    """A low-rank chunk's small momentum, elementwise over its r x b (or a x r) entries: pg = the sum of the
+    projection's ``n_parts`` partial sums (fixed order), M <- lerp(pg, M, beta1) where the momentum's finite flag
+    holds, and C = M / bc1 - pg, the low-rank estimate's coefficients (m_hat = g + lift(C))."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_total
+    pg = tl.zeros([BLOCK], dtype=tl.float32)
+    for k in range(0, n_parts):
+        pg += tl.load(parts_ptr + k * n_total + offs, mask=mask, other=0.0)
+    okm = tl.load(flags_ptr).to(tl.int8)
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+    m = tl.where(okm != 0, _lerp(pg, m, beta1), m)
+    tl.store(m_ptr + offs, m, mask=mask)
+    tl.store(c_ptr + offs, tl.div_rn(m, bc1) - pg, mask=mask)
+
+
 stats = Launcher(adapm_stats_kernel, "HAS_SCALE", "FACTORED", "PSQ", "ALIGN", "G_UNIT", "P_UNIT", "BLOCK_M", "BLOCK_N")
 finish = Launcher(adapm_finish_kernel, "FACTORED", "ROW_STATE", "BLOCK")
-usq = Launcher(adapm_usq_kernel, "HAS_SCALE", "MOM", "ALIGN", "G_UNIT", "BLOCK_M", "BLOCK_N", "RP")
-project = Launcher(adapm_project_kernel, "HAS_SCALE", "LEFT", "ALIGN", "G_UNIT", "BLOCK_M", "BLOCK_N", "RP")
+momentum = Launcher(adapm_momentum_kernel, "BLOCK")
+usq = Launcher(adapm_usq_kernel, "HAS_SCALE", "MOM", "ALIGN", "G_UNIT", "BLOCK_M", "BLOCK_N", "RP", "DOT")
+project = Launcher(adapm_project_kernel, "HAS_SCALE", "LEFT", "ALIGN", "G_UNIT", "BLOCK_M", "BLOCK_N", "RP", "DOT")
 write = Launcher(adapm_write_kernel, "HAS_SCALE", "MOM", "ADAM", "M_STORED", "HAS_WD", "HAS_USQ", "PSQ", "SR", "ALIGN",
-                 "G_UNIT", "P_UNIT", "BLOCK_M", "BLOCK_N", "RP")
+                 "G_UNIT", "P_UNIT", "BLOCK_M", "BLOCK_N", "RP", "DOT")
 
 
 # ------------------------------------------------------------------------------------------------ host side
@@ -400,10 +421,14 @@ _PROJECT_PROGRAMS = 264
 _PROJECT_LEFT = (16, 64, 8)
 _PROJECT_RIGHT = (64, 32, 4)
 _LOW_RANK_TILE = (16, 64)
+_MOMENTUM_BLOCK = 1024
+#: the precision of the rank-r products (``tl.dot``'s ``input_precision``)
+DOT_PRECISION = "tf32x3"
 
 
 def _project(g: torch.Tensor, P: torch.Tensor, side: str, scale, run) -> torch.Tensor:
-    """proj(g * scale) in fp32 (``momentum.project``), reading g once in its own dtype (``adapm_project_kernel``)."""
+    """proj(g * scale) in fp32 (``momentum.project``) as partial sums [splits, *shape] to be added in order, reading g
+    once in its own dtype (``adapm_project_kernel``)."""
     M, N = g.shape
     R = P.shape[1]
     left = side == "left"
@@ -418,27 +443,32 @@ def _project(g: torch.Tensor, P: torch.Tensor, side: str, scale, run) -> torch.T
     sg = g.stride()
     project(n_blocks * splits, (g, P, scale if has_scale else g, out, M, N, sg[0], sg[1], P.stride(0), P.stride(1), R,
                                 per_split, n_blocks),
-            (has_scale, left, _aligned(N, sg[0]) and sg[1] == 1, sg[1] == 1, bm, bn, max(16, next_pow2(R))), warps,
+            (has_scale, left, _aligned(N, sg[0]) and sg[1] == 1, sg[1] == 1, bm, bn, max(16, next_pow2(R)),
+             DOT_PRECISION), warps,
             run)
-    return out[0] if splits == 1 else out.sum(0)
+    return out
 
 
-def _low_rank(gc, state, ch, beta1: float, t: float, ok, refresh: bool, fill: bool, scale, run):
-    """The small part of a low-rank chunk in torch (``momentum.momentum_estimate_``'s, without forming m_hat):
-    refresh the basis if due, update M, and return (A, B) with lift(M / bc - pg) = A @ B."""
+def _low_rank(gc, state, ch, beta1: float, t: float, flags, refresh: bool, fill: bool, scale, run):
+    """The small part of a low-rank chunk (``momentum.momentum_estimate_``'s, without forming m_hat): refresh the
+    basis if due (in torch), update M where the momentum's finite flag holds (``adapm_momentum_kernel``), and return
+    (A, B) with lift(M / bc - pg) = A @ B."""
     P, Mst = state[ch.prefix + "proj"], state[ch.prefix + "exp_avg_lr"]
     side = "left" if gc.shape[0] <= gc.shape[1] else "right"
     if refresh:  # every update_proj_gap steps: a full fp32 copy of the chunk's gradient for the factorisation
+        ok = flags[0] != 0
         g32 = F.upcast(gc, scale)
         safe = torch.where(ok, g32, torch.zeros((), dtype=g32.dtype, device=g32.device))
         P_new = ch.basis(safe, P.shape[1], side)
         Mom.refresh_basis_(P, Mst, P_new, safe, side, carry_weight=1.0 - beta1 ** (t - 1), ok=ok, fill=fill)
-        pg = Mom.project(g32, P, side)
+        parts = Mom.project(g32, P, side).unsqueeze(0)
         del g32, safe
     else:
-        pg = _project(gc, P, side, scale, run)
-    Mst.copy_(torch.where(ok, torch.lerp(pg, Mst, beta1) if beta1 != 0 else pg, Mst))
-    C = Mst / (1.0 - beta1 ** t) - pg
+        parts = _project(gc, P, side, scale, run)
+    C = torch.empty_like(Mst)
+    n = Mst.numel()
+    momentum(cdiv(n, _MOMENTUM_BLOCK), (parts, Mst, C, flags, parts.shape[0], n, beta1, 1.0 - beta1 ** t),
+             (_MOMENTUM_BLOCK,), 4, run)
     return (P, C) if side == "left" else (C, P.mT)
 
 
@@ -450,17 +480,52 @@ def _part(t: torch.Tensor, ch) -> torch.Tensor:
     return t if ch.rows == _WHOLE and ch.cols == _WHOLE else t[ch.rows, ch.cols]
 
 
+class _Layout(NamedTuple):
+    tile: tuple  # BLOCK_M, BLOCK_N, TM, TN, rows per program, programs: the matrix's stats pass
+    chunks: tuple  # per chunk: programs, column tiles, rows per program, (BLOCK_M, BLOCK_N) of its usq/write passes
+    offsets: tuple  # workspace regions (fp32): off_psq, off_row, off_col, off_usq, n_usq, off_r, off_c, its size
+
+
+def _bounds(s: slice, n: int) -> tuple[int, int]:
+    return s.start or 0, n if s.stop is None else s.stop
+
+
+@functools.lru_cache(maxsize=4096)
+def _layout(M: int, N: int, chunks: tuple, factored: bool, has_usq: bool, config: tuple) -> _Layout:
+    """The launch geometry and workspace layout of one matrix update, which depend on shapes, settings and the
+    kernel configuration (``config``: its tiling values) alone: cached, as fused mode updates the same tensors every
+    step."""
+    geo = tiling(M, N)
+    bm, bn, TM, TN, rpp = geo["BLOCK_M"], geo["BLOCK_N"], geo["TM"], geo["TN"], geo["rows_per_prog"]
+    n_prog = TM * TN
+    per_chunk = []
+    for kind, (r0, r1), (c0, c1) in chunks:
+        cg = tiling(r1 - r0, c1 - c0)
+        tile = _LOW_RANK_TILE if kind == "low_rank" else (bm, bn)
+        tn = cdiv(c1 - c0, tile[1])
+        per_chunk.append((cg["TM"] * tn, tn, cg["rows_per_prog"], tile))
+    # partial sums of g and p^2, of the row and column sums of g^2, of u^2 per chunk; then r and c
+    off_psq, off_row = n_prog, 2 * n_prog
+    off_col = off_row + (TN * M if factored else 0)
+    off_usq = off_col + (TM * N if factored else 0)
+    n_usq = sum(c[0] for c in per_chunk) if has_usq else 0
+    off_r = off_usq + n_usq
+    off_c = off_r + (M if factored else 0)
+    return _Layout((bm, bn, TM, TN, rpp, n_prog), tuple(per_chunk),
+                   (off_psq, off_row, off_col, off_usq, n_usq, off_r, off_c, off_c + (N if factored else 0)))
+
+
 def _aligned(N: int, *strides: int) -> bool:
     return N % 16 == 0 and all(x % 16 == 0 for x in strides)
 
 
 @on_tensor_device
-def adapm_update_(p, g, state, chunks: list, *, t: float, lr: float, beta1: float, beta2: float, bc2: float,
-                  eps: float, weight_decay: float, second_moment: str, clip_threshold, relative_lr: bool,
-                  refresh: bool, fill: bool, grad_scale, stochastic_rounding: bool, seed: int) -> torch.Tensor:
+def adapm_update_(p, g, state, chunks: list, *, flags: torch.Tensor, t: float, lr: float, beta1: float, beta2: float,
+                  bc2: float, eps: float, weight_decay: float, second_moment: str, clip_threshold, relative_lr: bool,
+                  refresh: bool, fill: bool, grad_scale, stochastic_rounding: bool, seed: int) -> None:
     """One AdaPM step on ``p`` (``optim.adapm.AdaPM._update``'s maths; ``state['step']`` already at ``t``): a matrix,
-    or a 0-D/1-D tensor seen as one row. Returns the 0-d bool "the gradient was finite" (when not, p and the state
-    are left as they were)."""
+    or a 0-D/1-D tensor seen as one row. ``flags`` (int32 [2], on the device) receives the finite flags
+    [gradient finite, that and the factored statistics finite]; when not, p and the state are left as they were."""
     whole = p
     if p.dim() < 2:  # one row; its full second moment (factored: exp_avg_sq) is the column state of that row
         p, g = p.view(1, -1), g.view(1, -1)
@@ -474,27 +539,14 @@ def adapm_update_(p, g, state, chunks: list, *, t: float, lr: float, beta1: floa
     scale = grad_scale if has_scale else p
     if has_scale and not isinstance(scale, torch.Tensor):
         scale = torch.full((), float(scale), dtype=torch.float32, device=dev)
-    geo = tiling(Mrows, N)
-    bm, bn, TM, TN, rpp = geo["BLOCK_M"], geo["BLOCK_N"], geo["TM"], geo["TN"], geo["rows_per_prog"]
-    n_prog = TM * TN
     psq = factored and relative_lr
     has_usq = factored and clip_threshold is not None
-    geos = []  # per chunk: its gradient, programs, column tiles, rows per program, tile
-    for ch in chunks:
-        gc = _part(g, ch)
-        cg = tiling(gc.shape[0], gc.shape[1])
-        tile = _LOW_RANK_TILE if ch.kind == "low_rank" else (bm, bn)
-        tn = cdiv(gc.shape[1], tile[1])
-        geos.append((gc, cg["TM"] * tn, tn, cg["rows_per_prog"], tile))
-    # workspace (fp32): partial sums of g and p^2, of the row and column sums of g^2, of u^2 per chunk; r and c
-    off_psq, off_row = n_prog, 2 * n_prog
-    off_col = off_row + (TN * Mrows if factored else 0)
-    off_usq = off_col + (TM * N if factored else 0)
-    n_usq = sum(n for _, n, _, _, _ in geos) if has_usq else 0
-    off_r = off_usq + n_usq
-    off_c = off_r + (Mrows if factored else 0)
-    ws = torch.empty(off_c + (N if factored else 0), dtype=torch.float32, device=dev)
-    flags = torch.empty(2, dtype=torch.int32, device=dev)
+    lay = _layout(Mrows, N, tuple((ch.kind, _bounds(ch.rows, Mrows), _bounds(ch.cols, N)) for ch in chunks), factored,
+                  has_usq, (CONFIG["block_m"], CONFIG["block_n"], CONFIG["max_tm"]))
+    bm, bn, TM, TN, rpp, n_prog = lay.tile
+    off_psq, off_row, off_col, off_usq, n_usq, off_r, off_c, ws_numel = lay.offsets
+    geos = [(_part(g, ch), *cg) for ch, cg in zip(chunks, lay.chunks)]
+    ws = torch.empty(ws_numel, dtype=torch.float32, device=dev)
     sg, sp = g.stride(), p.stride()
     align = _aligned(N, sg[0], sp[0]) and sg[1] == 1 and sp[1] == 1
     stats(n_prog, (g, p, scale, ws, Mrows, N, TN, rpp, sg[0], sg[1], sp[0], sp[1], off_psq, off_row, off_col),
@@ -507,15 +559,8 @@ def adapm_update_(p, g, state, chunks: list, *, t: float, lr: float, beta1: floa
     b1 = float(beta1)
     bc1 = 1.0 - b1 ** t
     sbc2 = math.sqrt(bc2)
-    lifts = []
-    ok = None
-    for ch, (gc, *_) in zip(chunks, geos):
-        if ch.kind != "low_rank":
-            lifts.append(None)
-            continue
-        if ok is None:
-            ok = flags[0] != 0
-        lifts.append(_low_rank(gc, state, ch, b1, t, ok, refresh, fill, scale if has_scale else None, run))
+    lifts = [_low_rank(gc, state, ch, b1, t, flags, refresh, fill, scale if has_scale else None, run)
+             if ch.kind == "low_rank" else None for ch, (gc, *_) in zip(chunks, geos)]
 
     def args_of(ch, gc, lift):
         code = _KIND_CODES[ch.kind]
@@ -537,7 +582,7 @@ def adapm_update_(p, g, state, chunks: list, *, t: float, lr: float, beta1: floa
             al = _aligned(gc.shape[1], gc.stride(0), sm) and gc.stride(1) == 1
             usq(n_c, (gc, m, a_p, b_p, scale, flags, ws, gc.shape[0], gc.shape[1], tn_c, rpp_c, gc.stride(0),
                       gc.stride(1), sm, *lift_ints, off_r + row0, off_c + col0, off_out, b1, bc1, sbc2),
-                (has_scale, code, al, gc.stride(1) == 1, cbm, cbn, RP), WARPS, run)
+                (has_scale, code, al, gc.stride(1) == 1, cbm, cbn, RP, DOT_PRECISION), WARPS, run)
             off_out += n_c
     sr = bool(stochastic_rounding) and p.dtype == torch.bfloat16
     seed_i = seed_arg(sr, seed)
@@ -555,6 +600,5 @@ def adapm_update_(p, g, state, chunks: list, *, t: float, lr: float, beta1: floa
                     bc1, float(beta2), float(bc2), float(eps), sbc2, float(numel), math.sqrt(numel),
                     float(clip_threshold or 1.0)),
               (has_scale, code, not factored, has_usq, weight_decay != 0, has_usq, psq, sr, al, gc.stride(1) == 1,
-               pc.stride(1) == 1, cbm, cbn, RP), WARPS, run)
+               pc.stride(1) == 1, cbm, cbn, RP, DOT_PRECISION), WARPS, run)
     _compat.bump_versions([whole])
-    return flags[1] != 0

@@ -427,16 +427,17 @@ class AdaPM(LowMemoryOptimizer):
 
     def _update_many(self, ps, grads, group, *, states, steps, seeds, sr, grad_scale, shards):
         beta1, lr = group["betas"][0], as_float(group["lr"])
-        oks = []
-        for p, g, state, t, seed in zip(ps, grads, states, steps, seeds):
+        # every tensor's finite flags [momentum, parameter] in one buffer: one reduction for the bucket
+        flags = torch.empty((len(ps), 2), dtype=torch.int32, device=ps[0].device)
+        for i, (p, g, state, t, seed) in enumerate(zip(ps, grads, states, steps, seeds)):
             b2, bc2 = _beta2(group, t)
-            oks.append(kernels.adapm_update_(
-                p, g, state, self._chunks(p, group, int(t)), t=t, lr=lr, beta1=beta1, beta2=b2, bc2=bc2,
-                eps=group["eps"], weight_decay=group["weight_decay"], second_moment=group["second_moment"],
+            kernels.adapm_update_(
+                p, g, state, self._chunks(p, group, int(t)), flags=flags[i], t=t, lr=lr, beta1=beta1, beta2=b2,
+                bc2=bc2, eps=group["eps"], weight_decay=group["weight_decay"], second_moment=group["second_moment"],
                 clip_threshold=group["clip_threshold"], relative_lr=group["relative_lr"],
                 refresh=(int(t) - 1) % group["update_proj_gap"] == 0, fill=group["refresh_fill"],
-                grad_scale=grad_scale, stochastic_rounding=sr, seed=seed))
-        return oks[0] if len(oks) == 1 else torch.stack(oks).all()
+                grad_scale=grad_scale, stochastic_rounding=sr, seed=seed)
+        return flags[:, 1].all()
 
     def _update(self, p, grad, group, state, grad_scale, stochastic_rounding, generator):
         state["step"] += 1
