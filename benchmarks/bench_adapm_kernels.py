@@ -16,6 +16,7 @@ shape (no meaningful times). Prints a short table last; ``--out`` writes JSON wi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -142,6 +143,34 @@ def refresh_flops(shape, rank: int, oversample: int = 8, power_iters: int = 2, i
     return 2 * (1 + 2 * power_iters) * a * b * k + 2 * a * b * k + iters * 4 * k**3 + 4 * a * b * rank
 
 
+def _variants(spec: str) -> list[tuple[str, dict]]:
+    """'name:A=1;B=(2, 3)|other:A=2' -> [(name, {A: 1, B: (2, 3)}), (other, {A: 2})]."""
+    import ast
+    out = []
+    for part in filter(None, spec.split("|")):
+        name, _, body = part.partition(":")
+        settings = {}
+        for kv in filter(None, body.split(";")):
+            k, _, v = kv.partition("=")
+            settings[k.strip()] = ast.literal_eval(v.strip())
+        out.append((name.strip(), settings))
+    return out
+
+
+@contextlib.contextmanager
+def _constants(settings: dict):
+    """Module constants of adalomo.kernels.adapm set inside the block."""
+    from adalomo.kernels import adapm as KA
+    old = {k: getattr(KA, k) for k in settings}
+    for k, v in settings.items():
+        setattr(KA, k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(KA, k, v)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -149,9 +178,11 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--no-torch-path", action="store_true", help="skip the torch path's timings")
-    ap.add_argument("--dot", default="",
-                    help="comma-separated tl.dot precisions to compare on low-rank rows (ieee, tf32x3, tf32); "
-                         "default: the kernels' own")
+    ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated momentum kinds")
+    ap.add_argument("--variants", default="",
+                    help="kernel variants to compare on low-rank rows: 'name:CONST=value;CONST=value|name2:...', each "
+                         "setting module constants of adalomo.kernels.adapm (e.g. DOT_PRECISION='tf32x3' or "
+                         "_LOW_RANK_TILE=(32,64)); their times go to us_<name> and kernels_<name>")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     if args.device == "cpu":  # the interpreter (set before anything imports triton): a dry run
@@ -174,7 +205,7 @@ def main() -> None:
     for name, shape in shapes.items():
         numel = shape[0] * shape[1]
         for second in SECONDS:
-            for kind in KINDS:
+            for kind in args.kinds.split(","):
                 wall, t = measure(shape, kind, second, dev=args.device, iters=args.iters, rank=args.rank,
                                   torch_path=False)
                 moved = bytes_per_element(kind, second) * numel
@@ -186,15 +217,17 @@ def main() -> None:
                     _, tt = measure(shape, kind, second, dev=args.device, iters=max(2, args.iters // 4),
                                     rank=args.rank, torch_path=True)
                     row["torch_us"] = round(tt * 1e6, 1)
-                if kind == "low_rank" and args.dot:
-                    from adalomo.kernels import adapm as KA
-                    own = KA.DOT_PRECISION
-                    for prec in args.dot.split(","):
-                        KA.DOT_PRECISION = prec
-                        _, tp = measure(shape, kind, second, dev=args.device, iters=args.iters, rank=args.rank,
-                                        torch_path=False)
-                        row[f"us_{prec}"] = round(tp * 1e6, 1)
-                    KA.DOT_PRECISION = own
+                if kind == "low_rank" and args.variants:
+                    for vname, settings in _variants(args.variants):
+                        try:
+                            with _constants(settings):
+                                _, tv = measure(shape, kind, second, dev=args.device, iters=args.iters,
+                                                rank=args.rank, torch_path=False)
+                        except Exception as e:  # a variant that does not compile (e.g. out of resources)
+                            row[f"error_{vname}"] = f"{type(e).__name__}: {e}"[:200]
+                            continue
+                        row[f"us_{vname}"] = round(tv * 1e6, 1)
+                        row[f"kernels_{vname}"] = dict(LAST_KERNELS)
                 if kind == "low_rank":
                     _, tr = measure(shape, kind, second, dev=args.device, iters=max(2, args.iters // 4),
                                     rank=args.rank, torch_path=False, refresh=True)

@@ -68,20 +68,46 @@ def _lerp(start, end, w):
 
 
 @triton.jit
-def _lift_rhs(b_ptr, cols, cmask, sb_k, sb_n, R, RP: tl.constexpr):
-    """The [RP, BLOCK_N] tile of B in lift = A @ B (zero beyond rank R), loaded once per program."""
-    ks = tl.arange(0, RP)
-    return tl.load(b_ptr + ks[:, None] * sb_k + cols[None, :] * sb_n, mask=(ks < R)[:, None] & cmask[None, :],
-                   other=0.0)
+def _split(x):
+    """x = hi + lo with hi exact in TF32 (the low 13 mantissa bits cleared): three TF32 products hi hi + hi lo + lo hi
+    give an fp32-accurate product on the tensor cores (the error of the dropped lo lo term is ~2^-22 relative)."""
+    hi = (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+    return hi, x - hi
 
 
 @triton.jit
-def _lift(a_ptr, b, rows, rmask, sa_m, sa_k, R, RP: tl.constexpr, DOT: tl.constexpr):
-    """Rows ``rows`` of A @ B: the low-rank part of the estimate, at the product precision ``DOT``."""
+def _dot(a, b_hi, b_lo, acc, DOT: tl.constexpr):
+    """acc + a @ b at the product precision DOT: ``split``, the three TF32 products with b already split (b is the
+    operand a program keeps: split once); else ``tl.dot``'s own ``input_precision``."""
+    if DOT == "split":
+        a_hi, a_lo = _split(a)
+        acc = tl.dot(a_lo, b_hi, acc, input_precision="tf32")
+        acc = tl.dot(a_hi, b_lo, acc, input_precision="tf32")
+        return tl.dot(a_hi, b_hi, acc, input_precision="tf32")
+    else:
+        return tl.dot(a, b_hi, acc, input_precision=DOT)
+
+
+@triton.jit
+def _lift_rhs(b_ptr, cols, cmask, sb_k, sb_n, R, RP: tl.constexpr, DOT: tl.constexpr):
+    """The [RP, BLOCK_N] tile of B in lift = A @ B (zero beyond rank R), loaded once per program: (hi, lo) parts for
+    DOT ``split``, else (B, B)."""
+    ks = tl.arange(0, RP)
+    b = tl.load(b_ptr + ks[:, None] * sb_k + cols[None, :] * sb_n, mask=(ks < R)[:, None] & cmask[None, :],
+                other=0.0)
+    if DOT == "split":
+        return _split(b)
+    else:
+        return b, b
+
+
+@triton.jit
+def _lift(a_ptr, b_hi, b_lo, rows, rmask, sa_m, sa_k, R, RP: tl.constexpr, DOT: tl.constexpr):
+    """Rows ``rows`` of A @ B: the low-rank part of the estimate, fp32-accurate."""
     ks = tl.arange(0, RP)
     a = tl.load(a_ptr + rows.to(tl.int64)[:, None] * sa_m + ks[None, :] * sa_k,
                 mask=rmask[:, None] & (ks < R)[None, :], other=0.0)
-    return tl.dot(a, b, input_precision=DOT)
+    return _dot(a, b_hi, b_lo, tl.zeros([a.shape[0], b_hi.shape[1]], dtype=tl.float32), DOT)
 
 
 _INTS = ["n_parts", "per_split", "n_blocks", "M", "N", "TM", "TN", "rows_per_prog", "sg_m", "sg_n", "sp_m", "sp_n",
@@ -232,7 +258,7 @@ def adapm_usq_kernel(g_ptr, m_ptr, a_ptr, b_ptr, scale_ptr, flags_ptr, ws_ptr, M
     okm = tl.load(flags_ptr).to(tl.int8)
     c = tl.load(ws_ptr + off_c + cols, mask=cmask, other=0.0)
     if MOM == 2:
-        b = _lift_rhs(b_ptr, cols, cmask, sb_k, sb_n, R, RP)
+        b_hi, b_lo = _lift_rhs(b_ptr, cols, cmask, sb_k, sb_n, R, RP, DOT)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for m0 in range(0, rows_per_prog, BLOCK_M):
         rows = r0 + m0 + lrows
@@ -250,7 +276,7 @@ def adapm_usq_kernel(g_ptr, m_ptr, a_ptr, b_ptr, scale_ptr, flags_ptr, ws_ptr, M
             tl.store(m_ptrs, m, mask=and_flag(mask, okm))
             mh = tl.div_rn(m, bc1)
         else:
-            mh = g + _lift(a_ptr, b, rows, rmask, sa_m, sa_k, R, RP, DOT)
+            mh = g + _lift(a_ptr, b_hi, b_lo, rows, rmask, sa_m, sa_k, R, RP, DOT)
         r = tl.load(ws_ptr + off_r + rows, mask=rmask, other=0.0)
         u = mh * r[:, None] * c[None, :] * sbc2
         acc += tl.where(mask, u * u, 0.0)
@@ -291,7 +317,7 @@ def adapm_write_kernel(g_ptr, p_ptr, m_ptr, v_ptr, a_ptr, b_ptr, scale_ptr, flag
     if not ADAM:
         c = tl.load(ws_ptr + off_c + cols, mask=cmask, other=0.0)
     if MOM == 2:
-        b = _lift_rhs(b_ptr, cols, cmask, sb_k, sb_n, R, RP)
+        b_hi, b_lo = _lift_rhs(b_ptr, cols, cmask, sb_k, sb_n, R, RP, DOT)
     for m0 in tl.range(0, rows_per_prog, BLOCK_M, num_stages=1):
         rows = r0 + m0 + lrows
         rmask = rows < M
@@ -313,7 +339,7 @@ def adapm_write_kernel(g_ptr, p_ptr, m_ptr, v_ptr, a_ptr, b_ptr, scale_ptr, flag
                 tl.store(m_ptrs, m, mask=and_flag(mask, okm))
             mh = tl.div_rn(m, bc1)
         else:
-            mh = g + _lift(a_ptr, b, rows, rmask, sa_m, sa_k, R, RP, DOT)
+            mh = g + _lift(a_ptr, b_hi, b_lo, rows, rmask, sa_m, sa_k, R, RP, DOT)
         if ADAM:
             v_ptrs = v_ptr + r64 * sv_m + cols[None, :]
             v = _lerp(g * g, tl.load(v_ptrs, mask=mask, other=0.0), beta2)
@@ -346,42 +372,67 @@ def adapm_project_kernel(g_ptr, P_ptr, scale_ptr, out_ptr, M, N, sg_m, sg_n, sa_
     split = pid // n_blocks
     ks = tl.arange(0, RP)
     kmask = ks < R
-    if HAS_SCALE:
-        scale = tl.load(scale_ptr).to(tl.float32)
+    lo = split * per_split
     if LEFT:
         cols = blk * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < N
         acc = tl.zeros([RP, BLOCK_N], dtype=tl.float32)
-        lo = split * per_split
         for m0 in range(0, per_split, BLOCK_M):
             rows = lo + m0 + tl.arange(0, BLOCK_M)
             rmask = rows < M
             g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * sg_m + cols[None, :] * sg_n,
-                        mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-            if HAS_SCALE:
-                g = g * scale
+                        mask=rmask[:, None] & cmask[None, :], other=0.0)
             pt = tl.load(P_ptr + rows[:, None] * sa_m + ks[None, :] * sa_k, mask=rmask[:, None] & kmask[None, :],
                          other=0.0)
-            acc += tl.dot(tl.trans(pt), g, input_precision=DOT)
-        tl.store(out_ptr + (split * R + ks[:, None]).to(tl.int64) * N + cols[None, :], acc,
-                 mask=kmask[:, None] & cmask[None, :])
+            acc = _project_step(tl.trans(pt), g, acc, True, DOT)
     else:
         rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < M
         acc = tl.zeros([BLOCK_M, RP], dtype=tl.float32)
-        lo = split * per_split
         for n0 in range(0, per_split, BLOCK_N):
             cols = lo + n0 + tl.arange(0, BLOCK_N)
             cmask = cols < N
             g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * sg_m + cols[None, :] * sg_n,
-                        mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-            if HAS_SCALE:
-                g = g * scale
+                        mask=rmask[:, None] & cmask[None, :], other=0.0)
             pt = tl.load(P_ptr + cols[:, None] * sa_m + ks[None, :] * sa_k, mask=cmask[:, None] & kmask[None, :],
                          other=0.0)
-            acc += tl.dot(g, pt, input_precision=DOT)
+            acc = _project_step(g, pt, acc, False, DOT)
+    if HAS_SCALE:  # the product is linear in g: scaled once at the end
+        acc = acc * tl.load(scale_ptr).to(tl.float32)
+    if LEFT:
+        tl.store(out_ptr + (split * R + ks[:, None]).to(tl.int64) * N + cols[None, :], acc,
+                 mask=kmask[:, None] & cmask[None, :])
+    else:
         tl.store(out_ptr + (split * M + rows.to(tl.int64))[:, None] * R + ks[None, :], acc,
                  mask=rmask[:, None] & kmask[None, :])
+
+
+@triton.jit
+def _project_step(x, y, acc, P_FIRST: tl.constexpr, DOT: tl.constexpr):
+    """acc + x @ y, one of them a tile of g in its own dtype and the other of the fp32 basis P (``P_FIRST``: x). A
+    16-bit g is exact in TF32, so with DOT ``split`` only P is split: two TF32 products (three for an fp32 g)."""
+    if DOT == "split":
+        if P_FIRST:
+            p_hi, p_lo = _split(x)
+            if y.dtype == tl.float32:
+                g_hi, g_lo = _split(y)
+                acc = tl.dot(p_hi, g_lo, acc, input_precision="tf32")
+            else:
+                g_hi = y.to(tl.float32)
+            acc = tl.dot(p_lo, g_hi, acc, input_precision="tf32")
+            acc = tl.dot(p_hi, g_hi, acc, input_precision="tf32")
+        else:
+            p_hi, p_lo = _split(y)
+            if x.dtype == tl.float32:
+                g_hi, g_lo = _split(x)
+                acc = tl.dot(g_lo, p_hi, acc, input_precision="tf32")
+            else:
+                g_hi = x.to(tl.float32)
+            acc = tl.dot(g_hi, p_lo, acc, input_precision="tf32")
+            acc = tl.dot(g_hi, p_hi, acc, input_precision="tf32")
+    else:
+        acc = tl.dot(x.to(tl.float32), y.to(tl.float32), acc, input_precision=DOT)
+    return acc
 
 
 @_jit
@@ -421,9 +472,11 @@ _PROJECT_PROGRAMS = 264
 _PROJECT_LEFT = (16, 64, 8)
 _PROJECT_RIGHT = (64, 32, 4)
 _LOW_RANK_TILE = (16, 64)
+_LOW_RANK_WARPS = 8
 _MOMENTUM_BLOCK = 1024
-#: the precision of the rank-r products (``tl.dot``'s ``input_precision``)
-DOT_PRECISION = "tf32x3"
+#: how the rank-r products run: "split" (three TF32 products of split operands, ``_dot``), or a ``tl.dot``
+#: ``input_precision`` ("tf32x3", "ieee")
+DOT_PRECISION = "split"
 
 
 def _project(g: torch.Tensor, P: torch.Tensor, side: str, scale, run) -> torch.Tensor:
@@ -582,7 +635,8 @@ def adapm_update_(p, g, state, chunks: list, *, flags: torch.Tensor, t: float, l
             al = _aligned(gc.shape[1], gc.stride(0), sm) and gc.stride(1) == 1
             usq(n_c, (gc, m, a_p, b_p, scale, flags, ws, gc.shape[0], gc.shape[1], tn_c, rpp_c, gc.stride(0),
                       gc.stride(1), sm, *lift_ints, off_r + row0, off_c + col0, off_out, b1, bc1, sbc2),
-                (has_scale, code, al, gc.stride(1) == 1, cbm, cbn, RP, DOT_PRECISION), WARPS, run)
+                (has_scale, code, al, gc.stride(1) == 1, cbm, cbn, RP, DOT_PRECISION),
+                _LOW_RANK_WARPS if code == LOW_RANK else WARPS, run)
             off_out += n_c
     sr = bool(stochastic_rounding) and p.dtype == torch.bfloat16
     seed_i = seed_arg(sr, seed)
@@ -600,5 +654,5 @@ def adapm_update_(p, g, state, chunks: list, *, flags: torch.Tensor, t: float, l
                     bc1, float(beta2), float(bc2), float(eps), sbc2, float(numel), math.sqrt(numel),
                     float(clip_threshold or 1.0)),
               (has_scale, code, not factored, has_usq, weight_decay != 0, has_usq, psq, sr, al, gc.stride(1) == 1,
-               pc.stride(1) == 1, cbm, cbn, RP, DOT_PRECISION), WARPS, run)
+               pc.stride(1) == 1, cbm, cbn, RP, DOT_PRECISION), _LOW_RANK_WARPS if code == LOW_RANK else WARPS, run)
     _compat.bump_versions([whole])
