@@ -363,7 +363,7 @@ def _sm90_variants(tl):
     tile = dict(ALIGN=True, G_UNIT=True, BLOCK_M=C["block_m"], BLOCK_N=C["block_n"])
     out = [("adapm_stats", K.adapm_stats_kernel, dict(tile, HAS_SCALE=True, FACTORED=True, PSQ=True, P_UNIT=True),
             K.WARPS, True),
-           ("adapm_finish", K.adapm_finish_kernel, dict(FACTORED=True, BLOCK=512), 8, False)]
+           ("adapm_finish", K.adapm_finish_kernel, dict(FACTORED=True, BLOCK=K._FINISH[0]), K._FINISH[1], False)]
     for left in (True, False):
         bm, bn, warps = K._PROJECT_LEFT if left else K._PROJECT_RIGHT
         out.append((f"adapm_project_{'left' if left else 'right'}", K.adapm_project_kernel,

@@ -473,6 +473,8 @@ _PROJECT_LEFT = (16, 64, 8)
 _PROJECT_RIGHT = (64, 32, 4)
 _LOW_RANK_TILE = (16, 64)
 _LOW_RANK_WARPS = 8
+#: (BLOCK, warps) of the one-program finish pass: its loops over rows and columns wait on their loads in turn
+_FINISH = (512, 8)
 _MOMENTUM_BLOCK = 1024
 #: how the rank-r products run: "split" (three TF32 products of split operands, ``_dot``), or a ``tl.dot``
 #: ``input_precision`` ("tf32x3", "ieee")
@@ -608,7 +610,7 @@ def adapm_update_(p, g, state, chunks: list, *, flags: torch.Tensor, t: float, l
     row_st = state["exp_avg_sq_row"] if row_state else ws
     col_st = (state["exp_avg_sq_col"] if row_state else state["exp_avg_sq"]) if factored else ws
     finish(1, (ws, row_st, col_st, flags, n_prog, Mrows, N, TM, TN, off_row, off_col, off_r, off_c, float(beta2),
-               float(eps) ** 2), (factored, row_state, 512), 8, run)
+               float(eps) ** 2), (factored, row_state, _FINISH[0]), _FINISH[1], run)
     b1 = float(beta1)
     bc1 = 1.0 - b1 ** t
     sbc2 = math.sqrt(bc2)
