@@ -559,8 +559,44 @@ def _scenario_four_ranks(rank: int, tmp: str):
             assert len(reduces) == per_step * STEPS, (name, fused, torch_path, len(reduces) / STEPS)
         assert model.l1.weight.to_local().shape[0] == (1 if rank == 3 else 2)
         assert model.w3.to_local().shape[0] == (0 if rank == 3 else 1)
+        _sharded_kernel_clipping(rank, reduces)
     finally:
         dist.all_reduce = orig_reduce
+
+
+def _sharded_kernel_clipping(rank: int, reduces: list):
+    """The sharded kernel called directly, with a loss scale and clipping at RMS(u) = 0.1 (sum u^2 decides every
+    update), against the single-process torch update of the full tensors over 3 steps."""
+    from adalomo import functional as F
+    from adalomo.distributed import ShardInfo
+    from adalomo.kernels import sharded
+
+    world = dist.get_world_size()
+    shapes = ((7, 5), (3, 4, 6), (9,), (2, 3))  # rows over 4 ranks: 2 2 2 1; 1 1 1 0; 3 3 3 0; 1 1 0 0
+    g = torch.Generator().manual_seed(7)
+    full_p = [torch.randn(sh, generator=g) for sh in shapes]
+    full_st = [{**F.init_factored_state(p), "exp_avg": torch.zeros_like(p)} for p in full_p]
+    rows = [torch.arange(sh[0]).chunk(world) for sh in shapes]
+    mine = [slice(int(r[rank][0]), int(r[rank][-1]) + 1) if rank < len(r) else slice(sh[0], sh[0])
+            for r, sh in zip(rows, shapes)]
+    ps = [p[sl].clone() for p, sl in zip(full_p, mine)]
+    sts = [{k: (v[sl] if k == "exp_avg" or len(sh) != 2 or k == "exp_avg_sq_row" else v).clone()
+            for k, v in st.items()} for st, sl, sh in zip(full_st, mine, shapes)]
+    infos = [ShardInfo(dist.group.WORLD, torch.Size(sh), sl.start, sl.stop - sl.start) for sh, sl in zip(shapes, mine)]
+    hyper = dict(eps=(1e-30, 1e-3), clip_threshold=0.1, weight_decay=0.1, scale_parameter=True, beta1=0.9)
+    scale = torch.tensor(0.5)
+    for step in range(1, 4):
+        beta2 = F.beta2_at(step, -0.8)
+        full_g = [torch.randn(sh, generator=g) * 4 for sh in shapes]
+        for p, gr, st in zip(full_p, full_g, full_st):
+            assert bool(F.scaled_rms_update_(p, gr, st, rho=0.1, beta2=beta2, grad_scale=scale, **hyper))
+        reduces.clear()
+        ok = sharded.scaled_rms_update_sharded_(ps, [gr[sl].clone() for gr, sl in zip(full_g, mine)], sts, infos,
+                                                rhos=[0.1] * 4, beta2s=[beta2] * 4, grad_scale=scale,
+                                                stochastic_rounding=False, seeds=[0] * 4, **hyper)
+        assert bool(ok) and len(reduces) == 1
+        for p, ref, sl, sh in zip(ps, full_p, mine, shapes):
+            torch.testing.assert_close(p, ref[sl], rtol=1e-5, atol=1e-6, msg=lambda m, sh=sh, t=step: f"{sh} {t}: {m}")
 
 
 SCENARIOS = {"fsdp_exact": _scenario_fsdp_exact, "dcp": _scenario_dcp, "dp": _scenario_dp,
@@ -586,7 +622,8 @@ def test_fsdp2_sharded_kernels_match_single_process(tmp_path):
 def test_fsdp2_on_4_ranks_short_and_empty_shards(tmp_path):
     """4 processes: the sharded kernels (AdaLomo fused, Adafactor with beta1 classic) and the sharded torch maths
     equal the single-process run over 10 steps, with shards of 2, 2, 2, 1 rows and empty ones; one all-reduce per
-    bucket (the kernels) or per tensor (the torch maths)."""
+    bucket (the kernels) or per tensor (the torch maths). The sharded kernel with a loss scale and every update
+    clipped by RMS(u) equals the single-process update."""
     pytest.importorskip("triton")
     spawn("four_ranks", tmp_path, world=4)
 
