@@ -33,7 +33,7 @@ mask, a copy).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -286,25 +286,12 @@ def precondition(g: Tensor, factors: tuple[Tensor, ...], rows: slice = slice(Non
     return u.mul_(factors[1]) if len(factors) == 2 else u
 
 
-def factored_sum_of_squares(weights: Tensor, state: dict[str, Tensor]) -> Tensor:
+def factored_sum_of_squares(weights: Tensor, col: Tensor, row_mean: Tensor) -> Tensor:
     """sum(u^2) for u = g r c, r_i = (row_i / mean(row))^-1/2 and c_j = col_j^-1/2 (``preconditioner`` of the
-    averaged ``state``), from the column weights w_j = sum_i g_ij^2 / row_i of ``factored_statistics``:
-    sum_ij g_ij^2 mean(row) / (row_i col_j) = mean(row) sum_j w_j / col_j. Reads no full-size tensor."""
-    row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-    return (row.mean(-1) * (weights / col).sum(-1)).sum()
-
-
-def blocked_sum_of_squares(g: Tensor, factors: tuple[Tensor, Tensor], grad_scale: Tensor | float | None) -> Tensor:
-    """sum(u^2) for u = g * r * c (``factors`` = (r, c) of ``preconditioner``) without u, per row block:
-    sum_ij g_ij^2 r_i^2 c_j^2 = sum_i r_i^2 (g^2 c^2)_i, one matrix-vector product over each block's g^2 (the
-    sharded path, whose row statistics are averaged after the all-reduce)."""
-    r, c = factors
-    c2 = c.square().transpose(-1, -2)
-    total = 0.0
-    for b in row_blocks(g):
-        row_dots = torch.matmul(square(g[b], grad_scale), c2).squeeze(-1)
-        total = total + torch.dot(row_dots.reshape(-1), r[b].square().reshape(-1))
-    return total
+    averaged statistics), from the column weights w_j = sum_i g_ij^2 / row_i of ``factored_statistics`` and
+    ``row_mean`` = mean(row) over the last dim: sum_ij g_ij^2 mean(row) / (row_i col_j) = mean(row) sum_j w_j / col_j.
+    Reads no full-size tensor. The weights sum over rows, so those of a sharded tensor's shards add up."""
+    return (row_mean * (weights / col).sum(-1)).sum()
 
 
 def clip_by_rms(sum_sq: Tensor | float, numel: int, threshold: float) -> Tensor | float:
@@ -364,25 +351,21 @@ def clip_and_apply_(p: Tensor, g: Tensor, state: dict[str, Tensor], factors: tup
                     step_size: Tensor | float, *, numel: int, clip_threshold: float,
                     weight_decay: float, beta1: float | None, grad_scale: Tensor | float | None,
                     stochastic_rounding: bool, generator: torch.Generator | None,
-                    reduce_sum_sq: Callable[[Tensor], Tensor] | None = None, sum_sq: Tensor | None = None) -> None:
+                    sum_sq: Tensor | None = None) -> None:
     """u = precondition(g); clip by RMS(u) (over ``numel`` elements: the whole tensor, all shards);
     optional first moment; apply.
 
-    Factored tensors never materialise u: sum(u^2) comes from g^2 (given as ``sum_sq`` when the caller has
-    g^2, see ``factored_sum_of_squares``, else from g^2 recomputed per row block), and the update is
-    p += (g r) * (c * coef), one row-scaled temporary per block. ``reduce_sum_sq`` sums sum(u^2) over the
-    shards of a sharded tensor (``adalomo.distributed.functional``).
+    ``sum_sq``: sum(u^2) (over all shards of a sharded tensor); needed for factored tensors, which never
+    materialise u (``factored_sum_of_squares`` gives it from g^2), computed from u otherwise. The factored
+    update is p += (g r) * (c * coef), one row-scaled temporary per block.
     """
     factored = len(factors) == 2
     blocks = list(row_blocks(g))
     u = None
     if not factored:
         u = precondition(g, factors, grad_scale=grad_scale)
-        sum_sq = sum_of_squares(u)
-    elif sum_sq is None:
-        sum_sq = blocked_sum_of_squares(g, factors, grad_scale)
-    if reduce_sum_sq is not None:
-        sum_sq = reduce_sum_sq(sum_sq)
+        if sum_sq is None:
+            sum_sq = sum_of_squares(u)
     clip = clip_by_rms(on_host(sum_sq), numel, clip_threshold)
     for b in blocks:
         whole = b == slice(None)
@@ -415,7 +398,8 @@ def scaled_rms_update_(p: Tensor, g: Tensor, state: dict[str, Tensor], *, rho: f
     if p.device.type == "cpu" and not bool(ok):
         return ok
     factors = preconditioner(state)
-    sum_sq = None if weights is None else factored_sum_of_squares(weights, state)
+    sum_sq = None if weights is None else factored_sum_of_squares(weights, state["exp_avg_sq_col"],
+                                                                  state["exp_avg_sq_row"].mean(-1))
     step_size = step_size_of(p, rho, eps[1], scale_parameter)
     clip_and_apply_(p, g, state, factors, ok, step_size, numel=g.numel(), clip_threshold=clip_threshold,
                     weight_decay=weight_decay, beta1=beta1, grad_scale=grad_scale,

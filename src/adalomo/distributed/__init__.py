@@ -3,7 +3,7 @@
 * **FSDP2** (``torch.distributed.fsdp.fully_shard``): parameters are ``DTensor``s sharded on dim 0. Fused
   and classic modes both work; each update equals the single-process update of the full tensor (row
   statistics local, column sums, mean(row), RMS(u), RMS(p) and the finite flag all-reduced over the shard
-  group: two batched all-reduces per tensor, no host synchronisation). Optimizer state is stored as
+  group: one batched all-reduce per tensor, no host synchronisation). Optimizer state is stored as
   DTensors, so ``torch.distributed.checkpoint`` saves and reshards it.
 * **HSDP** (``fully_shard(model, mesh=hsdp_mesh(N, 1))``): data parallelism with full replicas for fused
   mode; the hooks fire after the gradient all-reduce and statistics are reduced over the shard dim only.

@@ -203,8 +203,8 @@ def scaled_rms_update_many_(ps, gs, states, *, rhos, beta2s, eps, clip_threshold
 
     ``shards``: the tensors are FSDP2 ``DTensor`` parameters, gradients and states, sharded on dim 0, with
     these :class:`~adalomo.distributed.ShardInfo` (one process group; 1-D and 2-D tensors; check
-    ``sharded_fits``): each rank updates its rows, and the statistics that span ranks are summed in two
-    all-reduces for the whole list. A ``None`` entry: the local tensor is the whole tensor (no collective).
+    ``sharded_fits``): each rank updates its rows, and the statistics that span ranks are summed in one
+    all-reduce for the whole list. A ``None`` entry: the local tensor is the whole tensor (no collective).
     """
     if shards is not None:
         return _by_shard("scaled_rms_update", ps, gs, states, shards, dict(rhos=rhos, beta2s=beta2s, seeds=seeds),

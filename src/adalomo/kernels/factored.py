@@ -7,7 +7,9 @@ kernels per shard, see ``sharded``):
 1. statistics   read g and p: partial row/column sums of g^2 + eps1, partial sums of p^2. Matrices whose rows fit
                 one tile take ``one_read``'s pass instead, which also yields what RMS(u) needs.
 2. finalize     row/column EMAs into the workspace, partial sums of mean(row) and of the finite test
-3. RMS(u)       read g: partial sums of u^2, u = g * rsqrt(row/mean(row)) * rsqrt(col)
+3. RMS(u)       read g: partial sums of u^2, u = g * rsqrt(row/mean(row)) * rsqrt(col). A 2-D FSDP2 shard takes the
+                column weights' pass instead (sum_i g_ij^2 / row_i over its rows, before the all-reduce; its rows'
+                finalize comes first, its columns' after)
 4. finish       per tensor: finite flag, clip = 1/max(1, RMS(u)/d), step = rho*max(eps2, RMS(p)), in a fixed order
 5. write        read g and p, write p (stochastic rounding for bf16); row/column state (and exp_avg) committed only
                 when the flag is set
@@ -126,16 +128,21 @@ def _row_mean(ws_ptr, off_rsum, b, n_rp, M, RP_BLOCK: tl.constexpr):
 @triton.jit
 def _rms(pid, g_ptr, scale_ptr, ws_ptr, B, M, N, TM, TN, rows_per_prog, sg_b, sg_m, sg_n, n_rp, off_newrow,
          off_newcol, off_rsum, off_usq, HAS_SCALE: tl.constexpr, ALIGN: tl.constexpr, G_UNIT: tl.constexpr,
-         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP_BLOCK: tl.constexpr, DEPTH: tl.constexpr = 1):
-    """This program's partial sum of u^2 (for RMS(u))."""
+         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP_BLOCK: tl.constexpr, DEPTH: tl.constexpr = 1,
+         WEIGHTS: tl.constexpr = False):
+    """This program's partial sum of u^2 (for RMS(u)). WEIGHTS: its partial column weights W_j = sum_i g_ij^2 / r_i
+    instead (r: the new row statistics; one partial row per row group at ``off_usq``), from which
+    sum u^2 = mean(r) * sum_j W_j / c_j once the column statistics c are known: an FSDP2 shard forms them before the
+    all-reduce that yields c."""
     N, sg_b, sg_m, sg_n = strides_known(N, sg_b, sg_m, sg_n, ALIGN, G_UNIT)
     off_newrow, off_newcol = a16(off_newrow), a16(off_newcol)
     b, i, j = tile_coords(pid, TM, TN)
     b64 = b.to(tl.int64)
-    row_mean = _row_mean(ws_ptr, off_rsum, b, n_rp, M, RP_BLOCK)
     cols = j * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < N
-    c = tl.rsqrt(tl.load(ws_ptr + off_newcol + b64 * N + cols, mask=cmask, other=1.0))
+    if not WEIGHTS:
+        row_mean = _row_mean(ws_ptr, off_rsum, b, n_rp, M, RP_BLOCK)
+        c = tl.rsqrt(tl.load(ws_ptr + off_newcol + b64 * N + cols, mask=cmask, other=1.0))
     if HAS_SCALE:
         scale = tl.load(scale_ptr).to(tl.float32)
     r0 = i * rows_per_prog
@@ -152,10 +159,18 @@ def _rms(pid, g_ptr, scale_ptr, ws_ptr, B, M, N, TM, TN, rows_per_prog, sg_b, sg
         mask = rmask[:, None] & cmask[None, :]
         if HAS_SCALE:
             g = g * scale
-        r = tl.rsqrt(tl.load(newrow + m0 + lrows, mask=rmask, other=1.0) / row_mean)
-        u = g * r[:, None] * c[None, :]
-        acc += tl.where(mask, u * u, 0.0)
-    tl.store(ws_ptr + off_usq + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
+        new_row = tl.load(newrow + m0 + lrows, mask=rmask, other=1.0)
+        if WEIGHTS:
+            acc += tl.where(mask, g * g * (1.0 / new_row)[:, None], 0.0)
+        else:
+            r = tl.rsqrt(new_row / row_mean)
+            u = g * r[:, None] * c[None, :]
+            acc += tl.where(mask, u * u, 0.0)
+    if WEIGHTS:
+        tl.store(ws_ptr + a16(off_usq) + (i * B + b).to(tl.int64) * a16(N + 15) + cols, tl.sum(acc, axis=0),
+                 mask=cmask)
+    else:
+        tl.store(ws_ptr + off_usq + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
 
 
 @triton.jit
@@ -256,9 +271,10 @@ def factored_finalize_kernel(row_ptr, col_ptr, ws_ptr, B, M, N, TM, TN, n_rp, n_
 @triton.jit(do_not_specialize=_RMS_INTS)
 def factored_rms_kernel(g_ptr, scale_ptr, ws_ptr, B, M, N, TM, TN, rows_per_prog, sg_b, sg_m, sg_n, n_rp, off_newrow,
                         off_newcol, off_rsum, off_usq, HAS_SCALE: tl.constexpr, ALIGN: tl.constexpr,
-                        G_UNIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP_BLOCK: tl.constexpr):
+                        G_UNIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP_BLOCK: tl.constexpr,
+                        WEIGHTS: tl.constexpr):
     _rms(tl.program_id(0), g_ptr, scale_ptr, ws_ptr, B, M, N, TM, TN, rows_per_prog, sg_b, sg_m, sg_n, n_rp, off_newrow,
-         off_newcol, off_rsum, off_usq, HAS_SCALE, ALIGN, G_UNIT, BLOCK_M, BLOCK_N, RP_BLOCK)
+         off_newcol, off_rsum, off_usq, HAS_SCALE, ALIGN, G_UNIT, BLOCK_M, BLOCK_N, RP_BLOCK, 1, WEIGHTS)
 
 
 @triton.jit(do_not_specialize=_WRITE_INTS)
@@ -280,7 +296,7 @@ def factored_write_kernel(g_ptr, p_ptr, scale_ptr, ws_ptr, row_ptr, col_ptr, m_p
 
 stats = Launcher(factored_stats_kernel, "HAS_SCALE", "SUM_P", "ALIGN", "G_UNIT", "P_UNIT", "BLOCK_M", "BLOCK_N")
 finalize = Launcher(factored_finalize_kernel, "BLOCK", "PB")
-rms = Launcher(factored_rms_kernel, "HAS_SCALE", "ALIGN", "G_UNIT", "BLOCK_M", "BLOCK_N", "RP_BLOCK")
+rms = Launcher(factored_rms_kernel, "HAS_SCALE", "ALIGN", "G_UNIT", "BLOCK_M", "BLOCK_N", "RP_BLOCK", "WEIGHTS")
 write = Launcher(factored_write_kernel, "HAS_SCALE", "SCALE_PARAM", "HAS_WD", "HAS_M", "SR", "ALIGN", "G_UNIT",
                  "P_UNIT", "BLOCK_M", "BLOCK_N", "RP_BLOCK")
 

@@ -500,7 +500,7 @@ class AdaPM(LowMemoryOptimizer):
         relative = factored and group["relative_lr"]
         extra = [(~torch.isfinite(g.sum())).float(), *projected, *([F.sum_of_squares(p)] if relative else [])]
         if factored:
-            ok_v, row_mean, extra = DF.second_moment_(state, g, beta2=beta2, eps1=group["eps"] ** 2, grad_scale=None,
+            ok_v, row_mean, _, extra = DF.second_moment_(state, g, beta2=beta2, eps1=group["eps"] ** 2, grad_scale=None,
                                                       shard=shard, extra=extra)
         else:
             extra = shard.all_reduce_sum_(extra)

@@ -101,7 +101,7 @@ class LowMemoryOptimizer(torch.optim.Optimizer):
 
     #: the subclass has grouped kernels (``_update_many``)
     _has_many = False
-    #: ``_update_many`` takes FSDP2 shards (``shards=``): two all-reduces per call (AdaLomo, Adafactor, Lomo)
+    #: ``_update_many`` takes FSDP2 shards (``shards=``): one all-reduce per call (AdaLomo, Adafactor, Lomo)
     _sharded_many = False
     #: FSDP2 (DTensor) parameters: False gives a clear error at construction
     _supports_sharding = True

@@ -49,7 +49,7 @@ def update(opt: LowMemoryOptimizer, gi: int, items: list[tuple[Tensor, Tensor]])
             grouped.setdefault(None if layout is None else layout.group, []).append((p, g))
         else:
             single.append((p, g))
-    for key, pairs in grouped.items():  # FSDP2 shards: two all-reduces per process group
+    for key, pairs in grouped.items():  # FSDP2 shards: one all-reduce per process group
         update_grouped(opt, gi if key is None else (gi, key), pairs)
     for p, g in single:
         _update_one(opt, opt.param_groups[gi], p, g)
