@@ -181,8 +181,8 @@ def main() -> None:
     ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated momentum kinds")
     ap.add_argument("--variants", default="",
                     help="kernel variants to compare on low-rank rows: 'name:CONST=value;CONST=value|name2:...', each "
-                         "setting module constants of adalomo.kernels.adapm (e.g. DOT_PRECISION='tf32x3' or "
-                         "_LOW_RANK_TILE=(32,64)); their times go to us_<name> and kernels_<name>")
+                         "setting module constants of adalomo.kernels.adapm (e.g. _LOW_RANK_TILE=(32,64) or "
+                         "_PROJECT_RIGHT=(128,32,8)); their times go to us_<name> and kernels_<name>")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     if args.device == "cpu":  # the interpreter (set before anything imports triton): a dry run

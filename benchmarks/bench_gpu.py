@@ -20,8 +20,7 @@ Rows (``--only`` picks some): ``floor``; ours, for each of ``adalomo``/``adafact
 (``counters``), ``_three`` turns the kernel setting ``one_read`` off, e.g. ``adalomo_fused_b0_three``;
 ``adalomo_fused_torchpath`` (ADALOMO_DISABLE_TRITON=1); AdaPM (default momentum policy, rank 64, by parameter
 name): ``adapm_fused`` / ``adapm_classic`` (factored second moment), ``adapm_adam_fused`` / ``adapm_adam_classic``
-(Adam's), the same suffixes ``_b{MB}``, ``_timed`` and ``_torchpath`` (its torch path), and ``_ieee`` / ``_tf32x3``
-/ ``_tf32`` for the precision of the kernels' rank-r products;
+(Adam's), the same suffixes ``_b{MB}``, ``_timed`` and ``_torchpath`` (its torch path);
 peers ``torch_adamw_fused`` (classic, ``fused=True``), ``torch_adafactor`` (foreach), ``lomo_optim_adalomo``,
 ``lomo_optim_lomo`` (skipped with a note when ``lomo_optim`` is not installed).
 
@@ -277,30 +276,20 @@ def _adapm(row: str, model, params: list, fused: bool):
     ids = {id(p) for p in params}
     named = [(n, p) for n, p in model.named_parameters() if id(p) in ids]
     opt = adalomo.AdaPM(named, lr=1e-4, rank=64, **kw)
-    undo = opt.remove_hooks
-    dots = [o for o in opts if o in ("ieee", "tf32x3", "tf32")]  # the precision of the kernels' rank-r products
-    if dots:
-        from adalomo.kernels import adapm as KA
-        prev = KA.DOT_PRECISION
-        KA.DOT_PRECISION = dots[0]
-
-        def undo(opt=opt, prev=prev):
-            opt.remove_hooks()
-            KA.DOT_PRECISION = prev
     kinds = {}
     for p in params:
         k = str(opt.momentum_kind(p))
         kinds[k] = kinds.get(k, 0) + p.numel()
     note = (f"triton={kernels.use_triton(params[0], params[0])}, bucket_cap_mb={opt.bucket_cap_mb}, "
             f"params by momentum kind (M): {', '.join(f'{k}={v / 1e6:.1f}' for k, v in sorted(kinds.items()))}")
-    return opt, note, undo
+    return opt, note, opt.remove_hooks
 
 
 @contextlib.contextmanager
 def _hooks_registered():
     """The handles of the tensor hooks (``Tensor.register_hook``) registered inside the block, so that they can be
     removed: lomo-optim registers one per parameter and keeps none, and in one process (``--paired``) they would
-    slow every later block (the floor at 6.7B went from 239 to 400-730 ms) and drop classic rows' gradients."""
+    slow every later block severalfold and drop classic rows' gradients."""
     import torch
     handles, orig = [], torch.Tensor.register_hook
 

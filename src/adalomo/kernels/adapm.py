@@ -9,9 +9,10 @@ for a bf16 gradient and parameter, fp32 state):
   second moment, the row and column sums of g^2 (and of p^2). 2 bytes (4 with ``relative_lr``).
 * ``finish`` (one program, small data): the finite flags; factored: the row and column EMAs where finite and the
   preconditioner's factors.
-* low-rank chunks, ``project``: pg = P^T g (or g P) in fp32 from one read of g in its own dtype (2 bytes); then in
-  torch, on r x b data: M <- beta1 M + (1 - beta1) pg and C = M / (1 - beta1^t) - pg. The estimate
-  m_hat = g + lift(C) is never stored: each tile of the later passes adds its rank-r product (``tl.dot``, K = r).
+* low-rank chunks, ``project``: pg = P^T g (or g P) in fp32 from one read of g in its own dtype (2 bytes), as partial
+  sums; then ``momentum``, on r x b data: pg summed, M <- beta1 M + (1 - beta1) pg and C = M / (1 - beta1^t) - pg.
+  The estimate m_hat = g + lift(C) is never stored: each tile of the later passes adds its rank-r product
+  (``tl.dot``, K = r, on the tensor cores).
 * ``usq`` (factored with clipping: RMS(u) is needed before any write): u = m_hat * rsqrt(v_hat), partial sums of
   u^2. Full momentum writes m_new here (the finite test is known), so that the write pass reads m instead of g
   and m: reads g (+ m), writes m. none/low-rank: 2 bytes, full: 10.
@@ -68,46 +69,21 @@ def _lerp(start, end, w):
 
 
 @triton.jit
-def _split(x):
-    """x = hi + lo with hi exact in TF32 (the low 13 mantissa bits cleared): three TF32 products hi hi + hi lo + lo hi
-    give an fp32-accurate product on the tensor cores (the error of the dropped lo lo term is ~2^-22 relative)."""
-    hi = (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
-    return hi, x - hi
-
-
-@triton.jit
-def _dot(a, b_hi, b_lo, acc, DOT: tl.constexpr):
-    """acc + a @ b at the product precision DOT: ``split``, the three TF32 products with b already split (b is the
-    operand a program keeps: split once); else ``tl.dot``'s own ``input_precision``."""
-    if DOT == "split":
-        a_hi, a_lo = _split(a)
-        acc = tl.dot(a_lo, b_hi, acc, input_precision="tf32")
-        acc = tl.dot(a_hi, b_lo, acc, input_precision="tf32")
-        return tl.dot(a_hi, b_hi, acc, input_precision="tf32")
-    else:
-        return tl.dot(a, b_hi, acc, input_precision=DOT)
-
-
-@triton.jit
-def _lift_rhs(b_ptr, cols, cmask, sb_k, sb_n, R, RP: tl.constexpr, DOT: tl.constexpr):
-    """The [RP, BLOCK_N] tile of B in lift = A @ B (zero beyond rank R), loaded once per program: (hi, lo) parts for
-    DOT ``split``, else (B, B)."""
+def _lift_rhs(b_ptr, cols, cmask, sb_k, sb_n, R, RP: tl.constexpr):
+    """The [RP, BLOCK_N] tile of B in lift = A @ B (zero beyond rank R), loaded once per program."""
     ks = tl.arange(0, RP)
-    b = tl.load(b_ptr + ks[:, None] * sb_k + cols[None, :] * sb_n, mask=(ks < R)[:, None] & cmask[None, :],
-                other=0.0)
-    if DOT == "split":
-        return _split(b)
-    else:
-        return b, b
+    return tl.load(b_ptr + ks[:, None] * sb_k + cols[None, :] * sb_n, mask=(ks < R)[:, None] & cmask[None, :],
+                   other=0.0)
 
 
 @triton.jit
-def _lift(a_ptr, b_hi, b_lo, rows, rmask, sa_m, sa_k, R, RP: tl.constexpr, DOT: tl.constexpr):
-    """Rows ``rows`` of A @ B: the low-rank part of the estimate, fp32-accurate."""
+def _lift(a_ptr, b, rows, rmask, sa_m, sa_k, R, RP: tl.constexpr):
+    """Rows ``rows`` of A @ B: the low-rank part of the estimate, fp32-accurate on the tensor cores (``tf32x3``: three
+    TF32 products of split operands; full fp32 FMAs, ``ieee``, are far slower here: docs/adapm.md)."""
     ks = tl.arange(0, RP)
     a = tl.load(a_ptr + rows.to(tl.int64)[:, None] * sa_m + ks[None, :] * sa_k,
                 mask=rmask[:, None] & (ks < R)[None, :], other=0.0)
-    return _dot(a, b_hi, b_lo, tl.zeros([a.shape[0], b_hi.shape[1]], dtype=tl.float32), DOT)
+    return tl.dot(a, b, input_precision="tf32x3")
 
 
 _INTS = ["n_parts", "per_split", "n_blocks", "M", "N", "TM", "TN", "rows_per_prog", "sg_m", "sg_n", "sp_m", "sp_n",
@@ -245,7 +221,7 @@ def adapm_finish_kernel(ws_ptr, row_ptr, col_ptr, flags_ptr, n_fin, M, N, TM, TN
 def adapm_usq_kernel(g_ptr, m_ptr, a_ptr, b_ptr, scale_ptr, flags_ptr, ws_ptr, M, N, TN, rows_per_prog, sg_m, sg_n,
                      sm_m, sa_m, sa_k, sb_k, sb_n, R, off_r, off_c, off_out, beta1, bc1, sbc2,
                      HAS_SCALE: tl.constexpr, MOM: tl.constexpr, ALIGN: tl.constexpr, G_UNIT: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP: tl.constexpr, DOT: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP: tl.constexpr):
     """Factored second moment: partial sums of u^2 (u = m_hat * r * c * sqrt(bc2)) at ws[off_out + pid]. Full
     momentum: the new m is stored here (where the momentum's finite flag holds)."""
     N, _, sg_m, sg_n = strides_known(N, 0, sg_m, sg_n, ALIGN, G_UNIT)
@@ -258,7 +234,7 @@ def adapm_usq_kernel(g_ptr, m_ptr, a_ptr, b_ptr, scale_ptr, flags_ptr, ws_ptr, M
     okm = tl.load(flags_ptr).to(tl.int8)
     c = tl.load(ws_ptr + off_c + cols, mask=cmask, other=0.0)
     if MOM == 2:
-        b_hi, b_lo = _lift_rhs(b_ptr, cols, cmask, sb_k, sb_n, R, RP, DOT)
+        b = _lift_rhs(b_ptr, cols, cmask, sb_k, sb_n, R, RP)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for m0 in range(0, rows_per_prog, BLOCK_M):
         rows = r0 + m0 + lrows
@@ -276,7 +252,7 @@ def adapm_usq_kernel(g_ptr, m_ptr, a_ptr, b_ptr, scale_ptr, flags_ptr, ws_ptr, M
             tl.store(m_ptrs, m, mask=and_flag(mask, okm))
             mh = tl.div_rn(m, bc1)
         else:
-            mh = g + _lift(a_ptr, b_hi, b_lo, rows, rmask, sa_m, sa_k, R, RP, DOT)
+            mh = g + _lift(a_ptr, b, rows, rmask, sa_m, sa_k, R, RP)
         r = tl.load(ws_ptr + off_r + rows, mask=rmask, other=0.0)
         u = mh * r[:, None] * c[None, :] * sbc2
         acc += tl.where(mask, u * u, 0.0)
@@ -290,8 +266,7 @@ def adapm_write_kernel(g_ptr, p_ptr, m_ptr, v_ptr, a_ptr, b_ptr, scale_ptr, flag
                        eps, sbc2, numel_f, sqrt_numel, clip_threshold, HAS_SCALE: tl.constexpr, MOM: tl.constexpr,
                        ADAM: tl.constexpr, M_STORED: tl.constexpr, HAS_WD: tl.constexpr, HAS_USQ: tl.constexpr,
                        PSQ: tl.constexpr, SR: tl.constexpr, ALIGN: tl.constexpr, G_UNIT: tl.constexpr,
-                       P_UNIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP: tl.constexpr,
-                       DOT: tl.constexpr):
+                       P_UNIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP: tl.constexpr):
     """p <- p (1 - step wd) - step clip u where the parameter's finite flag holds. ADAM: v (and full momentum's m)
     are updated here too, where the momentum's flag holds, step = lr. Factored: u = m_hat * r * c * sqrt(bc2), the
     clip factor 1/max(1, RMS(u)/d) and the relative step lr * max(1e-3, RMS(p)) from the partial sums, which every
@@ -317,7 +292,7 @@ def adapm_write_kernel(g_ptr, p_ptr, m_ptr, v_ptr, a_ptr, b_ptr, scale_ptr, flag
     if not ADAM:
         c = tl.load(ws_ptr + off_c + cols, mask=cmask, other=0.0)
     if MOM == 2:
-        b_hi, b_lo = _lift_rhs(b_ptr, cols, cmask, sb_k, sb_n, R, RP, DOT)
+        b = _lift_rhs(b_ptr, cols, cmask, sb_k, sb_n, R, RP)
     for m0 in tl.range(0, rows_per_prog, BLOCK_M, num_stages=1):
         rows = r0 + m0 + lrows
         rmask = rows < M
@@ -339,7 +314,7 @@ def adapm_write_kernel(g_ptr, p_ptr, m_ptr, v_ptr, a_ptr, b_ptr, scale_ptr, flag
                 tl.store(m_ptrs, m, mask=and_flag(mask, okm))
             mh = tl.div_rn(m, bc1)
         else:
-            mh = g + _lift(a_ptr, b_hi, b_lo, rows, rmask, sa_m, sa_k, R, RP, DOT)
+            mh = g + _lift(a_ptr, b, rows, rmask, sa_m, sa_k, R, RP)
         if ADAM:
             v_ptrs = v_ptr + r64 * sv_m + cols[None, :]
             v = _lerp(g * g, tl.load(v_ptrs, mask=mask, other=0.0), beta2)
@@ -362,7 +337,7 @@ def adapm_write_kernel(g_ptr, p_ptr, m_ptr, v_ptr, a_ptr, b_ptr, scale_ptr, flag
 @_jit
 def adapm_project_kernel(g_ptr, P_ptr, scale_ptr, out_ptr, M, N, sg_m, sg_n, sa_m, sa_k, R, per_split, n_blocks,
                          HAS_SCALE: tl.constexpr, LEFT: tl.constexpr, ALIGN: tl.constexpr, G_UNIT: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP: tl.constexpr, DOT: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP: tl.constexpr):
     """The projected gradient, reading g once in its own dtype: LEFT, P^T g (P: M x R) as partial sums over row
     splits, [split, R, N]; else g P (P: N x R) over column splits, [split, M, R]. A program takes one block of the
     output's long side and one split of the reduced side (a fixed order: deterministic)."""
@@ -372,67 +347,42 @@ def adapm_project_kernel(g_ptr, P_ptr, scale_ptr, out_ptr, M, N, sg_m, sg_n, sa_
     split = pid // n_blocks
     ks = tl.arange(0, RP)
     kmask = ks < R
-    lo = split * per_split
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr).to(tl.float32)
     if LEFT:
         cols = blk * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < N
         acc = tl.zeros([RP, BLOCK_N], dtype=tl.float32)
+        lo = split * per_split
         for m0 in range(0, per_split, BLOCK_M):
             rows = lo + m0 + tl.arange(0, BLOCK_M)
             rmask = rows < M
             g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * sg_m + cols[None, :] * sg_n,
-                        mask=rmask[:, None] & cmask[None, :], other=0.0)
+                        mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+            if HAS_SCALE:
+                g = g * scale
             pt = tl.load(P_ptr + rows[:, None] * sa_m + ks[None, :] * sa_k, mask=rmask[:, None] & kmask[None, :],
                          other=0.0)
-            acc = _project_step(tl.trans(pt), g, acc, True, DOT)
+            acc += tl.dot(tl.trans(pt), g, input_precision="tf32x3")
+        tl.store(out_ptr + (split * R + ks[:, None]).to(tl.int64) * N + cols[None, :], acc,
+                 mask=kmask[:, None] & cmask[None, :])
     else:
         rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < M
         acc = tl.zeros([BLOCK_M, RP], dtype=tl.float32)
+        lo = split * per_split
         for n0 in range(0, per_split, BLOCK_N):
             cols = lo + n0 + tl.arange(0, BLOCK_N)
             cmask = cols < N
             g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * sg_m + cols[None, :] * sg_n,
-                        mask=rmask[:, None] & cmask[None, :], other=0.0)
+                        mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+            if HAS_SCALE:
+                g = g * scale
             pt = tl.load(P_ptr + cols[:, None] * sa_m + ks[None, :] * sa_k, mask=cmask[:, None] & kmask[None, :],
                          other=0.0)
-            acc = _project_step(g, pt, acc, False, DOT)
-    if HAS_SCALE:  # the product is linear in g: scaled once at the end
-        acc = acc * tl.load(scale_ptr).to(tl.float32)
-    if LEFT:
-        tl.store(out_ptr + (split * R + ks[:, None]).to(tl.int64) * N + cols[None, :], acc,
-                 mask=kmask[:, None] & cmask[None, :])
-    else:
+            acc += tl.dot(g, pt, input_precision="tf32x3")
         tl.store(out_ptr + (split * M + rows.to(tl.int64))[:, None] * R + ks[None, :], acc,
                  mask=rmask[:, None] & kmask[None, :])
-
-
-@triton.jit
-def _project_step(x, y, acc, P_FIRST: tl.constexpr, DOT: tl.constexpr):
-    """acc + x @ y, one of them a tile of g in its own dtype and the other of the fp32 basis P (``P_FIRST``: x). A
-    16-bit g is exact in TF32, so with DOT ``split`` only P is split: two TF32 products (three for an fp32 g)."""
-    if DOT == "split":
-        if P_FIRST:
-            p_hi, p_lo = _split(x)
-            if y.dtype == tl.float32:
-                g_hi, g_lo = _split(y)
-                acc = tl.dot(p_hi, g_lo, acc, input_precision="tf32")
-            else:
-                g_hi = y.to(tl.float32)
-            acc = tl.dot(p_lo, g_hi, acc, input_precision="tf32")
-            acc = tl.dot(p_hi, g_hi, acc, input_precision="tf32")
-        else:
-            p_hi, p_lo = _split(y)
-            if x.dtype == tl.float32:
-                g_hi, g_lo = _split(x)
-                acc = tl.dot(g_lo, p_hi, acc, input_precision="tf32")
-            else:
-                g_hi = x.to(tl.float32)
-            acc = tl.dot(g_hi, p_lo, acc, input_precision="tf32")
-            acc = tl.dot(g_hi, p_hi, acc, input_precision="tf32")
-    else:
-        acc = tl.dot(x.to(tl.float32), y.to(tl.float32), acc, input_precision=DOT)
-    return acc
 
 
 @_jit
@@ -455,10 +405,10 @@ def adapm_momentum_kernel(parts_ptr, m_ptr, c_ptr, flags_ptr, n_parts, n_total, 
 stats = Launcher(adapm_stats_kernel, "HAS_SCALE", "FACTORED", "PSQ", "ALIGN", "G_UNIT", "P_UNIT", "BLOCK_M", "BLOCK_N")
 finish = Launcher(adapm_finish_kernel, "FACTORED", "ROW_STATE", "BLOCK")
 momentum = Launcher(adapm_momentum_kernel, "BLOCK")
-usq = Launcher(adapm_usq_kernel, "HAS_SCALE", "MOM", "ALIGN", "G_UNIT", "BLOCK_M", "BLOCK_N", "RP", "DOT")
-project = Launcher(adapm_project_kernel, "HAS_SCALE", "LEFT", "ALIGN", "G_UNIT", "BLOCK_M", "BLOCK_N", "RP", "DOT")
+usq = Launcher(adapm_usq_kernel, "HAS_SCALE", "MOM", "ALIGN", "G_UNIT", "BLOCK_M", "BLOCK_N", "RP")
+project = Launcher(adapm_project_kernel, "HAS_SCALE", "LEFT", "ALIGN", "G_UNIT", "BLOCK_M", "BLOCK_N", "RP")
 write = Launcher(adapm_write_kernel, "HAS_SCALE", "MOM", "ADAM", "M_STORED", "HAS_WD", "HAS_USQ", "PSQ", "SR", "ALIGN",
-                 "G_UNIT", "P_UNIT", "BLOCK_M", "BLOCK_N", "RP", "DOT")
+                 "G_UNIT", "P_UNIT", "BLOCK_M", "BLOCK_N", "RP")
 
 
 # ------------------------------------------------------------------------------------------------ host side
@@ -472,13 +422,7 @@ _PROJECT_PROGRAMS = 264
 _PROJECT_LEFT = (16, 64, 8)
 _PROJECT_RIGHT = (64, 32, 4)
 _LOW_RANK_TILE = (16, 64)
-_LOW_RANK_WARPS = 8
-#: (BLOCK, warps) of the one-program finish pass: its loops over rows and columns wait on their loads in turn
-_FINISH = (512, 8)
 _MOMENTUM_BLOCK = 1024
-#: how the rank-r products run: "split" (three TF32 products of split operands, ``_dot``), or a ``tl.dot``
-#: ``input_precision`` ("tf32x3", "ieee")
-DOT_PRECISION = "split"
 
 
 def _project(g: torch.Tensor, P: torch.Tensor, side: str, scale, run) -> torch.Tensor:
@@ -498,8 +442,7 @@ def _project(g: torch.Tensor, P: torch.Tensor, side: str, scale, run) -> torch.T
     sg = g.stride()
     project(n_blocks * splits, (g, P, scale if has_scale else g, out, M, N, sg[0], sg[1], P.stride(0), P.stride(1), R,
                                 per_split, n_blocks),
-            (has_scale, left, _aligned(N, sg[0]) and sg[1] == 1, sg[1] == 1, bm, bn, max(16, next_pow2(R)),
-             DOT_PRECISION), warps,
+            (has_scale, left, _aligned(N, sg[0]) and sg[1] == 1, sg[1] == 1, bm, bn, max(16, next_pow2(R))), warps,
             run)
     return out
 
@@ -610,7 +553,7 @@ def adapm_update_(p, g, state, chunks: list, *, flags: torch.Tensor, t: float, l
     row_st = state["exp_avg_sq_row"] if row_state else ws
     col_st = (state["exp_avg_sq_col"] if row_state else state["exp_avg_sq"]) if factored else ws
     finish(1, (ws, row_st, col_st, flags, n_prog, Mrows, N, TM, TN, off_row, off_col, off_r, off_c, float(beta2),
-               float(eps) ** 2), (factored, row_state, _FINISH[0]), _FINISH[1], run)
+               float(eps) ** 2), (factored, row_state, 512), 8, run)
     b1 = float(beta1)
     bc1 = 1.0 - b1 ** t
     sbc2 = math.sqrt(bc2)
@@ -637,8 +580,7 @@ def adapm_update_(p, g, state, chunks: list, *, flags: torch.Tensor, t: float, l
             al = _aligned(gc.shape[1], gc.stride(0), sm) and gc.stride(1) == 1
             usq(n_c, (gc, m, a_p, b_p, scale, flags, ws, gc.shape[0], gc.shape[1], tn_c, rpp_c, gc.stride(0),
                       gc.stride(1), sm, *lift_ints, off_r + row0, off_c + col0, off_out, b1, bc1, sbc2),
-                (has_scale, code, al, gc.stride(1) == 1, cbm, cbn, RP, DOT_PRECISION),
-                _LOW_RANK_WARPS if code == LOW_RANK else WARPS, run)
+                (has_scale, code, al, gc.stride(1) == 1, cbm, cbn, RP), WARPS, run)
             off_out += n_c
     sr = bool(stochastic_rounding) and p.dtype == torch.bfloat16
     seed_i = seed_arg(sr, seed)
@@ -656,5 +598,5 @@ def adapm_update_(p, g, state, chunks: list, *, flags: torch.Tensor, t: float, l
                     bc1, float(beta2), float(bc2), float(eps), sbc2, float(numel), math.sqrt(numel),
                     float(clip_threshold or 1.0)),
               (has_scale, code, not factored, has_usq, weight_decay != 0, has_usq, psq, sr, al, gc.stride(1) == 1,
-               pc.stride(1) == 1, cbm, cbn, RP, DOT_PRECISION), _LOW_RANK_WARPS if code == LOW_RANK else WARPS, run)
+               pc.stride(1) == 1, cbm, cbn, RP), WARPS, run)
     _compat.bump_versions([whole])
