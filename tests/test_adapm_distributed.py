@@ -68,15 +68,16 @@ def close(a: dict, b: dict, what: str) -> None:
     assert d <= REL_TOL, f"{what}: max relative difference {d:.3g} > {REL_TOL}"
 
 
-def reference(policy: str, second: str, fused: bool, steps: int = STEPS, two_pass: bool = False, **kw) -> dict:
+def reference(policy: str, second: str, fused: bool, steps: int = STEPS, two_pass: bool = False, world: int = WORLD,
+              **kw) -> dict:
     ref = make_model()
-    train(ref, local(adapm(ref, policy, second, fused, **kw)), steps, None, fused, two_pass)
+    train(ref, local(adapm(ref, policy, second, fused, **kw)), steps, None, fused, two_pass, world=world)
     return full_params(ref)
 
 
 # ----------------------------------------------------------------------------------------------- spawning
-def spawn(scenario: str, tmp_path) -> None:
-    distributed_spawn(scenario, tmp_path, __name__)
+def spawn(scenario: str, tmp_path, world: int = WORLD) -> None:
+    distributed_spawn(scenario, tmp_path, __name__, world)
 
 
 #: functions of adalomo/functional.py that read a flag or a sum back on the CPU only (free there; not on accelerators)
@@ -266,7 +267,21 @@ def _scenario_hsdp_dcp(rank: int, tmp: str):
     close(full_params(model), full_params(ref), "after loading a plain state dict")
 
 
-SCENARIOS = {"exact": _scenario_exact, "hsdp_dcp": _scenario_hsdp_dcp}
+def _scenario_four_ranks(rank: int, tmp: str):
+    """Over 4 ranks (shards of 3, 3, 3, 2 rows; 2, 2, 2, 1; the head's one row on rank 0 only): every kind and both
+    second moments, fused, within 1e-6 of the single-process run over 10 steps with basis refreshes."""
+    for policy in ("split", "low_rank"):
+        for second in SECOND:
+            expected = reference(policy, second, True, world=4)
+            model = shard(make_model())
+            opt = adapm(model, policy, second, True)
+            train(model, opt, STEPS, rank, True, world=4)
+            close(full_params(model), expected, f"{policy} {second} on 4 ranks")
+            assert int(opt.skipped_updates) == 0
+    assert model.l1.weight.to_local().shape[0] == (1 if rank == 3 else 2)
+
+
+SCENARIOS = {"exact": _scenario_exact, "hsdp_dcp": _scenario_hsdp_dcp, "four_ranks": _scenario_four_ranks}
 
 
 # ----------------------------------------------------------------------------------------------- tests
@@ -276,6 +291,11 @@ def test_adapm_fsdp2_matches_single_process(tmp_path):
     the single-process run over 10 steps; one all-gather per low-rank tensor and refresh; DTensor state layout;
     no host reads in the sharded update; a non-finite refresh step skipped on every rank; dim-0 splits refused."""
     spawn("exact", tmp_path)
+
+
+def test_adapm_fsdp2_on_4_ranks(tmp_path):
+    """4 processes, short and empty shards: every momentum kind and both second moments within 1e-6 of one process."""
+    spawn("four_ranks", tmp_path, world=4)
 
 
 def test_adapm_hsdp_and_dcp_resume(tmp_path):

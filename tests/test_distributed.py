@@ -540,19 +540,20 @@ def _scenario_four_ranks(rank: int, tmp: str):
 
     dist.all_reduce = counted_reduce
     try:
-        # (optimizer, fused, sharded torch maths instead of the kernels, all-reduces per step)
+        # (optimizer, fused, sharded torch maths instead of the kernels, all-reduces per step: LOMO's two-pass
+        # clipping adds the norm's)
         for name, fused, torch_path, per_step in (("adalomo", True, False, 1), ("adafactor", False, False, 1),
-                                                  ("adafactor", True, True, 9)):
-            factory = OPTS[name][0]
+                                                  ("adafactor", True, True, 9), ("lomo_clip", True, False, 2)):
+            factory, two_pass = OPTS[name]
             os.environ["ADALOMO_DISABLE_TRITON"] = "1"  # the reference: the torch path, one process
             ref = make_model()
-            train(ref, local(factory(ref.parameters(), fused)), STEPS, None, fused)
+            train(ref, local(factory(ref.parameters(), fused)), STEPS, None, fused, two_pass)
             if not torch_path:
                 del os.environ["ADALOMO_DISABLE_TRITON"]
             model = shard(make_model())
             opt = factory(model.parameters(), fused)
             reduces.clear()
-            train(model, opt, STEPS, rank, fused, world=4)
+            train(model, opt, STEPS, rank, fused, two_pass, world=4)
             os.environ.pop("ADALOMO_DISABLE_TRITON", None)
             assert_close(full_params(model), full_params(ref), f"{name} fused={fused} torch={torch_path} on 4 ranks")
             assert int(opt.skipped_updates) == 0
@@ -620,10 +621,10 @@ def test_fsdp2_sharded_kernels_match_single_process(tmp_path):
 
 
 def test_fsdp2_on_4_ranks_short_and_empty_shards(tmp_path):
-    """4 processes: the sharded kernels (AdaLomo fused, Adafactor with beta1 classic) and the sharded torch maths
-    equal the single-process run over 10 steps, with shards of 2, 2, 2, 1 rows and empty ones; one all-reduce per
-    bucket (the kernels) or per tensor (the torch maths). The sharded kernel with a loss scale and every update
-    clipped by RMS(u) equals the single-process update."""
+    """4 processes: the sharded kernels (AdaLomo fused, Adafactor with beta1 classic, LOMO with two-pass clipping)
+    and the sharded torch maths equal the single-process run over 10 steps, with shards of 2, 2, 2, 1 rows and empty
+    ones; one all-reduce per bucket (the kernels) or per tensor (the torch maths), plus the norm's for LOMO. The
+    sharded kernel with a loss scale and every update clipped by RMS(u) equals the single-process update."""
     pytest.importorskip("triton")
     spawn("four_ranks", tmp_path, world=4)
 
