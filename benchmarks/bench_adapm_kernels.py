@@ -179,6 +179,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--no-torch-path", action="store_true", help="skip the torch path's timings")
     ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated momentum kinds")
+    ap.add_argument("--seconds", default=",".join(SECONDS), help="comma-separated second moments")
     ap.add_argument("--variants", default="",
                     help="kernel variants to compare on low-rank rows: 'name:CONST=value;CONST=value|name2:...', each "
                          "setting module constants of adalomo.kernels.adapm (e.g. _LOW_RANK_TILE=(32,64) or "
@@ -204,7 +205,7 @@ def main() -> None:
     rows = []
     for name, shape in shapes.items():
         numel = shape[0] * shape[1]
-        for second in SECONDS:
+        for second in args.seconds.split(","):
             for kind in args.kinds.split(","):
                 wall, t = measure(shape, kind, second, dev=args.device, iters=args.iters, rank=args.rank,
                                   torch_path=False)

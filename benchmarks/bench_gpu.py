@@ -618,6 +618,25 @@ def resummarise(path: str) -> list[dict]:
     return rows
 
 
+def _parse_constants(spec: str) -> dict:
+    """'A=1;B=(2, 3)' -> {'A': 1, 'B': [2, 3]} (JSON-safe: the child process gets it in its config)."""
+    import ast
+    out = {}
+    for kv in filter(None, spec.split(";")):
+        k, _, v = kv.partition("=")
+        out[k.strip()] = ast.literal_eval(v.strip())
+    return out
+
+
+def _set_adapm_constants(constants: dict) -> None:
+    if constants:
+        from adalomo.kernels import adapm as KA
+        for k, v in constants.items():
+            if not hasattr(KA, k):
+                raise SystemExit(f"--adapm-constants: adalomo.kernels.adapm has no {k}")
+            setattr(KA, k, tuple(v) if isinstance(v, list) else v)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--summarise", metavar="JSON", help="print the table of a stored results file (ratios recomputed, "
@@ -642,6 +661,9 @@ def main() -> None:
     ap.add_argument("--fit-sizes", default=",".join(FIT_LADDER))
     ap.add_argument("--cap-gb", type=float, default=None,
                     help="cap each child's CUDA allocator at this many GB (1e9 bytes), e.g. 80 on a 141 GB H200")
+    ap.add_argument("--adapm-constants", default="", metavar="'NAME=VALUE;...'",
+                    help="module constants of adalomo.kernels.adapm (tiles, warps, product scheme) set in every row's "
+                         "process: AdaPM kernel variants compared end to end, each against its own floor")
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--cfg", default=None, help=argparse.SUPPRESS)
@@ -653,6 +675,7 @@ def main() -> None:
     if args.child:
         try:
             cfg = json.loads(args.cfg)
+            _set_adapm_constants(cfg.get("adapm_constants", {}))
             r = (paired if cfg.get("paired") else child)(args.child, cfg)
         except Exception as e:  # the parent reports it
             import traceback
@@ -666,6 +689,7 @@ def main() -> None:
         os.environ["BENCH_CAP_GB"] = str(args.cap_gb)
     res = {"command": " ".join(["python3"] + sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
            "device": _device(), "cap_GB": args.cap_gb, **_versions()}
+    constants = _parse_constants(args.adapm_constants)
     print(res, flush=True)
     if args.fit:
         fits = []
@@ -686,7 +710,7 @@ def main() -> None:
             what = f"{best['size']} ({best['params_M']}M params, peak {best['peak_GB']} GB)" if best else "none"
             print(f"  {row:20s} {what}")
     elif args.paired:
-        cfg = dict(CONFIGS[args.config], paired=True, blocks=args.paired)
+        cfg = dict(CONFIGS[args.config], paired=True, blocks=args.paired, adapm_constants=constants)
         if args.steps:
             cfg["steps"] = args.steps
         if args.warmup is not None:
@@ -705,7 +729,7 @@ def main() -> None:
         print(f"\n{args.config}: {what} {cfg['steps']} steps after {cfg['warmup']} each; {res['device']}")
         _print_paired(rows)
     else:
-        cfg = dict(CONFIGS[args.config])
+        cfg = dict(CONFIGS[args.config], adapm_constants=constants)
         if args.steps:
             cfg["steps"] = args.steps
         if args.warmup is not None:

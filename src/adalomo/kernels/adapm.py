@@ -7,12 +7,11 @@ for a bf16 gradient and parameter, fp32 state):
 
 * ``stats``: reads g (and p for the relative step): the partial sums of g (the finite test) and, for the factored
   second moment, the row and column sums of g^2 (and of p^2). 2 bytes (4 with ``relative_lr``).
-* ``finish`` (one program, small data): the finite flags; factored: the row and column EMAs where finite and the
-  preconditioner's factors.
-* low-rank chunks, ``project``: pg = P^T g (or g P) in fp32 from one read of g in its own dtype (2 bytes), as partial
-  sums; then ``momentum``, on r x b data: pg summed, M <- beta1 M + (1 - beta1) pg and C = M / (1 - beta1^t) - pg.
-  The estimate m_hat = g + lift(C) is never stored: each tile of the later passes adds its rank-r product
-  (``tl.dot``, K = r, on the tensor cores).
+* ``finalize`` and ``factors`` (small data, one program per block of rows or columns): factored: the row and column
+  EMAs and the preconditioner's factors, the state committed where the whole matrix is finite; the finite flags.
+* low-rank chunks, ``project``: pg = P^T g (or g P) in fp32 from one read of g in its own dtype (2 bytes); then in
+  torch, on r x b data: M <- beta1 M + (1 - beta1) pg and C = M / (1 - beta1^t) - pg. The estimate
+  m_hat = g + lift(C) is never stored: each tile of the later passes adds its rank-r product (``tl.dot``, K = r).
 * ``usq`` (factored with clipping: RMS(u) is needed before any write): u = m_hat * rsqrt(v_hat), partial sums of
   u^2. Full momentum writes m_new here (the finite test is known), so that the write pass reads m instead of g
   and m: reads g (+ m), writes m. none/low-rank: 2 bytes, full: 10.
@@ -69,26 +68,51 @@ def _lerp(start, end, w):
 
 
 @triton.jit
-def _lift_rhs(b_ptr, cols, cmask, sb_k, sb_n, R, RP: tl.constexpr):
-    """The [RP, BLOCK_N] tile of B in lift = A @ B (zero beyond rank R), loaded once per program."""
-    ks = tl.arange(0, RP)
-    return tl.load(b_ptr + ks[:, None] * sb_k + cols[None, :] * sb_n, mask=(ks < R)[:, None] & cmask[None, :],
-                   other=0.0)
+def _split(x):
+    """x = hi + lo with hi exact in TF32 (the low 13 mantissa bits cleared): three TF32 products hi hi + hi lo + lo hi
+    give an fp32-accurate product on the tensor cores (the error of the dropped lo lo term is ~2^-22 relative)."""
+    hi = (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+    return hi, x - hi
 
 
 @triton.jit
-def _lift(a_ptr, b, rows, rmask, sa_m, sa_k, R, RP: tl.constexpr):
-    """Rows ``rows`` of A @ B: the low-rank part of the estimate, fp32-accurate on the tensor cores (``tf32x3``: three
-    TF32 products of split operands; full fp32 FMAs, ``ieee``, are far slower here: docs/adapm.md)."""
+def _dot(a, b_hi, b_lo, acc, DOT: tl.constexpr):
+    """acc + a @ b at the product precision DOT: ``split``, the three TF32 products with b already split (b is the
+    operand a program keeps: split once); else ``tl.dot``'s own ``input_precision``."""
+    if DOT == "split":
+        a_hi, a_lo = _split(a)
+        acc = tl.dot(a_lo, b_hi, acc, input_precision="tf32")
+        acc = tl.dot(a_hi, b_lo, acc, input_precision="tf32")
+        return tl.dot(a_hi, b_hi, acc, input_precision="tf32")
+    else:
+        return tl.dot(a, b_hi, acc, input_precision=DOT)
+
+
+@triton.jit
+def _lift_rhs(b_ptr, cols, cmask, sb_k, sb_n, R, RP: tl.constexpr, DOT: tl.constexpr):
+    """The [RP, BLOCK_N] tile of B in lift = A @ B (zero beyond rank R), loaded once per program: (hi, lo) parts for
+    DOT ``split``, else (B, B)."""
+    ks = tl.arange(0, RP)
+    b = tl.load(b_ptr + ks[:, None] * sb_k + cols[None, :] * sb_n, mask=(ks < R)[:, None] & cmask[None, :],
+                other=0.0)
+    if DOT == "split":
+        return _split(b)
+    else:
+        return b, b
+
+
+@triton.jit
+def _lift(a_ptr, b_hi, b_lo, rows, rmask, sa_m, sa_k, R, RP: tl.constexpr, DOT: tl.constexpr):
+    """Rows ``rows`` of A @ B: the low-rank part of the estimate, fp32-accurate."""
     ks = tl.arange(0, RP)
     a = tl.load(a_ptr + rows.to(tl.int64)[:, None] * sa_m + ks[None, :] * sa_k,
                 mask=rmask[:, None] & (ks < R)[None, :], other=0.0)
-    return tl.dot(a, b, input_precision="tf32x3")
+    return _dot(a, b_hi, b_lo, tl.zeros([a.shape[0], b_hi.shape[1]], dtype=tl.float32), DOT)
 
 
 _INTS = ["n_parts", "per_split", "n_blocks", "M", "N", "TM", "TN", "rows_per_prog", "sg_m", "sg_n", "sp_m", "sp_n",
          "sm_m", "sv_m", "sa_m", "sa_k", "sb_k", "sb_n", "R", "n_fin", "off_psq", "off_row", "off_col", "off_r",
-         "off_c", "off_usq", "n_usq", "n_psq", "off_out", "row0", "col0", "n_total", "seed"]
+         "off_c", "off_usq", "n_usq", "n_psq", "off_out", "row0", "col0", "n_total", "seed", "n_rp", "n_blk", "off_blk"]
 
 
 def _jit(fn):
@@ -152,76 +176,86 @@ def _sum_partials(ws_ptr, off, stride, n_parts, idx, msk, BLOCK: tl.constexpr, P
 
 
 @_jit
-def adapm_finish_kernel(ws_ptr, row_ptr, col_ptr, flags_ptr, n_fin, M, N, TM, TN, off_row, off_col, off_r, off_c,
-                        beta2, eps1, FACTORED: tl.constexpr, ROW_STATE: tl.constexpr, BLOCK: tl.constexpr):
-    """One program: the finite flags into ``flags`` (int32: [momentum: sum g finite, parameter: that and the
-    factored statistics finite]). FACTORED: row means and column means of g^2 + eps1 from the partial sums, their
-    EMAs into the state where finite, and the preconditioner's factors rsqrt(row / mean(row)) at ws[off_r + i] and
-    rsqrt(col) at ws[off_c + j], all in a fixed order. Without ROW_STATE (a 0-D/1-D tensor as one row: its second
-    moment is the full v, stored as the column state) the one row factor is 1."""
-    fin = sum_parts(ws_ptr, 0, n_fin, BLOCK)
-    ok1 = (tl.abs(fin) <= 3.4028234663852886e38).to(tl.int32)  # 0 for NaN and +-inf
-    okp = ok1
+def adapm_finalize_kernel(ws_ptr, row_ptr, col_ptr, M, N, TM, TN, n_rp, off_row, off_col, off_r, off_c, off_blk,
+                          beta2, eps1, ROW_STATE: tl.constexpr, BLOCK: tl.constexpr):
+    """Factored second moment, one program per block of BLOCK rows (the first ``n_rp``) or columns: the means of
+    g^2 + eps1 from the stats pass's partial sums and their EMAs, into ws[off_r + i] / ws[off_c + j] (the state is
+    committed by ``adapm_factors_kernel`` once the whole matrix is known finite). Per program at ws[off_blk + 2 pid]
+    the sum of its means (the finite test) and at ws[off_blk + 2 pid + 1] the sum of its new rows (mean(row)).
+    Without ROW_STATE (a 0-D/1-D tensor as one row: its second moment is the full v, stored as the column state)
+    the row's statistic is its mean."""
+    pid = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    if pid < n_rp:
+        idx = pid * BLOCK + offs
+        msk = idx < M
+        mean = tl.div_rn(_sum_partials(ws_ptr, off_row, M, TN, idx, msk, BLOCK), N * 1.0) + eps1
+        if ROW_STATE:
+            new = tl.load(row_ptr + idx, mask=msk, other=0.0) * beta2 + mean * (1.0 - beta2)
+        else:
+            new = mean
+        tl.store(ws_ptr + off_r + idx, new, mask=msk)
+        row_sum = tl.sum(tl.where(msk, new, 0.0), axis=0)
+    else:
+        idx = (pid - n_rp) * BLOCK + offs
+        msk = idx < N
+        mean = tl.div_rn(_sum_partials(ws_ptr, off_col, N, TM, idx, msk, BLOCK) + eps1 * M, M * 1.0)
+        new = tl.load(col_ptr + idx, mask=msk, other=1.0) * beta2 + mean * (1.0 - beta2)
+        tl.store(ws_ptr + off_c + idx, new, mask=msk)
+        row_sum = 0.0
+    tl.store(ws_ptr + off_blk + 2 * pid, tl.sum(tl.where(msk, mean, 0.0), axis=0))
+    tl.store(ws_ptr + off_blk + 2 * pid + 1, row_sum)
+
+
+@_jit
+def adapm_factors_kernel(ws_ptr, row_ptr, col_ptr, flags_ptr, n_fin, M, N, n_rp, n_blk, off_r, off_c, off_blk,
+                         FACTORED: tl.constexpr, ROW_STATE: tl.constexpr, BLOCK: tl.constexpr, FB: tl.constexpr):
+    """Program 0: the finite flags into ``flags`` (int32: [momentum: sum g finite, parameter: that and the factored
+    statistics finite]). FACTORED, one program per block as in ``adapm_finalize_kernel``: the new row/column
+    statistics committed to the state where all are finite, and the preconditioner's factors rsqrt(row / mean(row))
+    at ws[off_r + i] and rsqrt(col) at ws[off_c + j] (1 for the one row without ROW_STATE). Every program sums the
+    per-block partials itself, in the same order."""
+    pid = tl.program_id(0)
     if FACTORED:
+        blk = tl.arange(0, FB)
+        fsum = tl.zeros([FB], dtype=tl.float32)
+        rsum = tl.zeros([FB], dtype=tl.float32)
+        for b0 in range(0, n_blk, FB):
+            bm = b0 + blk < n_blk
+            fsum += tl.load(ws_ptr + off_blk + 2 * (b0 + blk), mask=bm, other=0.0)
+            rsum += tl.load(ws_ptr + off_blk + 2 * (b0 + blk) + 1, mask=bm, other=0.0)
+        ok2 = (tl.abs(tl.sum(fsum, axis=0)) <= 3.4028234663852886e38).to(tl.int8)  # 0 for NaN and +-inf
+        row_mean = tl.div_rn(tl.sum(rsum, axis=0), M * 1.0)
         offs = tl.arange(0, BLOCK)
-        s_row = tl.zeros([BLOCK], dtype=tl.float32)
-        for i0 in range(0, M, BLOCK):
-            idx = i0 + offs
+        if pid < n_rp:
+            idx = pid * BLOCK + offs
             msk = idx < M
-            mean = tl.div_rn(_sum_partials(ws_ptr, off_row, M, TN, idx, msk, BLOCK), N * 1.0) + eps1
-            tl.store(ws_ptr + off_r + idx, mean, mask=msk)
-            s_row += tl.where(msk, mean, 0.0)
-        s_col = tl.zeros([BLOCK], dtype=tl.float32)
-        for j0 in range(0, N, BLOCK):
-            idx = j0 + offs
-            msk = idx < N
-            mean = tl.div_rn(_sum_partials(ws_ptr, off_col, N, TM, idx, msk, BLOCK) + eps1 * M, M * 1.0)
-            tl.store(ws_ptr + off_c + idx, mean, mask=msk)
-            s_col += tl.where(msk, mean, 0.0)
-        total = tl.sum(s_row, axis=0) + tl.sum(s_col, axis=0)
-        ok2 = tl.abs(total) <= 3.4028234663852886e38
-        okp = okp & ok2.to(tl.int32)
-        tl.debug_barrier()  # the means stored above are read back by other threads
-        new_sum = tl.zeros([BLOCK], dtype=tl.float32)
-        for i0 in range(0, M, BLOCK):
-            idx = i0 + offs
-            msk = idx < M
-            mean = tl.load(ws_ptr + off_r + idx, mask=msk, other=0.0)
+            new = tl.load(ws_ptr + off_r + idx, mask=msk, other=1.0)
             if ROW_STATE:
-                old = tl.load(row_ptr + idx, mask=msk, other=0.0)
-                new = tl.where(ok2, old * beta2 + mean * (1.0 - beta2), old)
-                tl.store(row_ptr + idx, new, mask=msk)
-            else:
-                new = mean
-            new_sum += tl.where(msk, new, 0.0)
-        for j0 in range(0, N, BLOCK):
-            idx = j0 + offs
-            msk = idx < N
-            old = tl.load(col_ptr + idx, mask=msk, other=1.0)
-            new = tl.where(ok2, old * beta2 + tl.load(ws_ptr + off_c + idx, mask=msk, other=1.0) * (1.0 - beta2),
-                           old)
-            tl.store(col_ptr + idx, new, mask=msk)
-            tl.store(ws_ptr + off_c + idx, tl.div_rn(1.0, tl.sqrt_rn(new)), mask=msk)
-        row_mean = tl.div_rn(tl.sum(new_sum, axis=0), M * 1.0)
-        tl.debug_barrier()
-        for i0 in range(0, M, BLOCK):
-            idx = i0 + offs
-            msk = idx < M
-            if ROW_STATE:
-                row = tl.load(row_ptr + idx, mask=msk, other=1.0)
-                r = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(row, row_mean)))
+                tl.store(row_ptr + idx, new, mask=and_flag(msk, ok2))
+                r = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(new, row_mean)))
             else:
                 r = tl.full([BLOCK], 1.0, tl.float32)
             tl.store(ws_ptr + off_r + idx, r, mask=msk)
-    tl.store(flags_ptr, ok1)
-    tl.store(flags_ptr + 1, okp)
+        else:
+            idx = (pid - n_rp) * BLOCK + offs
+            msk = idx < N
+            new = tl.load(ws_ptr + off_c + idx, mask=msk, other=1.0)
+            tl.store(col_ptr + idx, new, mask=and_flag(msk, ok2))
+            tl.store(ws_ptr + off_c + idx, tl.div_rn(1.0, tl.sqrt_rn(new)), mask=msk)
+    if pid == 0:
+        ok1 = (tl.abs(sum_parts(ws_ptr, 0, n_fin, 1024)) <= 3.4028234663852886e38).to(tl.int32)
+        tl.store(flags_ptr, ok1)
+        if FACTORED:
+            ok1 = ok1 & ok2.to(tl.int32)
+        tl.store(flags_ptr + 1, ok1)
 
 
 @_jit
 def adapm_usq_kernel(g_ptr, m_ptr, a_ptr, b_ptr, scale_ptr, flags_ptr, ws_ptr, M, N, TN, rows_per_prog, sg_m, sg_n,
                      sm_m, sa_m, sa_k, sb_k, sb_n, R, off_r, off_c, off_out, beta1, bc1, sbc2,
                      HAS_SCALE: tl.constexpr, MOM: tl.constexpr, ALIGN: tl.constexpr, G_UNIT: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP: tl.constexpr, DOT: tl.constexpr):
     """Factored second moment: partial sums of u^2 (u = m_hat * r * c * sqrt(bc2)) at ws[off_out + pid]. Full
     momentum: the new m is stored here (where the momentum's finite flag holds)."""
     N, _, sg_m, sg_n = strides_known(N, 0, sg_m, sg_n, ALIGN, G_UNIT)
@@ -234,7 +268,7 @@ def adapm_usq_kernel(g_ptr, m_ptr, a_ptr, b_ptr, scale_ptr, flags_ptr, ws_ptr, M
     okm = tl.load(flags_ptr).to(tl.int8)
     c = tl.load(ws_ptr + off_c + cols, mask=cmask, other=0.0)
     if MOM == 2:
-        b = _lift_rhs(b_ptr, cols, cmask, sb_k, sb_n, R, RP)
+        b_hi, b_lo = _lift_rhs(b_ptr, cols, cmask, sb_k, sb_n, R, RP, DOT)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for m0 in range(0, rows_per_prog, BLOCK_M):
         rows = r0 + m0 + lrows
@@ -252,7 +286,7 @@ def adapm_usq_kernel(g_ptr, m_ptr, a_ptr, b_ptr, scale_ptr, flags_ptr, ws_ptr, M
             tl.store(m_ptrs, m, mask=and_flag(mask, okm))
             mh = tl.div_rn(m, bc1)
         else:
-            mh = g + _lift(a_ptr, b, rows, rmask, sa_m, sa_k, R, RP)
+            mh = g + _lift(a_ptr, b_hi, b_lo, rows, rmask, sa_m, sa_k, R, RP, DOT)
         r = tl.load(ws_ptr + off_r + rows, mask=rmask, other=0.0)
         u = mh * r[:, None] * c[None, :] * sbc2
         acc += tl.where(mask, u * u, 0.0)
@@ -266,7 +300,8 @@ def adapm_write_kernel(g_ptr, p_ptr, m_ptr, v_ptr, a_ptr, b_ptr, scale_ptr, flag
                        eps, sbc2, numel_f, sqrt_numel, clip_threshold, HAS_SCALE: tl.constexpr, MOM: tl.constexpr,
                        ADAM: tl.constexpr, M_STORED: tl.constexpr, HAS_WD: tl.constexpr, HAS_USQ: tl.constexpr,
                        PSQ: tl.constexpr, SR: tl.constexpr, ALIGN: tl.constexpr, G_UNIT: tl.constexpr,
-                       P_UNIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP: tl.constexpr):
+                       P_UNIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP: tl.constexpr,
+                       DOT: tl.constexpr):
     """p <- p (1 - step wd) - step clip u where the parameter's finite flag holds. ADAM: v (and full momentum's m)
     are updated here too, where the momentum's flag holds, step = lr. Factored: u = m_hat * r * c * sqrt(bc2), the
     clip factor 1/max(1, RMS(u)/d) and the relative step lr * max(1e-3, RMS(p)) from the partial sums, which every
@@ -292,7 +327,7 @@ def adapm_write_kernel(g_ptr, p_ptr, m_ptr, v_ptr, a_ptr, b_ptr, scale_ptr, flag
     if not ADAM:
         c = tl.load(ws_ptr + off_c + cols, mask=cmask, other=0.0)
     if MOM == 2:
-        b = _lift_rhs(b_ptr, cols, cmask, sb_k, sb_n, R, RP)
+        b_hi, b_lo = _lift_rhs(b_ptr, cols, cmask, sb_k, sb_n, R, RP, DOT)
     for m0 in tl.range(0, rows_per_prog, BLOCK_M, num_stages=1):
         rows = r0 + m0 + lrows
         rmask = rows < M
@@ -314,7 +349,7 @@ def adapm_write_kernel(g_ptr, p_ptr, m_ptr, v_ptr, a_ptr, b_ptr, scale_ptr, flag
                 tl.store(m_ptrs, m, mask=and_flag(mask, okm))
             mh = tl.div_rn(m, bc1)
         else:
-            mh = g + _lift(a_ptr, b, rows, rmask, sa_m, sa_k, R, RP)
+            mh = g + _lift(a_ptr, b_hi, b_lo, rows, rmask, sa_m, sa_k, R, RP, DOT)
         if ADAM:
             v_ptrs = v_ptr + r64 * sv_m + cols[None, :]
             v = _lerp(g * g, tl.load(v_ptrs, mask=mask, other=0.0), beta2)
@@ -337,7 +372,7 @@ def adapm_write_kernel(g_ptr, p_ptr, m_ptr, v_ptr, a_ptr, b_ptr, scale_ptr, flag
 @_jit
 def adapm_project_kernel(g_ptr, P_ptr, scale_ptr, out_ptr, M, N, sg_m, sg_n, sa_m, sa_k, R, per_split, n_blocks,
                          HAS_SCALE: tl.constexpr, LEFT: tl.constexpr, ALIGN: tl.constexpr, G_UNIT: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP: tl.constexpr, DOT: tl.constexpr):
     """The projected gradient, reading g once in its own dtype: LEFT, P^T g (P: M x R) as partial sums over row
     splits, [split, R, N]; else g P (P: N x R) over column splits, [split, M, R]. A program takes one block of the
     output's long side and one split of the reduced side (a fixed order: deterministic)."""
@@ -347,42 +382,67 @@ def adapm_project_kernel(g_ptr, P_ptr, scale_ptr, out_ptr, M, N, sg_m, sg_n, sa_
     split = pid // n_blocks
     ks = tl.arange(0, RP)
     kmask = ks < R
-    if HAS_SCALE:
-        scale = tl.load(scale_ptr).to(tl.float32)
+    lo = split * per_split
     if LEFT:
         cols = blk * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < N
         acc = tl.zeros([RP, BLOCK_N], dtype=tl.float32)
-        lo = split * per_split
         for m0 in range(0, per_split, BLOCK_M):
             rows = lo + m0 + tl.arange(0, BLOCK_M)
             rmask = rows < M
             g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * sg_m + cols[None, :] * sg_n,
-                        mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-            if HAS_SCALE:
-                g = g * scale
+                        mask=rmask[:, None] & cmask[None, :], other=0.0)
             pt = tl.load(P_ptr + rows[:, None] * sa_m + ks[None, :] * sa_k, mask=rmask[:, None] & kmask[None, :],
                          other=0.0)
-            acc += tl.dot(tl.trans(pt), g, input_precision="tf32x3")
-        tl.store(out_ptr + (split * R + ks[:, None]).to(tl.int64) * N + cols[None, :], acc,
-                 mask=kmask[:, None] & cmask[None, :])
+            acc = _project_step(tl.trans(pt), g, acc, True, DOT)
     else:
         rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < M
         acc = tl.zeros([BLOCK_M, RP], dtype=tl.float32)
-        lo = split * per_split
         for n0 in range(0, per_split, BLOCK_N):
             cols = lo + n0 + tl.arange(0, BLOCK_N)
             cmask = cols < N
             g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * sg_m + cols[None, :] * sg_n,
-                        mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-            if HAS_SCALE:
-                g = g * scale
+                        mask=rmask[:, None] & cmask[None, :], other=0.0)
             pt = tl.load(P_ptr + cols[:, None] * sa_m + ks[None, :] * sa_k, mask=cmask[:, None] & kmask[None, :],
                          other=0.0)
-            acc += tl.dot(g, pt, input_precision="tf32x3")
+            acc = _project_step(g, pt, acc, False, DOT)
+    if HAS_SCALE:  # the product is linear in g: scaled once at the end
+        acc = acc * tl.load(scale_ptr).to(tl.float32)
+    if LEFT:
+        tl.store(out_ptr + (split * R + ks[:, None]).to(tl.int64) * N + cols[None, :], acc,
+                 mask=kmask[:, None] & cmask[None, :])
+    else:
         tl.store(out_ptr + (split * M + rows.to(tl.int64))[:, None] * R + ks[None, :], acc,
                  mask=rmask[:, None] & kmask[None, :])
+
+
+@triton.jit
+def _project_step(x, y, acc, P_FIRST: tl.constexpr, DOT: tl.constexpr):
+    """acc + x @ y, one of them a tile of g in its own dtype and the other of the fp32 basis P (``P_FIRST``: x). A
+    16-bit g is exact in TF32, so with DOT ``split`` only P is split: two TF32 products (three for an fp32 g)."""
+    if DOT == "split":
+        if P_FIRST:
+            p_hi, p_lo = _split(x)
+            if y.dtype == tl.float32:
+                g_hi, g_lo = _split(y)
+                acc = tl.dot(p_hi, g_lo, acc, input_precision="tf32")
+            else:
+                g_hi = y.to(tl.float32)
+            acc = tl.dot(p_lo, g_hi, acc, input_precision="tf32")
+            acc = tl.dot(p_hi, g_hi, acc, input_precision="tf32")
+        else:
+            p_hi, p_lo = _split(y)
+            if x.dtype == tl.float32:
+                g_hi, g_lo = _split(x)
+                acc = tl.dot(g_lo, p_hi, acc, input_precision="tf32")
+            else:
+                g_hi = x.to(tl.float32)
+            acc = tl.dot(g_hi, p_lo, acc, input_precision="tf32")
+            acc = tl.dot(g_hi, p_hi, acc, input_precision="tf32")
+    else:
+        acc = tl.dot(x.to(tl.float32), y.to(tl.float32), acc, input_precision=DOT)
+    return acc
 
 
 @_jit
@@ -403,12 +463,13 @@ def adapm_momentum_kernel(parts_ptr, m_ptr, c_ptr, flags_ptr, n_parts, n_total, 
 
 
 stats = Launcher(adapm_stats_kernel, "HAS_SCALE", "FACTORED", "PSQ", "ALIGN", "G_UNIT", "P_UNIT", "BLOCK_M", "BLOCK_N")
-finish = Launcher(adapm_finish_kernel, "FACTORED", "ROW_STATE", "BLOCK")
+finalize = Launcher(adapm_finalize_kernel, "ROW_STATE", "BLOCK")
+factors = Launcher(adapm_factors_kernel, "FACTORED", "ROW_STATE", "BLOCK", "FB")
 momentum = Launcher(adapm_momentum_kernel, "BLOCK")
-usq = Launcher(adapm_usq_kernel, "HAS_SCALE", "MOM", "ALIGN", "G_UNIT", "BLOCK_M", "BLOCK_N", "RP")
-project = Launcher(adapm_project_kernel, "HAS_SCALE", "LEFT", "ALIGN", "G_UNIT", "BLOCK_M", "BLOCK_N", "RP")
+usq = Launcher(adapm_usq_kernel, "HAS_SCALE", "MOM", "ALIGN", "G_UNIT", "BLOCK_M", "BLOCK_N", "RP", "DOT")
+project = Launcher(adapm_project_kernel, "HAS_SCALE", "LEFT", "ALIGN", "G_UNIT", "BLOCK_M", "BLOCK_N", "RP", "DOT")
 write = Launcher(adapm_write_kernel, "HAS_SCALE", "MOM", "ADAM", "M_STORED", "HAS_WD", "HAS_USQ", "PSQ", "SR", "ALIGN",
-                 "G_UNIT", "P_UNIT", "BLOCK_M", "BLOCK_N", "RP")
+                 "G_UNIT", "P_UNIT", "BLOCK_M", "BLOCK_N", "RP", "DOT")
 
 
 # ------------------------------------------------------------------------------------------------ host side
@@ -422,7 +483,13 @@ _PROJECT_PROGRAMS = 264
 _PROJECT_LEFT = (16, 64, 8)
 _PROJECT_RIGHT = (64, 32, 4)
 _LOW_RANK_TILE = (16, 64)
+_LOW_RANK_WARPS = 8
 _MOMENTUM_BLOCK = 1024
+#: rows or columns per program of the second-moment statistics' finalize and factors passes
+_FINISH_BLOCK = 256
+#: how the rank-r products run: "split" (three TF32 products of split operands, ``_dot``), or a ``tl.dot``
+#: ``input_precision`` ("tf32x3", "ieee")
+DOT_PRECISION = "tf32x3"
 
 
 def _project(g: torch.Tensor, P: torch.Tensor, side: str, scale, run) -> torch.Tensor:
@@ -442,7 +509,8 @@ def _project(g: torch.Tensor, P: torch.Tensor, side: str, scale, run) -> torch.T
     sg = g.stride()
     project(n_blocks * splits, (g, P, scale if has_scale else g, out, M, N, sg[0], sg[1], P.stride(0), P.stride(1), R,
                                 per_split, n_blocks),
-            (has_scale, left, _aligned(N, sg[0]) and sg[1] == 1, sg[1] == 1, bm, bn, max(16, next_pow2(R))), warps,
+            (has_scale, left, _aligned(N, sg[0]) and sg[1] == 1, sg[1] == 1, bm, bn, max(16, next_pow2(R)),
+             DOT_PRECISION), warps,
             run)
     return out
 
@@ -481,7 +549,8 @@ def _part(t: torch.Tensor, ch) -> torch.Tensor:
 class _Layout(NamedTuple):
     tile: tuple  # BLOCK_M, BLOCK_N, TM, TN, rows per program, programs: the matrix's stats pass
     chunks: tuple  # per chunk: programs, column tiles, rows per program, (BLOCK_M, BLOCK_N) of its usq/write passes
-    offsets: tuple  # workspace regions (fp32): off_psq, off_row, off_col, off_usq, n_usq, off_r, off_c, its size
+    blocks: tuple  # the finalize/factors programs: row blocks, row and column blocks
+    offsets: tuple  # workspace regions (fp32): off_psq, off_row, off_col, off_usq, n_usq, off_r, off_c, off_blk, size
 
 
 def _bounds(s: slice, n: int) -> tuple[int, int]:
@@ -489,28 +558,35 @@ def _bounds(s: slice, n: int) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=4096)
-def _layout(M: int, N: int, chunks: tuple, factored: bool, has_usq: bool, config: tuple) -> _Layout:
+def _layout(M: int, N: int, chunks: tuple, factored: bool, has_usq: bool, config: tuple, low_rank_tile: tuple
+            ) -> _Layout:
     """The launch geometry and workspace layout of one matrix update, which depend on shapes, settings and the
-    kernel configuration (``config``: its tiling values) alone: cached, as fused mode updates the same tensors every
-    step."""
+    kernel configuration (``config``: its tiling values; the low-rank passes' tile) alone: cached, as fused mode
+    updates the same tensors every step."""
     geo = tiling(M, N)
     bm, bn, TM, TN, rpp = geo["BLOCK_M"], geo["BLOCK_N"], geo["TM"], geo["TN"], geo["rows_per_prog"]
     n_prog = TM * TN
     per_chunk = []
     for kind, (r0, r1), (c0, c1) in chunks:
-        cg = tiling(r1 - r0, c1 - c0)
-        tile = _LOW_RANK_TILE if kind == "low_rank" else (bm, bn)
+        tile = low_rank_tile if kind == "low_rank" else (bm, bn)
+        # a program's rows: a whole number of its tiles (a partial last tile would overlap the next program's)
+        rpp_c = cdiv(tiling(r1 - r0, c1 - c0)["rows_per_prog"], tile[0]) * tile[0]
         tn = cdiv(c1 - c0, tile[1])
-        per_chunk.append((cg["TM"] * tn, tn, cg["rows_per_prog"], tile))
-    # partial sums of g and p^2, of the row and column sums of g^2, of u^2 per chunk; then r and c
+        per_chunk.append((cdiv(r1 - r0, rpp_c) * tn, tn, rpp_c, tile))
+    n_rp = cdiv(M, _FINISH_BLOCK) if factored else 0
+    n_blk = n_rp + cdiv(N, _FINISH_BLOCK) if factored else 1
+    # partial sums of g and p^2, of the row and column sums of g^2, of u^2 per chunk; then r and c, and the finalize
+    # programs' two sums each
     off_psq, off_row = n_prog, 2 * n_prog
     off_col = off_row + (TN * M if factored else 0)
     off_usq = off_col + (TM * N if factored else 0)
     n_usq = sum(c[0] for c in per_chunk) if has_usq else 0
     off_r = off_usq + n_usq
     off_c = off_r + (M if factored else 0)
-    return _Layout((bm, bn, TM, TN, rpp, n_prog), tuple(per_chunk),
-                   (off_psq, off_row, off_col, off_usq, n_usq, off_r, off_c, off_c + (N if factored else 0)))
+    off_blk = off_c + (N if factored else 0)
+    return _Layout((bm, bn, TM, TN, rpp, n_prog), tuple(per_chunk), (n_rp, n_blk),
+                   (off_psq, off_row, off_col, off_usq, n_usq, off_r, off_c, off_blk,
+                    off_blk + (2 * n_blk if factored else 0)))
 
 
 def _aligned(N: int, *strides: int) -> bool:
@@ -540,9 +616,10 @@ def adapm_update_(p, g, state, chunks: list, *, flags: torch.Tensor, t: float, l
     psq = factored and relative_lr
     has_usq = factored and clip_threshold is not None
     lay = _layout(Mrows, N, tuple((ch.kind, _bounds(ch.rows, Mrows), _bounds(ch.cols, N)) for ch in chunks), factored,
-                  has_usq, (CONFIG["block_m"], CONFIG["block_n"], CONFIG["max_tm"]))
+                  has_usq, (CONFIG["block_m"], CONFIG["block_n"], CONFIG["max_tm"]), _LOW_RANK_TILE)
     bm, bn, TM, TN, rpp, n_prog = lay.tile
-    off_psq, off_row, off_col, off_usq, n_usq, off_r, off_c, ws_numel = lay.offsets
+    off_psq, off_row, off_col, off_usq, n_usq, off_r, off_c, off_blk, ws_numel = lay.offsets
+    n_rp, n_blk = lay.blocks
     geos = [(_part(g, ch), *cg) for ch, cg in zip(chunks, lay.chunks)]
     ws = torch.empty(ws_numel, dtype=torch.float32, device=dev)
     sg, sp = g.stride(), p.stride()
@@ -552,8 +629,11 @@ def adapm_update_(p, g, state, chunks: list, *, flags: torch.Tensor, t: float, l
     row_state = factored and "exp_avg_sq_row" in state
     row_st = state["exp_avg_sq_row"] if row_state else ws
     col_st = (state["exp_avg_sq_col"] if row_state else state["exp_avg_sq"]) if factored else ws
-    finish(1, (ws, row_st, col_st, flags, n_prog, Mrows, N, TM, TN, off_row, off_col, off_r, off_c, float(beta2),
-               float(eps) ** 2), (factored, row_state, 512), 8, run)
+    if factored:
+        finalize(n_blk, (ws, row_st, col_st, Mrows, N, TM, TN, n_rp, off_row, off_col, off_r, off_c, off_blk,
+                         float(beta2), float(eps) ** 2), (row_state, _FINISH_BLOCK), 4, run)
+    factors(n_blk, (ws, row_st, col_st, flags, n_prog, Mrows, N, n_rp, n_blk, off_r, off_c, off_blk),
+            (factored, row_state, _FINISH_BLOCK, 64), 4, run)
     b1 = float(beta1)
     bc1 = 1.0 - b1 ** t
     sbc2 = math.sqrt(bc2)
@@ -580,7 +660,8 @@ def adapm_update_(p, g, state, chunks: list, *, flags: torch.Tensor, t: float, l
             al = _aligned(gc.shape[1], gc.stride(0), sm) and gc.stride(1) == 1
             usq(n_c, (gc, m, a_p, b_p, scale, flags, ws, gc.shape[0], gc.shape[1], tn_c, rpp_c, gc.stride(0),
                       gc.stride(1), sm, *lift_ints, off_r + row0, off_c + col0, off_out, b1, bc1, sbc2),
-                (has_scale, code, al, gc.stride(1) == 1, cbm, cbn, RP), WARPS, run)
+                (has_scale, code, al, gc.stride(1) == 1, cbm, cbn, RP, DOT_PRECISION),
+                _LOW_RANK_WARPS if code == LOW_RANK else WARPS, run)
             off_out += n_c
     sr = bool(stochastic_rounding) and p.dtype == torch.bfloat16
     seed_i = seed_arg(sr, seed)
@@ -598,5 +679,5 @@ def adapm_update_(p, g, state, chunks: list, *, flags: torch.Tensor, t: float, l
                     bc1, float(beta2), float(bc2), float(eps), sbc2, float(numel), math.sqrt(numel),
                     float(clip_threshold or 1.0)),
               (has_scale, code, not factored, has_usq, weight_decay != 0, has_usq, psq, sr, al, gc.stride(1) == 1,
-               pc.stride(1) == 1, cbm, cbn, RP), WARPS, run)
+               pc.stride(1) == 1, cbm, cbn, RP, DOT_PRECISION), _LOW_RANK_WARPS if code == LOW_RANK else WARPS, run)
     _compat.bump_versions([whole])
