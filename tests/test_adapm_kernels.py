@@ -369,20 +369,20 @@ def _sm90_variants(tl):
     for left in (True, False):
         bm, bn, warps = K._PROJECT_LEFT if left else K._PROJECT_RIGHT
         out.append((f"adapm_project_{'left' if left else 'right'}", K.adapm_project_kernel,
-                    dict(HAS_SCALE=False, LEFT=left, ALIGN=True, G_UNIT=True, BLOCK_M=bm, BLOCK_N=bn, RP=64,
-                         DOT=K.DOT_PRECISION), warps, True))
+                    dict(HAS_SCALE=False, LEFT=left, ALIGN=True, G_UNIT=True, BLOCK_M=bm, BLOCK_N=bn, RP=64), warps,
+                    True))
     for mom in (0, 1, 2):
         t = dict(tile) if mom != 2 else dict(tile, BLOCK_M=K._LOW_RANK_TILE[0], BLOCK_N=K._LOW_RANK_TILE[1])
         warps = K._LOW_RANK_WARPS if mom == 2 else K.WARPS
         usq_stages, write_stages = K._LOW_RANK_STAGES if mom == 2 else (3, 1)
         out.append((f"adapm_usq_{mom}", K.adapm_usq_kernel,
-                    dict(t, HAS_SCALE=False, MOM=mom, RP=64, DOT=K.DOT_PRECISION, STAGES=usq_stages), warps, True))
+                    dict(t, HAS_SCALE=False, MOM=mom, RP=64, STAGES=usq_stages), warps, True))
         for adam in (True, False):
             for sr in (True, False):
                 out.append((f"adapm_write_{mom}_{'adam' if adam else 'factored'}{'' if sr else '_nosr'}",
                             K.adapm_write_kernel, dict(t, HAS_SCALE=False, MOM=mom, ADAM=adam, M_STORED=not adam,
                                                        HAS_WD=True, HAS_USQ=not adam, PSQ=not adam, SR=sr,
-                                                       P_UNIT=True, RP=64, DOT=K.DOT_PRECISION,
+                                                       P_UNIT=True, RP=64,
                                                        STAGES=write_stages), warps,
                             True))
     return out

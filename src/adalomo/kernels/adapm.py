@@ -69,45 +69,44 @@ def _lerp(start, end, w):
 
 @triton.jit
 def _split(x):
-    """x = hi + lo with hi exact in TF32 (the low 13 mantissa bits cleared): three TF32 products hi hi + hi lo + lo hi
-    give an fp32-accurate product on the tensor cores (the error of the dropped lo lo term is ~2^-22 relative)."""
-    hi = (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
-    return hi, x - hi
+    """(hi, lo) with x = hi + lo and hi exact in TF32 (the low 13 mantissa bits cleared). A 16-bit float is exact in
+    TF32: (x, x) in fp32, its lo part never used (see ``_dot3``)."""
+    if x.dtype == tl.float32:
+        hi = (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+        return hi, x - hi
+    else:
+        xf = x.to(tl.float32)
+        return xf, xf
 
 
 @triton.jit
-def _dot(a, b_hi, b_lo, acc, DOT: tl.constexpr):
-    """acc + a @ b at the product precision DOT: ``split``, the three TF32 products with b already split (b is the
-    operand a program keeps: split once); else ``tl.dot``'s own ``input_precision``."""
-    if DOT == "split":
-        a_hi, a_lo = _split(a)
+def _dot3(a_hi, a_lo, b_hi, b_lo, acc, A_EXACT: tl.constexpr, B_EXACT: tl.constexpr):
+    """acc + a @ b, fp32-accurate on the tensor cores from split operands: hi hi + hi lo + lo hi as TF32 products
+    (the dropped lo lo term is ~2^-22 relative); an operand exact in TF32 (a 16-bit gradient) has no lo part, so one
+    product fewer. Splitting by hand lets a program split the operand it keeps once (``tl.dot``'s ``tf32x3`` splits
+    both at every product)."""
+    if not A_EXACT:
         acc = tl.dot(a_lo, b_hi, acc, input_precision="tf32")
+    if not B_EXACT:
         acc = tl.dot(a_hi, b_lo, acc, input_precision="tf32")
-        return tl.dot(a_hi, b_hi, acc, input_precision="tf32")
-    else:
-        return tl.dot(a, b_hi, acc, input_precision=DOT)
+    return tl.dot(a_hi, b_hi, acc, input_precision="tf32")
 
 
 @triton.jit
-def _lift_rhs(b_ptr, cols, cmask, sb_k, sb_n, R, RP: tl.constexpr, DOT: tl.constexpr):
-    """The [RP, BLOCK_N] tile of B in lift = A @ B (zero beyond rank R), loaded once per program: (hi, lo) parts for
-    DOT ``split``, else (B, B)."""
+def _lift_rhs(b_ptr, cols, cmask, sb_k, sb_n, R, RP: tl.constexpr):
+    """The [RP, BLOCK_N] tile of B in lift = A @ B (zero beyond rank R), loaded and split once per program."""
     ks = tl.arange(0, RP)
-    b = tl.load(b_ptr + ks[:, None] * sb_k + cols[None, :] * sb_n, mask=(ks < R)[:, None] & cmask[None, :],
-                other=0.0)
-    if DOT == "split":
-        return _split(b)
-    else:
-        return b, b
+    return _split(tl.load(b_ptr + ks[:, None] * sb_k + cols[None, :] * sb_n, mask=(ks < R)[:, None] & cmask[None, :],
+                          other=0.0))
 
 
 @triton.jit
-def _lift(a_ptr, b_hi, b_lo, rows, rmask, sa_m, sa_k, R, RP: tl.constexpr, DOT: tl.constexpr):
-    """Rows ``rows`` of A @ B: the low-rank part of the estimate, fp32-accurate."""
+def _lift(a_ptr, b_hi, b_lo, rows, rmask, sa_m, sa_k, R, RP: tl.constexpr):
+    """Rows ``rows`` of A @ B: the low-rank part of the estimate."""
     ks = tl.arange(0, RP)
-    a = tl.load(a_ptr + rows.to(tl.int64)[:, None] * sa_m + ks[None, :] * sa_k,
-                mask=rmask[:, None] & (ks < R)[None, :], other=0.0)
-    return _dot(a, b_hi, b_lo, tl.zeros([a.shape[0], b_hi.shape[1]], dtype=tl.float32), DOT)
+    a_hi, a_lo = _split(tl.load(a_ptr + rows.to(tl.int64)[:, None] * sa_m + ks[None, :] * sa_k,
+                                mask=rmask[:, None] & (ks < R)[None, :], other=0.0))
+    return _dot3(a_hi, a_lo, b_hi, b_lo, tl.zeros([rows.shape[0], b_hi.shape[1]], dtype=tl.float32), False, False)
 
 
 _INTS = ["n_parts", "per_split", "n_blocks", "M", "N", "TM", "TN", "rows_per_prog", "sg_m", "sg_n", "sp_m", "sp_n",
@@ -255,8 +254,7 @@ def adapm_factors_kernel(ws_ptr, row_ptr, col_ptr, flags_ptr, n_fin, M, N, n_rp,
 def adapm_usq_kernel(g_ptr, m_ptr, a_ptr, b_ptr, scale_ptr, flags_ptr, ws_ptr, M, N, TN, rows_per_prog, sg_m, sg_n,
                      sm_m, sa_m, sa_k, sb_k, sb_n, R, off_r, off_c, off_out, beta1, bc1, sbc2,
                      HAS_SCALE: tl.constexpr, MOM: tl.constexpr, ALIGN: tl.constexpr, G_UNIT: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP: tl.constexpr, DOT: tl.constexpr,
-                     STAGES: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP: tl.constexpr, STAGES: tl.constexpr):
     """Factored second moment: partial sums of u^2 (u = m_hat * r * c * sqrt(bc2)) at ws[off_out + pid]. Full
     momentum: the new m is stored here (where the momentum's finite flag holds)."""
     N, _, sg_m, sg_n = strides_known(N, 0, sg_m, sg_n, ALIGN, G_UNIT)
@@ -269,7 +267,7 @@ def adapm_usq_kernel(g_ptr, m_ptr, a_ptr, b_ptr, scale_ptr, flags_ptr, ws_ptr, M
     okm = tl.load(flags_ptr).to(tl.int8)
     c = tl.load(ws_ptr + off_c + cols, mask=cmask, other=0.0)
     if MOM == 2:
-        b_hi, b_lo = _lift_rhs(b_ptr, cols, cmask, sb_k, sb_n, R, RP, DOT)
+        b_hi, b_lo = _lift_rhs(b_ptr, cols, cmask, sb_k, sb_n, R, RP)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for m0 in tl.range(0, rows_per_prog, BLOCK_M, num_stages=STAGES):
         rows = r0 + m0 + lrows
@@ -287,7 +285,7 @@ def adapm_usq_kernel(g_ptr, m_ptr, a_ptr, b_ptr, scale_ptr, flags_ptr, ws_ptr, M
             tl.store(m_ptrs, m, mask=and_flag(mask, okm))
             mh = tl.div_rn(m, bc1)
         else:
-            mh = g + _lift(a_ptr, b_hi, b_lo, rows, rmask, sa_m, sa_k, R, RP, DOT)
+            mh = g + _lift(a_ptr, b_hi, b_lo, rows, rmask, sa_m, sa_k, R, RP)
         r = tl.load(ws_ptr + off_r + rows, mask=rmask, other=0.0)
         u = mh * r[:, None] * c[None, :] * sbc2
         acc += tl.where(mask, u * u, 0.0)
@@ -302,7 +300,7 @@ def adapm_write_kernel(g_ptr, p_ptr, m_ptr, v_ptr, a_ptr, b_ptr, scale_ptr, flag
                        ADAM: tl.constexpr, M_STORED: tl.constexpr, HAS_WD: tl.constexpr, HAS_USQ: tl.constexpr,
                        PSQ: tl.constexpr, SR: tl.constexpr, ALIGN: tl.constexpr, G_UNIT: tl.constexpr,
                        P_UNIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP: tl.constexpr,
-                       DOT: tl.constexpr, STAGES: tl.constexpr):
+                       STAGES: tl.constexpr):
     """p <- p (1 - step wd) - step clip u where the parameter's finite flag holds. ADAM: v (and full momentum's m)
     are updated here too, where the momentum's flag holds, step = lr. Factored: u = m_hat * r * c * sqrt(bc2), the
     clip factor 1/max(1, RMS(u)/d) and the relative step lr * max(1e-3, RMS(p)) from the partial sums, which every
@@ -328,7 +326,7 @@ def adapm_write_kernel(g_ptr, p_ptr, m_ptr, v_ptr, a_ptr, b_ptr, scale_ptr, flag
     if not ADAM:
         c = tl.load(ws_ptr + off_c + cols, mask=cmask, other=0.0)
     if MOM == 2:
-        b_hi, b_lo = _lift_rhs(b_ptr, cols, cmask, sb_k, sb_n, R, RP, DOT)
+        b_hi, b_lo = _lift_rhs(b_ptr, cols, cmask, sb_k, sb_n, R, RP)
     for m0 in tl.range(0, rows_per_prog, BLOCK_M, num_stages=STAGES):
         rows = r0 + m0 + lrows
         rmask = rows < M
@@ -350,7 +348,7 @@ def adapm_write_kernel(g_ptr, p_ptr, m_ptr, v_ptr, a_ptr, b_ptr, scale_ptr, flag
                 tl.store(m_ptrs, m, mask=and_flag(mask, okm))
             mh = tl.div_rn(m, bc1)
         else:
-            mh = g + _lift(a_ptr, b_hi, b_lo, rows, rmask, sa_m, sa_k, R, RP, DOT)
+            mh = g + _lift(a_ptr, b_hi, b_lo, rows, rmask, sa_m, sa_k, R, RP)
         if ADAM:
             v_ptrs = v_ptr + r64 * sv_m + cols[None, :]
             v = _lerp(g * g, tl.load(v_ptrs, mask=mask, other=0.0), beta2)
@@ -373,7 +371,7 @@ def adapm_write_kernel(g_ptr, p_ptr, m_ptr, v_ptr, a_ptr, b_ptr, scale_ptr, flag
 @_jit
 def adapm_project_kernel(g_ptr, P_ptr, scale_ptr, out_ptr, M, N, sg_m, sg_n, sa_m, sa_k, R, per_split, n_blocks,
                          HAS_SCALE: tl.constexpr, LEFT: tl.constexpr, ALIGN: tl.constexpr, G_UNIT: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP: tl.constexpr, DOT: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP: tl.constexpr):
     """The projected gradient, reading g once in its own dtype: LEFT, P^T g (P: M x R) as partial sums over row
     splits, [split, R, N]; else g P (P: N x R) over column splits, [split, M, R]. A program takes one block of the
     output's long side and one split of the reduced side (a fixed order: deterministic)."""
@@ -395,7 +393,9 @@ def adapm_project_kernel(g_ptr, P_ptr, scale_ptr, out_ptr, M, N, sg_m, sg_n, sa_
                         mask=rmask[:, None] & cmask[None, :], other=0.0)
             pt = tl.load(P_ptr + rows[:, None] * sa_m + ks[None, :] * sa_k, mask=rmask[:, None] & kmask[None, :],
                          other=0.0)
-            acc = _project_step(tl.trans(pt), g, acc, True, DOT)
+            p_hi, p_lo = _split(tl.trans(pt))
+            g_hi, g_lo = _split(g)
+            acc = _dot3(p_hi, p_lo, g_hi, g_lo, acc, False, g.dtype != tl.float32)
     else:
         rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < M
@@ -407,7 +407,9 @@ def adapm_project_kernel(g_ptr, P_ptr, scale_ptr, out_ptr, M, N, sg_m, sg_n, sa_
                         mask=rmask[:, None] & cmask[None, :], other=0.0)
             pt = tl.load(P_ptr + cols[:, None] * sa_m + ks[None, :] * sa_k, mask=cmask[:, None] & kmask[None, :],
                          other=0.0)
-            acc = _project_step(g, pt, acc, False, DOT)
+            p_hi, p_lo = _split(pt)
+            g_hi, g_lo = _split(g)
+            acc = _dot3(g_hi, g_lo, p_hi, p_lo, acc, g.dtype != tl.float32, False)
     if HAS_SCALE:  # the product is linear in g: scaled once at the end
         acc = acc * tl.load(scale_ptr).to(tl.float32)
     if LEFT:
@@ -416,34 +418,6 @@ def adapm_project_kernel(g_ptr, P_ptr, scale_ptr, out_ptr, M, N, sg_m, sg_n, sa_
     else:
         tl.store(out_ptr + (split * M + rows.to(tl.int64))[:, None] * R + ks[None, :], acc,
                  mask=rmask[:, None] & kmask[None, :])
-
-
-@triton.jit
-def _project_step(x, y, acc, P_FIRST: tl.constexpr, DOT: tl.constexpr):
-    """acc + x @ y, one of them a tile of g in its own dtype and the other of the fp32 basis P (``P_FIRST``: x). A
-    16-bit g is exact in TF32, so with DOT ``split`` only P is split: two TF32 products (three for an fp32 g)."""
-    if DOT == "split":
-        if P_FIRST:
-            p_hi, p_lo = _split(x)
-            if y.dtype == tl.float32:
-                g_hi, g_lo = _split(y)
-                acc = tl.dot(p_hi, g_lo, acc, input_precision="tf32")
-            else:
-                g_hi = y.to(tl.float32)
-            acc = tl.dot(p_lo, g_hi, acc, input_precision="tf32")
-            acc = tl.dot(p_hi, g_hi, acc, input_precision="tf32")
-        else:
-            p_hi, p_lo = _split(y)
-            if x.dtype == tl.float32:
-                g_hi, g_lo = _split(x)
-                acc = tl.dot(g_lo, p_hi, acc, input_precision="tf32")
-            else:
-                g_hi = x.to(tl.float32)
-            acc = tl.dot(g_hi, p_lo, acc, input_precision="tf32")
-            acc = tl.dot(g_hi, p_hi, acc, input_precision="tf32")
-    else:
-        acc = tl.dot(x.to(tl.float32), y.to(tl.float32), acc, input_precision=DOT)
-    return acc
 
 
 @_jit
@@ -467,10 +441,10 @@ stats = Launcher(adapm_stats_kernel, "HAS_SCALE", "FACTORED", "PSQ", "ALIGN", "G
 finalize = Launcher(adapm_finalize_kernel, "ROW_STATE", "BLOCK")
 factors = Launcher(adapm_factors_kernel, "FACTORED", "ROW_STATE", "BLOCK", "FB")
 momentum = Launcher(adapm_momentum_kernel, "BLOCK")
-usq = Launcher(adapm_usq_kernel, "HAS_SCALE", "MOM", "ALIGN", "G_UNIT", "BLOCK_M", "BLOCK_N", "RP", "DOT", "STAGES")
-project = Launcher(adapm_project_kernel, "HAS_SCALE", "LEFT", "ALIGN", "G_UNIT", "BLOCK_M", "BLOCK_N", "RP", "DOT")
+usq = Launcher(adapm_usq_kernel, "HAS_SCALE", "MOM", "ALIGN", "G_UNIT", "BLOCK_M", "BLOCK_N", "RP", "STAGES")
+project = Launcher(adapm_project_kernel, "HAS_SCALE", "LEFT", "ALIGN", "G_UNIT", "BLOCK_M", "BLOCK_N", "RP")
 write = Launcher(adapm_write_kernel, "HAS_SCALE", "MOM", "ADAM", "M_STORED", "HAS_WD", "HAS_USQ", "PSQ", "SR", "ALIGN",
-                 "G_UNIT", "P_UNIT", "BLOCK_M", "BLOCK_N", "RP", "DOT", "STAGES")
+                 "G_UNIT", "P_UNIT", "BLOCK_M", "BLOCK_N", "RP", "STAGES")
 
 
 # ------------------------------------------------------------------------------------------------ host side
@@ -492,9 +466,6 @@ _LOW_RANK_STAGES = (3, 1)
 _MOMENTUM_BLOCK = 1024
 #: rows or columns per program of the second-moment statistics' finalize and factors passes
 _FINISH_BLOCK = 256
-#: how the rank-r products run: "split" (three TF32 products of split operands, ``_dot``), or a ``tl.dot``
-#: ``input_precision`` ("tf32x3", "ieee")
-DOT_PRECISION = "split"
 
 
 def _project(g: torch.Tensor, P: torch.Tensor, side: str, scale, run) -> torch.Tensor:
@@ -514,9 +485,7 @@ def _project(g: torch.Tensor, P: torch.Tensor, side: str, scale, run) -> torch.T
     sg = g.stride()
     project(n_blocks * splits, (g, P, scale if has_scale else g, out, M, N, sg[0], sg[1], P.stride(0), P.stride(1), R,
                                 per_split, n_blocks),
-            (has_scale, left, _aligned(N, sg[0]) and sg[1] == 1, sg[1] == 1, bm, bn, max(16, next_pow2(R)),
-             DOT_PRECISION), warps,
-            run)
+            (has_scale, left, _aligned(N, sg[0]) and sg[1] == 1, sg[1] == 1, bm, bn, max(16, next_pow2(R))), warps, run)
     return out
 
 
@@ -673,8 +642,8 @@ def adapm_update_(p, g, state, chunks: list, *, flags: torch.Tensor, t: float, l
             al = _aligned(gc.shape[1], gc.stride(0), sm) and gc.stride(1) == 1
             usq(n_c, (gc, m, a_p, b_p, scale, flags, ws, gc.shape[0], gc.shape[1], tn_c, rpp_c, gc.stride(0),
                       gc.stride(1), sm, *lift_ints, off_r + row0, off_c + col0, off_out, b1, bc1, sbc2),
-                (has_scale, code, al, gc.stride(1) == 1, cbm, cbn, RP, DOT_PRECISION,
-                 _LOW_RANK_STAGES[0] if code == LOW_RANK else 3), _LOW_RANK_WARPS if code == LOW_RANK else WARPS, run)
+                (has_scale, code, al, gc.stride(1) == 1, cbm, cbn, RP, _LOW_RANK_STAGES[0] if code == LOW_RANK else 3),
+                _LOW_RANK_WARPS if code == LOW_RANK else WARPS, run)
             off_out += n_c
     sr = bool(stochastic_rounding) and p.dtype == torch.bfloat16
     seed_i = seed_arg(sr, seed)
@@ -692,6 +661,6 @@ def adapm_update_(p, g, state, chunks: list, *, flags: torch.Tensor, t: float, l
                     bc1, float(beta2), float(bc2), float(eps), sbc2, float(numel), math.sqrt(numel),
                     float(clip_threshold or 1.0)),
               (has_scale, code, not factored, has_usq, weight_decay != 0, has_usq, psq, sr, al, gc.stride(1) == 1,
-               pc.stride(1) == 1, cbm, cbn, RP, DOT_PRECISION, _LOW_RANK_STAGES[1] if code == LOW_RANK else 1),
+               pc.stride(1) == 1, cbm, cbn, RP, _LOW_RANK_STAGES[1] if code == LOW_RANK else 1),
               _LOW_RANK_WARPS if code == LOW_RANK else WARPS, run)
     _compat.bump_versions([whole])
