@@ -374,16 +374,14 @@ def _sm90_variants(tl):
     for mom in (0, 1, 2):
         t = dict(tile) if mom != 2 else dict(tile, BLOCK_M=K._LOW_RANK_TILE[0], BLOCK_N=K._LOW_RANK_TILE[1])
         warps = K._LOW_RANK_WARPS if mom == 2 else K.WARPS
-        usq_stages, write_stages = K._LOW_RANK_STAGES if mom == 2 else (3, 1)
         out.append((f"adapm_usq_{mom}", K.adapm_usq_kernel,
-                    dict(t, HAS_SCALE=False, MOM=mom, RP=64, STAGES=usq_stages), warps, True))
+                    dict(t, HAS_SCALE=False, MOM=mom, RP=64), warps, True))
         for adam in (True, False):
             for sr in (True, False):
                 out.append((f"adapm_write_{mom}_{'adam' if adam else 'factored'}{'' if sr else '_nosr'}",
                             K.adapm_write_kernel, dict(t, HAS_SCALE=False, MOM=mom, ADAM=adam, M_STORED=not adam,
                                                        HAS_WD=True, HAS_USQ=not adam, PSQ=not adam, SR=sr,
-                                                       P_UNIT=True, RP=64,
-                                                       STAGES=write_stages), warps,
+                                                       P_UNIT=True, RP=64), warps,
                             True))
     return out
 

@@ -254,7 +254,7 @@ def adapm_factors_kernel(ws_ptr, row_ptr, col_ptr, flags_ptr, n_fin, M, N, n_rp,
 def adapm_usq_kernel(g_ptr, m_ptr, a_ptr, b_ptr, scale_ptr, flags_ptr, ws_ptr, M, N, TN, rows_per_prog, sg_m, sg_n,
                      sm_m, sa_m, sa_k, sb_k, sb_n, R, off_r, off_c, off_out, beta1, bc1, sbc2,
                      HAS_SCALE: tl.constexpr, MOM: tl.constexpr, ALIGN: tl.constexpr, G_UNIT: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP: tl.constexpr, STAGES: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP: tl.constexpr):
     """Factored second moment: partial sums of u^2 (u = m_hat * r * c * sqrt(bc2)) at ws[off_out + pid]. Full
     momentum: the new m is stored here (where the momentum's finite flag holds)."""
     N, _, sg_m, sg_n = strides_known(N, 0, sg_m, sg_n, ALIGN, G_UNIT)
@@ -269,7 +269,7 @@ def adapm_usq_kernel(g_ptr, m_ptr, a_ptr, b_ptr, scale_ptr, flags_ptr, ws_ptr, M
     if MOM == 2:
         b_hi, b_lo = _lift_rhs(b_ptr, cols, cmask, sb_k, sb_n, R, RP)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for m0 in tl.range(0, rows_per_prog, BLOCK_M, num_stages=STAGES):
+    for m0 in range(0, rows_per_prog, BLOCK_M):
         rows = r0 + m0 + lrows
         rmask = rows < M
         mask = rmask[:, None] & cmask[None, :]
@@ -299,8 +299,7 @@ def adapm_write_kernel(g_ptr, p_ptr, m_ptr, v_ptr, a_ptr, b_ptr, scale_ptr, flag
                        eps, sbc2, numel_f, sqrt_numel, clip_threshold, HAS_SCALE: tl.constexpr, MOM: tl.constexpr,
                        ADAM: tl.constexpr, M_STORED: tl.constexpr, HAS_WD: tl.constexpr, HAS_USQ: tl.constexpr,
                        PSQ: tl.constexpr, SR: tl.constexpr, ALIGN: tl.constexpr, G_UNIT: tl.constexpr,
-                       P_UNIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP: tl.constexpr,
-                       STAGES: tl.constexpr):
+                       P_UNIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP: tl.constexpr):
     """p <- p (1 - step wd) - step clip u where the parameter's finite flag holds. ADAM: v (and full momentum's m)
     are updated here too, where the momentum's flag holds, step = lr. Factored: u = m_hat * r * c * sqrt(bc2), the
     clip factor 1/max(1, RMS(u)/d) and the relative step lr * max(1e-3, RMS(p)) from the partial sums, which every
@@ -327,7 +326,7 @@ def adapm_write_kernel(g_ptr, p_ptr, m_ptr, v_ptr, a_ptr, b_ptr, scale_ptr, flag
         c = tl.load(ws_ptr + off_c + cols, mask=cmask, other=0.0)
     if MOM == 2:
         b_hi, b_lo = _lift_rhs(b_ptr, cols, cmask, sb_k, sb_n, R, RP)
-    for m0 in tl.range(0, rows_per_prog, BLOCK_M, num_stages=STAGES):
+    for m0 in tl.range(0, rows_per_prog, BLOCK_M, num_stages=1):
         rows = r0 + m0 + lrows
         rmask = rows < M
         mask = rmask[:, None] & cmask[None, :]
@@ -441,10 +440,10 @@ stats = Launcher(adapm_stats_kernel, "HAS_SCALE", "FACTORED", "PSQ", "ALIGN", "G
 finalize = Launcher(adapm_finalize_kernel, "ROW_STATE", "BLOCK")
 factors = Launcher(adapm_factors_kernel, "FACTORED", "ROW_STATE", "BLOCK", "FB")
 momentum = Launcher(adapm_momentum_kernel, "BLOCK")
-usq = Launcher(adapm_usq_kernel, "HAS_SCALE", "MOM", "ALIGN", "G_UNIT", "BLOCK_M", "BLOCK_N", "RP", "STAGES")
+usq = Launcher(adapm_usq_kernel, "HAS_SCALE", "MOM", "ALIGN", "G_UNIT", "BLOCK_M", "BLOCK_N", "RP")
 project = Launcher(adapm_project_kernel, "HAS_SCALE", "LEFT", "ALIGN", "G_UNIT", "BLOCK_M", "BLOCK_N", "RP")
 write = Launcher(adapm_write_kernel, "HAS_SCALE", "MOM", "ADAM", "M_STORED", "HAS_WD", "HAS_USQ", "PSQ", "SR", "ALIGN",
-                 "G_UNIT", "P_UNIT", "BLOCK_M", "BLOCK_N", "RP", "STAGES")
+                 "G_UNIT", "P_UNIT", "BLOCK_M", "BLOCK_N", "RP")
 
 
 # ------------------------------------------------------------------------------------------------ host side
@@ -459,10 +458,6 @@ _PROJECT_LEFT = (16, 64, 8)
 _PROJECT_RIGHT = (128, 32, 8)
 _LOW_RANK_TILE = (64, 64)
 _LOW_RANK_WARPS = 4
-#: programs of a low-rank chunk's usq and write passes (0: the row-tiled passes' geometry), and their loops'
-#: pipeline stages (usq, write)
-_LOW_RANK_PROGRAMS = 0
-_LOW_RANK_STAGES = (3, 1)
 _MOMENTUM_BLOCK = 1024
 #: rows or columns per program of the second-moment statistics' finalize and factors passes
 _FINISH_BLOCK = 256
@@ -532,9 +527,10 @@ def _bounds(s: slice, n: int) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=4096)
-def _layout(M: int, N: int, chunks: tuple, factored: bool, has_usq: bool, config: tuple, low_rank: tuple) -> _Layout:
+def _layout(M: int, N: int, chunks: tuple, factored: bool, has_usq: bool, config: tuple,
+            low_rank_tile: tuple) -> _Layout:
     """The launch geometry and workspace layout of one matrix update, which depend on shapes, settings and the
-    kernel configuration (``config``: its tiling values; ``low_rank``: the low-rank passes' tile and programs)
+    kernel configuration (``config``: its tiling values; ``low_rank_tile``: the low-rank passes' tile)
     alone: cached, as fused mode updates the same tensors every step."""
     geo = tiling(M, N)
     bm, bn, TM, TN, rpp = geo["BLOCK_M"], geo["BLOCK_N"], geo["TM"], geo["TN"], geo["rows_per_prog"]
@@ -545,13 +541,9 @@ def _layout(M: int, N: int, chunks: tuple, factored: bool, has_usq: bool, config
         tn = cdiv(c1 - c0, bn)
         rpp_c = tiling(rows, c1 - c0)["rows_per_prog"]
         if kind == "low_rank":
-            # a program keeps its column tile of the rank-r product's right factor: the row groups are as few as
-            # fill the device, and a program's rows are a whole number of its tiles (a partial last tile would
-            # overlap the next program's)
-            tile, programs = low_rank
+            # a program's rows: a whole number of its tiles (a partial last tile would overlap the next program's)
+            tile = low_rank_tile
             tn = cdiv(c1 - c0, tile[1])
-            if programs:
-                rpp_c = cdiv(rows, max(1, min(cdiv(rows, tile[0]), round(programs / tn))))
             rpp_c = cdiv(rpp_c, tile[0]) * tile[0]
         per_chunk.append((cdiv(rows, rpp_c) * tn, tn, rpp_c, tile))
     n_rp = cdiv(M, _FINISH_BLOCK) if factored else 0
@@ -598,7 +590,7 @@ def adapm_update_(p, g, state, chunks: list, *, flags: torch.Tensor, t: float, l
     has_usq = factored and clip_threshold is not None
     lay = _layout(Mrows, N, tuple((ch.kind, _bounds(ch.rows, Mrows), _bounds(ch.cols, N)) for ch in chunks), factored,
                   has_usq, (CONFIG["block_m"], CONFIG["block_n"], CONFIG["max_tm"]),
-                  (_LOW_RANK_TILE, _LOW_RANK_PROGRAMS))
+                  _LOW_RANK_TILE)
     bm, bn, TM, TN, rpp, n_prog = lay.tile
     off_psq, off_row, off_col, off_usq, n_usq, off_r, off_c, off_blk, ws_numel = lay.offsets
     n_rp, n_blk = lay.blocks
@@ -642,8 +634,8 @@ def adapm_update_(p, g, state, chunks: list, *, flags: torch.Tensor, t: float, l
             al = _aligned(gc.shape[1], gc.stride(0), sm) and gc.stride(1) == 1
             usq(n_c, (gc, m, a_p, b_p, scale, flags, ws, gc.shape[0], gc.shape[1], tn_c, rpp_c, gc.stride(0),
                       gc.stride(1), sm, *lift_ints, off_r + row0, off_c + col0, off_out, b1, bc1, sbc2),
-                (has_scale, code, al, gc.stride(1) == 1, cbm, cbn, RP, _LOW_RANK_STAGES[0] if code == LOW_RANK else 3),
-                _LOW_RANK_WARPS if code == LOW_RANK else WARPS, run)
+                (has_scale, code, al, gc.stride(1) == 1, cbm, cbn, RP), _LOW_RANK_WARPS if code == LOW_RANK else WARPS,
+                run)
             off_out += n_c
     sr = bool(stochastic_rounding) and p.dtype == torch.bfloat16
     seed_i = seed_arg(sr, seed)
@@ -661,6 +653,6 @@ def adapm_update_(p, g, state, chunks: list, *, flags: torch.Tensor, t: float, l
                     bc1, float(beta2), float(bc2), float(eps), sbc2, float(numel), math.sqrt(numel),
                     float(clip_threshold or 1.0)),
               (has_scale, code, not factored, has_usq, weight_decay != 0, has_usq, psq, sr, al, gc.stride(1) == 1,
-               pc.stride(1) == 1, cbm, cbn, RP, _LOW_RANK_STAGES[1] if code == LOW_RANK else 1),
+               pc.stride(1) == 1, cbm, cbn, RP),
               _LOW_RANK_WARPS if code == LOW_RANK else WARPS, run)
     _compat.bump_versions([whole])
