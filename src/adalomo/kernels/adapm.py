@@ -9,9 +9,10 @@ for a bf16 gradient and parameter, fp32 state):
   second moment, the row and column sums of g^2 (and of p^2). 2 bytes (4 with ``relative_lr``).
 * ``finalize`` and ``factors`` (small data, one program per block of rows or columns): factored: the row and column
   EMAs and the preconditioner's factors, the state committed where the whole matrix is finite; the finite flags.
-* low-rank chunks, ``project``: pg = P^T g (or g P) in fp32 from one read of g in its own dtype (2 bytes); then in
-  torch, on r x b data: M <- beta1 M + (1 - beta1) pg and C = M / (1 - beta1^t) - pg. The estimate
-  m_hat = g + lift(C) is never stored: each tile of the later passes adds its rank-r product (``tl.dot``, K = r).
+* low-rank chunks, ``project``: pg = P^T g (or g P) in fp32 from one read of g in its own dtype (2 bytes), as partial
+  sums; then ``momentum``, on r x b data: pg summed, M <- beta1 M + (1 - beta1) pg and C = M / (1 - beta1^t) - pg.
+  The estimate m_hat = g + lift(C) is never stored: each tile of the later passes adds its rank-r product (K = r,
+  on the tensor cores: ``_dot3``).
 * ``usq`` (factored with clipping: RMS(u) is needed before any write): u = m_hat * rsqrt(v_hat), partial sums of
   u^2. Full momentum writes m_new here (the finite test is known), so that the write pass reads m instead of g
   and m: reads g (+ m), writes m. none/low-rank: 2 bytes, full: 10.
