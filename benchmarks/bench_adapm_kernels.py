@@ -144,31 +144,21 @@ def refresh_flops(shape, rank: int, oversample: int = 8, power_iters: int = 2, i
 
 
 def _variants(spec: str) -> list[tuple[str, dict]]:
-    """'name:A=1;B=(2, 3)|other:A=2' -> [(name, {A: 1, B: (2, 3)}), (other, {A: 2})]."""
-    import ast
-    out = []
-    for part in filter(None, spec.split("|")):
-        name, _, body = part.partition(":")
-        settings = {}
-        for kv in filter(None, body.split(";")):
-            k, _, v = kv.partition("=")
-            settings[k.strip()] = ast.literal_eval(v.strip())
-        out.append((name.strip(), settings))
-    return out
+    """'name:A=1;B=(2, 3)|other:A=2' -> [(name, {A: 1, B: [2, 3]}), (other, {A: 2})]."""
+    from bench_gpu import _parse_constants
+    return [(name.strip(), _parse_constants(body))
+            for name, _, body in (part.partition(":") for part in filter(None, spec.split("|")))]
 
 
 @contextlib.contextmanager
 def _constants(settings: dict):
     """Module constants of adalomo.kernels.adapm set inside the block."""
-    from adalomo.kernels import adapm as KA
-    old = {k: getattr(KA, k) for k in settings}
-    for k, v in settings.items():
-        setattr(KA, k, v)
+    from bench_gpu import _set_adapm_constants
+    old = _set_adapm_constants(settings)
     try:
         yield
     finally:
-        for k, v in old.items():
-            setattr(KA, k, v)
+        _set_adapm_constants(old)
 
 
 def main() -> None:

@@ -628,13 +628,16 @@ def _parse_constants(spec: str) -> dict:
     return out
 
 
-def _set_adapm_constants(constants: dict) -> None:
-    if constants:
-        from adalomo.kernels import adapm as KA
-        for k, v in constants.items():
-            if not hasattr(KA, k):
-                raise SystemExit(f"--adapm-constants: adalomo.kernels.adapm has no {k}")
-            setattr(KA, k, tuple(v) if isinstance(v, list) else v)
+def _set_adapm_constants(constants: dict) -> dict:
+    """Set module constants of adalomo.kernels.adapm; returns their previous values."""
+    from adalomo.kernels import adapm as KA
+    old = {}
+    for k, v in constants.items():
+        if not hasattr(KA, k):
+            raise ValueError(f"adalomo.kernels.adapm has no constant {k}")
+        old[k] = getattr(KA, k)
+        setattr(KA, k, tuple(v) if isinstance(v, list) else v)
+    return old
 
 
 def main() -> None:
@@ -662,7 +665,7 @@ def main() -> None:
     ap.add_argument("--cap-gb", type=float, default=None,
                     help="cap each child's CUDA allocator at this many GB (1e9 bytes), e.g. 80 on a 141 GB H200")
     ap.add_argument("--adapm-constants", default="", metavar="'NAME=VALUE;...'",
-                    help="module constants of adalomo.kernels.adapm (tiles, warps, product scheme) set in every row's "
+                    help="module constants of adalomo.kernels.adapm (tiles, warps) set in every row's "
                          "process: AdaPM kernel variants compared end to end, each against its own floor")
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
