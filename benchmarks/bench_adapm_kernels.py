@@ -40,17 +40,20 @@ SECONDS = ("adam", "factored")
 
 def bytes_per_element(kind: str, second: str, p_bytes: int = 2, g_bytes: int = 2, clip: bool = True,
                       relative_lr: bool = False) -> int:
-    """What one update must move per element (kernels/adapm.py's passes), fp32 state."""
+    """What one update must move per element (kernels/adapm.py's passes), fp32 state. A low-rank chunk reads g once
+    more for its projection and has its lift L (fp32) written once and read by each later pass."""
     stats = g_bytes + (p_bytes if relative_lr and second == "factored" else 0)
-    project = g_bytes if kind == "low_rank" else 0
+    low = kind == "low_rank"
+    project = g_bytes + 4 if low else 0  # g read by the projection; the lift written
+    lift = 4 if low else 0  # the lift read, per pass
     if second == "adam":
-        write = g_bytes + 2 * p_bytes + 8 + (8 if kind == "full" else 0)  # g, p, v (and m) read; p, v (and m) written
-        return stats + project + write
+        write = g_bytes + 2 * p_bytes + 8 + (8 if kind == "full" else 0) + lift  # g, p, v (and m or L) read; p, v
+        return stats + project + write  # (and m) written
     if not clip:  # no RMS(u) pass: the write forms m itself
-        write = g_bytes + 2 * p_bytes + (8 if kind == "full" else 0)
+        write = g_bytes + 2 * p_bytes + (8 if kind == "full" else 0) + lift
         return stats + project + write
-    usq = g_bytes + (8 if kind == "full" else 0)  # full momentum writes m here
-    write = (4 if kind == "full" else g_bytes) + 2 * p_bytes  # m (or g) and p read, p written
+    usq = g_bytes + (8 if kind == "full" else 0) + lift  # full momentum writes m here
+    write = (4 if kind == "full" else g_bytes) + 2 * p_bytes + lift  # m (or g) and p read, p written
     return stats + project + usq + write
 
 
@@ -172,8 +175,8 @@ def main() -> None:
     ap.add_argument("--seconds", default=",".join(SECONDS), help="comma-separated second moments")
     ap.add_argument("--variants", default="",
                     help="kernel variants to compare on low-rank rows: 'name:CONST=value;CONST=value|name2:...', each "
-                         "setting module constants of adalomo.kernels.adapm (e.g. _LOW_RANK_TILE=(32,64) or "
-                         "_PROJECT_RIGHT=(128,32,8)); their times go to us_<name> and kernels_<name>")
+                         "setting module constants of adalomo.kernels.adapm (e.g. _FINISH_BLOCK=128 or "
+                         "_MOMENTUM_BLOCK=512); their times go to us_<name> and kernels_<name>")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     if args.device == "cpu":  # the interpreter (set before anything imports triton): a dry run

@@ -233,41 +233,46 @@ def check_nonfinite(device: str, second: str) -> None:
     assert int(opt.skipped_updates) == 1
 
 
-def check_projection(device: str) -> None:
-    """The projection kernel (P^T g or g P, read in g's own dtype, partial sums over splits of the reduced side when
-    the output has few blocks) against ``momentum.project`` on the upcast gradient; strided and scaled gradients
-    included."""
-    from adalomo import momentum as Mom
-    from adalomo.kernels import adapm as K
+def check_products(device: str) -> None:
+    """The rank-r products from bfloat16 pieces (``kernels.products``): the projection P^T g / g P of a strided
+    bf16, fp16 or fp32 gradient, and the lift A @ B, against float64 to fp32 accuracy."""
+    from adalomo.kernels import products
     from adalomo.kernels.launch import LaunchContext
     gen = torch.Generator().manual_seed(0)
     for shape, side, r in (((520, 600), "left", 5), ((600, 520), "right", 20), ((40, 90), "left", 3)):
-        for dtype, scale in ((torch.float32, None), (torch.bfloat16, 0.5)):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
             big = torch.randn(shape[0], shape[1] + 7, generator=gen).to(device, dtype)
             g = big[:, 3:3 + shape[1]]  # rows padded: a strided view
             P = torch.linalg.qr(torch.randn(shape[0] if side == "left" else shape[1], r, generator=gen))[0].to(device)
-            s_t = None if scale is None else torch.full((), scale, device=device)
             ctx = LaunchContext(g)
-            got = K._project(g, P, side, s_t, (ctx.stream, ctx.device, None)).sum(0)  # the partial sums added
-            want = Mom.project(g.float() * (1.0 if scale is None else scale), P, side)
-            _close(got, want, 1e-5, 1e-5, f"projection {shape} {side} {dtype}")
+            run = (ctx.stream, ctx.device, None)
+            got = products.project(g, P, side, run)
+            want = P.double().mT @ g.double() if side == "left" else g.double() @ P.double()
+            _close(got, want, 0, 3e-6 * float(want.abs().max()), f"projection {shape} {side} {dtype}")
+        a, b = shape
+        A = torch.randn(a, r, generator=gen).to(device) * 3
+        Bt = torch.randn(r, b, generator=gen).to(device).mT  # a transposed view, as the left lift's C^T
+        got = products.lift(A, Bt, run)
+        want = A.double() @ Bt.double().mT
+        _close(got, want, 0, 3e-6 * float(want.abs().max()), f"lift {shape}")
 
 
 def check_small_momentum(device: str) -> None:
-    """The low-rank chunk's small momentum kernel: the projection's partial sums added, M updated only where the
-    momentum's finite flag holds, C = M / (1 - beta1^t) - pg."""
+    """The low-rank chunk's small momentum kernel: the projection (times the gradient's scale), M updated only where
+    the momentum's finite flag holds, C = M / (1 - beta1^t) - pg."""
     from adalomo.kernels import adapm as K
     from adalomo.kernels.launch import LaunchContext
     gen = torch.Generator().manual_seed(0)
-    for n_parts, shape, finite in ((3, (5, 300), True), (1, (70, 20), True), (2, (4, 33), False)):
-        parts = torch.randn(n_parts, *shape, generator=gen).to(device)
+    for scale, shape, finite in ((None, (5, 300), True), (0.25, (70, 20), True), (2.0, (4, 33), False)):
+        pg = torch.randn(shape, generator=gen).to(device)
         m0 = torch.randn(shape, generator=gen).to(device)
         m, c = m0.clone(), torch.empty(shape, device=device)
         flags = torch.tensor([int(finite), 1], dtype=torch.int32, device=device)
+        s_t = flags if scale is None else torch.full((), scale, device=device)
         ctx = LaunchContext(m)
-        K.momentum(K.cdiv(m.numel(), 128), (parts, m, c, flags, n_parts, m.numel(), 0.9, 1 - 0.9 ** 3), (128,), 4,
-                   (ctx.stream, ctx.device, None))
-        pg = parts.sum(0)
+        K.momentum(K.cdiv(m.numel(), 128), (pg, m, c, s_t, flags, m.numel(), 0.9, 1 - 0.9 ** 3),
+                   (scale is not None, 128), 4, (ctx.stream, ctx.device, None))
+        pg = pg * (scale or 1.0)
         want_m = torch.lerp(pg, m0, 0.9) if finite else m0
         _close(m, want_m, 1e-6, 1e-6, f"small momentum M {shape}")
         _close(c, want_m / (1 - 0.9 ** 3) - pg, 1e-6, 1e-6, f"small momentum C {shape}")
@@ -328,7 +333,7 @@ CASES["options_adam"] = lambda d: check_torch_path(d, "split_cols", "adam", weig
                                                    betas=(0.0, 0.95), eps=1e-6)
 CASES["bf16_stochastic_rounding"] = lambda d: check_torch_path(d, "full", "factored", torch.bfloat16)
 CASES["no_sync"] = check_no_sync
-CASES["projection"] = check_projection
+CASES["products"] = check_products
 CASES["small_momentum"] = check_small_momentum
 
 
@@ -357,7 +362,7 @@ _SM90_FLOATS = ("beta1", "bc1", "beta2", "bc2", "eps", "sbc2", "eps1", "lr", "we
 
 def _sm90_variants(tl):
     """AdaPM's kernels in the variants the optimizer launches (bf16 p and g): every momentum code, both second
-    moments, stochastic rounding on and off, rank 64."""
+    moments, stochastic rounding on and off; the pieces of a lift's operand."""
     from adalomo.kernels import adapm as K
     from adalomo.kernels.config import CONFIG as C
     tile = dict(ALIGN=True, G_UNIT=True, BLOCK_M=C["block_m"], BLOCK_N=C["block_n"])
@@ -366,23 +371,18 @@ def _sm90_variants(tl):
            ("adapm_finalize", K.adapm_finalize_kernel, dict(ROW_STATE=True, BLOCK=K._FINISH_BLOCK), 4, False),
            ("adapm_factors", K.adapm_factors_kernel, dict(FACTORED=True, ROW_STATE=True, BLOCK=K._FINISH_BLOCK, FB=64),
             4, False)]
-    for left in (True, False):
-        bm, bn, warps = K._PROJECT_LEFT if left else K._PROJECT_RIGHT
-        out.append((f"adapm_project_{'left' if left else 'right'}", K.adapm_project_kernel,
-                    dict(HAS_SCALE=False, LEFT=left, ALIGN=True, G_UNIT=True, BLOCK_M=bm, BLOCK_N=bn, RP=64), warps,
-                    True))
+    from adalomo.kernels import products as KP
+    lift_a = sum(i << 2 * k for k, (i, _) in enumerate(KP._LIFT))
+    out.append(("adapm_pieces", KP.adapm_pieces_kernel,
+                dict(PATTERN=lift_a, K=6, BLOCK_R=KP._BLOCK[0], BLOCK_C=KP._BLOCK[1]), 4, True))
     for mom in (0, 1, 2):
-        t = dict(tile) if mom != 2 else dict(tile, BLOCK_M=K._LOW_RANK_TILE[0], BLOCK_N=K._LOW_RANK_TILE[1])
-        warps = K._LOW_RANK_WARPS if mom == 2 else K.WARPS
-        out.append((f"adapm_usq_{mom}", K.adapm_usq_kernel,
-                    dict(t, HAS_SCALE=False, MOM=mom, RP=64), warps, True))
+        out.append((f"adapm_usq_{mom}", K.adapm_usq_kernel, dict(tile, HAS_SCALE=False, MOM=mom), K.WARPS, True))
         for adam in (True, False):
             for sr in (True, False):
                 out.append((f"adapm_write_{mom}_{'adam' if adam else 'factored'}{'' if sr else '_nosr'}",
-                            K.adapm_write_kernel, dict(t, HAS_SCALE=False, MOM=mom, ADAM=adam, M_STORED=not adam,
+                            K.adapm_write_kernel, dict(tile, HAS_SCALE=False, MOM=mom, ADAM=adam, M_STORED=not adam,
                                                        HAS_WD=True, HAS_USQ=not adam, PSQ=not adam, SR=sr,
-                                                       P_UNIT=True, RP=64), warps,
-                            True))
+                                                       P_UNIT=True), K.WARPS, True))
     return out
 
 

@@ -38,8 +38,9 @@ import triton.language as tl
 from .. import _compat
 from .. import functional as F
 from .. import momentum as Mom
+from . import products
 from .common import a16, and_flag, round_to_bf16, strides_known, sum_parts
-from .config import CONFIG, cdiv, next_pow2, tiling
+from .config import CONFIG, cdiv, tiling
 from .launch import LaunchContext, Launcher, on_tensor_device, seed_arg
 
 __all__ = ["adapm_update_"]
@@ -68,50 +69,8 @@ def _lerp(start, end, w):
     return out
 
 
-@triton.jit
-def _split(x):
-    """(hi, lo) with x = hi + lo and hi exact in TF32 (the low 13 mantissa bits cleared). A 16-bit float is exact in
-    TF32: (x, x) in fp32, its lo part never used (see ``_dot3``)."""
-    if x.dtype == tl.float32:
-        hi = (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
-        return hi, x - hi
-    else:
-        xf = x.to(tl.float32)
-        return xf, xf
-
-
-@triton.jit
-def _dot3(a_hi, a_lo, b_hi, b_lo, acc, A_EXACT: tl.constexpr, B_EXACT: tl.constexpr):
-    """acc + a @ b, fp32-accurate on the tensor cores from split operands: hi hi + hi lo + lo hi as TF32 products
-    (the dropped lo lo term is ~2^-22 relative); an operand exact in TF32 (a 16-bit gradient) has no lo part, so one
-    product fewer. Splitting by hand lets a program split the operand it keeps once (``tl.dot``'s ``tf32x3`` splits
-    both at every product)."""
-    if not A_EXACT:
-        acc = tl.dot(a_lo, b_hi, acc, input_precision="tf32")
-    if not B_EXACT:
-        acc = tl.dot(a_hi, b_lo, acc, input_precision="tf32")
-    return tl.dot(a_hi, b_hi, acc, input_precision="tf32")
-
-
-@triton.jit
-def _lift_rhs(b_ptr, cols, cmask, sb_k, sb_n, R, RP: tl.constexpr):
-    """The [RP, BLOCK_N] tile of B in lift = A @ B (zero beyond rank R), loaded and split once per program."""
-    ks = tl.arange(0, RP)
-    return _split(tl.load(b_ptr + ks[:, None] * sb_k + cols[None, :] * sb_n, mask=(ks < R)[:, None] & cmask[None, :],
-                          other=0.0))
-
-
-@triton.jit
-def _lift(a_ptr, b_hi, b_lo, rows, rmask, sa_m, sa_k, R, RP: tl.constexpr):
-    """Rows ``rows`` of A @ B: the low-rank part of the estimate."""
-    ks = tl.arange(0, RP)
-    a_hi, a_lo = _split(tl.load(a_ptr + rows.to(tl.int64)[:, None] * sa_m + ks[None, :] * sa_k,
-                                mask=rmask[:, None] & (ks < R)[None, :], other=0.0))
-    return _dot3(a_hi, a_lo, b_hi, b_lo, tl.zeros([rows.shape[0], b_hi.shape[1]], dtype=tl.float32), False, False)
-
-
 _INTS = ["n_parts", "per_split", "n_blocks", "M", "N", "TM", "TN", "rows_per_prog", "sg_m", "sg_n", "sp_m", "sp_n",
-         "sm_m", "sv_m", "sa_m", "sa_k", "sb_k", "sb_n", "R", "n_fin", "off_psq", "off_row", "off_col", "off_r",
+         "sm_m", "sv_m", "sx_r", "sx_c", "n_fin", "off_psq", "off_row", "off_col", "off_r",
          "off_c", "off_usq", "n_usq", "n_psq", "off_out", "row0", "col0", "n_total", "seed", "n_rp", "n_blk", "off_blk"]
 
 
@@ -252,12 +211,13 @@ def adapm_factors_kernel(ws_ptr, row_ptr, col_ptr, flags_ptr, n_fin, M, N, n_rp,
 
 
 @_jit
-def adapm_usq_kernel(g_ptr, m_ptr, a_ptr, b_ptr, scale_ptr, flags_ptr, ws_ptr, M, N, TN, rows_per_prog, sg_m, sg_n,
-                     sm_m, sa_m, sa_k, sb_k, sb_n, R, off_r, off_c, off_out, beta1, bc1, sbc2,
+def adapm_usq_kernel(g_ptr, m_ptr, scale_ptr, flags_ptr, ws_ptr, M, N, TN, rows_per_prog, sg_m, sg_n, sm_m, off_r,
+                     off_c, off_out, beta1, bc1, sbc2,
                      HAS_SCALE: tl.constexpr, MOM: tl.constexpr, ALIGN: tl.constexpr, G_UNIT: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Factored second moment: partial sums of u^2 (u = m_hat * r * c * sqrt(bc2)) at ws[off_out + pid]. Full
-    momentum: the new m is stored here (where the momentum's finite flag holds)."""
+    momentum (MOM 1): the new m is stored here (where the momentum's finite flag holds). Low rank (MOM 2): ``m_ptr``
+    is the lift, m_hat = g + lift."""
     N, _, sg_m, sg_n = strides_known(N, 0, sg_m, sg_n, ALIGN, G_UNIT)
     if ALIGN:
         sm_m = a16(sm_m)
@@ -267,8 +227,6 @@ def adapm_usq_kernel(g_ptr, m_ptr, a_ptr, b_ptr, scale_ptr, flags_ptr, ws_ptr, M
         scale = tl.load(scale_ptr).to(tl.float32)
     okm = tl.load(flags_ptr).to(tl.int8)
     c = tl.load(ws_ptr + off_c + cols, mask=cmask, other=0.0)
-    if MOM == 2:
-        b_hi, b_lo = _lift_rhs(b_ptr, cols, cmask, sb_k, sb_n, R, RP)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for m0 in range(0, rows_per_prog, BLOCK_M):
         rows = r0 + m0 + lrows
@@ -286,7 +244,7 @@ def adapm_usq_kernel(g_ptr, m_ptr, a_ptr, b_ptr, scale_ptr, flags_ptr, ws_ptr, M
             tl.store(m_ptrs, m, mask=and_flag(mask, okm))
             mh = tl.div_rn(m, bc1)
         else:
-            mh = g + _lift(a_ptr, b_hi, b_lo, rows, rmask, sa_m, sa_k, R, RP)
+            mh = g + tl.load(m_ptr + r64 * sm_m + cols[None, :], mask=mask, other=0.0)
         r = tl.load(ws_ptr + off_r + rows, mask=rmask, other=0.0)
         u = mh * r[:, None] * c[None, :] * sbc2
         acc += tl.where(mask, u * u, 0.0)
@@ -294,13 +252,13 @@ def adapm_usq_kernel(g_ptr, m_ptr, a_ptr, b_ptr, scale_ptr, flags_ptr, ws_ptr, M
 
 
 @_jit
-def adapm_write_kernel(g_ptr, p_ptr, m_ptr, v_ptr, a_ptr, b_ptr, scale_ptr, flags_ptr, ws_ptr, seed, M, N, TN,
-                       rows_per_prog, sg_m, sg_n, sp_m, sp_n, sm_m, sv_m, sa_m, sa_k, sb_k, sb_n, R, off_r, off_c,
-                       off_usq, n_usq, off_psq, n_psq, row0, col0, n_total, lr, weight_decay, beta1, bc1, beta2, bc2,
-                       eps, sbc2, numel_f, sqrt_numel, clip_threshold, HAS_SCALE: tl.constexpr, MOM: tl.constexpr,
+def adapm_write_kernel(g_ptr, p_ptr, m_ptr, v_ptr, scale_ptr, flags_ptr, ws_ptr, seed, M, N, TN, rows_per_prog,
+                       sg_m, sg_n, sp_m, sp_n, sm_m, sv_m, off_r, off_c, off_usq, n_usq, off_psq, n_psq, row0, col0,
+                       n_total, lr, weight_decay, beta1, bc1, beta2, bc2, eps, sbc2, numel_f, sqrt_numel,
+                       clip_threshold, HAS_SCALE: tl.constexpr, MOM: tl.constexpr,
                        ADAM: tl.constexpr, M_STORED: tl.constexpr, HAS_WD: tl.constexpr, HAS_USQ: tl.constexpr,
                        PSQ: tl.constexpr, SR: tl.constexpr, ALIGN: tl.constexpr, G_UNIT: tl.constexpr,
-                       P_UNIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP: tl.constexpr):
+                       P_UNIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """p <- p (1 - step wd) - step clip u where the parameter's finite flag holds. ADAM: v (and full momentum's m)
     are updated here too, where the momentum's flag holds, step = lr. Factored: u = m_hat * r * c * sqrt(bc2), the
     clip factor 1/max(1, RMS(u)/d) and the relative step lr * max(1e-3, RMS(p)) from the partial sums, which every
@@ -325,8 +283,6 @@ def adapm_write_kernel(g_ptr, p_ptr, m_ptr, v_ptr, a_ptr, b_ptr, scale_ptr, flag
     decay = 1.0 - step * weight_decay
     if not ADAM:
         c = tl.load(ws_ptr + off_c + cols, mask=cmask, other=0.0)
-    if MOM == 2:
-        b_hi, b_lo = _lift_rhs(b_ptr, cols, cmask, sb_k, sb_n, R, RP)
     for m0 in tl.range(0, rows_per_prog, BLOCK_M, num_stages=1):
         rows = r0 + m0 + lrows
         rmask = rows < M
@@ -348,7 +304,7 @@ def adapm_write_kernel(g_ptr, p_ptr, m_ptr, v_ptr, a_ptr, b_ptr, scale_ptr, flag
                 tl.store(m_ptrs, m, mask=and_flag(mask, okm))
             mh = tl.div_rn(m, bc1)
         else:
-            mh = g + _lift(a_ptr, b_hi, b_lo, rows, rmask, sa_m, sa_k, R, RP)
+            mh = g + tl.load(m_ptr + r64 * sm_m + cols[None, :], mask=mask, other=0.0)
         if ADAM:
             v_ptrs = v_ptr + r64 * sv_m + cols[None, :]
             v = _lerp(g * g, tl.load(v_ptrs, mask=mask, other=0.0), beta2)
@@ -369,67 +325,16 @@ def adapm_write_kernel(g_ptr, p_ptr, m_ptr, v_ptr, a_ptr, b_ptr, scale_ptr, flag
 
 
 @_jit
-def adapm_project_kernel(g_ptr, P_ptr, scale_ptr, out_ptr, M, N, sg_m, sg_n, sa_m, sa_k, R, per_split, n_blocks,
-                         HAS_SCALE: tl.constexpr, LEFT: tl.constexpr, ALIGN: tl.constexpr, G_UNIT: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP: tl.constexpr):
-    """The projected gradient, reading g once in its own dtype: LEFT, P^T g (P: M x R) as partial sums over row
-    splits, [split, R, N]; else g P (P: N x R) over column splits, [split, M, R]. A program takes one block of the
-    output's long side and one split of the reduced side (a fixed order: deterministic)."""
-    N, _, sg_m, sg_n = strides_known(N, 0, sg_m, sg_n, ALIGN, G_UNIT)
-    pid = tl.program_id(0)
-    blk = pid % n_blocks
-    split = pid // n_blocks
-    ks = tl.arange(0, RP)
-    kmask = ks < R
-    lo = split * per_split
-    if LEFT:
-        cols = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-        cmask = cols < N
-        acc = tl.zeros([RP, BLOCK_N], dtype=tl.float32)
-        for m0 in range(0, per_split, BLOCK_M):
-            rows = lo + m0 + tl.arange(0, BLOCK_M)
-            rmask = rows < M
-            g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * sg_m + cols[None, :] * sg_n,
-                        mask=rmask[:, None] & cmask[None, :], other=0.0)
-            pt = tl.load(P_ptr + rows[:, None] * sa_m + ks[None, :] * sa_k, mask=rmask[:, None] & kmask[None, :],
-                         other=0.0)
-            p_hi, p_lo = _split(tl.trans(pt))
-            g_hi, g_lo = _split(g)
-            acc = _dot3(p_hi, p_lo, g_hi, g_lo, acc, False, g.dtype != tl.float32)
-    else:
-        rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
-        rmask = rows < M
-        acc = tl.zeros([BLOCK_M, RP], dtype=tl.float32)
-        for n0 in range(0, per_split, BLOCK_N):
-            cols = lo + n0 + tl.arange(0, BLOCK_N)
-            cmask = cols < N
-            g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * sg_m + cols[None, :] * sg_n,
-                        mask=rmask[:, None] & cmask[None, :], other=0.0)
-            pt = tl.load(P_ptr + cols[:, None] * sa_m + ks[None, :] * sa_k, mask=cmask[:, None] & kmask[None, :],
-                         other=0.0)
-            p_hi, p_lo = _split(pt)
-            g_hi, g_lo = _split(g)
-            acc = _dot3(g_hi, g_lo, p_hi, p_lo, acc, g.dtype != tl.float32, False)
-    if HAS_SCALE:  # the product is linear in g: scaled once at the end
-        acc = acc * tl.load(scale_ptr).to(tl.float32)
-    if LEFT:
-        tl.store(out_ptr + (split * R + ks[:, None]).to(tl.int64) * N + cols[None, :], acc,
-                 mask=kmask[:, None] & cmask[None, :])
-    else:
-        tl.store(out_ptr + (split * M + rows.to(tl.int64))[:, None] * R + ks[None, :], acc,
-                 mask=rmask[:, None] & kmask[None, :])
-
-
-@_jit
-def adapm_momentum_kernel(parts_ptr, m_ptr, c_ptr, flags_ptr, n_parts, n_total, beta1, bc1, BLOCK: tl.constexpr):
-    """A low-rank chunk's small momentum, elementwise over its r x b (or a x r) entries: pg = the sum of the
-    projection's ``n_parts`` partial sums (fixed order), M <- lerp(pg, M, beta1) where the momentum's finite flag
-    holds, and C = M / bc1 - pg, the low-rank estimate's coefficients (m_hat = g + lift(C))."""
+def adapm_momentum_kernel(pg_ptr, m_ptr, c_ptr, scale_ptr, flags_ptr, n_total, beta1, bc1, HAS_SCALE: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    """A low-rank chunk's small momentum, elementwise over its r x b (or a x r) entries: pg (times the gradient's
+    scale), M <- lerp(pg, M, beta1) where the momentum's finite flag holds, and C = M / bc1 - pg, the low-rank
+    estimate's coefficients (m_hat = g + lift(C))."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_total
-    pg = tl.zeros([BLOCK], dtype=tl.float32)
-    for k in range(0, n_parts):
-        pg += tl.load(parts_ptr + k * n_total + offs, mask=mask, other=0.0)
+    pg = tl.load(pg_ptr + offs, mask=mask, other=0.0)
+    if HAS_SCALE:  # the projection is linear in g: scaled here, once
+        pg = pg * tl.load(scale_ptr).to(tl.float32)
     okm = tl.load(flags_ptr).to(tl.int8)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0)
     m = tl.where(okm != 0, _lerp(pg, m, beta1), m)
@@ -440,55 +345,22 @@ def adapm_momentum_kernel(parts_ptr, m_ptr, c_ptr, flags_ptr, n_parts, n_total, 
 stats = Launcher(adapm_stats_kernel, "HAS_SCALE", "FACTORED", "PSQ", "ALIGN", "G_UNIT", "P_UNIT", "BLOCK_M", "BLOCK_N")
 finalize = Launcher(adapm_finalize_kernel, "ROW_STATE", "BLOCK")
 factors = Launcher(adapm_factors_kernel, "FACTORED", "ROW_STATE", "BLOCK", "FB")
-momentum = Launcher(adapm_momentum_kernel, "BLOCK")
-usq = Launcher(adapm_usq_kernel, "HAS_SCALE", "MOM", "ALIGN", "G_UNIT", "BLOCK_M", "BLOCK_N", "RP")
-project = Launcher(adapm_project_kernel, "HAS_SCALE", "LEFT", "ALIGN", "G_UNIT", "BLOCK_M", "BLOCK_N", "RP")
+momentum = Launcher(adapm_momentum_kernel, "HAS_SCALE", "BLOCK")
+usq = Launcher(adapm_usq_kernel, "HAS_SCALE", "MOM", "ALIGN", "G_UNIT", "BLOCK_M", "BLOCK_N")
 write = Launcher(adapm_write_kernel, "HAS_SCALE", "MOM", "ADAM", "M_STORED", "HAS_WD", "HAS_USQ", "PSQ", "SR", "ALIGN",
-                 "G_UNIT", "P_UNIT", "BLOCK_M", "BLOCK_N", "RP")
+                 "G_UNIT", "P_UNIT", "BLOCK_M", "BLOCK_N")
 
 
 # ------------------------------------------------------------------------------------------------ host side
-#: the projection's programs: enough to fill an H100's 132 SMs twice, with splits of the reduced side when the
-#: output's long side has fewer blocks
-_PROJECT_PROGRAMS = 264
-#: (BLOCK_M, BLOCK_N, warps) of the projection, left (P^T g: BLOCK_M rows reduced per step, BLOCK_N output columns)
-#: and right (g P: BLOCK_M output rows, BLOCK_N columns reduced per step); and of the passes over low-rank chunks,
-#: whose rank-r product per tile holds more registers: sizes without register spills on sm_90
-#: (tests/test_adapm_kernels.py compiles them)
-_PROJECT_LEFT = (16, 64, 8)
-_PROJECT_RIGHT = (128, 32, 8)
-_LOW_RANK_TILE = (64, 64)
-_LOW_RANK_WARPS = 4
 _MOMENTUM_BLOCK = 1024
 #: rows or columns per program of the second-moment statistics' finalize and factors passes
 _FINISH_BLOCK = 256
 
 
-def _project(g: torch.Tensor, P: torch.Tensor, side: str, scale, run) -> torch.Tensor:
-    """proj(g * scale) in fp32 (``momentum.project``) as partial sums [splits, *shape] to be added in order, reading g
-    once in its own dtype (``adapm_project_kernel``)."""
-    M, N = g.shape
-    R = P.shape[1]
-    left = side == "left"
-    bm, bn, warps = _PROJECT_LEFT if left else _PROJECT_RIGHT
-    (long_side, block), (short_side, step) = ((N, bn), (M, bm)) if left else ((M, bm), (N, bn))
-    n_blocks = cdiv(long_side, block)
-    splits = max(1, min(cdiv(_PROJECT_PROGRAMS, n_blocks), cdiv(short_side, 256)))
-    per_split = cdiv(cdiv(short_side, splits), step) * step
-    splits = cdiv(short_side, per_split)
-    out = torch.empty((splits, R, N) if left else (splits, M, R), dtype=torch.float32, device=g.device)
-    has_scale = scale is not None
-    sg = g.stride()
-    project(n_blocks * splits, (g, P, scale if has_scale else g, out, M, N, sg[0], sg[1], P.stride(0), P.stride(1), R,
-                                per_split, n_blocks),
-            (has_scale, left, _aligned(N, sg[0]) and sg[1] == 1, sg[1] == 1, bm, bn, max(16, next_pow2(R))), warps, run)
-    return out
-
-
-def _low_rank(gc, state, ch, beta1: float, t: float, flags, refresh: bool, fill: bool, scale, run):
+def _low_rank(gc, state, ch, beta1: float, t: float, flags, refresh: bool, fill: bool, scale, run) -> torch.Tensor:
     """The small part of a low-rank chunk (``momentum.momentum_estimate_``'s, without forming m_hat): refresh the
     basis if due (in torch), update M where the momentum's finite flag holds (``adapm_momentum_kernel``), and return
-    (A, B) with lift(M / bc - pg) = A @ B."""
+    the lift L = lift(M / bc - pg) (fp32, the chunk's shape): m_hat = g + L."""
     P, Mst = state[ch.prefix + "proj"], state[ch.prefix + "exp_avg_lr"]
     side = "left" if gc.shape[0] <= gc.shape[1] else "right"
     if refresh:  # every update_proj_gap steps: a full fp32 copy of the chunk's gradient for the factorisation
@@ -497,15 +369,15 @@ def _low_rank(gc, state, ch, beta1: float, t: float, flags, refresh: bool, fill:
         safe = torch.where(ok, g32, torch.zeros((), dtype=g32.dtype, device=g32.device))
         P_new = ch.basis(safe, P.shape[1], side)
         Mom.refresh_basis_(P, Mst, P_new, safe, side, carry_weight=1.0 - beta1 ** (t - 1), ok=ok, fill=fill)
-        parts = Mom.project(g32, P, side).unsqueeze(0)
+        pg, scale = Mom.project(g32, P, side), None  # already scaled
         del g32, safe
     else:
-        parts = _project(gc, P, side, scale, run)
+        pg = products.project(gc, P, side, run)
     C = torch.empty_like(Mst)
     n = Mst.numel()
-    momentum(cdiv(n, _MOMENTUM_BLOCK), (parts, Mst, C, flags, parts.shape[0], n, beta1, 1.0 - beta1 ** t),
-             (_MOMENTUM_BLOCK,), 4, run)
-    return (P, C) if side == "left" else (C, P.mT)
+    momentum(cdiv(n, _MOMENTUM_BLOCK), (pg, Mst, C, flags if scale is None else scale, flags, n, beta1,
+                                        1.0 - beta1 ** t), (scale is not None, _MOMENTUM_BLOCK), 4, run)
+    return products.lift(P, C.mT, run) if side == "left" else products.lift(C, P, run)
 
 
 _WHOLE = slice(None)
@@ -518,7 +390,7 @@ def _part(t: torch.Tensor, ch) -> torch.Tensor:
 
 class _Layout(NamedTuple):
     tile: tuple  # BLOCK_M, BLOCK_N, TM, TN, rows per program, programs: the matrix's stats pass
-    chunks: tuple  # per chunk: programs, column tiles, rows per program, (BLOCK_M, BLOCK_N) of its usq/write passes
+    chunks: tuple  # per chunk: programs, column tiles and rows per program of its usq and write passes
     blocks: tuple  # the finalize/factors programs: row blocks, row and column blocks
     offsets: tuple  # workspace regions (fp32): off_psq, off_row, off_col, off_usq, n_usq, off_r, off_c, off_blk, size
 
@@ -528,25 +400,18 @@ def _bounds(s: slice, n: int) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=4096)
-def _layout(M: int, N: int, chunks: tuple, factored: bool, has_usq: bool, config: tuple,
-            low_rank_tile: tuple) -> _Layout:
+def _layout(M: int, N: int, chunks: tuple, factored: bool, has_usq: bool, config: tuple) -> _Layout:
     """The launch geometry and workspace layout of one matrix update, which depend on shapes, settings and the
-    kernel configuration (``config``: its tiling values; ``low_rank_tile``: the low-rank passes' tile)
-    alone: cached, as fused mode updates the same tensors every step."""
+    kernel configuration (``config``: its tiling values) alone: cached, as fused mode updates the same tensors every
+    step."""
     geo = tiling(M, N)
     bm, bn, TM, TN, rpp = geo["BLOCK_M"], geo["BLOCK_N"], geo["TM"], geo["TN"], geo["rows_per_prog"]
     n_prog = TM * TN
     per_chunk = []
-    for kind, (r0, r1), (c0, c1) in chunks:
-        rows, tile = r1 - r0, (bm, bn)
-        tn = cdiv(c1 - c0, bn)
+    for _kind, (r0, r1), (c0, c1) in chunks:
+        rows, tn = r1 - r0, cdiv(c1 - c0, bn)
         rpp_c = tiling(rows, c1 - c0)["rows_per_prog"]
-        if kind == "low_rank":
-            # a program's rows: a whole number of its tiles (a partial last tile would overlap the next program's)
-            tile = low_rank_tile
-            tn = cdiv(c1 - c0, tile[1])
-            rpp_c = cdiv(rpp_c, tile[0]) * tile[0]
-        per_chunk.append((cdiv(rows, rpp_c) * tn, tn, rpp_c, tile))
+        per_chunk.append((cdiv(rows, rpp_c) * tn, tn, rpp_c))
     n_rp = cdiv(M, _FINISH_BLOCK) if factored else 0
     n_blk = n_rp + cdiv(N, _FINISH_BLOCK) if factored else 1
     # partial sums of g and p^2, of the row and column sums of g^2, of u^2 per chunk; then r and c, and the finalize
@@ -590,8 +455,7 @@ def adapm_update_(p, g, state, chunks: list, *, flags: torch.Tensor, t: float, l
     psq = factored and relative_lr
     has_usq = factored and clip_threshold is not None
     lay = _layout(Mrows, N, tuple((ch.kind, _bounds(ch.rows, Mrows), _bounds(ch.cols, N)) for ch in chunks), factored,
-                  has_usq, (CONFIG["block_m"], CONFIG["block_n"], CONFIG["max_tm"]),
-                  _LOW_RANK_TILE)
+                  has_usq, (CONFIG["block_m"], CONFIG["block_n"], CONFIG["max_tm"]))
     bm, bn, TM, TN, rpp, n_prog = lay.tile
     off_psq, off_row, off_col, off_usq, n_usq, off_r, off_c, off_blk, ws_numel = lay.offsets
     n_rp, n_blk = lay.blocks
@@ -615,45 +479,35 @@ def adapm_update_(p, g, state, chunks: list, *, flags: torch.Tensor, t: float, l
     lifts = [_low_rank(gc, state, ch, b1, t, flags, refresh, fill, scale if has_scale else None, run)
              if ch.kind == "low_rank" else None for ch, (gc, *_) in zip(chunks, geos)]
 
-    def args_of(ch, gc, lift):
-        code = _KIND_CODES[ch.kind]
-        m = state[ch.prefix + "exp_avg"] if code == FULL else ws
-        if lift is None:
-            lift_args, RP = (ws, ws, 0, 0, 0, 0, 0), 16
-        else:
-            a_t, b_t = lift
-            lift_args, RP = (a_t, b_t, a_t.stride(0), a_t.stride(1), b_t.stride(0), b_t.stride(1),
-                             a_t.shape[1]), max(16, next_pow2(a_t.shape[1]))
-        row0, col0 = ch.rows.start or 0, ch.cols.start or 0
-        return code, m, lift_args, RP, row0, col0
+    def moment(ch, lift):
+        """The momentum operand of a chunk's passes: full momentum's m, the low-rank lift, or nothing."""
+        m = state[ch.prefix + "exp_avg"] if ch.kind == "full" else lift
+        return (m, m.stride(0)) if m is not None else (ws, 0)
 
     if has_usq:
         off_out = off_usq
-        for ch, (gc, n_c, tn_c, rpp_c, (cbm, cbn)), lift in zip(chunks, geos, lifts):
-            code, m, (a_p, b_p, *lift_ints), RP, row0, col0 = args_of(ch, gc, lift)
-            sm = m.stride(0) if code == FULL else 0
+        for ch, (gc, n_c, tn_c, rpp_c), lift in zip(chunks, geos, lifts):
+            m, sm = moment(ch, lift)
             al = _aligned(gc.shape[1], gc.stride(0), sm) and gc.stride(1) == 1
-            usq(n_c, (gc, m, a_p, b_p, scale, flags, ws, gc.shape[0], gc.shape[1], tn_c, rpp_c, gc.stride(0),
-                      gc.stride(1), sm, *lift_ints, off_r + row0, off_c + col0, off_out, b1, bc1, sbc2),
-                (has_scale, code, al, gc.stride(1) == 1, cbm, cbn, RP), _LOW_RANK_WARPS if code == LOW_RANK else WARPS,
-                run)
+            usq(n_c, (gc, m, scale, flags, ws, gc.shape[0], gc.shape[1], tn_c, rpp_c, gc.stride(0), gc.stride(1), sm,
+                      off_r + (ch.rows.start or 0), off_c + (ch.cols.start or 0), off_out, b1, bc1, sbc2),
+                (has_scale, _KIND_CODES[ch.kind], al, gc.stride(1) == 1, bm, bn), WARPS, run)
             off_out += n_c
     sr = bool(stochastic_rounding) and p.dtype == torch.bfloat16
     seed_i = seed_arg(sr, seed)
     v = None if factored else state["exp_avg_sq"]
     numel = p.numel()
-    for ch, (gc, n_c, tn_c, rpp_c, (cbm, cbn)), lift in zip(chunks, geos, lifts):
-        code, m, (a_p, b_p, *lift_ints), RP, row0, col0 = args_of(ch, gc, lift)
+    for ch, (gc, n_c, tn_c, rpp_c), lift in zip(chunks, geos, lifts):
+        m, sm = moment(ch, lift)
+        row0, col0 = ch.rows.start or 0, ch.cols.start or 0
         pc = _part(p, ch)
         vc = _part(v, ch) if v is not None else ws
-        sm, sv = m.stride(0) if code == FULL else 0, vc.stride(0) if v is not None else 0
+        sv = vc.stride(0) if v is not None else 0
         al = _aligned(gc.shape[1], gc.stride(0), pc.stride(0), sm, sv) and gc.stride(1) == 1 and pc.stride(1) == 1
-        write(n_c, (gc, pc, m, vc, a_p, b_p, scale, flags, ws, seed_i, gc.shape[0], gc.shape[1], tn_c, rpp_c,
-                    gc.stride(0), gc.stride(1), pc.stride(0), pc.stride(1), sm, sv, *lift_ints, off_r + row0,
-                    off_c + col0, off_usq, n_usq, off_psq, n_prog, row0, col0, N, float(lr), float(weight_decay), b1,
-                    bc1, float(beta2), float(bc2), float(eps), sbc2, float(numel), math.sqrt(numel),
-                    float(clip_threshold or 1.0)),
-              (has_scale, code, not factored, has_usq, weight_decay != 0, has_usq, psq, sr, al, gc.stride(1) == 1,
-               pc.stride(1) == 1, cbm, cbn, RP),
-              _LOW_RANK_WARPS if code == LOW_RANK else WARPS, run)
+        write(n_c, (gc, pc, m, vc, scale, flags, ws, seed_i, gc.shape[0], gc.shape[1], tn_c, rpp_c, gc.stride(0),
+                    gc.stride(1), pc.stride(0), pc.stride(1), sm, sv, off_r + row0, off_c + col0, off_usq, n_usq,
+                    off_psq, n_prog, row0, col0, N, float(lr), float(weight_decay), b1, bc1, float(beta2), float(bc2),
+                    float(eps), sbc2, float(numel), math.sqrt(numel), float(clip_threshold or 1.0)),
+              (has_scale, _KIND_CODES[ch.kind], not factored, has_usq, weight_decay != 0, has_usq, psq, sr, al,
+               gc.stride(1) == 1, pc.stride(1) == 1, bm, bn), WARPS, run)
     _compat.bump_versions([whole])
