@@ -1,5 +1,5 @@
 """AdaPM (``optim/adapm.py``) on one tensor in Triton kernels: every momentum kind with the Adam or the factored second
-moment, in few passes and without a full-size temporary. A matrix, or a 0-D/1-D tensor seen as one row.
+moment, in few passes. A matrix, or a 0-D/1-D tensor seen as one row.
 
 A matrix is updated chunk by chunk (one chunk, or the equal chunks of a ``SplitMomentum``), each chunk with its own
 momentum kind; the second moment, the finite test and RMS(u) belong to the whole matrix. Passes (bytes per element
@@ -9,17 +9,19 @@ for a bf16 gradient and parameter, fp32 state):
   second moment, the row and column sums of g^2 (and of p^2). 2 bytes (4 with ``relative_lr``).
 * ``finalize`` and ``factors`` (small data, one program per block of rows or columns): factored: the row and column
   EMAs and the preconditioner's factors, the state committed where the whole matrix is finite; the finite flags.
-* low-rank chunks, ``project``: pg = P^T g (or g P) in fp32 from one read of g in its own dtype (2 bytes), as partial
-  sums; then ``momentum``, on r x b data: pg summed, M <- beta1 M + (1 - beta1) pg and C = M / (1 - beta1^t) - pg.
-  The estimate m_hat = g + lift(C) is never stored: each tile of the later passes adds its rank-r product (K = r,
-  on the tensor cores: ``_dot3``).
+* low-rank chunks (``products``: cuBLAS GEMMs on bfloat16 pieces, fp32-accurate): pg = P^T g (or g P) from one read
+  of g in its own dtype (2 bytes); ``momentum``, on the r x b (or a x r) data: M <- beta1 M + (1 - beta1) pg and
+  C = M / (1 - beta1^t) - pg; then the lift L = P C (or C P^T), an fp32 temporary of the chunk's size (4 bytes
+  written), so that m_hat = g + L in the later passes (4 bytes read by each). Forming the rank-r product inside
+  those passes' tiles instead kept them far from the memory bound.
 * ``usq`` (factored with clipping: RMS(u) is needed before any write): u = m_hat * rsqrt(v_hat), partial sums of
   u^2. Full momentum writes m_new here (the finite test is known), so that the write pass reads m instead of g
-  and m: reads g (+ m), writes m. none/low-rank: 2 bytes, full: 10.
+  and m: reads g (+ m or L), writes m. none: 2 bytes, low-rank: 6, full: 10.
 * ``write``: p <- p (1 - step wd) - step clip u. Adam: also m and v (one pass reads g, p, m, v and writes p, m, v:
-  22 bytes for full momentum, 14 without). Factored: reads g (or m for full momentum) and p, writes p: 6 bytes.
+  22 bytes for full momentum, 14 without, 18 low-rank). Factored: reads g (or m for full momentum) and p (and L),
+  writes p: 6 bytes, low-rank 10.
 
-Totals per element (bf16 p and g): Adam v: full 24, low-rank 18, none 16; factored v: full 20, low-rank 12, none 10.
+Totals per element (bf16 p and g): Adam v: full 24, low-rank 26, none 16; factored v: full 20, low-rank 24, none 10.
 The scalars that depend on the data (finite flags, clip factor, relative step) stay on the device: the kernels read
 them through pointers, so nothing waits for the device. A basis refresh (``momentum.orthonormal_basis``) runs in
 torch on an fp32 copy of the chunk's gradient, QR factorisations only (no host synchronisation).

@@ -50,7 +50,7 @@ def adapm_pieces_kernel(x_ptr, out_ptr, R, C, sx_r, sx_c, PATTERN: tl.constexpr,
     x2 = (rest - x1.to(tl.float32)).to(tl.bfloat16)
     out = out_ptr + r64 * (K * C) + cols[None, :]
     for k in tl.static_range(K):
-        which: tl.constexpr = (PATTERN >> (2 * k)) & 3
+        which = (PATTERN >> (2 * k)) & 3
         if which == 0:
             tl.store(out + k * C, x0, mask=mask)
         elif which == 1:
