@@ -538,11 +538,13 @@ def _adapm_update_bytes(shape: Sequence[int], kind: Any, second_moment: str, par
 
 def _adapm_kernel_update_bytes(shape: Sequence[int], kind: Any) -> int:
     """Bytes of the temporaries alive at once while AdaPM updates a tensor of up to two dims on a GPU (the kernels of
-    ``kernels.adapm``): no full-size one but at a basis refresh, which holds an fp32 copy of a low-rank chunk's
-    gradient and its finite-masked copy (8 bytes per element of the chunk). The partial sums and the r x b momentum
+    ``kernels.adapm``): the fp32 lift of every low-rank chunk (4 bytes per element of the chunk, all alive until
+    the write pass), and at a basis refresh of the last one, instead of its lift, an fp32 copy of its gradient and the
+    finite-masked copy (8). The partial sums, the bfloat16 pieces of the rank-r products and the r x b momentum
     temporaries are left to the overhead, as for the other kernels."""
     kinds = kind.kinds if isinstance(kind, SplitMomentum) else (kind,)
-    return 8 * (_numel(shape) // len(kinds)) if "low_rank" in kinds and len(shape) == 2 else 0
+    low = sum(k == "low_rank" for k in kinds)
+    return (4 * (low - 1) + 8) * (_numel(shape) // len(kinds)) if low and len(shape) == 2 else 0
 
 
 def _arrival_order(shapes: Shapes, tied: str | None) -> Shapes:
