@@ -233,48 +233,66 @@ def check_nonfinite(device: str, second: str) -> None:
     assert int(opt.skipped_updates) == 1
 
 
+def _pieces_sum(x: torch.Tensor, pattern, axis: int) -> torch.Tensor:
+    """The sum of the distinct pieces in blocks of ``x`` (laid out along ``axis`` in the order ``pattern``)."""
+    blocks = x.double().chunk(len(pattern), axis)
+    return sum(blocks[pattern.index(i)] for i in sorted(set(pattern)))
+
+
 def check_products(device: str) -> None:
-    """The rank-r products from bfloat16 pieces (``kernels.products``): the projection P^T g / g P of a strided
-    bf16, fp16 or fp32 gradient, and the lift A @ B, against float64 to fp32 accuracy."""
-    from adalomo.kernels import products
+    """The rank-r products from bfloat16 pieces (``kernels.products``): the pieces of an fp32 matrix sum to it; the
+    projection P^T g / g P of a strided bf16, fp16 or fp32 gradient (its three blocks summed) and the lift A @ B,
+    against float64 to fp32 accuracy."""
+    from adalomo.kernels import products as KP
     from adalomo.kernels.launch import LaunchContext
     gen = torch.Generator().manual_seed(0)
     for shape, side, r in (((520, 600), "left", 5), ((600, 520), "right", 20), ((40, 90), "left", 3)):
+        a, b = shape
+        P = torch.linalg.qr(torch.randn(a if side == "left" else b, r, generator=gen))[0].to(device)
+        ctx = LaunchContext(P)
+        run = (ctx.stream, ctx.device, None)
+        Pc = KP.pieces(P, KP.PROJECT, run)
+        _close(_pieces_sum(Pc, KP.PROJECT, 1), P, 0, 1e-7 * float(P.abs().max()), f"pieces of P {tuple(P.shape)}")
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            big = torch.randn(shape[0], shape[1] + 7, generator=gen).to(device, dtype)
-            g = big[:, 3:3 + shape[1]]  # rows padded: a strided view
-            P = torch.linalg.qr(torch.randn(shape[0] if side == "left" else shape[1], r, generator=gen))[0].to(device)
-            ctx = LaunchContext(g)
-            run = (ctx.stream, ctx.device, None)
-            got = products.project(g, P, side, run)
+            big = torch.randn(a, b + 7, generator=gen).to(device, dtype)
+            g = big[:, 3:3 + b]  # rows padded: a strided view
+            out = KP.project(g, Pc, side, run)
+            got = out.view(3, r, b).sum(0) if side == "left" else out.view(a, 3, r).sum(1)
             want = P.double().mT @ g.double() if side == "left" else g.double() @ P.double()
             _close(got, want, 0, 3e-6 * float(want.abs().max()), f"projection {shape} {side} {dtype}")
-        a, b = shape
         A = torch.randn(a, r, generator=gen).to(device) * 3
-        Bt = torch.randn(r, b, generator=gen).to(device).mT  # a transposed view, as the left lift's C^T
-        got = products.lift(A, Bt, run)
-        want = A.double() @ Bt.double().mT
+        B = torch.randn(b, r, generator=gen).to(device).mT  # a transposed view
+        got = KP.lift(KP.pieces(A, KP.LIFT_A, run), KP.pieces(B.mT, KP.LIFT_B, run).mT)
+        want = A.double() @ B.double()
         _close(got, want, 0, 3e-6 * float(want.abs().max()), f"lift {shape}")
 
 
 def check_small_momentum(device: str) -> None:
-    """The low-rank chunk's small momentum kernel: the projection (times the gradient's scale), M updated only where
-    the momentum's finite flag holds, C = M / (1 - beta1^t) - pg."""
+    """The low-rank chunk's small momentum kernel: the projection's blocks summed (both layouts) times the gradient's
+    scale, M updated only where the momentum's finite flag holds, C = M / (1 - beta1^t) - pg written as pieces."""
     from adalomo.kernels import adapm as K
+    from adalomo.kernels import products as KP
     from adalomo.kernels.launch import LaunchContext
     gen = torch.Generator().manual_seed(0)
-    for scale, shape, finite in ((None, (5, 300), True), (0.25, (70, 20), True), (2.0, (4, 33), False)):
-        pg = torch.randn(shape, generator=gen).to(device)
+    for scale, shape, finite, left in ((None, (5, 300), True, True), (0.25, (70, 20), True, False),
+                                       (2.0, (4, 33), False, True)):
+        rows, cols = shape
+        blocks = torch.randn(3, rows, cols, generator=gen).to(device)
+        parts = blocks.reshape(3 * rows, cols) if left else blocks.permute(1, 0, 2).reshape(rows, 3 * cols)
+        layout = (rows * cols, 0, rows * cols) if left else (cols, 3 * cols, cols)
         m0 = torch.randn(shape, generator=gen).to(device)
-        m, c = m0.clone(), torch.empty(shape, device=device)
+        m = m0.clone()
+        cp = torch.empty(rows, 6 * cols, dtype=torch.bfloat16, device=device)
         flags = torch.tensor([int(finite), 1], dtype=torch.int32, device=device)
         s_t = flags if scale is None else torch.full((), scale, device=device)
+        order = KP.LIFT_B if left else KP.LIFT_A
         ctx = LaunchContext(m)
-        K.momentum(K.cdiv(m.numel(), 128), (pg, m, c, s_t, flags, m.numel(), 0.9, 1 - 0.9 ** 3),
-                   (scale is not None, 128), 4, (ctx.stream, ctx.device, None))
-        pg = pg * (scale or 1.0)
+        K.momentum(K.cdiv(m.numel(), 128), (parts, m, cp, s_t, flags, m.numel(), *layout, 0.9, 1 - 0.9 ** 3),
+                   (3, scale is not None, KP.pack(order), 128), 4, (ctx.stream, ctx.device, None))
+        pg = blocks.sum(0) * (scale or 1.0)
         want_m = torch.lerp(pg, m0, 0.9) if finite else m0
         _close(m, want_m, 1e-6, 1e-6, f"small momentum M {shape}")
+        c = _pieces_sum(cp.view(6 * rows, cols), order, 0) if left else _pieces_sum(cp, order, 1)
         _close(c, want_m / (1 - 0.9 ** 3) - pg, 1e-6, 1e-6, f"small momentum C {shape}")
 
 
@@ -372,9 +390,11 @@ def _sm90_variants(tl):
            ("adapm_factors", K.adapm_factors_kernel, dict(FACTORED=True, ROW_STATE=True, BLOCK=K._FINISH_BLOCK, FB=64),
             4, False)]
     from adalomo.kernels import products as KP
-    lift_a = sum(i << 2 * k for k, (i, _) in enumerate(KP._LIFT))
     out.append(("adapm_pieces", KP.adapm_pieces_kernel,
-                dict(PATTERN=lift_a, K=6, BLOCK_R=KP._BLOCK[0], BLOCK_C=KP._BLOCK[1]), 4, True))
+                dict(PATTERN=KP.pack(KP.PROJECT + KP.LIFT_A), K=9, BLOCK_R=KP._BLOCK[0], BLOCK_C=KP._BLOCK[1]), 4,
+                True))
+    out.append(("adapm_momentum", K.adapm_momentum_kernel,
+                dict(N_PARTS=3, HAS_SCALE=True, C_PATTERN=KP.pack(KP.LIFT_B), BLOCK=K._MOMENTUM_BLOCK), 4, False))
     for mom in (0, 1, 2):
         out.append((f"adapm_usq_{mom}", K.adapm_usq_kernel, dict(tile, HAS_SCALE=False, MOM=mom), K.WARPS, True))
         for adam in (True, False):

@@ -44,6 +44,7 @@ from . import products
 from .common import a16, and_flag, round_to_bf16, strides_known, sum_parts
 from .config import CONFIG, cdiv, tiling
 from .launch import LaunchContext, Launcher, on_tensor_device, seed_arg
+from .products import store_pieces
 
 __all__ = ["adapm_update_"]
 
@@ -327,27 +328,36 @@ def adapm_write_kernel(g_ptr, p_ptr, m_ptr, v_ptr, scale_ptr, flags_ptr, ws_ptr,
 
 
 @_jit
-def adapm_momentum_kernel(pg_ptr, m_ptr, c_ptr, scale_ptr, flags_ptr, n_total, beta1, bc1, HAS_SCALE: tl.constexpr,
+def adapm_momentum_kernel(parts_ptr, m_ptr, c_ptr, scale_ptr, flags_ptr, n_total, row_len, row_stride, part_stride,
+                          beta1, bc1, N_PARTS: tl.constexpr, HAS_SCALE: tl.constexpr, C_PATTERN: tl.constexpr,
                           BLOCK: tl.constexpr):
-    """A low-rank chunk's small momentum, elementwise over its r x b (or a x r) entries: pg (times the gradient's
-    scale), M <- lerp(pg, M, beta1) where the momentum's finite flag holds, and C = M / bc1 - pg, the low-rank
-    estimate's coefficients (m_hat = g + lift(C))."""
+    """A low-rank chunk's small momentum, elementwise over the n_total entries of M (r x b or a x r, rows of
+    ``row_len``): pg = the sum of the projection's N_PARTS blocks (entry e of block j at parts[(e // row_len) *
+    row_stride + e % row_len + j * part_stride]) times the gradient's scale, M <- lerp(pg, M, beta1) where the
+    momentum's finite flag holds, and C = M / bc1 - pg, the low-rank estimate's coefficients (m_hat = g + lift(C)),
+    stored as the 6 bfloat16 pieces of the lift's operand in the order C_PATTERN (``products.pack``), rows of 6
+    ``row_len``."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_total
-    pg = tl.load(pg_ptr + offs, mask=mask, other=0.0)
+    row = (offs // row_len).to(tl.int64)
+    col = offs % row_len
+    at = row * row_stride + col
+    pg = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in tl.static_range(N_PARTS):
+        pg += tl.load(parts_ptr + at + j * part_stride, mask=mask, other=0.0)
     if HAS_SCALE:  # the projection is linear in g: scaled here, once
         pg = pg * tl.load(scale_ptr).to(tl.float32)
     okm = tl.load(flags_ptr).to(tl.int8)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0)
     m = tl.where(okm != 0, _lerp(pg, m, beta1), m)
     tl.store(m_ptr + offs, m, mask=mask)
-    tl.store(c_ptr + offs, tl.div_rn(m, bc1) - pg, mask=mask)
+    store_pieces(c_ptr + row * (6 * row_len) + col, tl.div_rn(m, bc1) - pg, mask, row_len, C_PATTERN, 6)
 
 
 stats = Launcher(adapm_stats_kernel, "HAS_SCALE", "FACTORED", "PSQ", "ALIGN", "G_UNIT", "P_UNIT", "BLOCK_M", "BLOCK_N")
 finalize = Launcher(adapm_finalize_kernel, "ROW_STATE", "BLOCK")
 factors = Launcher(adapm_factors_kernel, "FACTORED", "ROW_STATE", "BLOCK", "FB")
-momentum = Launcher(adapm_momentum_kernel, "HAS_SCALE", "BLOCK")
+momentum = Launcher(adapm_momentum_kernel, "N_PARTS", "HAS_SCALE", "C_PATTERN", "BLOCK")
 usq = Launcher(adapm_usq_kernel, "HAS_SCALE", "MOM", "ALIGN", "G_UNIT", "BLOCK_M", "BLOCK_N")
 write = Launcher(adapm_write_kernel, "HAS_SCALE", "MOM", "ADAM", "M_STORED", "HAS_WD", "HAS_USQ", "PSQ", "SR", "ALIGN",
                  "G_UNIT", "P_UNIT", "BLOCK_M", "BLOCK_N")
@@ -364,22 +374,36 @@ def _low_rank(gc, state, ch, beta1: float, t: float, flags, refresh: bool, fill:
     basis if due (in torch), update M where the momentum's finite flag holds (``adapm_momentum_kernel``), and return
     the lift L = lift(M / bc - pg) (fp32, the chunk's shape): m_hat = g + L."""
     P, Mst = state[ch.prefix + "proj"], state[ch.prefix + "exp_avg_lr"]
-    side = "left" if gc.shape[0] <= gc.shape[1] else "right"
+    left = gc.shape[0] <= gc.shape[1]
+    side = "left" if left else "right"
+    r = P.shape[1]
+    # P's pieces for the projection and, beside them, for the lift (P is the lift's A on the left, its B^T on the
+    # right); C gets the other operand's order
+    p_lift, c_lift = (products.LIFT_A, products.LIFT_B) if left else (products.LIFT_B, products.LIFT_A)
     if refresh:  # every update_proj_gap steps: a full fp32 copy of the chunk's gradient for the factorisation
         ok = flags[0] != 0
         g32 = F.upcast(gc, scale)
         safe = torch.where(ok, g32, torch.zeros((), dtype=g32.dtype, device=g32.device))
-        P_new = ch.basis(safe, P.shape[1], side)
+        P_new = ch.basis(safe, r, side)
         Mom.refresh_basis_(P, Mst, P_new, safe, side, carry_weight=1.0 - beta1 ** (t - 1), ok=ok, fill=fill)
-        pg, scale = Mom.project(g32, P, side), None  # already scaled
+        parts, scale = Mom.project(g32, P, side), None  # already scaled
         del g32, safe
+        Pp = products.pieces(P, p_lift, run)
+        n_parts, layout = 1, ((Mst.numel(), 0, 0) if left else (r, r, 0))  # row_len, row_stride, part_stride
     else:
-        pg = products.project(gc, P, side, run)
-    C = torch.empty_like(Mst)
+        Pp = products.pieces(P, products.PROJECT + p_lift, run)
+        parts = products.project(gc, Pp[:, :3 * r], side, run)
+        Pp = Pp[:, 3 * r:]
+        n_parts = 3
+        layout = (Mst.numel(), 0, Mst.numel()) if left else (r, 3 * r, r)
+    Cp = torch.empty((Mst.shape[0], 6 * Mst.shape[1]), dtype=torch.bfloat16, device=Mst.device)
     n = Mst.numel()
-    momentum(cdiv(n, _MOMENTUM_BLOCK), (pg, Mst, C, flags if scale is None else scale, flags, n, beta1,
-                                        1.0 - beta1 ** t), (scale is not None, _MOMENTUM_BLOCK), 4, run)
-    return products.lift(P, C.mT, run) if side == "left" else products.lift(C, P, run)
+    momentum(cdiv(n, _MOMENTUM_BLOCK), (parts, Mst, Cp, flags if scale is None else scale, flags, n, *layout, beta1,
+                                        1.0 - beta1 ** t),
+             (n_parts, scale is not None, products.pack(c_lift), _MOMENTUM_BLOCK), 4, run)
+    if left:  # C (r x b): its pieces are the row blocks of B (6r x b)
+        return products.lift(Pp, Cp.view(6 * r, -1))
+    return products.lift(Cp, Pp.mT)
 
 
 _WHOLE = slice(None)
