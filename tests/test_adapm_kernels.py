@@ -428,6 +428,28 @@ def test_kernels_compile_for_sm90():
     assert not spilled, f"register spills (local memory) in streaming kernels: {spilled}"
 
 
+def test_integer_arguments_are_not_specialised():
+    """No integer argument of a kernel that ``launch.Launcher`` launches (AdaPM's and the others) is specialised by
+    Triton: the Launcher calls a variant's compiled kernel directly for any later values, so one compiled for a value
+    of 1 or a multiple of 16 would run wrongly on another (AdaPM's momentum kernel's row length is r or r x b: it
+    varies between matrices)."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "ADALOMO_TRITON_INTERPRET")}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "src"), HERE])
+    code = ("import json, test_kernels_sm90 as S, test_adapm_kernels as T\n"
+            "from adalomo.kernels import adapm, factored, grouped, lomo, one_read, products, sharded, updates, vector\n"
+            "from adalomo.kernels.launch import Launcher\n"
+            "floats = set(S._FLOATS) | set(T._SM90_FLOATS)\n"
+            "mods = (adapm, factored, grouped, lomo, one_read, products, sharded, updates, vector)\n"
+            "bad = [(L.fn.__name__, p.name) for m in mods for L in vars(m).values()\n"
+            "       if isinstance(L, Launcher) for p in L.fn.params if not p.is_constexpr\n"
+            "       and not p.name.endswith('_ptr') and p.name not in floats and not p.do_not_specialize]\n"
+            "print(json.dumps(bad))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.splitlines()[-1]) == []
+
+
 def test_which_tensors_take_the_kernels():
     """Tensors of up to two dims with fp32 contiguous state take the kernels (``_grouped_takes``); more dims keep the
     torch path."""

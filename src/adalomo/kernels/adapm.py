@@ -72,9 +72,9 @@ def _lerp(start, end, w):
     return out
 
 
-_INTS = ["n_parts", "per_split", "n_blocks", "M", "N", "TM", "TN", "rows_per_prog", "sg_m", "sg_n", "sp_m", "sp_n",
-         "sm_m", "sv_m", "sx_r", "sx_c", "n_fin", "off_psq", "off_row", "off_col", "off_r",
-         "off_c", "off_usq", "n_usq", "n_psq", "off_out", "row0", "col0", "n_total", "seed", "n_rp", "n_blk", "off_blk"]
+_INTS = ["M", "N", "TM", "TN", "rows_per_prog", "sg_m", "sg_n", "sp_m", "sp_n", "sm_m", "sv_m", "n_fin", "off_psq",
+         "off_row", "off_col", "off_r", "off_c", "off_usq", "n_usq", "n_psq", "off_out", "row0", "col0", "n_total",
+         "seed", "n_rp", "n_blk", "off_blk", "row_len", "row_stride", "part_stride"]
 
 
 def _jit(fn):
