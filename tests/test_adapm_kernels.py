@@ -327,6 +327,55 @@ def check_no_sync(device: str) -> None:
     assert not syncing, f"a kernel step waits for the device: {syncing}"
 
 
+def check_launch_keys(device: str) -> None:
+    """The launch-cache keys that a cached plan hands the launcher (``launch.keyed_launch``: the dtype and alignment
+    of each pointer argument, read at the plan's first use) are those of the arguments of every later launch, as
+    what changes between steps changes: the tensor's place in the bucket (its finite flags' alignment), a loss
+    scale, a basis refresh, SplitMomentum chunks, the gradient's strides. Under the interpreter a launch passes no key,
+    so a fake stream makes the plans record theirs; each launch is checked against its own arguments."""
+    if device != "cpu":  # on CUDA the keys are real; this check needs the interpreter's fake stream
+        return
+    from adalomo.kernels import adapm as K
+    from adalomo.kernels import launch as L
+
+    checked = [0]
+    orig_call, orig_ctx = L.Launcher.__call__, K.LaunchContext
+
+    def call(self, grid, args, consts, num_warps, run, maxnreg=None):
+        stream, dev, key = run
+        if key is not None:
+            want = (dev,) + tuple((a.dtype, a.data_ptr() % 16 == 0) for a in args[:self.n_ptr])
+            assert key == want, f"{self.fn.__name__}: cached launch key {key} but the arguments have {want}"
+            checked[0] += 1
+        return orig_call(self, grid, args, consts, num_warps, (None, -1, None), maxnreg)
+
+    class FakeStream:
+        def __init__(self, t):
+            self.device, self.stream = -1, 1
+
+    L.Launcher.__call__, K.LaunchContext = call, FakeStream
+    try:
+        for kind in ("split_cols", "low_rank"):
+            for second in ("adam", "factored"):
+                for dtype, scaler in ((torch.float32, None), (torch.bfloat16, None),
+                                      (torch.float32, DynamicLossScaler(init_scale=4.0, growth_interval=2))):
+                    torch.manual_seed(0)
+                    ps = [nn.Parameter(torch.randn(s, device=device, dtype=dtype)) for s in SHAPES + [(7,)]]
+                    opt = AdaPM([{"params": ps, "momentum": KINDS[kind]}], lr=1e-2, rank=3, update_proj_gap=3,
+                                second_moment=second, relative_lr=second == "factored", loss_scaler=scaler)
+                    for t in range(7):
+                        for i, p in enumerate(ps):  # from step 3 the first tensor sits out every other step
+                            skip = i == 0 and t >= 3 and t % 2
+                            p.grad = None if skip else torch.randn(p.shape, device=device, dtype=dtype)
+                        if t == 5:  # a transposed gradient: other strides, another plan
+                            ps[1].grad = ps[1].grad.mT.contiguous().mT
+                        opt.step()
+    finally:
+        L.Launcher.__call__, K.LaunchContext = orig_call, orig_ctx
+        K._PLANS.clear()
+    assert checked[0] > 100, f"only {checked[0]} keyed launches were checked"
+
+
 CASES: dict[str, Callable[[str], None]] = {}
 for _second in ("adam", "factored"):
     for _kind in ("none", "full", "low_rank"):
@@ -353,6 +402,7 @@ CASES["bf16_stochastic_rounding"] = lambda d: check_torch_path(d, "full", "facto
 CASES["no_sync"] = check_no_sync
 CASES["products"] = check_products
 CASES["small_momentum"] = check_small_momentum
+CASES["launch_keys"] = check_launch_keys
 
 
 # --------------------------------------------------------------------------------------------- tests

@@ -233,18 +233,19 @@ def lomo_update_many_(ps, gs, *, lr, weight_decay, clip_grad_value, grad_scale, 
 
 class AdaPMChunk:
     """One momentum chunk of an AdaPM matrix (``adapm_update_``): its kind, state key prefix, row and column slices
-    and basis function (the whole matrix, or one of the equal chunks of a ``SplitMomentum``)."""
-    __slots__ = ("kind", "prefix", "rows", "cols", "basis")
+    (the whole matrix, or one of the equal chunks of a ``SplitMomentum``) and ``sig``, a hashable summary of them."""
+    __slots__ = ("kind", "prefix", "rows", "cols", "sig")
 
-    def __init__(self, kind: str, prefix: str, rows: slice, cols: slice, basis=None):
-        self.kind, self.prefix, self.rows, self.cols, self.basis = kind, prefix, rows, cols, basis
+    def __init__(self, kind: str, prefix: str, rows: slice, cols: slice):
+        self.kind, self.prefix, self.rows, self.cols = kind, prefix, rows, cols
+        self.sig = (kind, prefix, rows.start, rows.stop, cols.start, cols.stop)
 
 
-def adapm_update_(p, g, state, chunks, **hyper):
+def adapm_update_(p, g, state, chunks, sig, **hyper):
     """AdaPM's step on the 2-D ``p`` in Triton kernels (``kernels.adapm``); its finite flags go to ``flags``."""
     _require(p)
     from . import adapm
-    return adapm.adapm_update_(p, g, state, chunks, **hyper)
+    return adapm.adapm_update_(p, g, state, chunks, sig, **hyper)
 
 
 def _by_shard(kind: str, ps, gs, states, shards, per_tensor: dict, common: dict):

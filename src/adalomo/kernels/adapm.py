@@ -29,7 +29,6 @@ torch on an fp32 copy of the chunk's gradient, QR factorisations only (no host s
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
@@ -37,13 +36,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _compat
 from .. import functional as F
 from .. import momentum as Mom
 from . import products
 from .common import a16, and_flag, round_to_bf16, strides_known, sum_parts
-from .config import CONFIG, cdiv, tiling
-from .launch import LaunchContext, Launcher, on_tensor_device, seed_arg
+from .config import cdiv, on_change, tiling
+from .launch import LaunchContext, Launcher, keyed_launch, on_tensor_device, seed_arg
 from .products import store_pieces
 
 __all__ = ["adapm_update_"]
@@ -369,42 +367,50 @@ _MOMENTUM_BLOCK = 1024
 _FINISH_BLOCK = 256
 
 
-def _low_rank(gc, state, ch, beta1: float, t: float, flags, refresh: bool, fill: bool, scale, run) -> torch.Tensor:
+def _low_rank(gc, state, ch, beta1: float, t: float, flags, basis, fill: bool, scale, run, keys: list,
+              slot: int) -> torch.Tensor:
     """The small part of a low-rank chunk (``momentum.momentum_estimate_``'s, without forming m_hat): refresh the
-    basis if due (in torch), update M where the momentum's finite flag holds (``adapm_momentum_kernel``), and return
-    the lift L = lift(M / bc - pg) (fp32, the chunk's shape): m_hat = g + L."""
+    basis with the basis function ``basis`` if given (in torch), update M where the momentum's finite flag holds
+    (``adapm_momentum_kernel``), and return the lift L = lift(M / bc - pg) (fp32, the chunk's shape): m_hat = g + L.
+    ``keys``, ``slot``: the plan's launch keys, the chunk's first slot (pieces; momentum at slot + 3, at a refresh
+    slot + 4)."""
     P, Mst = state[ch.prefix + "proj"], state[ch.prefix + "exp_avg_lr"]
     left = gc.shape[0] <= gc.shape[1]
     side = "left" if left else "right"
     r = P.shape[1]
-    # P's pieces for the projection and, beside them, for the lift (P is the lift's A on the left, its B^T on the
-    # right); C gets the other operand's order
-    p_lift, c_lift = (products.LIFT_A, products.LIFT_B) if left else (products.LIFT_B, products.LIFT_A)
+    refresh = basis is not None
     if refresh:  # every update_proj_gap steps: a full fp32 copy of the chunk's gradient for the factorisation
         ok = flags[0] != 0
         g32 = F.upcast(gc, scale)
         safe = torch.where(ok, g32, torch.zeros((), dtype=g32.dtype, device=g32.device))
-        P_new = ch.basis(safe, r, side)
+        P_new = basis(safe, r, side)
         Mom.refresh_basis_(P, Mst, P_new, safe, side, carry_weight=1.0 - beta1 ** (t - 1), ok=ok, fill=fill)
         parts, scale = Mom.project(g32, P, side), None  # already scaled
         del g32, safe
-        Pp = products.pieces(P, p_lift, run)
+        Pp = products.pieces(P, _P_LIFT[left], run, keys, slot)
         n_parts, layout = 1, ((Mst.numel(), 0, 0) if left else (r, r, 0))  # row_len, row_stride, part_stride
     else:
-        Pp = products.pieces(P, products.PROJECT + p_lift, run)
+        # P's pieces for the projection and, beside them, for the lift (P is the lift's A on the left, its B^T on the
+        # right)
+        Pp = products.pieces(P, _P_BOTH[left], run, keys, slot)
         parts = products.project(gc, Pp[:, :3 * r], side, run)
         Pp = Pp[:, 3 * r:]
         n_parts = 3
         layout = (Mst.numel(), 0, Mst.numel()) if left else (r, 3 * r, r)
     Cp = torch.empty((Mst.shape[0], 6 * Mst.shape[1]), dtype=torch.bfloat16, device=Mst.device)
     n = Mst.numel()
-    momentum(cdiv(n, _MOMENTUM_BLOCK), (parts, Mst, Cp, flags if scale is None else scale, flags, n, *layout, beta1,
-                                        1.0 - beta1 ** t),
-             (n_parts, scale is not None, products.pack(c_lift), _MOMENTUM_BLOCK), 4, run)
+    keyed_launch(momentum, keys, slot + (4 if refresh else 3), cdiv(n, _MOMENTUM_BLOCK),
+                 (parts, Mst, Cp, flags if scale is None else scale, flags, n, *layout, beta1, 1.0 - beta1 ** t),
+                 (n_parts, scale is not None, _C_LIFT[left], _MOMENTUM_BLOCK), 4, run[0], run[1])
     if left:  # C (r x b): its pieces are the row blocks of B (6r x b)
         return products.lift(Pp, Cp.view(6 * r, -1))
     return products.lift(Cp, Pp.mT)
 
+
+#: by side (True: left): P's pieces for the lift alone, for the projection and the lift, and C's for the lift
+_P_LIFT = {True: products.LIFT_A, False: products.LIFT_B}
+_P_BOTH = {k: products.PROJECT + v for k, v in _P_LIFT.items()}
+_C_LIFT = {True: products.pack(products.LIFT_B), False: products.pack(products.LIFT_A)}
 
 _WHOLE = slice(None)
 
@@ -414,65 +420,122 @@ def _part(t: torch.Tensor, ch) -> torch.Tensor:
     return t if ch.rows == _WHOLE and ch.cols == _WHOLE else t[ch.rows, ch.cols]
 
 
-class _Layout(NamedTuple):
-    tile: tuple  # BLOCK_M, BLOCK_N, TM, TN, rows per program, programs: the matrix's stats pass
-    chunks: tuple  # per chunk: programs, column tiles and rows per program of its usq and write passes
-    blocks: tuple  # the finalize/factors programs: row blocks, row and column blocks
-    offsets: tuple  # workspace regions (fp32): off_psq, off_row, off_col, off_usq, n_usq, off_r, off_c, off_blk, size
-
-
 def _bounds(s: slice, n: int) -> tuple[int, int]:
     return s.start or 0, n if s.stop is None else s.stop
-
-
-@functools.lru_cache(maxsize=4096)
-def _layout(M: int, N: int, chunks: tuple, factored: bool, has_usq: bool, config: tuple) -> _Layout:
-    """The launch geometry and workspace layout of one matrix update, which depend on shapes, settings and the
-    kernel configuration (``config``: its tiling values) alone: cached, as fused mode updates the same tensors every
-    step."""
-    geo = tiling(M, N)
-    bm, bn, TM, TN, rpp = geo["BLOCK_M"], geo["BLOCK_N"], geo["TM"], geo["TN"], geo["rows_per_prog"]
-    n_prog = TM * TN
-    per_chunk = []
-    for _kind, (r0, r1), (c0, c1) in chunks:
-        rows, tn = r1 - r0, cdiv(c1 - c0, bn)
-        rpp_c = tiling(rows, c1 - c0)["rows_per_prog"]
-        per_chunk.append((cdiv(rows, rpp_c) * tn, tn, rpp_c))
-    n_rp = cdiv(M, _FINISH_BLOCK) if factored else 0
-    n_blk = n_rp + cdiv(N, _FINISH_BLOCK) if factored else 1
-    # partial sums of g and p^2, of the row and column sums of g^2, of u^2 per chunk; then r and c, and the finalize
-    # programs' two sums each
-    off_psq, off_row = n_prog, 2 * n_prog
-    off_col = off_row + (TN * M if factored else 0)
-    off_usq = off_col + (TM * N if factored else 0)
-    n_usq = sum(c[0] for c in per_chunk) if has_usq else 0
-    off_r = off_usq + n_usq
-    off_c = off_r + (M if factored else 0)
-    off_blk = off_c + (N if factored else 0)
-    return _Layout((bm, bn, TM, TN, rpp, n_prog), tuple(per_chunk), (n_rp, n_blk),
-                   (off_psq, off_row, off_col, off_usq, n_usq, off_r, off_c, off_blk,
-                    off_blk + (2 * n_blk if factored else 0)))
 
 
 def _aligned(N: int, *strides: int) -> bool:
     return N % 16 == 0 and all(x % 16 == 0 for x in strides)
 
 
+class _ChunkPlan(NamedTuple):
+    kind: str
+    whole: bool  # the chunk is the whole matrix: g, p, m and v themselves, no views
+    state_m: str | None  # the state key of full momentum's m
+    n_prog: int  # programs of its usq and write passes
+    usq_ints: tuple  # the usq pass's integer arguments
+    usq_consts: tuple
+    write_ints: tuple  # the write pass's integer arguments before its floats
+    write_consts: tuple
+
+
+class _Plan(NamedTuple):
+    """Everything about one matrix update that does not change from step to step (shapes, strides, settings,
+    workspace layout, the kernels' integer arguments and constexprs): built once per matrix and layout and cached,
+    as fused mode updates the same tensors every step."""
+    n_prog: int
+    ws_numel: int
+    stats_ints: tuple
+    stats_consts: tuple
+    n_blk: int
+    finalize_ints: tuple
+    factors_ints: tuple
+    factors_consts: tuple
+    row_state: bool
+    chunks: tuple  # _ChunkPlan per chunk
+    keys: list  # per launch slot, the launch-cache key of its pointer arguments (``launch.Launcher``), set at first use
+
+
+_PLANS: dict = {}
+_MAX_PLANS = 4096  # above every model's matrix count
+on_change(_PLANS.clear)
+
+
+def _build_plan(p, g, state, chunks, factored: bool, has_usq: bool, psq: bool, has_scale: bool, adam: bool,
+                has_wd: bool, sr: bool) -> _Plan:
+    Mrows, N = p.shape
+    geo = tiling(Mrows, N)
+    bm, bn, TM, TN, rpp = geo["BLOCK_M"], geo["BLOCK_N"], geo["TM"], geo["TN"], geo["rows_per_prog"]
+    n_prog = TM * TN
+    bounds = [(_bounds(ch.rows, Mrows), _bounds(ch.cols, N)) for ch in chunks]
+    per_chunk = []
+    for (r0, r1), (c0, c1) in bounds:
+        rows, tn = r1 - r0, cdiv(c1 - c0, bn)
+        rpp_c = tiling(rows, c1 - c0)["rows_per_prog"]
+        per_chunk.append((cdiv(rows, rpp_c) * tn, tn, rpp_c))
+    n_rp = cdiv(Mrows, _FINISH_BLOCK) if factored else 0
+    n_blk = n_rp + cdiv(N, _FINISH_BLOCK) if factored else 1
+    # workspace (fp32): partial sums of g and p^2, of the row and column sums of g^2, of u^2 per chunk; then r and c,
+    # and the finalize programs' two sums each
+    off_psq, off_row = n_prog, 2 * n_prog
+    off_col = off_row + (TN * Mrows if factored else 0)
+    off_usq = off_col + (TM * N if factored else 0)
+    n_usq = sum(c[0] for c in per_chunk) if has_usq else 0
+    off_r = off_usq + n_usq
+    off_c = off_r + (Mrows if factored else 0)
+    off_blk = off_c + (N if factored else 0)
+    ws_numel = off_blk + (2 * n_blk if factored else 0)
+    sg, sp = g.stride(), p.stride()
+    align = _aligned(N, sg[0], sp[0]) and sg[1] == 1 and sp[1] == 1
+    v = None if factored else state["exp_avg_sq"]
+    out, off_out = [], off_usq
+    for ch, ((r0, r1), (c0, c1)), (n_c, tn_c, rpp_c) in zip(chunks, bounds, per_chunk):
+        rows, cols = r1 - r0, c1 - c0
+        gc, pc = _part(g, ch), _part(p, ch)
+        # the momentum operand's row stride: full momentum's m, the low-rank lift (a fresh chunk-shaped tensor)
+        # (a chunk's momentum state has the chunk's shape; the Adam v is the whole matrix's)
+        sm = (state[ch.prefix + "exp_avg"].stride(0) if ch.kind == "full" else cols if ch.kind == "low_rank" else 0)
+        sv = _part(v, ch).stride(0) if v is not None else 0
+        code = _KIND_CODES[ch.kind]
+        g_unit = gc.stride(1) == 1
+        al_u = _aligned(cols, gc.stride(0), sm) and g_unit
+        al_w = _aligned(cols, gc.stride(0), pc.stride(0), sm, sv) and g_unit and pc.stride(1) == 1
+        out.append(_ChunkPlan(
+            ch.kind, ch.rows == _WHOLE and ch.cols == _WHOLE, ch.prefix + "exp_avg" if ch.kind == "full" else None,
+            n_c,
+            (rows, cols, tn_c, rpp_c, gc.stride(0), gc.stride(1), sm, off_r + r0, off_c + c0, off_out),
+            (has_scale, code, al_u, g_unit, bm, bn),
+            (rows, cols, tn_c, rpp_c, gc.stride(0), gc.stride(1), pc.stride(0), pc.stride(1), sm, sv, off_r + r0,
+             off_c + c0, off_usq, n_usq, off_psq, n_prog, r0, c0, N),
+            (has_scale, code, adam, has_usq, has_wd, has_usq, psq, sr, al_w, g_unit, pc.stride(1) == 1, bm, bn)))
+        if has_usq:
+            off_out += n_c
+    row_state = factored and "exp_avg_sq_row" in state
+    # launch slots: stats, finalize, factors, then per chunk pieces, usq, write, momentum, momentum at a refresh
+    # (whose scale argument is the flags: its projection is scaled already)
+    return _Plan(n_prog, ws_numel, (Mrows, N, TN, rpp, sg[0], sg[1], sp[0], sp[1], off_psq, off_row, off_col),
+                 (has_scale, factored, psq, align, sg[1] == 1, sp[1] == 1, bm, bn), n_blk,
+                 (Mrows, N, TM, TN, n_rp, off_row, off_col, off_r, off_c, off_blk),
+                 (n_prog, Mrows, N, n_rp, n_blk, off_r, off_c, off_blk), (factored, row_state, _FINISH_BLOCK, 64),
+                 row_state, tuple(out), [None] * (3 + 5 * len(chunks)))
+
+
 @on_tensor_device
-def adapm_update_(p, g, state, chunks: list, *, flags: torch.Tensor, t: float, lr: float, beta1: float, beta2: float,
-                  bc2: float, eps: float, weight_decay: float, second_moment: str, clip_threshold, relative_lr: bool,
-                  refresh: bool, fill: bool, grad_scale, stochastic_rounding: bool, seed: int) -> None:
+def adapm_update_(p, g, state, chunks: list, sig: tuple, *, flags: torch.Tensor, t: float, lr: float, beta1: float,
+                  beta2: float, bc2: float, eps: float, weight_decay: float, second_moment: str, clip_threshold,
+                  relative_lr: bool, basis, fill: bool, grad_scale, stochastic_rounding: bool, seed: int) -> None:
     """One AdaPM step on ``p`` (``optim.adapm.AdaPM._update``'s maths; ``state['step']`` already at ``t``): a matrix,
-    or a 0-D/1-D tensor seen as one row. ``flags`` (int32 [2], on the device) receives the finite flags
-    [gradient finite, that and the factored statistics finite]; when not, p and the state are left as they were."""
+    or a 0-D/1-D tensor seen as one row, in ``chunks`` (``kernels.AdaPMChunk``; ``sig``: their signatures).
+    ``basis``: None, or at a basis refresh a function chunk index -> that chunk's basis function. ``flags`` (int32
+    [2], on the device) receives the finite flags [gradient finite, that and the factored statistics finite]; when
+    not, p and the state are left as they were. The caller bumps p's version counter (``_compat.bump_versions``)."""
     whole = p
     if p.dim() < 2:  # one row; its full second moment (factored: exp_avg_sq) is the column state of that row
         p, g = p.view(1, -1), g.view(1, -1)
         state = {k: v if k == "step" else v.view(1, -1) for k, v in state.items()}
     dev = p.device
     ctx = LaunchContext(p)
-    run = (ctx.stream, ctx.device, None)
-    Mrows, N = p.shape
+    stream, device = ctx.stream, ctx.device
     factored = second_moment == "factored"
     has_scale = grad_scale is not None
     scale = grad_scale if has_scale else p
@@ -480,60 +543,56 @@ def adapm_update_(p, g, state, chunks: list, *, flags: torch.Tensor, t: float, l
         scale = torch.full((), float(scale), dtype=torch.float32, device=dev)
     psq = factored and relative_lr
     has_usq = factored and clip_threshold is not None
-    lay = _layout(Mrows, N, tuple((ch.kind, _bounds(ch.rows, Mrows), _bounds(ch.cols, N)) for ch in chunks), factored,
-                  has_usq, (CONFIG["block_m"], CONFIG["block_n"], CONFIG["max_tm"]))
-    bm, bn, TM, TN, rpp, n_prog = lay.tile
-    off_psq, off_row, off_col, off_usq, n_usq, off_r, off_c, off_blk, ws_numel = lay.offsets
-    n_rp, n_blk = lay.blocks
-    geos = [(_part(g, ch), *cg) for ch, cg in zip(chunks, lay.chunks)]
-    ws = torch.empty(ws_numel, dtype=torch.float32, device=dev)
-    sg, sp = g.stride(), p.stride()
-    align = _aligned(N, sg[0], sp[0]) and sg[1] == 1 and sp[1] == 1
-    stats(n_prog, (g, p, scale, ws, Mrows, N, TN, rpp, sg[0], sg[1], sp[0], sp[1], off_psq, off_row, off_col),
-          (has_scale, factored, psq, align, sg[1] == 1, sp[1] == 1, bm, bn), WARPS, run)
-    row_state = factored and "exp_avg_sq_row" in state
-    row_st = state["exp_avg_sq_row"] if row_state else ws
-    col_st = (state["exp_avg_sq_col"] if row_state else state["exp_avg_sq"]) if factored else ws
+    sr = bool(stochastic_rounding) and p.dtype == torch.bfloat16
+    # what the plan depends on: the matrix (identity, storage, layout), its state buffers, g's dtype, strides and
+    # alignment, the pointer arguments' dtypes and alignment (scale, flags), the settings that select kernels
+    key = (id(whole), p.data_ptr(), p.shape, p.stride(), p.dtype, g.dtype, g.stride(), g.data_ptr() % 16,
+           flags.data_ptr() % 16, scale.dtype, scale.data_ptr() % 16, has_scale, factored, psq, has_usq,
+           weight_decay != 0, sr, sig, tuple(v.data_ptr() for k, v in state.items() if k != "step"))
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = _build_plan(p, g, state, chunks, factored, has_usq, psq, has_scale, not factored,
+                                         weight_decay != 0, sr)
+    ws = torch.empty(plan.ws_numel, dtype=torch.float32, device=dev)
+    keyed_launch(stats, plan.keys, 0, plan.n_prog, (g, p, scale, ws) + plan.stats_ints, plan.stats_consts, WARPS,
+                 stream, device)
+    row_st = state["exp_avg_sq_row"] if plan.row_state else ws
+    col_st = (state["exp_avg_sq_col"] if plan.row_state else state["exp_avg_sq"]) if factored else ws
     if factored:
-        finalize(n_blk, (ws, row_st, col_st, Mrows, N, TM, TN, n_rp, off_row, off_col, off_r, off_c, off_blk,
-                         float(beta2), float(eps) ** 2), (row_state, _FINISH_BLOCK), 4, run)
-    factors(n_blk, (ws, row_st, col_st, flags, n_prog, Mrows, N, n_rp, n_blk, off_r, off_c, off_blk),
-            (factored, row_state, _FINISH_BLOCK, 64), 4, run)
+        keyed_launch(finalize, plan.keys, 1, plan.n_blk, (ws, row_st, col_st) + plan.finalize_ints
+                     + (float(beta2), float(eps) ** 2), (plan.row_state, _FINISH_BLOCK), 4, stream, device)
+    keyed_launch(factors, plan.keys, 2, plan.n_blk, (ws, row_st, col_st, flags) + plan.factors_ints,
+                 plan.factors_consts, 4, stream, device)
     b1 = float(beta1)
     bc1 = 1.0 - b1 ** t
     sbc2 = math.sqrt(bc2)
-    lifts = [_low_rank(gc, state, ch, b1, t, flags, refresh, fill, scale if has_scale else None, run)
-             if ch.kind == "low_rank" else None for ch, (gc, *_) in zip(chunks, geos)]
-
-    def moment(ch, lift):
-        """The momentum operand of a chunk's passes: full momentum's m, the low-rank lift, or nothing."""
-        m = state[ch.prefix + "exp_avg"] if ch.kind == "full" else lift
-        return (m, m.stride(0)) if m is not None else (ws, 0)
-
-    if has_usq:
-        off_out = off_usq
-        for ch, (gc, n_c, tn_c, rpp_c), lift in zip(chunks, geos, lifts):
-            m, sm = moment(ch, lift)
-            al = _aligned(gc.shape[1], gc.stride(0), sm) and gc.stride(1) == 1
-            usq(n_c, (gc, m, scale, flags, ws, gc.shape[0], gc.shape[1], tn_c, rpp_c, gc.stride(0), gc.stride(1), sm,
-                      off_r + (ch.rows.start or 0), off_c + (ch.cols.start or 0), off_out, b1, bc1, sbc2),
-                (has_scale, _KIND_CODES[ch.kind], al, gc.stride(1) == 1, bm, bn), WARPS, run)
-            off_out += n_c
-    sr = bool(stochastic_rounding) and p.dtype == torch.bfloat16
-    seed_i = seed_arg(sr, seed)
     v = None if factored else state["exp_avg_sq"]
+    gcs, moments = [], []
+    for i, (ch, cp) in enumerate(zip(chunks, plan.chunks)):
+        gc = g if cp.whole else g[ch.rows, ch.cols]
+        gcs.append(gc)
+        if cp.kind == "low_rank":
+            m = _low_rank(gc, state, ch, b1, t, flags, None if basis is None else basis(i), fill,
+                          scale if has_scale else None, (stream, device, None), plan.keys, 3 + 5 * i)
+        elif cp.kind == "full":
+            m = state[cp.state_m]
+        else:
+            m = ws
+        moments.append(m)
+    if has_usq:
+        for i, (cp, gc, m) in enumerate(zip(plan.chunks, gcs, moments)):
+            keyed_launch(usq, plan.keys, 4 + 5 * i, cp.n_prog,
+                         (gc, m, scale, flags, ws) + cp.usq_ints + (b1, bc1, sbc2), cp.usq_consts, WARPS, stream,
+                         device)
+    seed_i = seed_arg(sr, seed)
     numel = p.numel()
-    for ch, (gc, n_c, tn_c, rpp_c), lift in zip(chunks, geos, lifts):
-        m, sm = moment(ch, lift)
-        row0, col0 = ch.rows.start or 0, ch.cols.start or 0
-        pc = _part(p, ch)
-        vc = _part(v, ch) if v is not None else ws
-        sv = vc.stride(0) if v is not None else 0
-        al = _aligned(gc.shape[1], gc.stride(0), pc.stride(0), sm, sv) and gc.stride(1) == 1 and pc.stride(1) == 1
-        write(n_c, (gc, pc, m, vc, scale, flags, ws, seed_i, gc.shape[0], gc.shape[1], tn_c, rpp_c, gc.stride(0),
-                    gc.stride(1), pc.stride(0), pc.stride(1), sm, sv, off_r + row0, off_c + col0, off_usq, n_usq,
-                    off_psq, n_prog, row0, col0, N, float(lr), float(weight_decay), b1, bc1, float(beta2), float(bc2),
-                    float(eps), sbc2, float(numel), math.sqrt(numel), float(clip_threshold or 1.0)),
-              (has_scale, _KIND_CODES[ch.kind], not factored, has_usq, weight_decay != 0, has_usq, psq, sr, al,
-               gc.stride(1) == 1, pc.stride(1) == 1, bm, bn), WARPS, run)
-    _compat.bump_versions([whole])
+    floats = (float(lr), float(weight_decay), b1, bc1, float(beta2), float(bc2), float(eps), sbc2, float(numel),
+              math.sqrt(numel), float(clip_threshold or 1.0))
+    for i, (ch, cp, gc, m) in enumerate(zip(chunks, plan.chunks, gcs, moments)):
+        pc = p if cp.whole else p[ch.rows, ch.cols]
+        vc = ws if v is None else v if cp.whole else v[ch.rows, ch.cols]
+        keyed_launch(write, plan.keys, 5 + 5 * i, cp.n_prog,
+                     (gc, pc, m, vc, scale, flags, ws, seed_i) + cp.write_ints + floats, cp.write_consts, WARPS,
+                     stream, device)

@@ -74,6 +74,17 @@ class Launcher:
             self.cache[key] = k
 
 
+def keyed_launch(launcher: Launcher, keys: list, slot: int, grid: int, args: tuple, consts: tuple, num_warps: int,
+                 stream, device: int) -> None:
+    """``launcher`` with the launch-cache key of its pointer arguments (dtype and 16-byte alignment of each) read once
+    into ``keys[slot]`` and reused: for launches whose pointer arguments have the same dtypes and alignment at every
+    call (the same tensors, or fresh allocations, which are 512-byte aligned), as a cached launch plan vouches."""
+    key = keys[slot]
+    if key is None and stream is not None:
+        key = keys[slot] = (device,) + tuple((a.dtype, a.data_ptr() % 16 == 0) for a in args[:launcher.n_ptr])
+    launcher(grid, args, consts, num_warps, (stream, device, key))
+
+
 class LaunchContext:
     """Per call: the device index and raw stream to launch on (``stream`` None: interpreted, on the CPU)."""
     __slots__ = ("device", "stream")

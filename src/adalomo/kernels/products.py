@@ -17,12 +17,14 @@ the GEMM runs in fp32 on the same pieces, whose products are exact there too.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from .config import cdiv
-from .launch import Launcher
+from .launch import Launcher, keyed_launch
 
 __all__ = ["pieces", "pack", "project", "lift", "LIFT_A", "LIFT_B", "PROJECT"]
 
@@ -36,6 +38,7 @@ _PIECES_OF = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
 _BLOCK = (32, 64)
 
 
+@functools.lru_cache(maxsize=64)
 def pack(pattern: tuple[int, ...]) -> int:
     """A piece order as ``adapm_pieces_kernel``'s PATTERN: 2 bits per block, the first lowest."""
     return sum(i << (2 * k) for k, i in enumerate(pattern))
@@ -82,13 +85,19 @@ def adapm_pieces_kernel(x_ptr, out_ptr, R, C, sx_r, sx_c, PATTERN: tl.constexpr,
 _pieces = Launcher(adapm_pieces_kernel, "PATTERN", "K", "BLOCK_R", "BLOCK_C")
 
 
-def pieces(x: torch.Tensor, pattern: tuple[int, ...], run: tuple) -> torch.Tensor:
-    """The bfloat16 pieces ``pattern`` of the 2-D ``x`` side by side: [x_{pattern[0]} | x_{pattern[1]} | ...]."""
+def pieces(x: torch.Tensor, pattern: tuple[int, ...], run: tuple, keys: list | None = None, slot: int = 0
+           ) -> torch.Tensor:
+    """The bfloat16 pieces ``pattern`` of the 2-D ``x`` side by side: [x_{pattern[0]} | x_{pattern[1]} | ...].
+    ``keys``, ``slot``: a launch plan's cached launch key (``launch.keyed_launch``)."""
     R, C = x.shape
     out = torch.empty((R, len(pattern) * C), dtype=torch.bfloat16, device=x.device)
     br, bc = _BLOCK
-    _pieces(cdiv(R, br) * cdiv(C, bc), (x, out, R, C, x.stride(0), x.stride(1)), (pack(pattern), len(pattern), br, bc),
-            4, run)
+    grid, args, consts = cdiv(R, br) * cdiv(C, bc), (x, out, R, C, x.stride(0), x.stride(1)), (pack(pattern),
+                                                                                                len(pattern), br, bc)
+    if keys is None:
+        _pieces(grid, args, consts, 4, run)
+    else:
+        keyed_launch(_pieces, keys, slot, grid, args, consts, 4, run[0], run[1])
     return out
 
 

@@ -267,6 +267,7 @@ class AdaPM(LowMemoryOptimizer):
         self._policy = resolve_policy(momentum_policy)
         self._policy_is_named = momentum_policy in ("adapm", adapm_policy) or isinstance(momentum_policy, Mapping)
         self._kinds: dict[int, Kind] = {}
+        self._kernel_chunks: dict[int, tuple] = {}  # id(p) -> its chunks for the kernels (``_chunks``)
         self._names: dict[int, str | None] = {}
         self._local_owner: dict[int, Tensor] = {}  # id(step counter) -> parameter, for FSDP2's local tensors
         self._warned_unnamed = False
@@ -316,6 +317,7 @@ class AdaPM(LowMemoryOptimizer):
         for i, p in enumerate(group["params"]):
             self._names[id(p)] = None if names is None else names[i]
             self._kinds[id(p)] = self._resolve(p, group)
+            self._kernel_chunks.pop(id(p), None)
 
     def _resolve(self, p: Tensor, group: dict[str, Any]) -> Kind:
         name = self._names.get(id(p))
@@ -411,32 +413,42 @@ class AdaPM(LowMemoryOptimizer):
         return p.dim() <= 2 and all(v.is_contiguous() and v.dtype == torch.float32
                                     for k, v in self.state[p].items() if k != "step")
 
-    def _chunks(self, p: Tensor, group: dict[str, Any], step: int) -> list:
-        """The momentum chunks of the matrix ``p`` for the kernels: (kind, state prefix, rows, cols, basis)."""
+    def _chunks(self, p: Tensor) -> tuple:
+        """The momentum chunks of the matrix ``p`` for the kernels (the whole matrix, or a ``SplitMomentum``'s equal
+        chunks), with the signature of the tuple as its last entry; fixed per parameter, so cached."""
+        out = self._kernel_chunks.get(id(p))
+        if out is not None:
+            return out
         kind, whole = self._kinds[id(p)], slice(None)
         if not isinstance(kind, SplitMomentum):
-            return [kernels.AdaPMChunk(kind, "", whole, whole, self._basis_fn(p, group, step, 0))]
-        d, n = kind.dim % 2, len(kind.kinds)
-        size = p.shape[d] // n
-        out = []
-        for i, k in enumerate(kind.kinds):
-            part = slice(i * size, (i + 1) * size)
-            rows, cols = (part, whole) if d == 0 else (whole, part)
-            out.append(kernels.AdaPMChunk(k, f"{i}.", rows, cols, self._basis_fn(p, group, step, i)))
+            chunks = [kernels.AdaPMChunk(kind, "", whole, whole)]
+        else:
+            d, n = kind.dim % 2, len(kind.kinds)
+            size = p.shape[d] // n
+            chunks = []
+            for i, k in enumerate(kind.kinds):
+                part = slice(i * size, (i + 1) * size)
+                rows, cols = (part, whole) if d == 0 else (whole, part)
+                chunks.append(kernels.AdaPMChunk(k, f"{i}.", rows, cols))
+        out = self._kernel_chunks[id(p)] = (chunks, tuple(c.sig for c in chunks))
         return out
 
     def _update_many(self, ps, grads, group, *, states, steps, seeds, sr, grad_scale, shards):
         beta1, lr = group["betas"][0], as_float(group["lr"])
         # every tensor's finite flags [momentum, parameter] in one buffer: one reduction for the bucket
         flags = torch.empty((len(ps), 2), dtype=torch.int32, device=ps[0].device)
+        gap = group["update_proj_gap"]
         for i, (p, g, state, t, seed) in enumerate(zip(ps, grads, states, steps, seeds)):
             b2, bc2 = _beta2(group, t)
+            chunks, sig = self._chunks(p)
+            # at a refresh: chunk index -> its basis function
+            basis = (lambda k, p=p, t=t: self._basis_fn(p, group, int(t), k)) if (int(t) - 1) % gap == 0 else None
             kernels.adapm_update_(
-                p, g, state, self._chunks(p, group, int(t)), flags=flags[i], t=t, lr=lr, beta1=beta1, beta2=b2,
-                bc2=bc2, eps=group["eps"], weight_decay=group["weight_decay"], second_moment=group["second_moment"],
-                clip_threshold=group["clip_threshold"], relative_lr=group["relative_lr"],
-                refresh=(int(t) - 1) % group["update_proj_gap"] == 0, fill=group["refresh_fill"],
-                grad_scale=grad_scale, stochastic_rounding=sr, seed=seed)
+                p, g, state, chunks, sig, flags=flags[i], t=t, lr=lr, beta1=beta1, beta2=b2, bc2=bc2,
+                eps=group["eps"], weight_decay=group["weight_decay"], second_moment=group["second_moment"],
+                clip_threshold=group["clip_threshold"], relative_lr=group["relative_lr"], basis=basis,
+                fill=group["refresh_fill"], grad_scale=grad_scale, stochastic_rounding=sr, seed=seed)
+        kernels.bump_versions(ps)
         return flags[:, 1].all()
 
     def _update(self, p, grad, group, state, grad_scale, stochastic_rounding, generator):
@@ -550,6 +562,7 @@ class AdaPM(LowMemoryOptimizer):
         copy = "_policy_spec" in state  # not torch's load_state_dict, which passes state and param_groups only
         if copy:
             self._kinds, self._names, self._local_owner, self._warned_unnamed = {}, {}, {}, True
+            self._kernel_chunks = {}
             self._policy = resolve_policy(state["_policy_spec"])
         super().__setstate__(state)
         if copy:
