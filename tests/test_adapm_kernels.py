@@ -547,3 +547,32 @@ if __name__ == "__main__":
     cases = CASES if len(sys.argv) <= 2 else {k: CASES[k] for k in sys.argv[2].split(",")}
     print(json.dumps(run_cases(dev, cases)))
     sys.exit(0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["low_rank", "split"])
+def test_cuda_update_temporaries_as_the_memory_planner_counts(kind):
+    """On a GPU the memory that one AdaPM update allocates at its peak (classic step, bf16, factored v) is what the
+    memory planner counts as its temporaries (``memory._adapm_kernel_update_bytes``: the fp32 lifts, at a refresh
+    the fp32 gradient copies instead of the last lift) within the small data it leaves to the overhead (partial sums,
+    the rank-r pieces and momentum temporaries: a few r x n)."""
+    pytest.importorskip("triton")
+    from adalomo import memory as Mem
+    a, b, r = 1536, 1152, 32
+    policy = SplitMomentum(-1, ("low_rank", "low_rank", "full")) if kind == "split" else "low_rank"
+    small = 64 * r * (a + b) * 4  # generous for the r x n temporaries and the partial sums
+    for gap, what in ((1, "refresh"), (10**9, "steady")):
+        p = nn.Parameter(torch.randn(a, b, device="cuda", dtype=torch.bfloat16))
+        opt = AdaPM([p], momentum_policy=lambda name, t: policy, rank=r, second_moment="factored",
+                    update_proj_gap=gap)
+        for _ in range(3):  # the first step refreshes the basis (both settings)
+            p.grad = torch.randn_like(p)
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            opt.step()
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - base
+        planned = Mem._adapm_kernel_update_bytes(p.shape, opt.momentum_kind(p))
+        low = planned if what == "refresh" else planned - 4 * p.numel() // (3 if kind == "split" else 1)
+        assert low - small <= peak <= planned + small, f"{kind} {what}: peak {peak} bytes, planned {planned}"
