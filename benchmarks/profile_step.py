@@ -26,6 +26,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cfg = bench_gpu.CONFIGS[args.config]
@@ -55,7 +56,9 @@ def main() -> None:
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) / args.steps
     ka = prof.key_averages()
-    gpu_us = sum(e.self_device_time_total for e in ka if e.self_device_time_total) / args.steps
+    # the kernels themselves (device events); an op's self device time repeats its kernels' (torch's table total
+    # sums the device events alone too)
+    gpu_us = sum(e.self_device_time_total for e in ka if e.device_type != DeviceType.CPU) / args.steps
     waits = {e.key: e.count // args.steps for e in ka
              if any(s in e.key for s in ("Synchronize", "cudaMemcpy", "cudaHostAlloc", "cudaMalloc"))}
     ours = ("_fac", "_vec", "_finish", "_lomo", "_sum", "_g_", "adapm_")  # the Triton kernels of adalomo.kernels
