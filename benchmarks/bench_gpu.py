@@ -637,6 +637,7 @@ def _set_adapm_constants(constants: dict) -> dict:
             raise ValueError(f"adalomo.kernels.adapm has no constant {k}")
         old[k] = getattr(KA, k)
         setattr(KA, k, tuple(v) if isinstance(v, list) else v)
+    KA._PLANS.clear()  # the cached launch plans hold geometry derived from them
     return old
 
 
