@@ -222,3 +222,20 @@ def test_adapm_bytes_per_param():
     got = {(s, k): K.bytes_per_element(k, s) for s in K.SECONDS for k in K.KINDS}
     assert got == {("adam", "none"): 16, ("adam", "full"): 24, ("adam", "low_rank"): 26,
                    ("factored", "none"): 10, ("factored", "full"): 20, ("factored", "low_rank"): 24}
+
+
+def test_adapm_host_benchmark_runs_the_kernel_path_on_cpu(tmp_path):
+    """``bench_adapm_host.py --device cpu`` times AdaPM's kernel path (every tensor of its layers through
+    ``kernels.adapm_update_``, launches stubbed) and writes its table."""
+    pytest.importorskip("triton")
+    out = tmp_path / "host.json"
+    env = dict(os.environ, ADALOMO_TRITON_INTERPRET="1", TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    env.pop("ADALOMO_DISABLE_TRITON", None)
+    script = str(ROOT / "benchmarks" / "bench_adapm_host.py")
+    proc = subprocess.run([sys.executable, script, "--device", "cpu", "--layers", "1", "--steps", "2", "--repeats", "1",
+                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["second_moment"] for r in rows] == ["factored", "adam"]
+    assert all(r["kernel_updates"] == r["tensors"] == 8 and r["host_ms_per_step"] > 0 for r in rows), rows
