@@ -233,19 +233,19 @@ def lomo_update_many_(ps, gs, *, lr, weight_decay, clip_grad_value, grad_scale, 
 
 class AdaPMChunk:
     """One momentum chunk of an AdaPM matrix (``adapm_update_``): its kind, state key prefix, row and column slices
-    (the whole matrix, or one of the equal chunks of a ``SplitMomentum``) and ``sig``, a hashable summary of them."""
-    __slots__ = ("kind", "prefix", "rows", "cols", "sig")
+    (the whole matrix, or one of the equal chunks of a ``SplitMomentum``). Never changed once made: a parameter's
+    chunks are made once, and a cached launch plan is keyed on the chunk objects themselves."""
+    __slots__ = ("kind", "prefix", "rows", "cols")
 
     def __init__(self, kind: str, prefix: str, rows: slice, cols: slice):
         self.kind, self.prefix, self.rows, self.cols = kind, prefix, rows, cols
-        self.sig = (kind, prefix, rows.start, rows.stop, cols.start, cols.stop)
 
 
-def adapm_update_(p, g, state, chunks, sig, **hyper):
+def adapm_update_(p, g, state, chunks, **hyper):
     """AdaPM's step on the 2-D ``p`` in Triton kernels (``kernels.adapm``); its finite flags go to ``flags``."""
     _require(p)
     from . import adapm
-    return adapm.adapm_update_(p, g, state, chunks, sig, **hyper)
+    return adapm.adapm_update_(p, g, state, chunks, **hyper)
 
 
 def _by_shard(kind: str, ps, gs, states, shards, per_tensor: dict, common: dict):

@@ -521,11 +521,12 @@ def _build_plan(p, g, state, chunks, factored: bool, has_usq: bool, psq: bool, h
 
 
 @on_tensor_device
-def adapm_update_(p, g, state, chunks: list, sig: tuple, *, flags: torch.Tensor, t: float, lr: float, beta1: float,
-                  beta2: float, bc2: float, eps: float, weight_decay: float, second_moment: str, clip_threshold,
-                  relative_lr: bool, basis, fill: bool, grad_scale, stochastic_rounding: bool, seed: int) -> None:
+def adapm_update_(p, g, state, chunks: tuple, *, flags: torch.Tensor, t: float, lr: float, beta1: float, beta2: float,
+                  bc2: float, eps: float, weight_decay: float, second_moment: str, clip_threshold, relative_lr: bool,
+                  basis, fill: bool, grad_scale, stochastic_rounding: bool, seed: int) -> None:
     """One AdaPM step on ``p`` (``optim.adapm.AdaPM._update``'s maths; ``state['step']`` already at ``t``): a matrix,
-    or a 0-D/1-D tensor seen as one row, in ``chunks`` (``kernels.AdaPMChunk``; ``sig``: their signatures).
+    or a 0-D/1-D tensor seen as one row, in ``chunks`` (a tuple of ``kernels.AdaPMChunk``, the same objects at every
+    step of ``p``: the launch plan is keyed on them).
     ``basis``: None, or at a basis refresh a function chunk index -> that chunk's basis function. ``flags`` (int32
     [2], on the device) receives the finite flags [gradient finite, that and the factored statistics finite]; when
     not, p and the state are left as they were. The caller bumps p's version counter (``_compat.bump_versions``)."""
@@ -544,11 +545,12 @@ def adapm_update_(p, g, state, chunks: list, sig: tuple, *, flags: torch.Tensor,
     psq = factored and relative_lr
     has_usq = factored and clip_threshold is not None
     sr = bool(stochastic_rounding) and p.dtype == torch.bfloat16
-    # what the plan depends on: the matrix (identity, storage, layout), its state buffers, g's dtype, strides and
+    # what the plan depends on: the matrix (identity, storage, layout), its chunks (immutable objects, held by the
+    # key: their identity is not reused while the plan is cached), its state buffers, g's dtype, strides and
     # alignment, the pointer arguments' dtypes and alignment (scale, flags), the settings that select kernels
     key = (id(whole), p.data_ptr(), p.shape, p.stride(), p.dtype, g.dtype, g.stride(), g.data_ptr() % 16,
            flags.data_ptr() % 16, scale.dtype, scale.data_ptr() % 16, has_scale, factored, psq, has_usq,
-           weight_decay != 0, sr, sig, tuple(v.data_ptr() for k, v in state.items() if k != "step"))
+           weight_decay != 0, sr, chunks, tuple(v.data_ptr() for k, v in state.items() if k != "step"))
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) >= _MAX_PLANS:

@@ -415,7 +415,7 @@ class AdaPM(LowMemoryOptimizer):
 
     def _chunks(self, p: Tensor) -> tuple:
         """The momentum chunks of the matrix ``p`` for the kernels (the whole matrix, or a ``SplitMomentum``'s equal
-        chunks), with the signature of the tuple as its last entry; fixed per parameter, so cached."""
+        chunks): made once per parameter (the kernels' launch plans are keyed on these objects)."""
         out = self._kernel_chunks.get(id(p))
         if out is not None:
             return out
@@ -430,7 +430,7 @@ class AdaPM(LowMemoryOptimizer):
                 part = slice(i * size, (i + 1) * size)
                 rows, cols = (part, whole) if d == 0 else (whole, part)
                 chunks.append(kernels.AdaPMChunk(k, f"{i}.", rows, cols))
-        out = self._kernel_chunks[id(p)] = (chunks, tuple(c.sig for c in chunks))
+        out = self._kernel_chunks[id(p)] = tuple(chunks)
         return out
 
     def _update_many(self, ps, grads, group, *, states, steps, seeds, sr, grad_scale, shards):
@@ -440,11 +440,10 @@ class AdaPM(LowMemoryOptimizer):
         gap = group["update_proj_gap"]
         for i, (p, g, state, t, seed) in enumerate(zip(ps, grads, states, steps, seeds)):
             b2, bc2 = _beta2(group, t)
-            chunks, sig = self._chunks(p)
             # at a refresh: chunk index -> its basis function
             basis = (lambda k, p=p, t=t: self._basis_fn(p, group, int(t), k)) if (int(t) - 1) % gap == 0 else None
             kernels.adapm_update_(
-                p, g, state, chunks, sig, flags=flags[i], t=t, lr=lr, beta1=beta1, beta2=b2, bc2=bc2,
+                p, g, state, self._chunks(p), flags=flags[i], t=t, lr=lr, beta1=beta1, beta2=b2, bc2=bc2,
                 eps=group["eps"], weight_decay=group["weight_decay"], second_moment=group["second_moment"],
                 clip_threshold=group["clip_threshold"], relative_lr=group["relative_lr"], basis=basis,
                 fill=group["refresh_fill"], grad_scale=grad_scale, stochastic_rounding=sr, seed=seed)
