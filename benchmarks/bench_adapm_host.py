@@ -29,6 +29,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--bias", action="store_true", help="biases in every linear and norm layer (as GPT-2's blocks)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default="")
@@ -52,27 +53,28 @@ def main() -> None:
             self.cache.get(key)
 
         launch.LaunchContext.__init__, launch.Launcher.__call__ = ctx, call
-        products._mm32 = lambda a, b: torch.empty(a.shape[0], b.shape[1])
+        products._mm32 = lambda a, b, out=None: out if out is not None else torch.empty(a.shape[0], b.shape[1])
+    counts = _count_launches()
     hidden, inter = (2048, 5504) if cuda else (128, 344)  # the shapes do not change the host work
 
     class Layer(nn.Module):
         def __init__(self):
             super().__init__()
-            lin = lambda i, o: nn.Linear(i, o, bias=False)  # noqa: E731
+            lin = lambda i, o: nn.Linear(i, o, bias=args.bias)  # noqa: E731
             self.self_attn = nn.ModuleDict(dict(q_proj=lin(hidden, hidden), k_proj=lin(hidden, hidden),
                                                 v_proj=lin(hidden, hidden), o_proj=lin(hidden, hidden)))
             self.mlp = nn.ModuleDict(dict(gate_proj=lin(hidden, inter), up_proj=lin(hidden, inter),
                                           down_proj=lin(inter, hidden)))
-            self.input_layernorm = nn.LayerNorm(hidden, bias=False)
+            self.input_layernorm = nn.LayerNorm(hidden, bias=args.bias)
+            self.post_attention_layernorm = nn.LayerNorm(hidden, bias=args.bias)
 
-    from adalomo import kernels
     calls = [0]
-    update = kernels.adapm_update_
+    update = adalomo.AdaPM._update_many
 
-    def counted(*a, **k):  # the kernel path, not the torch maths, is what is timed
-        calls[0] += 1
-        return update(*a, **k)
-    kernels.adapm_update_ = counted
+    def counted(self, ps, *a, **k):  # the kernel path, not the torch maths, is what is timed
+        calls[0] += len(ps)
+        return update(self, ps, *a, **k)
+    adalomo.AdaPM._update_many = counted
 
     torch.manual_seed(0)
     model = nn.ModuleDict({"layers": nn.ModuleList([Layer() for _ in range(args.layers)])})
@@ -86,8 +88,11 @@ def main() -> None:
             p.grad = torch.randn_like(p)
         opt.step()
         calls[0] = 0
+        for k in counts:
+            counts[k] = 0
         opt.step()
         kernel_updates = calls[0]
+        per_step = dict(counts)
         times = []
         for _ in range(args.repeats):
             if cuda:
@@ -100,23 +105,49 @@ def main() -> None:
             if cuda:
                 torch.cuda.synchronize()
         t = statistics.median(times)
-        rows.append({"second_moment": second, "tensors": len(params), "kernel_updates": kernel_updates,
+        rows.append({"second_moment": second, "tensors": len(params), "kernel_updates": kernel_updates, **per_step,
                      "host_ms_per_step": round(t * 1e3, 3),
                      "host_us_per_tensor": round(t / len(params) * 1e6, 1),
                      "fastest_us_per_tensor": round(min(times) / len(params) * 1e6, 1),
                      "all_ms": [round(x * 1e3, 3) for x in times]})
         print(json.dumps(rows[-1]), flush=True)
     device = torch.cuda.get_device_name() if cuda else "cpu (launches and GEMMs stubbed)"
-    print(f"\n{device}; {args.layers} layers of 0.94B shapes, bf16, classic step; median of {args.repeats}")
-    print(f"{'second moment':14s} {'tensors':>7s} {'host ms/step':>12s} {'us/tensor':>9s} {'fastest':>8s}")
+    print(f"\n{device}; {args.layers} layers of 0.94B shapes{' with biases' if args.bias else ''}, bf16, classic "
+          f"step; median of {args.repeats}")
+    print(f"{'second moment':14s} {'tensors':>7s} {'launches':>8s} {'GEMMs':>5s} {'copies':>6s} {'host ms/step':>12s} "
+          f"{'us/tensor':>9s} {'fastest':>8s}")
     for r in rows:
-        print(f"{r['second_moment']:14s} {r['tensors']:7d} {r['host_ms_per_step']:12.3f} "
-              f"{r['host_us_per_tensor']:9.1f} {r['fastest_us_per_tensor']:8.1f}")
+        print(f"{r['second_moment']:14s} {r['tensors']:7d} {r['launches']:8d} {r['gemms']:5d} {r['copies']:6d} "
+              f"{r['host_ms_per_step']:12.3f} {r['host_us_per_tensor']:9.1f} {r['fastest_us_per_tensor']:8.1f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"command": " ".join([os.path.basename(sys.executable)] + sys.argv),
                        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                        "device": device, "adalomo": os.path.dirname(adalomo.__file__), "rows": rows}, f, indent=1)
+
+
+def _count_launches() -> dict:
+    """Per step: kernel launches, GEMMs and host-to-device copies of the update (each costs the host a few us on a
+    GPU machine; on CPU the launches and GEMMs are stubbed)."""
+    import torch
+
+    from adalomo.kernels import launch, products
+    counts = {"launches": 0, "gemms": 0, "copies": 0}
+    call, mm, copy = launch.Launcher.__call__, products._mm32, torch.Tensor.copy_
+
+    def counted_call(self, *a, **k):
+        counts["launches"] += 1
+        return call(self, *a, **k)
+
+    def counted_mm(*a, **k):
+        counts["gemms"] += 1
+        return mm(*a, **k)
+
+    def counted_copy(self, src, non_blocking=False):  # the metadata uploads (the only asynchronous copies)
+        counts["copies"] += bool(non_blocking)
+        return copy(self, src, non_blocking)
+    launch.Launcher.__call__, products._mm32, torch.Tensor.copy_ = counted_call, counted_mm, counted_copy
+    return counts
 
 
 if __name__ == "__main__":

@@ -226,7 +226,7 @@ def test_adapm_bytes_per_param():
 
 def test_adapm_host_benchmark_runs_the_kernel_path_on_cpu(tmp_path):
     """``bench_adapm_host.py --device cpu`` times AdaPM's kernel path (every tensor of its layers through
-    ``kernels.adapm_update_``, launches stubbed) and writes its table."""
+    ``kernels.adapm_update_many_``, launches stubbed), counts its launches, GEMMs and copies and writes its table."""
     pytest.importorskip("triton")
     out = tmp_path / "host.json"
     env = dict(os.environ, ADALOMO_TRITON_INTERPRET="1", TRITON_INTERPRET="1",
@@ -238,4 +238,5 @@ def test_adapm_host_benchmark_runs_the_kernel_path_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert [r["second_moment"] for r in rows] == ["factored", "adam"]
-    assert all(r["kernel_updates"] == r["tensors"] == 8 and r["host_ms_per_step"] > 0 for r in rows), rows
+    assert all(r["kernel_updates"] == r["tensors"] == 9 and r["host_ms_per_step"] > 0 for r in rows), rows
+    assert all(r["launches"] > 0 and r["gemms"] > 0 and r["copies"] > 0 for r in rows), rows

@@ -36,19 +36,19 @@ SHAPES = [(12, 48), (48, 12)]  # the basis on the left and on the right side
 
 
 class _Counted:
-    """Count the matrices updated by the kernels inside the block."""
+    """Count the tensors updated by the kernels inside the block."""
 
     def __enter__(self):
-        self.orig, self.n = kernels.adapm_update_, 0
+        self.orig, self.n = kernels.adapm_update_many_, 0
 
-        def counted(p, *a, **k):
-            self.n += 1
-            return self.orig(p, *a, **k)
-        kernels.adapm_update_ = counted
+        def counted(ps, *a, **k):
+            self.n += len(ps)
+            return self.orig(ps, *a, **k)
+        kernels.adapm_update_many_ = counted
         return self
 
     def __exit__(self, *exc):
-        kernels.adapm_update_ = self.orig
+        kernels.adapm_update_many_ = self.orig
 
 
 class _TorchPath:
@@ -66,11 +66,11 @@ def _close(a, b, rtol, atol, what):
     assert bool((err <= tol).all()), f"{what}: max abs error {float(err.max()):.3g} (tolerance {atol:g} + {rtol:g}|x|)"
 
 
-def _train(device, kind, second, *, dtype=torch.float32, steps=9, seed=0, torch_path=False, **kw):
-    """AdaPM on two matrices (basis left and right), a 1-D and a 0-D tensor, classic mode; returns (params, kernel
-    calls)."""
+def _train(device, kind, second, *, dtype=torch.float32, steps=9, seed=0, torch_path=False, shapes=None, **kw):
+    """AdaPM on two matrices (basis left and right), a 1-D and a 0-D tensor (or ``shapes``), classic mode; returns
+    (params, kernel calls)."""
     torch.manual_seed(seed)
-    ps = [nn.Parameter(torch.randn(s).to(device, dtype)) for s in SHAPES + [(5,), ()]]
+    ps = [nn.Parameter(torch.randn(s).to(device, dtype)) for s in (shapes or SHAPES + [(5,), ()])]
     opt = AdaPM([{"params": ps, "momentum": KINDS[kind]}], lr=1e-2, rank=3, update_proj_gap=4,
                 second_moment=second, **kw)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -115,6 +115,30 @@ def check_torch_path(device: str, kind: str, second: str, dtype=torch.float32, *
     for x, y in zip(a, b):
         assert x.dtype == dtype
         _close(x.float(), y.float(), rtol, atol, f"{kind}/{second} {dtype} {kw} {tuple(x.shape)} vs torch path")
+
+
+#: matrices of several sizes: more than one wave, and waves of several matrices with low-rank chunks
+WAVE_SHAPES = [(36, 48), (30, 48), (12, 24), (24, 12), (5,), (12, 18), ()]
+
+
+def check_waves(device: str, kind: str, second: str) -> None:
+    """Several tensors with low-rank chunks in one wave (one launch per pass for all of them, their lifts alive
+    together), and several waves: the kernels against the torch path."""
+    from adalomo.kernels import adapm as K
+    K._PLANS.clear()
+    a, n = _train(device, kind, second, shapes=WAVE_SHAPES, relative_lr=second == "factored", weight_decay=0.1)
+    b, _ = _train(device, kind, second, shapes=WAVE_SHAPES, torch_path=True, relative_lr=second == "factored",
+                  weight_decay=0.1)
+    assert n == 9 * len(WAVE_SHAPES), f"the kernels updated {n} tensors"
+    # Adam's u = m_hat / sqrt(v_hat) magnifies the lift's rounding (bf16 pieces vs one fp32 matmul) where |g| is
+    # small: up to ~4e-5 on these shapes, the same before the waves; a wrong pointer or offset moves p by ~0.1
+    rtol, atol = (2e-5, 2e-6) if second == "factored" else (1e-4, 1e-4)
+    for x, y in zip(a, b):
+        _close(x, y, rtol, atol, f"waves {kind}/{second} {tuple(x.shape)} vs torch path")
+    (plan,) = K._PLANS.values()
+    waves = [w.tensors for w in plan.waves]
+    low = [sum(c.lift >= 0 for c in w.chunks) for w in plan.waves]
+    assert len(waves) >= 2 and max(low) >= 2, f"waves {waves}, low-rank chunks per wave {low}"
 
 
 def check_lockstep(device: str, kind: str, second: str, dtype: torch.dtype) -> None:
@@ -309,18 +333,18 @@ def check_no_sync(device: str) -> None:
             return func(*args, **(kwargs or {}))
 
     from adalomo.kernels import adapm as K
-    orig = K.adapm_update_
+    orig = K.adapm_update_many_
 
     def recorded(*a, **k):
         with Record():
             return orig(*a, **k)
-    K.adapm_update_ = recorded
+    K.adapm_update_many_ = recorded
     try:
         for second in ("adam", "factored"):
             ps, n = _train(device, "split_cols", second, steps=5, relative_lr=True)
             assert n == 20
     finally:
-        K.adapm_update_ = orig
+        K.adapm_update_many_ = orig
     assert "aten.linalg_qr.default" in seen, "no refresh was recorded"
     syncing = {s for s in seen if any(k in s for k in ("_local_scalar_dense", "lift_fresh", "svd", "eigh", "eig.",
                                                         "item", "nonzero"))}
@@ -343,7 +367,14 @@ def check_launch_keys(device: str) -> None:
 
     def call(self, grid, args, consts, num_warps, run, maxnreg=None):
         stream, dev, key = run
-        if key is not None:
+        if key is not None and key[0] == "grk":  # a grouped launch: metadata, program map (and the scale)
+            ptrs = args[:self.n_ptr]
+            got = tuple((a.dtype, a.data_ptr() % 16 == 0) for a in ptrs)
+            want = ((torch.int64, True), (torch.float32, True), (torch.int32, True)) + ((key[2], key[3]),) * (
+                len(ptrs) - 3)
+            assert got == want, f"{self.fn.__name__}: grouped launch key {key} but the arguments have {got}"
+            checked[0] += 1
+        elif key is not None:
             want = (dev,) + tuple((a.dtype, a.data_ptr() % 16 == 0) for a in args[:self.n_ptr])
             assert key == want, f"{self.fn.__name__}: cached launch key {key} but the arguments have {want}"
             checked[0] += 1
@@ -391,6 +422,9 @@ for _second in ("adam", "factored"):
     CASES[f"fused_equals_classic_bf16_sr_{_second}"] = lambda d, s=_second: check_fused_equals_classic(
         d, torch.bfloat16, s)
     CASES[f"nonfinite_{_second}"] = lambda d, s=_second: check_nonfinite(d, s)
+for _second in ("adam", "factored"):
+    for _kind in ("low_rank", "split_cols", "split_rows"):
+        CASES[f"waves_{_kind}_{_second}"] = lambda d, k=_kind, s=_second: check_waves(d, k, s)
 CASES["options_factored"] = lambda d: check_torch_path(d, "split_cols", "factored", weight_decay=0.1,
                                                        relative_lr=True, decay_rate=-0.8, clip_threshold=0.5,
                                                        betas=(0.8, 0.99))
@@ -433,12 +467,12 @@ def _sm90_variants(tl):
     moments, stochastic rounding on and off; the pieces of a lift's operand."""
     from adalomo.kernels import adapm as K
     from adalomo.kernels.config import CONFIG as C
-    tile = dict(ALIGN=True, G_UNIT=True, BLOCK_M=C["block_m"], BLOCK_N=C["block_n"])
-    out = [("adapm_stats", K.adapm_stats_kernel, dict(tile, HAS_SCALE=True, FACTORED=True, PSQ=True, P_UNIT=True),
-            K.WARPS, True),
-           ("adapm_finalize", K.adapm_finalize_kernel, dict(ROW_STATE=True, BLOCK=K._FINISH_BLOCK), 4, False),
-           ("adapm_factors", K.adapm_factors_kernel, dict(FACTORED=True, ROW_STATE=True, BLOCK=K._FINISH_BLOCK, FB=64),
-            4, False)]
+    tile = dict(ALIGN=True, G_UNIT=True, BLOCK_M=C["block_m"], BLOCK_N=C["block_n"], G_DT=tl.bfloat16)
+    out = [(f"adapm_stats_{depth}", K.adapm_stats_kernel,
+            dict(tile, HAS_SCALE=True, FACTORED=True, PSQ=True, P_UNIT=True, P_DT=tl.bfloat16, DEPTH=depth),
+            K._READ_WARPS, True) for depth in (1, 3)]
+    out += [("adapm_finalize", K.adapm_finalize_kernel, dict(BLOCK=K._FINISH_BLOCK), 4, False),
+            ("adapm_factors", K.adapm_factors_kernel, dict(FACTORED=True, BLOCK=K._FINISH_BLOCK, FB=64), 4, False)]
     from adalomo.kernels import products as KP
     out.append(("adapm_pieces", KP.adapm_pieces_kernel,
                 dict(PATTERN=KP.pack(KP.PROJECT + KP.LIFT_A), K=9, BLOCK_R=KP._BLOCK[0], BLOCK_C=KP._BLOCK[1]), 4,
@@ -446,13 +480,14 @@ def _sm90_variants(tl):
     out.append(("adapm_momentum", K.adapm_momentum_kernel,
                 dict(N_PARTS=3, HAS_SCALE=True, C_PATTERN=KP.pack(KP.LIFT_B), BLOCK=K._MOMENTUM_BLOCK), 4, False))
     for mom in (0, 1, 2):
-        out.append((f"adapm_usq_{mom}", K.adapm_usq_kernel, dict(tile, HAS_SCALE=False, MOM=mom), K.WARPS, True))
+        out.append((f"adapm_usq_{mom}", K.adapm_usq_kernel, dict(tile, HAS_SCALE=False, MOM=mom, DEPTH=3),
+                    K._READ_WARPS, True))
         for adam in (True, False):
             for sr in (True, False):
                 out.append((f"adapm_write_{mom}_{'adam' if adam else 'factored'}{'' if sr else '_nosr'}",
                             K.adapm_write_kernel, dict(tile, HAS_SCALE=False, MOM=mom, ADAM=adam, M_STORED=not adam,
                                                        HAS_WD=True, HAS_USQ=not adam, PSQ=not adam, SR=sr,
-                                                       P_UNIT=True), K.WARPS, True))
+                                                       P_UNIT=True, P_DT=tl.bfloat16), K.WARPS, True))
     return out
 
 
@@ -552,10 +587,10 @@ if __name__ == "__main__":
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("kind", ["low_rank", "split"])
 def test_cuda_update_temporaries_as_the_memory_planner_counts(kind):
-    """On a GPU the memory that one AdaPM update allocates at its peak (classic step, bf16, factored v) is what the
-    memory planner counts as its temporaries (``memory._adapm_kernel_update_bytes``: the fp32 lifts, at a refresh
-    the fp32 gradient copies instead of the last lift) within the small data it leaves to the overhead (partial sums,
-    the rank-r pieces and momentum temporaries: a few r x n)."""
+    """On a GPU the memory that one AdaPM update allocates at its peak (classic step, bf16, factored v) is the fp32
+    lifts of its low-rank chunks (a basis refresh's gradient copy takes a lift's place), at most what the memory
+    planner counts as its temporaries (``memory._adapm_kernel_update_bytes``), within the small data it leaves to the
+    overhead (partial sums, the rank-r pieces and momentum temporaries: a few r x n)."""
     pytest.importorskip("triton")
     from adalomo import memory as Mem
     a, b, r = 1536, 1152, 32
@@ -574,5 +609,6 @@ def test_cuda_update_temporaries_as_the_memory_planner_counts(kind):
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() - base
         planned = Mem._adapm_kernel_update_bytes(p.shape, opt.momentum_kind(p))
-        low = planned if what == "refresh" else planned - 4 * p.numel() // (3 if kind == "split" else 1)
-        assert low - small <= peak <= planned + small, f"{kind} {what}: peak {peak} bytes, planned {planned}"
+        lifts = 4 * p.numel() * (2 if kind == "split" else 3) // 3  # the low-rank chunks' share of the matrix
+        assert lifts - small <= peak <= planned + small, f"{kind} {what}: peak {peak} bytes, lifts {lifts}, " \
+                                                         f"planned {planned}"

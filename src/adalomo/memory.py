@@ -537,11 +537,12 @@ def _adapm_update_bytes(shape: Sequence[int], kind: Any, second_moment: str, par
 
 
 def _adapm_kernel_update_bytes(shape: Sequence[int], kind: Any) -> int:
-    """Bytes of the temporaries alive at once while AdaPM updates a tensor of up to two dims on a GPU (the kernels of
-    ``kernels.adapm``): the fp32 lift of every low-rank chunk (4 bytes per element of the chunk, all alive until
-    the write pass), and at a basis refresh of the last one, instead of its lift, an fp32 copy of its gradient and the
-    finite-masked copy (8). The partial sums, the bfloat16 pieces of the rank-r products and the r x b momentum
-    temporaries are left to the overhead, as for the other kernels."""
+    """Bytes of the temporaries alive at once while AdaPM updates tensors of up to two dims on a GPU (the kernels of
+    ``kernels.adapm``), counted for one tensor: the fp32 lift of every low-rank chunk (4 bytes per element of the
+    chunk) and, as at a basis refresh, the fp32 copies of one chunk's gradient (4 more). The kernels update a
+    bucket's tensors in waves whose lifts (a refresh's copy takes its lift's place) fit this figure for the
+    bucket's largest tensor, so it bounds every wave. The partial sums, the bfloat16 pieces of the rank-r products
+    and the r x b momentum temporaries are left to the overhead, as for the other kernels."""
     kinds = kind.kinds if isinstance(kind, SplitMomentum) else (kind,)
     low = sum(k == "low_rank" for k in kinds)
     return (4 * (low - 1) + 8) * (_numel(shape) // len(kinds)) if low and len(shape) == 2 else 0

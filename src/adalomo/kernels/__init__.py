@@ -29,7 +29,7 @@ from .._compat import bump_versions
 from .._compat import local_tensor as _local
 
 __all__ = ["use_triton", "gradient_fits", "sharded_fits", "scaled_rms_update_", "lomo_update_",
-           "scaled_rms_update_many_", "lomo_update_many_", "adapm_update_", "AdaPMChunk",
+           "scaled_rms_update_many_", "lomo_update_many_", "adapm_update_many_", "AdaPMChunk",
            "triton_available", "Seed", "set_config", "get_config", "bump_versions"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -232,7 +232,7 @@ def lomo_update_many_(ps, gs, *, lr, weight_decay, clip_grad_value, grad_scale, 
 
 
 class AdaPMChunk:
-    """One momentum chunk of an AdaPM matrix (``adapm_update_``): its kind, state key prefix, row and column slices
+    """One momentum chunk of an AdaPM matrix (``adapm_update_many_``): its kind, state key prefix, row and column slices
     (the whole matrix, or one of the equal chunks of a ``SplitMomentum``). Never changed once made: a parameter's
     chunks are made once, and a cached launch plan is keyed on the chunk objects themselves."""
     __slots__ = ("kind", "prefix", "rows", "cols")
@@ -241,11 +241,12 @@ class AdaPMChunk:
         self.kind, self.prefix, self.rows, self.cols = kind, prefix, rows, cols
 
 
-def adapm_update_(p, g, state, chunks, **hyper):
-    """AdaPM's step on the 2-D ``p`` in Triton kernels (``kernels.adapm``); its finite flags go to ``flags``."""
-    _require(p)
+def adapm_update_many_(ps, gs, states, chunks_list, **hyper):
+    """AdaPM's step on tensors of up to two dims in grouped Triton launches (``kernels.adapm``); each tensor's finite
+    flags go to a row of ``flags``."""
+    _require(ps[0])
     from . import adapm
-    return adapm.adapm_update_(p, g, state, chunks, **hyper)
+    return adapm.adapm_update_many_(ps, gs, states, chunks_list, **hyper)
 
 
 def _by_shard(kind: str, ps, gs, states, shards, per_tensor: dict, common: dict):

@@ -101,11 +101,15 @@ def pieces(x: torch.Tensor, pattern: tuple[int, ...], run: tuple, keys: list | N
     return out
 
 
-def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b in fp32 from bfloat16 operands (fp32 accumulation)."""
+def _mm32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b in fp32 from bfloat16 operands (fp32 accumulation), into ``out`` if given (contiguous fp32)."""
     if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return torch.mm(a.float(), b.float())
+        if out is None:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        return torch.mm(a, b, out_dtype=torch.float32, out=out)
+    if out is None:
+        return torch.mm(a.float(), b.float())
+    return torch.mm(a.float(), b.float(), out=out)
 
 
 def project(g: torch.Tensor, Pc: torch.Tensor, side: str, run: tuple) -> torch.Tensor:
@@ -131,6 +135,7 @@ def project(g: torch.Tensor, Pc: torch.Tensor, side: str, run: tuple) -> torch.T
     return out
 
 
-def lift(Ac: torch.Tensor, Bc: torch.Tensor) -> torch.Tensor:
-    """A @ B in fp32 (a x b) from A's pieces ``LIFT_A`` (a x 6r) and B's ``LIFT_B`` (6r x b)."""
-    return _mm32(Ac, Bc)
+def lift(Ac: torch.Tensor, Bc: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A @ B in fp32 (a x b) from A's pieces ``LIFT_A`` (a x 6r) and B's ``LIFT_B`` (6r x b), into ``out`` if given
+    (contiguous fp32, a x b)."""
+    return _mm32(Ac, Bc, out)

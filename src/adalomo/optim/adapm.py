@@ -438,15 +438,20 @@ class AdaPM(LowMemoryOptimizer):
         # every tensor's finite flags [momentum, parameter] in one buffer: one reduction for the bucket
         flags = torch.empty((len(ps), 2), dtype=torch.int32, device=ps[0].device)
         gap = group["update_proj_gap"]
-        for i, (p, g, state, t, seed) in enumerate(zip(ps, grads, states, steps, seeds)):
+        beta2s, bc2s, bases = [], [], []
+        for p, t in zip(ps, steps):
             b2, bc2 = _beta2(group, t)
+            beta2s.append(b2)
+            bc2s.append(bc2)
             # at a refresh: chunk index -> its basis function
-            basis = (lambda k, p=p, t=t: self._basis_fn(p, group, int(t), k)) if (int(t) - 1) % gap == 0 else None
-            kernels.adapm_update_(
-                p, g, state, self._chunks(p), flags=flags[i], t=t, lr=lr, beta1=beta1, beta2=b2, bc2=bc2,
-                eps=group["eps"], weight_decay=group["weight_decay"], second_moment=group["second_moment"],
-                clip_threshold=group["clip_threshold"], relative_lr=group["relative_lr"], basis=basis,
-                fill=group["refresh_fill"], grad_scale=grad_scale, stochastic_rounding=sr, seed=seed)
+            bases.append((lambda k, p=p, t=t: self._basis_fn(p, group, int(t), k)) if (int(t) - 1) % gap == 0
+                         else None)
+        kernels.adapm_update_many_(
+            ps, grads, states, [self._chunks(p) for p in ps], flags=flags, ts=steps, lr=lr, beta1=beta1,
+            beta2s=beta2s, bc2s=bc2s, eps=group["eps"], weight_decay=group["weight_decay"],
+            second_moment=group["second_moment"], clip_threshold=group["clip_threshold"],
+            relative_lr=group["relative_lr"], bases=bases, fill=group["refresh_fill"], grad_scale=grad_scale,
+            stochastic_rounding=sr, seeds=seeds)
         kernels.bump_versions(ps)
         return flags[:, 1].all()
 
