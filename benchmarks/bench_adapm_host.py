@@ -4,8 +4,9 @@ once it exceeds the backward's own slack.
     PYTHONPATH=src python3 benchmarks/bench_adapm_host.py --out benchmarks/results/adapm_host_h100.json
     ADALOMO_TRITON_INTERPRET=1 TRITON_INTERPRET=1 PYTHONPATH=src python3 benchmarks/bench_adapm_host.py --device cpu
 
-A stack of LLaMA layers of the 0.94B shapes (q, k, v, o, gate, up, down and a norm; the default policy gives them
-low-rank, full and no momentum), bf16, rank 64, the classic ``step()`` (the same ``_update_many`` as a fused bucket).
+A stack of LLaMA layers of the 0.94B shapes (q, k, v, o, gate, up, down and two norms; the default policy gives them
+low-rank, full and no momentum; ``--bias``: biases everywhere, as GPT-2's blocks), bf16, rank 64, the classic
+``step()`` (the same ``_update_many`` as a fused bucket). Counts the launches, GEMMs and metadata copies of a step.
 On CUDA the GPU is kept busy (``torch.cuda._sleep``) so that the host never waits: the time is the host's alone,
 launches included. On CPU (``--device cpu``, the kernels selected through the interpreter's switch) the launches
 see a stream as on a GPU, and each launch stops after the launcher's own bookkeeping (its variant key), before
@@ -30,6 +31,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--bias", action="store_true", help="biases in every linear and norm layer (as GPT-2's blocks)")
+    ap.add_argument("--small", action="store_true", help="shapes of 128 x 344 and rank 8 (a quick smoke run)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default="")
@@ -55,7 +57,8 @@ def main() -> None:
         launch.LaunchContext.__init__, launch.Launcher.__call__ = ctx, call
         products._mm32 = lambda a, b, out=None: out if out is not None else torch.empty(a.shape[0], b.shape[1])
     counts = _count_launches()
-    hidden, inter = (2048, 5504) if cuda else (128, 344)  # the shapes do not change the host work
+    # the 0.94B shapes on CPU too: they decide how the tensors group into waves (``kernels.adapm``)
+    hidden, inter = (2048, 5504) if not args.small else (128, 344)
 
     class Layer(nn.Module):
         def __init__(self):
@@ -82,7 +85,7 @@ def main() -> None:
     params = list(model.parameters())
     rows = []
     for second in ("factored", "adam"):
-        opt = adalomo.AdaPM(adalomo.adapm_param_groups(model, rank=64 if cuda else 8), lr=1e-4,
+        opt = adalomo.AdaPM(adalomo.adapm_param_groups(model, rank=8 if args.small else 64), lr=1e-4,
                             second_moment=second, update_proj_gap=10**9)
         for p in params:
             p.grad = torch.randn_like(p)

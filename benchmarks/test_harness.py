@@ -233,8 +233,9 @@ def test_adapm_host_benchmark_runs_the_kernel_path_on_cpu(tmp_path):
                PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
     env.pop("ADALOMO_DISABLE_TRITON", None)
     script = str(ROOT / "benchmarks" / "bench_adapm_host.py")
-    proc = subprocess.run([sys.executable, script, "--device", "cpu", "--layers", "1", "--steps", "2", "--repeats", "1",
-                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    proc = subprocess.run([sys.executable, script, "--device", "cpu", "--small", "--layers", "1", "--steps", "2",
+                           "--repeats", "1", "--out", str(out)], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert [r["second_moment"] for r in rows] == ["factored", "adam"]
