@@ -576,12 +576,14 @@ class _Region:
 
 
 class _Launch:
-    """One grouped launch: its constexprs, the metadata rows it covers, programs per row, and its program map."""
-    __slots__ = ("consts", "rows", "counts", "pmap")
+    """One grouped launch: its constexprs, the metadata rows it covers, programs per row, their total (the grid) and
+    its program map."""
+    __slots__ = ("consts", "rows", "counts", "grid", "pmap")
 
     def __init__(self, consts: tuple, members: list[tuple[int, int]]):
         self.consts = consts
         self.rows, self.counts = [r for r, _ in members], [n for _, n in members]
+        self.grid = sum(self.counts)
         self.pmap = None
 
 
@@ -606,6 +608,7 @@ class _Wave(NamedTuple):
     region: _Region  # the matrices' rows, then the chunks'
     stats: list  # _Launch per layout class
     finish_pmap: torch.Tensor  # finalize and factors: program -> matrix row
+    finish_grid: int
     chunks: list
     usq: list
     write: list
@@ -793,7 +796,7 @@ def _build_wave(members, ps, gs, states, chunks_list, layouts, slot: int, offset
     write_l = _launches(write_groups, rows, "first_write", dev)
     chunks = [c if c.lift < 0 else c._replace(lift=ws + c.lift) for c in chunks]  # the lifts after the workspace
     return _Wave(list(members), max(ws + lifts, 16), ws_offs, _Region([mats, rows], offset), stats,
-                 _pmap(list(range(len(members))), fin_counts, dev), chunks, usq_l, write_l), slot
+                 _pmap(list(range(len(members))), fin_counts, dev), sum(fin_counts), chunks, usq_l, write_l), slot
 
 
 def _device_views(plan: _Plan, stream, dev) -> list:
@@ -844,7 +847,6 @@ def adapm_update_many_(ps, gs, states, chunks_list, *, flags: torch.Tensor, ts, 
     flags [gradient finite, that and the factored statistics finite]; where not, that tensor and its state are left
     as they were. The caller bumps the version counters (``_compat.bump_versions``)."""
     dev = ps[0].device
-    P, G, S = zip(*(_as_matrix(p, g, st) for p, g, st in zip(ps, gs, states)))
     ctx = LaunchContext(ps[0])
     stream, device = ctx.stream, ctx.device
     factored = second_moment == "factored"
@@ -858,17 +860,19 @@ def adapm_update_many_(ps, gs, states, chunks_list, *, flags: torch.Tensor, ts, 
     # chunks (immutable objects, held by the key: their identity is not reused while the plan is cached), the state
     # buffers; for the call: the settings that select kernels, the scale's dtype and alignment (launch keys)
     key = [factored, psq, has_usq, weight_decay != 0, sr, has_scale, scale.dtype, scale.data_ptr() % 16, dev]
-    for p0, p, g, st, chunks in zip(ps, P, G, S, chunks_list):
-        key.append((id(p0), p.data_ptr(), p.shape, p.stride(), p.dtype, g.dtype, g.stride(), g.data_ptr() % 16,
+    for p, g, st, chunks in zip(ps, gs, states, chunks_list):
+        key.append((id(p), p.data_ptr(), p.shape, p.stride(), p.dtype, g.dtype, g.stride(), g.data_ptr() % 16,
                     chunks, tuple(v.data_ptr() for k, v in st.items() if k != "step")))
     key = tuple(key)
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
+        P, G, S = zip(*(_as_matrix(p, g, st) for p, g, st in zip(ps, gs, states)))
         plan = _PLANS[key] = _build_plan(P, G, S, chunks_list, factored=factored, has_usq=has_usq, psq=psq,
                                          has_scale=has_scale, has_wd=weight_decay != 0, stochastic_rounding=sr,
                                          dev=dev)
+    # from here on the tensors themselves: a 0-D/1-D tensor's row has its pointer, and low-rank chunks are 2-D
     views = _device_views(plan, stream, dev)
     fbase = flags.data_ptr()
     run = (stream, device, grouped_key(device, stream, scale))
@@ -884,21 +888,21 @@ def adapm_update_many_(ps, gs, states, chunks_list, *, flags: torch.Tensor, ts, 
         tmpl = region.tmpl
         (mat_at, mat_fat, _), (ch_at, ch_fat, _) = region.at
         for k, i in enumerate(wave.tensors):
-            _MAT_CALL.pack_into(tmpl, mat_at + k * _MAT_ROW, G[i].data_ptr(), fbase + 8 * i, ws_ptrs[k])
+            _MAT_CALL.pack_into(tmpl, mat_at + k * _MAT_ROW, gs[i].data_ptr(), fbase + 8 * i, ws_ptrs[k])
             _MAT_FLOATS.pack_into(tmpl, mat_fat + k * _MAT_FROW, float(beta2s[i]))
         for c in wave.chunks:
             i = c.tensor
             bc2 = float(bc2s[i])
-            _CHUNK_CALL.pack_into(tmpl, ch_at + c.row * _CH_ROW, G[i].data_ptr() + c.goff,
+            _CHUNK_CALL.pack_into(tmpl, ch_at + c.row * _CH_ROW, gs[i].data_ptr() + c.goff,
                                   c.m or (base + 4 * c.lift if c.lift >= 0 else base), fbase + 8 * i, ws_ptrs[c.mat],
-                                  seed_arg(sr and P[i].dtype == torch.bfloat16, seeds[i]))
+                                  seed_arg(sr and ps[i].dtype == torch.bfloat16, seeds[i]))
             _CHUNK_FLOATS.pack_into(tmpl, ch_fat + c.row * _CH_FROW, 1.0 - b1 ** ts[i], float(beta2s[i]), bc2,
                                     math.sqrt(bc2))
         _upload(region, part, dev)
         # the matrices: statistics, second-moment factors, finite flags
         for launch in wave.stats:
-            stats(len(launch.pmap), (meta, fmeta, launch.pmap, scale), launch.consts, _READ_WARPS, run)
-        grid = len(wave.finish_pmap)
+            stats(launch.grid, (meta, fmeta, launch.pmap, scale), launch.consts, _READ_WARPS, run)
+        grid = wave.finish_grid
         if factored:
             finalize(grid, (meta, fmeta, wave.finish_pmap, eps1), (_FINISH_BLOCK,), 4, run)
         factors(grid, (meta, fmeta, wave.finish_pmap), (factored, _FINISH_BLOCK, 64), 4, run)
@@ -906,14 +910,14 @@ def adapm_update_many_(ps, gs, states, chunks_list, *, flags: torch.Tensor, ts, 
         for c in wave.chunks:
             if c.lift >= 0:
                 i, ch = c.tensor, c.ch
-                gc = G[i] if c.ch.rows == _WHOLE and c.ch.cols == _WHOLE else G[i][ch.rows, ch.cols]
+                gc = gs[i] if ch.rows == _WHOLE and ch.cols == _WHOLE else gs[i][ch.rows, ch.cols]
                 basis = bases[i]
-                _low_rank(gc, S[i], ch, b1, ts[i], flags[i], None if basis is None else basis(c.index), fill,
+                _low_rank(gc, states[i], ch, b1, ts[i], flags[i], None if basis is None else basis(c.index), fill,
                           scale if has_scale else None, mid, plan.keys, c.slot,
                           buf[c.lift:c.lift + gc.numel()].view(gc.shape))
         if has_usq:
             for launch in wave.usq:
-                usq(len(launch.pmap), (cmeta, cfmeta, launch.pmap, scale, b1), launch.consts, _READ_WARPS, run)
+                usq(launch.grid, (cmeta, cfmeta, launch.pmap, scale, b1), launch.consts, _READ_WARPS, run)
         for launch in wave.write:
-            write(len(launch.pmap), (cmeta, cfmeta, launch.pmap, scale) + floats, launch.consts, WARPS, run)
+            write(launch.grid, (cmeta, cfmeta, launch.pmap, scale) + floats, launch.consts, WARPS, run)
         del buf  # after the launches that read it (stream order)
