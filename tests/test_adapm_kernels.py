@@ -468,10 +468,9 @@ def _sm90_variants(tl):
     from adalomo.kernels import adapm as K
     from adalomo.kernels.config import CONFIG as C
     tile = dict(ALIGN=True, G_UNIT=True, BLOCK_M=C["block_m"], BLOCK_N=C["block_n"], G_DT=tl.bfloat16)
-    out = [(f"adapm_stats_{depth}", K.adapm_stats_kernel,
-            dict(tile, HAS_SCALE=True, FACTORED=True, PSQ=True, P_UNIT=True, P_DT=tl.bfloat16, DEPTH=depth),
-            K._READ_WARPS, True) for depth in (1, 3)]
-    out += [("adapm_finalize", K.adapm_finalize_kernel, dict(BLOCK=K._FINISH_BLOCK), 4, False),
+    out = [("adapm_stats", K.adapm_stats_kernel,
+            dict(tile, HAS_SCALE=True, FACTORED=True, PSQ=True, P_UNIT=True, P_DT=tl.bfloat16), K.WARPS, True),
+            ("adapm_finalize", K.adapm_finalize_kernel, dict(BLOCK=K._FINISH_BLOCK), 4, False),
             ("adapm_factors", K.adapm_factors_kernel, dict(FACTORED=True, BLOCK=K._FINISH_BLOCK, FB=64), 4, False)]
     from adalomo.kernels import products as KP
     out.append(("adapm_pieces", KP.adapm_pieces_kernel,
@@ -480,8 +479,7 @@ def _sm90_variants(tl):
     out.append(("adapm_momentum", K.adapm_momentum_kernel,
                 dict(N_PARTS=3, HAS_SCALE=True, C_PATTERN=KP.pack(KP.LIFT_B), BLOCK=K._MOMENTUM_BLOCK), 4, False))
     for mom in (0, 1, 2):
-        out.append((f"adapm_usq_{mom}", K.adapm_usq_kernel, dict(tile, HAS_SCALE=False, MOM=mom, DEPTH=3),
-                    K._READ_WARPS, True))
+        out.append((f"adapm_usq_{mom}", K.adapm_usq_kernel, dict(tile, HAS_SCALE=False, MOM=mom), K.WARPS, True))
         for adam in (True, False):
             for sr in (True, False):
                 out.append((f"adapm_write_{mom}_{'adam' if adam else 'factored'}{'' if sr else '_nosr'}",

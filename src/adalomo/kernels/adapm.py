@@ -52,7 +52,7 @@ import triton.language as tl
 from .. import momentum as Mom
 from . import products
 from .common import a16, and_flag, round_to_bf16, strides_known, sum_parts
-from .config import cdiv, on_change, pipeline_depth_for, tiling
+from .config import cdiv, on_change, tiling
 from .grouped import _constexprs, grouped_key, meta_int, meta_pointer
 from .launch import TL_DTYPES, LaunchContext, Launcher, keyed_launch, on_tensor_device, seed_arg
 from .products import store_pieces
@@ -120,8 +120,7 @@ def _lerp(start, end, w):
 @triton.jit
 def adapm_stats_kernel(meta_ptr, fmeta_ptr, pmap_ptr, scale_ptr, HAS_SCALE: tl.constexpr, FACTORED: tl.constexpr,
                        PSQ: tl.constexpr, ALIGN: tl.constexpr, G_UNIT: tl.constexpr, P_UNIT: tl.constexpr,
-                       G_DT: tl.constexpr, P_DT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       DEPTH: tl.constexpr):
+                       G_DT: tl.constexpr, P_DT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Per program (a row group of one column tile of its matrix): sum g at ws[pid], sum p^2 at ws[off_psq + pid];
     FACTORED: the row sums of g^2 of its column tile at ws[off_row + tile * M + row], its column sums at
     ws[off_col + group * N + col] (``pid`` counted within the matrix, ``ws`` its workspace). The gradient is scaled
@@ -143,7 +142,7 @@ def adapm_stats_kernel(meta_ptr, fmeta_ptr, pmap_ptr, scale_ptr, HAS_SCALE: tl.c
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     col_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     psq = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for m0 in tl.range(0, rows_per_prog, BLOCK_M, num_stages=DEPTH):
+    for m0 in range(0, rows_per_prog, BLOCK_M):
         rows = r0 + m0 + lrows
         rmask = rows < M
         mask = rmask[:, None] & cmask[None, :]
@@ -289,7 +288,7 @@ def _chunk_geometry(row, ALIGN: tl.constexpr, G_UNIT: tl.constexpr, P_UNIT: tl.c
 @triton.jit
 def adapm_usq_kernel(meta_ptr, fmeta_ptr, pmap_ptr, scale_ptr, beta1, HAS_SCALE: tl.constexpr, MOM: tl.constexpr,
                      ALIGN: tl.constexpr, G_UNIT: tl.constexpr, G_DT: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, DEPTH: tl.constexpr):
+                     BLOCK_N: tl.constexpr):
     """Factored second moment, per chunk: partial sums of u^2 (u = m_hat * r * c * sqrt(bc2)) at ws[off_out + pid].
     Full momentum (MOM 1): the new m is stored here (where the momentum's finite flag holds). Low rank (MOM 2): ``m``
     is the lift, m_hat = g + lift."""
@@ -308,7 +307,7 @@ def adapm_usq_kernel(meta_ptr, fmeta_ptr, pmap_ptr, scale_ptr, beta1, HAS_SCALE:
     okm = tl.load(flags_ptr).to(tl.int8)
     c = tl.load(ws_ptr + off_c + cols, mask=cmask, other=0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for m0 in tl.range(0, rows_per_prog, BLOCK_M, num_stages=DEPTH):
+    for m0 in range(0, rows_per_prog, BLOCK_M):
         rows = r0 + m0 + lrows
         rmask = rows < M
         mask = rmask[:, None] & cmask[None, :]
@@ -441,11 +440,11 @@ def adapm_momentum_kernel(parts_ptr, m_ptr, c_ptr, scale_ptr, flags_ptr, n_total
 
 
 stats = Launcher(adapm_stats_kernel, "HAS_SCALE", "FACTORED", "PSQ", "ALIGN", "G_UNIT", "P_UNIT", "G_DT", "P_DT",
-                 "BLOCK_M", "BLOCK_N", "DEPTH")
+                 "BLOCK_M", "BLOCK_N")
 finalize = Launcher(adapm_finalize_kernel, "BLOCK")
 factors = Launcher(adapm_factors_kernel, "FACTORED", "BLOCK", "FB")
 momentum = Launcher(adapm_momentum_kernel, "N_PARTS", "HAS_SCALE", "C_PATTERN", "BLOCK")
-usq = Launcher(adapm_usq_kernel, "HAS_SCALE", "MOM", "ALIGN", "G_UNIT", "G_DT", "BLOCK_M", "BLOCK_N", "DEPTH")
+usq = Launcher(adapm_usq_kernel, "HAS_SCALE", "MOM", "ALIGN", "G_UNIT", "G_DT", "BLOCK_M", "BLOCK_N")
 write = Launcher(adapm_write_kernel, "HAS_SCALE", "MOM", "ADAM", "M_STORED", "HAS_WD", "HAS_USQ", "PSQ", "SR", "ALIGN",
                  "G_UNIT", "P_UNIT", "G_DT", "P_DT", "BLOCK_M", "BLOCK_N")
 
@@ -454,9 +453,6 @@ write = Launcher(adapm_write_kernel, "HAS_SCALE", "MOM", "ADAM", "M_STORED", "HA
 _MOMENTUM_BLOCK = 1024
 #: rows or columns per program of the second-moment statistics' finalize and factors passes
 _FINISH_BLOCK = 256
-#: the read passes (stats, RMS(u)): software pipelining of their row loops (``config.pipeline_depth_for``) and warps
-_READ_DEPTH = 1
-_READ_WARPS = WARPS
 
 
 def _low_rank(gc, state, ch, beta1: float, t: float, flags, basis, fill: bool, scale, run, keys: list, slot: int,
@@ -745,9 +741,8 @@ def _build_wave(members, ps, gs, states, chunks_list, layouts, slot: int, offset
         fin_counts.append(lay["n_blk"])
         align = (_aligned(N, sg[0], sp[0]) and sg[1] == 1 and sp[1] == 1 and g.data_ptr() % 16 == 0
                  and p.data_ptr() % 16 == 0)
-        depth = pipeline_depth_for(_READ_DEPTH, bm, bn, g.dtype, *((p.dtype,) if psq else ()))
         stats_groups.setdefault((has_scale, factored, psq, align, sg[1] == 1, sp[1] == 1, TL_DTYPES[g.dtype],
-                                 TL_DTYPES[p.dtype], bm, bn, depth), []).append((r, lay["n_prog"]))
+                                 TL_DTYPES[p.dtype], bm, bn), []).append((r, lay["n_prog"]))
 
         v = None if factored else state["exp_avg_sq"]
         sr = stochastic_rounding and p.dtype == torch.bfloat16
@@ -786,8 +781,7 @@ def _build_wave(members, ps, gs, states, chunks_list, layouts, slot: int, offset
             code = _KIND_CODES[ch.kind]
             if has_usq:
                 off_out += n_c
-                depth = pipeline_depth_for(_READ_DEPTH, bm, bn, g.dtype, torch.float32)
-                usq_groups.setdefault((has_scale, code, al_u, g_unit, TL_DTYPES[g.dtype], bm, bn, depth),
+                usq_groups.setdefault((has_scale, code, al_u, g_unit, TL_DTYPES[g.dtype], bm, bn),
                                       []).append((c, n_c))
             write_groups.setdefault((has_scale, code, adam, has_usq, has_wd, has_usq, psq, sr, al_w, g_unit, p_unit,
                                      TL_DTYPES[g.dtype], TL_DTYPES[p.dtype], bm, bn), []).append((c, n_c))
@@ -901,7 +895,7 @@ def adapm_update_many_(ps, gs, states, chunks_list, *, flags: torch.Tensor, ts, 
         _upload(region, part, dev)
         # the matrices: statistics, second-moment factors, finite flags
         for launch in wave.stats:
-            stats(launch.grid, (meta, fmeta, launch.pmap, scale), launch.consts, _READ_WARPS, run)
+            stats(launch.grid, (meta, fmeta, launch.pmap, scale), launch.consts, WARPS, run)
         grid = wave.finish_grid
         if factored:
             finalize(grid, (meta, fmeta, wave.finish_pmap, eps1), (_FINISH_BLOCK,), 4, run)
@@ -917,7 +911,7 @@ def adapm_update_many_(ps, gs, states, chunks_list, *, flags: torch.Tensor, ts, 
                           buf[c.lift:c.lift + gc.numel()].view(gc.shape))
         if has_usq:
             for launch in wave.usq:
-                usq(launch.grid, (cmeta, cfmeta, launch.pmap, scale, b1), launch.consts, _READ_WARPS, run)
+                usq(launch.grid, (cmeta, cfmeta, launch.pmap, scale, b1), launch.consts, WARPS, run)
         for launch in wave.write:
             write(launch.grid, (cmeta, cfmeta, launch.pmap, scale) + floats, launch.consts, WARPS, run)
         del buf  # after the launches that read it (stream order)
