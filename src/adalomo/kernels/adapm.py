@@ -53,7 +53,7 @@ from .. import momentum as Mom
 from . import products
 from .common import a16, and_flag, round_to_bf16, strides_known, sum_parts
 from .config import cdiv, on_change, tiling
-from .grouped import _constexprs, grouped_key, meta_int, meta_pointer
+from .grouped import _constexprs, grouped_key, meta_int, meta_pointer, program_map
 from .launch import TL_DTYPES, LaunchContext, Launcher, keyed_launch, on_tensor_device, seed_arg
 from .products import store_pieces
 
@@ -555,32 +555,23 @@ class _Region:
 
     def __init__(self, rows: list, offset: int):
         self.offset, self.at, pos = offset, [], 0
-        parts = []
         for r in rows:
-            int_at = pos
-            pos += 8 * r.width * r.n  # a multiple of 16: widths are even
-            float_at = pos
-            pos = _width(pos + 4 * r.fwidth * r.n, 16)
-            self.at.append((int_at, float_at, float_at + 4 * r.fwidth * r.n))
-            parts.append(r)
+            float_at = pos + 8 * r.width * r.n  # a multiple of 16: widths are even
+            self.at.append((pos, float_at, float_at + 4 * r.fwidth * r.n))
+            pos = _width(float_at + 4 * r.fwidth * r.n, 16)
         self.nbytes = max(pos, 16)
         self.tmpl = bytearray(self.nbytes)
-        for r, (int_at, float_at, _) in zip(parts, self.at):
+        for r, (int_at, float_at, _) in zip(rows, self.at):
             struct.pack_into(f"<{len(r.ints)}q", self.tmpl, int_at, *r.ints)
             struct.pack_into(f"<{len(r.floats)}f", self.tmpl, float_at, *r.floats)
         self.tmpl_c = (ctypes.c_char * self.nbytes).from_buffer(self.tmpl)
 
 
-class _Launch:
-    """One grouped launch: its constexprs, the metadata rows it covers, programs per row, their total (the grid) and
-    its program map."""
-    __slots__ = ("consts", "rows", "counts", "grid", "pmap")
-
-    def __init__(self, consts: tuple, members: list[tuple[int, int]]):
-        self.consts = consts
-        self.rows, self.counts = [r for r, _ in members], [n for _, n in members]
-        self.grid = sum(self.counts)
-        self.pmap = None
+class _Launch(NamedTuple):
+    """One grouped launch: its constexprs, its programs (the grid) and its program map."""
+    consts: tuple
+    grid: int
+    pmap: torch.Tensor
 
 
 class _Chunk(NamedTuple):
@@ -656,16 +647,8 @@ def _launches(groups: dict, rows: _Rows, first: str, dev) -> list[_Launch]:
         for r, k in members:
             rows.set(r, first, n)
             n += k
-        launch = _Launch(consts, members)
-        launch.pmap = _pmap(launch.rows, launch.counts, dev)
-        out.append(launch)
+        out.append(_Launch(consts, n, program_map([k for _, k in members], dev, [r for r, _ in members])))
     return out
-
-
-def _pmap(rows: list[int], counts: list[int], dev) -> torch.Tensor:
-    """program id -> metadata row (int32) for a launch of ``counts[k]`` programs of row ``rows[k]``; made on the
-    device by fills (no host data to copy: nothing waits for the device, also when a plan is built)."""
-    return torch.cat([torch.full((n,), r, dtype=torch.int32, device=dev) for r, n in zip(rows, counts)])
 
 
 def _matrix_layout(p, g, state, chunks, factored: bool, has_usq: bool, bn: int) -> dict:
@@ -790,7 +773,7 @@ def _build_wave(members, ps, gs, states, chunks_list, layouts, slot: int, offset
     write_l = _launches(write_groups, rows, "first_write", dev)
     chunks = [c if c.lift < 0 else c._replace(lift=ws + c.lift) for c in chunks]  # the lifts after the workspace
     return _Wave(list(members), max(ws + lifts, 16), ws_offs, _Region([mats, rows], offset), stats,
-                 _pmap(list(range(len(members))), fin_counts, dev), sum(fin_counts), chunks, usq_l, write_l), slot
+                 program_map(fin_counts, dev), sum(fin_counts), chunks, usq_l, write_l), slot
 
 
 def _device_views(plan: _Plan, stream, dev) -> list:

@@ -273,14 +273,15 @@ def grouped_key(device: int, stream, scale: torch.Tensor) -> tuple | None:
 _PMAPS: dict = {}
 
 
-def program_map(counts: list[int], dev: torch.device) -> torch.Tensor:
-    """program id -> tensor index (int32), for a grouped launch of ``counts`` programs per tensor; cached per
-    device and group layout."""
-    key = (dev, tuple(counts))
+def program_map(counts: list[int], dev: torch.device, rows: list[int] | None = None) -> torch.Tensor:
+    """program id -> metadata row (int32), for a grouped launch of ``counts[k]`` programs of row ``rows[k]`` (default
+    k); cached per device and group layout. Made on the device by fills: no host data to copy, so nothing waits for
+    the device, also when a plan is built."""
+    rows = list(range(len(counts))) if rows is None else rows
+    key = (dev, tuple(counts), tuple(rows))
     m = _PMAPS.get(key)
     if m is None:
-        m = torch.repeat_interleave(torch.arange(len(counts), dtype=torch.int32),
-                                    torch.tensor(counts, dtype=torch.int64)).to(dev)
+        m = torch.cat([torch.full((n,), r, dtype=torch.int32, device=dev) for r, n in zip(rows, counts)])
         if len(_PMAPS) > 256:
             _PMAPS.clear()
         _PMAPS[key] = m
