@@ -8,11 +8,12 @@ A stack of LLaMA layers of the 0.94B shapes (q, k, v, o, gate, up, down and two 
 low-rank, full and no momentum; ``--bias``: biases everywhere, as GPT-2's blocks), bf16, rank 64, the classic
 ``step()`` (the same ``_update_many`` as a fused bucket). Counts the launches, GEMMs and metadata copies of a step.
 On CUDA the GPU is kept busy (``torch.cuda._sleep``) so that launches never wait; but the classic step reads its
-finite flags back at its end, so there the time is the GPU's (the counts still hold). On CPU (``--device cpu``, the kernels selected through the interpreter's switch) the launches
-see a stream as on a GPU, and each launch stops after the launcher's own bookkeeping (its variant key), before
-Triton's C launcher; GEMMs do nothing: the time is the Python around the launches, which compares code versions on any
-machine (``PYTHONPATH`` picks the version; the CPU of a shared machine is noisy: use many ``--steps``). Prints
-ms per step and us per tensor, the median and the fastest of ``--repeats``.
+finite flags back at its end, so there the time is the GPU's (the counts still hold). On CPU (``--device cpu``, the
+kernels selected through the interpreter's switch) the launches see a stream as on a GPU, and each launch stops
+after the launcher's own bookkeeping (its variant key), before Triton's C launcher; GEMMs do nothing: the time is
+the Python around the launches, which compares code versions on any machine (``PYTHONPATH`` picks the version; the
+CPU of a shared machine is noisy: use many ``--steps``). Prints ms per step and us per tensor, the median and the
+fastest of ``--repeats``.
 """
 
 from __future__ import annotations
