@@ -111,7 +111,7 @@ def orthonormal_columns_cholesky(y: Tensor, passes: int = 1) -> Tensor:
 def leading_subspace_cholesky(b: Tensor, r: int, generator: torch.Generator | None, iters: int = 32,
                               power: int = 1, final_qr: bool = True) -> Tensor:
     """An orthonormal k x r basis of the leading r-dimensional left singular subspace of the small k x n ``b``:
-    ``iters`` steps of orthogonal iteration on s = b b^T as ``momentum._leading_subspace`` (the same starting
+    ``iters`` steps of orthogonal iteration on s = b b^T as ``momentum.leading_subspaces`` (the same starting
     vectors), in float64, each step orthonormalised by two passes of CholeskyQR (CholeskyQR2) instead of a QR.
 
     Two passes, because s z has cond ~ kappa^2 (kappa = sigma_1 / sigma_r of b), which the Gram matrix squares: one
@@ -150,7 +150,7 @@ def randomized_basis(g: Tensor, r: int, side: str, generator: torch.Generator | 
     ``tall``), ``small(b, r, generator)`` is the leading-subspace solver; ``final_qr``: one Householder QR of P."""
     tall = tall or orthonormal_columns_householder
     last = last or tall
-    small = small or momentum._leading_subspace
+    small = small or _small_current
     x = g if side == "left" else g.mT
     rows, cols = x.shape
     k = min(r + oversample, rows, cols)
@@ -164,6 +164,12 @@ def randomized_basis(g: Tensor, r: int, side: str, generator: torch.Generator | 
     return (torch.linalg.qr(p)[0] if final_qr else p).contiguous()
 
 
+def _small_current(b: Tensor, r: int, generator: torch.Generator | None) -> Tensor:
+    """The library's small step (``momentum.leading_subspaces``) from the small k x n matrix b."""
+    z = torch.randn(b.shape[0], r, generator=generator, device=b.device, dtype=b.dtype)
+    return momentum.leading_subspaces(b @ b.mT, z)
+
+
 def current(g: Tensor, r: int, side: str, generator: torch.Generator | None) -> Tensor:
     return momentum.orthonormal_basis(g, r, side, "randomized", generator)
 
@@ -175,9 +181,16 @@ _small = {"chol": leading_subspace_cholesky, "chol16": _part(leading_subspace_ch
 _all_chol = dict(tall=orthonormal_columns_cholesky, last=_part(orthonormal_columns_cholesky, passes=2),
                  small=_part(leading_subspace_cholesky, final_qr=False))
 
+def with_kernel(g: Tensor, r: int, side: str, generator: torch.Generator | None) -> Tensor:
+    from adalomo import kernels
+    return momentum.orthonormal_basis(g, r, side, "randomized", generator, iterate=kernels.orthogonal_iteration)
+
+
 #: name -> (what it is, fn(g, r, side, generator) -> P); every QR call named is a Householder one
 CANDIDATES = {
     "current": ("momentum.orthonormal_basis: 5 tall QRs, 32 fp32 steps with a k x r QR each: 37 QR calls", current),
+    "kernel": ("current with the 32 small steps in one Triton launch (kernels.orthogonal_iteration, as AdaPM "
+               "refreshes on CUDA): 5 QR calls", with_kernel),
     "geqrf": ("current with the tall QRs as geqrf + householder_product (no R)",
               _part(randomized_basis, tall=orthonormal_columns_geqrf)),
     "small-chol": ("tall as current; small: 32 float64 steps with CholeskyQR2, then one k x r QR: 6 QR calls",

@@ -237,24 +237,29 @@ def check_fused_equals_classic(device: str, dtype: torch.dtype, second: str) -> 
 
 
 def check_nonfinite(device: str, second: str) -> None:
-    """A matrix with a NaN gradient keeps its weights and state; the others are updated."""
-    torch.manual_seed(0)
-    ps = [nn.Parameter(torch.randn(s).to(device)) for s in SHAPES]
-    opt = AdaPM([{"params": ps, "momentum": "full"}], lr=1e-2, second_moment=second, nonfinite="count")
-    for p in ps:
-        p.grad = torch.randn(p.shape).to(device)
-    opt.step()
-    before = [p.detach().clone() for p in ps] + [v.clone() for v in opt.state[ps[0]].values()]
-    ps[0].grad = torch.randn(ps[0].shape).to(device)
-    ps[0].grad[3, 5] = float("nan")
-    ps[1].grad = torch.randn(ps[1].shape).to(device)
-    with _Counted() as c:
+    """A matrix with a NaN gradient keeps its weights and state; the others are updated. Low-rank momentum with a
+    basis refresh at every step: the refresh of that matrix is not taken either, nor does it touch its gradient."""
+    for kind in ("full", "low_rank"):
+        torch.manual_seed(0)
+        ps = [nn.Parameter(torch.randn(s).to(device)) for s in SHAPES]
+        opt = AdaPM([{"params": ps, "momentum": kind}], lr=1e-2, second_moment=second, nonfinite="count", rank=3,
+                    update_proj_gap=1)
+        for p in ps:
+            p.grad = torch.randn(p.shape).to(device)
         opt.step()
-    assert c.n == 2
-    after = [p.detach() for p in ps] + [v for k, v in opt.state[ps[0]].items() if k != "step"]
-    assert torch.equal(after[0], before[0]) and not torch.equal(after[1], before[1])
-    assert all(torch.equal(x, y) for x, y in zip(after[2:], before[3:]))
-    assert int(opt.skipped_updates) == 1
+        before = [p.detach().clone() for p in ps] + [v.clone() for k, v in opt.state[ps[0]].items() if k != "step"]
+        ps[0].grad = torch.randn(ps[0].shape).to(device)
+        ps[0].grad[3, 5] = float("nan")
+        grad0 = ps[0].grad.clone()
+        ps[1].grad = torch.randn(ps[1].shape).to(device)
+        with _Counted() as c:
+            opt.step()
+        assert c.n == 2
+        after = [p.detach() for p in ps] + [v for k, v in opt.state[ps[0]].items() if k != "step"]
+        assert torch.equal(after[0], before[0]) and not torch.equal(after[1], before[1]), kind
+        assert len(after) == len(before) and all(torch.equal(x, y) for x, y in zip(after[2:], before[2:])), kind
+        assert bool(((ps[0].grad == grad0) | (ps[0].grad.isnan() & grad0.isnan())).all()), f"{kind}: gradient changed"
+        assert int(opt.skipped_updates) == 1
 
 
 def _pieces_sum(x: torch.Tensor, pattern, axis: int) -> torch.Tensor:
@@ -351,6 +356,53 @@ def check_no_sync(device: str) -> None:
     assert not syncing, f"a kernel step waits for the device: {syncing}"
 
 
+def _qr_steps(s: torch.Tensor, z: torch.Tensor, iters: int) -> torch.Tensor:
+    for _ in range(iters):
+        z, _ = torch.linalg.qr(s @ z)
+    return z
+
+
+def check_orthogonal_iteration(device: str) -> None:
+    """``kernels.orthogonal_iteration`` (the refresh's small steps in one launch) against torch's QR steps: the same Q
+    to rounding for a full-rank s (LAPACK's sign convention), a batch, orthonormal columns spanning s's range when s
+    has rank < r, e_j for s = 0; not taken above ``subspace.MAX_K``."""
+    from adalomo.kernels import subspace
+    gen = torch.Generator().manual_seed(7)
+    for k, r, iters in ((11, 3, 4), (24, 16, 3), (40, 33, 2)):
+        b = torch.randn(k, 3 * k, generator=gen) * torch.logspace(0, -2, k)[:, None]
+        s, z = (b @ b.mT).to(device), torch.randn(k, r, generator=gen).to(device)
+        _close(kernels.orthogonal_iteration(s, z, iters), _qr_steps(s, z, iters), 0, 2e-5, f"k={k} r={r} vs torch")
+    sb = torch.stack([(lambda x: x @ x.mT)(torch.randn(9, 20, generator=gen)) for _ in range(3)]).to(device)
+    zb = torch.randn(3, 9, 5, generator=gen).to(device)
+    got = kernels.orthogonal_iteration(sb, zb, 5)
+    for i in range(3):
+        _close(got[i], _qr_steps(sb[i], zb[i], 5), 0, 2e-5, f"batch member {i}")
+    k, r = 10, 6
+    b = torch.randn(k, 2, generator=gen).to(device)
+    got = kernels.orthogonal_iteration(b @ b.mT, torch.randn(k, r, generator=gen).to(device), 3)
+    _close(got.mT @ got, torch.eye(r, device=device), 0, 1e-6, "rank 2 < r: orthonormal")
+    u = torch.linalg.svd(b.cpu())[0][:, :2]
+    _close(got[:, :2] @ got[:, :2].mT, (u @ u.mT).to(device), 0, 1e-6, "rank 2 < r: the range first")
+    got = kernels.orthogonal_iteration(torch.zeros(k, k, device=device), torch.randn(k, r, generator=gen).to(device), 3)
+    _close(got, torch.eye(k, r, device=device), 0, 0, "s = 0: e_j")
+    big = subspace.MAX_K + 1
+    assert kernels.orthogonal_iteration(torch.eye(big, device=device), torch.ones(big, 2, device=device), 1) is None
+
+
+def check_refresh_kernel(device: str) -> None:
+    """AdaPM's randomized basis with the small steps in the kernel (what the optimizer uses where the kernels run)
+    spans torch's to rounding, both sides."""
+    from adalomo import momentum as Mo
+    gen = torch.Generator().manual_seed(3)
+    for shape, r in (((40, 96), 16), ((96, 40), 24)):
+        g = (torch.randn(shape[0], 8, generator=gen) @ torch.randn(8, shape[1], generator=gen) * 3
+             + torch.randn(shape, generator=gen) * torch.logspace(0, -2, shape[1])).to(device)
+        side = "left" if shape[0] <= shape[1] else "right"
+        got, want = (Mo.orthonormal_basis(g, r, side, generator=torch.Generator(device).manual_seed(1), iterate=it)
+                     for it in (kernels.orthogonal_iteration, None))
+        _close(got @ got.mT, want @ want.mT, 0, 1e-5, f"{shape} basis: the kernel's vs torch's subspace")
+
+
 def check_launch_keys(device: str) -> None:
     """The launch-cache keys that a cached plan hands the launcher (``launch.keyed_launch``: the dtype and alignment
     of each pointer argument, read at the plan's first use) are those of the arguments of every later launch, as
@@ -437,6 +489,8 @@ CASES["no_sync"] = check_no_sync
 CASES["products"] = check_products
 CASES["small_momentum"] = check_small_momentum
 CASES["launch_keys"] = check_launch_keys
+CASES["orthogonal_iteration"] = check_orthogonal_iteration
+CASES["refresh_kernel"] = check_refresh_kernel
 
 
 # --------------------------------------------------------------------------------------------- tests
@@ -467,6 +521,7 @@ def _sm90_variants(tl):
     moments, stochastic rounding on and off; the pieces of a lift's operand."""
     from adalomo.kernels import adapm as K
     from adalomo.kernels.config import CONFIG as C
+    from adalomo.kernels.config import next_pow2
     tile = dict(ALIGN=True, G_UNIT=True, BLOCK_M=C["block_m"], BLOCK_N=C["block_n"], G_DT=tl.bfloat16)
     out = [("adapm_stats", K.adapm_stats_kernel,
             dict(tile, HAS_SCALE=True, FACTORED=True, PSQ=True, P_UNIT=True, P_DT=tl.bfloat16), K.WARPS, True),
@@ -478,6 +533,11 @@ def _sm90_variants(tl):
                 True))
     out.append(("adapm_momentum", K.adapm_momentum_kernel,
                 dict(N_PARTS=3, HAS_SCALE=True, C_PATTERN=KP.pack(KP.LIFT_B), BLOCK=K._MOMENTUM_BLOCK), 4, False))
+    from adalomo.kernels import subspace as KS
+    for k, r in ((72, 64), (11, 3)):  # the refresh's small steps at the default rank and at a small one
+        kp, rp = max(16, next_pow2(k)), max(16, next_pow2(r))
+        out.append((f"orthogonal_iteration_{kp}x{rp}", KS.orthogonal_iteration_kernel, dict(KP=kp, RP=rp),
+                    KS._warps(kp * rp), False))
     for mom in (0, 1, 2):
         out.append((f"adapm_usq_{mom}", K.adapm_usq_kernel, dict(tile, HAS_SCALE=False, MOM=mom), K.WARPS, True))
         for adam in (True, False):

@@ -124,41 +124,61 @@ def momentum_state_numel(kind: str, shape, rank: int) -> int:
 
 def orthonormal_basis(g: Tensor, r: int, side: str, method: str = "randomized",
                       generator: torch.Generator | None = None, oversample: int = 8,
-                      power_iters: int = 2) -> Tensor:
+                      power_iters: int = 2, iterate=None) -> Tensor:
     """An orthonormal basis (columns) of the top-r singular subspace of the 2-D fp32 ``g`` on ``side``.
 
     ``svd``: the leading r singular vectors of ``torch.linalg.svd``. ``randomized``: a range finder
-    (Halko, Martinsson & Tropp 2011): Gaussian sketch of r + ``oversample`` columns drawn from
+    (Halko, Martinsson & Tropp 2011, ``range_sketch``): Gaussian sketch of r + ``oversample`` columns drawn from
     ``generator``, ``power_iters`` QR-stabilised power iterations, then the leading r-dimensional subspace of
-    the small projected matrix (orthogonal iteration: QR only, no host synchronisation on CUDA). Both give an
-    a x r (``left``) or b x r (``right``) matrix.
+    the small projected matrix (``leading_subspaces``: orthogonal iteration, QR only, no host synchronisation on
+    CUDA). Both give an a x r (``left``) or b x r (``right``) matrix. ``iterate``: the orthogonal iteration's steps
+    in one call (``kernels.orthogonal_iteration``).
     """
-    x = g if side == "left" else g.mT
-    rows, cols = x.shape
     if method == "svd":
+        x = g if side == "left" else g.mT
         u, _, _ = torch.linalg.svd(x, full_matrices=False)
         return u[:, :r].contiguous()
     if method != "randomized":
         raise ValueError(f"unknown basis method {method!r}; choose 'randomized' or 'svd'")
+    q, s, z = range_sketch(g, r, side, generator, oversample, power_iters)
+    return (q @ leading_subspaces(s, z, iterate)).contiguous()
+
+
+def range_sketch(g: Tensor, r: int, side: str, generator: torch.Generator | None = None, oversample: int = 8,
+                 power_iters: int = 2) -> tuple[Tensor, Tensor, Tensor]:
+    """The randomized basis's large part: an orthonormal rows x k basis q of the sketched range of x (g or g^T by
+    ``side``, k = min(r + oversample, rows, cols)), the small k x k s = b b^T of b = q^T x, and the orthogonal
+    iteration's k x r starting vectors, drawn after the sketch. The basis is q @ ``leading_subspaces(s, z)``; apart,
+    the small problems of many matrices can be solved together."""
+    x = g if side == "left" else g.mT
+    rows, cols = x.shape
     k = min(r + oversample, rows, cols)
     omega = torch.randn(cols, k, generator=generator, device=x.device, dtype=x.dtype)
     q, _ = torch.linalg.qr(x @ omega)
     for _ in range(power_iters):
         z, _ = torch.linalg.qr(x.mT @ q)
         q, _ = torch.linalg.qr(x @ z)
-    return (q @ _leading_subspace(q.mT @ x, r, generator)).contiguous()
+    b = q.mT @ x
+    return q, b @ b.mT, torch.randn(k, r, generator=generator, device=x.device, dtype=x.dtype)
 
 
-def _leading_subspace(b: Tensor, r: int, generator: torch.Generator | None, iters: int = 32) -> Tensor:
-    """An orthonormal k x r basis of the leading r-dimensional left singular subspace of the small k x n ``b``:
-    orthogonal iteration on b b^T (k x k), QR only. On CUDA ``torch.linalg.svd`` and ``eigh`` wait for the device
-    (they read an error code back); ``qr`` does not, so a basis refresh never stalls the step. The subspace is all
-    that matters (m_hat is invariant under a rotation of P within it); each iteration shrinks the part outside it
-    by (sigma_{r+1} / sigma_r)^2. Iterated well past the point where the subspace stops moving, so that a gradient
-    that differs by rounding (FSDP2's averaged one against one process's) gives a basis that differs as little as
-    an SVD's would (fewer iterations leave the result sensitive to the starting vectors' mix)."""
-    s = b @ b.mT
-    z = torch.randn(s.shape[0], r, generator=generator, device=b.device, dtype=b.dtype)
+def leading_subspaces(s: Tensor, z: Tensor, iterate=None, iters: int = 32) -> Tensor:
+    """Orthonormal k x r bases of the leading r-dimensional eigenspaces of the symmetric k x k ``s`` (b b^T of a
+    ``range_sketch``), by orthogonal iteration from ``z``: ``iters`` times z <- Q(s z), QR only. s (..., k, k) and z
+    (..., k, r) may be batches. On CUDA ``torch.linalg.svd`` and ``eigh`` wait for the device (they read an error
+    code back); ``qr`` does not, so a basis refresh never stalls the step. The subspace is all that matters (m_hat is
+    invariant under a rotation of P within it); each iteration shrinks the part outside it by
+    (sigma_{r+1} / sigma_r)^2. Iterated well past the point where the subspace stops moving, so that a gradient that
+    differs by rounding (FSDP2's averaged one against one process's) gives a basis that differs as little as an
+    SVD's would (fewer iterations leave the result sensitive to the starting vectors' mix).
+
+    ``iterate(s, z, iters)``, if given, runs the steps (the same QRs to rounding) in one call and returns z, or None
+    where it cannot (torch's steps then): each QR is a few hundred microseconds of cuSOLVER launches on CUDA, so
+    the 32 of them are most of a refresh."""
+    if iterate is not None:
+        out = iterate(s, z, iters)
+        if out is not None:
+            return out
     for _ in range(iters):
         z, _ = torch.linalg.qr(s @ z)
     return z

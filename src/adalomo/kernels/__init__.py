@@ -12,7 +12,8 @@
 
 ``import adalomo`` never imports triton: the kernels load on the first call that needs them. One kernel family
 per module: ``factored`` (matrices), ``one_read`` (their statistics from one read of g), ``vector`` (0-D/1-D),
-``lomo``, ``adapm``; ``grouped`` (metadata rows and launch plans), ``updates`` (the entry points),
+``lomo``, ``adapm`` (its rank-r products in ``products``, the small steps of its basis refresh in ``subspace``);
+``grouped`` (metadata rows and launch plans), ``updates`` (the entry points),
 ``sharded`` (FSDP2 shards), ``config`` (settings and launch geometry). See ``docs/kernels.md``.
 """
 
@@ -30,7 +31,7 @@ from .._compat import local_tensor as _local
 
 __all__ = ["use_triton", "gradient_fits", "sharded_fits", "scaled_rms_update_", "lomo_update_",
            "scaled_rms_update_many_", "lomo_update_many_", "adapm_update_many_", "AdaPMChunk",
-           "triton_available", "Seed", "set_config", "get_config", "bump_versions"]
+           "triton_available", "Seed", "set_config", "get_config", "bump_versions", "orthogonal_iteration"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -247,6 +248,17 @@ def adapm_update_many_(ps, gs, states, chunks_list, **hyper):
     _require(ps[0])
     from . import adapm
     return adapm.adapm_update_many_(ps, gs, states, chunks_list, **hyper)
+
+
+def orthogonal_iteration(s: torch.Tensor, z: torch.Tensor, iters: int) -> torch.Tensor | None:
+    """``for _ in range(iters): z = torch.linalg.qr(s @ z).Q`` (s: (..., k, k), z: (..., k, r), fp32) in one launch
+    (``kernels.subspace``: one program per matrix of the batch); None where the kernels do not run it (``use_triton``
+    says no, or k > ``subspace.MAX_K``): the caller takes torch's steps then. Used by the basis refresh
+    (``momentum.orthonormal_basis(..., iterate=)``)."""
+    if not use_triton(s, z):
+        return None
+    from . import subspace
+    return subspace.orthogonal_iteration(s, z, iters)
 
 
 def _by_shard(kind: str, ps, gs, states, shards, per_tensor: dict, common: dict):

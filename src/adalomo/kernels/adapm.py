@@ -34,8 +34,10 @@ memory planner counts for the call's largest single tensor (``memory._adapm_kern
 metadata of a call (shapes, strides, state pointers, workspace and lift offsets, the groups and waves, the program
 maps) is its launch plan, built once and cached; a call writes the gradient, buffer and flag pointers, the seeds
 and the step's floats into the plan's host template and copies it to the device, one copy per wave. The scalars
-that depend on the data (finite flags, clip factor, relative step) stay on the device: nothing waits for it. A
-basis refresh (``momentum.orthonormal_basis``) runs in torch, QR factorisations only (no host synchronisation).
+that depend on the data (finite flags, clip factor, relative step) stay on the device: nothing waits for it. At a
+basis refresh the new bases of all the call's low-rank chunks are made first (``_new_bases``): each chunk's range
+sketch in torch (QR factorisations only, no host synchronisation), then the small problems of all of them in one
+launch (``subspace``).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ import triton
 import triton.language as tl
 
 from .. import momentum as Mom
-from . import products
+from . import products, subspace
 from .common import a16, and_flag, round_to_bf16, strides_known, sum_parts
 from .config import cdiv, on_change, tiling
 from .grouped import _constexprs, grouped_key, meta_int, meta_pointer, program_map
@@ -455,25 +457,64 @@ _MOMENTUM_BLOCK = 1024
 _FINISH_BLOCK = 256
 
 
-def _low_rank(gc, state, ch, beta1: float, t: float, flags, basis, fill: bool, scale, run, keys: list, slot: int,
+def _refresh_gradient(gc, flags, scale, out: torch.Tensor) -> torch.Tensor:
+    """A refreshing chunk's gradient in fp32, scaled, zero where not finite (the momentum kernel skips M then, and
+    the write skips p), made in its lift's place ``out``."""
+    g32 = out.copy_(gc)
+    if scale is not None:
+        g32.mul_(scale)
+    return g32.masked_fill_(flags[0] == 0, 0.0)
+
+
+def _new_bases(plan, gs, states, bases, scale) -> dict:
+    """At a basis refresh, the new basis of every low-rank chunk of the call, {(wave, chunk row): P}, made before any
+    wave runs: each chunk's range sketch (``sketch`` of its basis function) from its own fp32 copy of the gradient,
+    made and dropped one at a time, then the small problems of equal size solved together, all of the call's at
+    once (``momentum.leading_subspaces``: one launch of ``subspace.orthogonal_iteration``, whose time hardly depends
+    on how many). A basis function without ``sketch`` (svd) runs whole. The copy is zeroed where the gradient is
+    not finite, as the wave's own copy is; the new basis is then not taken (``refresh_basis_``'s ``ok``)."""
+    out: dict = {}
+    sketches: dict = {}
+    for w, wave in enumerate(plan.waves):
+        for c in wave.chunks:
+            i, ch = c.tensor, c.ch
+            if c.lift < 0 or bases[i] is None:
+                continue
+            gc = gs[i] if ch.rows == _WHOLE and ch.cols == _WHOLE else gs[i][ch.rows, ch.cols]
+            g32 = gc.to(torch.float32, copy=True)  # never the gradient itself, which the waves still read
+            if scale is not None:
+                g32.mul_(scale)
+            g32.masked_fill_(~torch.isfinite(g32.sum()), 0.0)
+            basis, r = bases[i](c.index), states[i][ch.prefix + "proj"].shape[1]
+            side = "left" if gc.shape[0] <= gc.shape[1] else "right"
+            if hasattr(basis, "sketch"):
+                q, s_, z = basis.sketch(g32, r, side)
+                sketches.setdefault(tuple(z.shape), []).append(((w, c.row), q, s_, z))
+            else:
+                out[w, c.row] = basis(g32, r, side)
+            del g32
+    for group in sketches.values():
+        zs = Mom.leading_subspaces(torch.stack([s_ for _, _, s_, _ in group]), torch.stack([z for *_, z in group]),
+                                   subspace.orthogonal_iteration)
+        for (where, q, _, _), z in zip(group, zs):
+            out[where] = (q @ z).contiguous()
+    return out
+
+
+def _low_rank(gc, state, ch, beta1: float, t: float, flags, P_new, fill: bool, scale, run, keys: list, slot: int,
               out: torch.Tensor) -> None:
-    """The small part of a low-rank chunk (``momentum.momentum_estimate_``'s, without forming m_hat): refresh the
-    basis with the basis function ``basis`` if given (in torch), update M where the momentum's finite flag holds
-    (``adapm_momentum_kernel``), and write the lift L = lift(M / bc - pg) into ``out`` (fp32, the chunk's shape):
-    m_hat = g + L. At a refresh ``out`` first holds the fp32 copy of the gradient that the factorisation reads.
-    ``keys``, ``slot``: the plan's launch keys, the chunk's first slot (pieces; momentum at slot + 1, at a refresh
-    slot + 2)."""
+    """The small part of a low-rank chunk (``momentum.momentum_estimate_``'s, without forming m_hat): at a refresh
+    move the momentum to the basis ``P_new`` (in torch; ``out`` then holds the chunk's fp32 gradient from
+    ``_refresh_gradient``), update M where the momentum's finite flag holds (``adapm_momentum_kernel``), and write
+    the lift L = lift(M / bc - pg) into ``out`` (fp32, the chunk's shape): m_hat = g + L. ``keys``, ``slot``: the
+    plan's launch keys, the chunk's first slot (pieces; momentum at slot + 1, at a refresh slot + 2)."""
     P, Mst = state[ch.prefix + "proj"], state[ch.prefix + "exp_avg_lr"]
     left = gc.shape[0] <= gc.shape[1]
     side = "left" if left else "right"
     r = P.shape[1]
-    refresh = basis is not None
-    if refresh:  # every update_proj_gap steps: the chunk's gradient in fp32, zero where not finite, in the lift's place
-        g32 = out.copy_(gc)
-        if scale is not None:
-            g32.mul_(scale)
-        g32.masked_fill_(flags[0] == 0, 0.0)  # the momentum kernel skips M then, and the write skips p
-        P_new = basis(g32, r, side)
+    refresh = P_new is not None
+    if refresh:  # every update_proj_gap steps
+        g32 = out
         Mom.refresh_basis_(P, Mst, P_new, g32, side, carry_weight=1.0 - beta1 ** (t - 1), ok=flags[0] != 0,
                            fill=fill)
         parts, scale = Mom.project(g32, P, side), None  # already scaled
@@ -857,7 +898,9 @@ def adapm_update_many_(ps, gs, states, chunks_list, *, flags: torch.Tensor, ts, 
     eps1 = float(eps) ** 2
     b1 = float(beta1)
     floats = (float(lr), float(weight_decay), b1, float(eps), float(clip_threshold or 1.0))
-    for wave, (part, (meta, fmeta), (cmeta, cfmeta)) in zip(plan.waves, views):
+    fresh = _new_bases(plan, gs, states, bases, scale if has_scale else None) if any(
+        b is not None for b in bases) else {}
+    for w, (wave, (part, (meta, fmeta), (cmeta, cfmeta))) in enumerate(zip(plan.waves, views)):
         buf = torch.empty(wave.numel, dtype=torch.float32, device=dev)  # the workspace, then the lifts
         base = buf.data_ptr()
         ws_ptrs = [base + 4 * o for o in wave.ws_offs]
@@ -883,15 +926,17 @@ def adapm_update_many_(ps, gs, states, chunks_list, *, flags: torch.Tensor, ts, 
         if factored:
             finalize(grid, (meta, fmeta, wave.finish_pmap, eps1), (_FINISH_BLOCK,), 4, run)
         factors(grid, (meta, fmeta, wave.finish_pmap), (factored, _FINISH_BLOCK, 64), 4, run)
-        # the low-rank chunks' lifts, then RMS(u) and the writes
+        # the low-rank chunks' lifts (at a refresh in their new bases), then RMS(u) and the writes
         for c in wave.chunks:
             if c.lift >= 0:
                 i, ch = c.tensor, c.ch
                 gc = gs[i] if ch.rows == _WHOLE and ch.cols == _WHOLE else gs[i][ch.rows, ch.cols]
-                basis = bases[i]
-                _low_rank(gc, states[i], ch, b1, ts[i], flags[i], None if basis is None else basis(c.index), fill,
-                          scale if has_scale else None, mid, plan.keys, c.slot,
-                          buf[c.lift:c.lift + gc.numel()].view(gc.shape))
+                out = buf[c.lift:c.lift + gc.numel()].view(gc.shape)
+                P_new = fresh.get((w, c.row))
+                if P_new is not None:
+                    _refresh_gradient(gc, flags[i], scale if has_scale else None, out)
+                _low_rank(gc, states[i], ch, b1, ts[i], flags[i], P_new, fill, scale if has_scale else None, mid,
+                          plan.keys, c.slot, out)
         if has_usq:
             for launch in wave.usq:
                 usq(launch.grid, (cmeta, cfmeta, launch.pmap, scale, b1), launch.consts, WARPS, run)

@@ -220,6 +220,28 @@ def _factored_direction(m_hat: Tensor, factors: tuple[Tensor, ...], bc2: float) 
 # ------------------------------------------------------------------------------------------- the optimizer
 
 
+class RandomizedBasis:
+    """A chunk's basis function at a refresh (``momentum.orthonormal_basis``, randomized, its draws seeded by
+    parameter, step and chunk): ``basis(g2, r, side)``; ``sketch`` is its large part alone, so that the kernel path
+    can solve the small problems of a call's refreshes together (``momentum.leading_subspaces``)."""
+    __slots__ = ("seed",)
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def _generator(self, device) -> torch.Generator:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(self.seed)
+        return gen
+
+    def __call__(self, g2: Tensor, r: int, side: str) -> Tensor:
+        return M.orthonormal_basis(g2, r, side, "randomized", generator=self._generator(g2.device),
+                                   iterate=kernels.orthogonal_iteration)
+
+    def sketch(self, g2: Tensor, r: int, side: str) -> tuple[Tensor, Tensor, Tensor]:
+        return M.range_sketch(g2, r, side, self._generator(g2.device))
+
+
 class AdaPM(LowMemoryOptimizer):
     """AdaPM: Adam(W) whose first moment is, per tensor, full, low-rank with bias correction, or absent.
 
@@ -401,13 +423,8 @@ class AdaPM(LowMemoryOptimizer):
         method = group["proj_method"]
         if method == "svd":
             return lambda g2, r, side: M.orthonormal_basis(g2, r, side, "svd")
-
-        def basis(g2, r, side):
-            seed = ((self.proj_seed * 1_000_003 + self._param_index[id(p)]) * 1_000_033 + step) * 31 + chunk
-            gen = torch.Generator(device=g2.device)
-            gen.manual_seed(seed % (1 << 62))
-            return M.orthonormal_basis(g2, r, side, "randomized", generator=gen)
-        return basis
+        seed = ((self.proj_seed * 1_000_003 + self._param_index[id(p)]) * 1_000_033 + step) * 31 + chunk
+        return RandomizedBasis(seed % (1 << 62))
 
     def _grouped_takes(self, p: Tensor) -> bool:
         return p.dim() <= 2 and all(v.is_contiguous() and v.dtype == torch.float32
