@@ -14,7 +14,7 @@ for a bf16 gradient and parameter, fp32 state):
   of g in its own dtype (2 bytes); ``momentum``, on the r x b (or a x r) data: M <- beta1 M + (1 - beta1) pg and
   C = M / (1 - beta1^t) - pg; then the lift L = P C (or C P^T), an fp32 temporary of the chunk's size (4 bytes
   written), so that m_hat = g + L in the later passes (4 bytes read by each). Forming the rank-r product inside
-  those passes' tiles instead kept them far from the memory bound.
+  those passes' tiles instead costs as much (it is formed twice; docs/adapm.md has the measurement).
 * ``usq`` (factored with clipping: RMS(u) is needed before any write): u = m_hat * rsqrt(v_hat), partial sums of
   u^2. Full momentum writes m_new here (the finite test is known), so that the write pass reads m instead of g
   and m: reads g (+ m or L), writes m. none: 2 bytes, low-rank: 6, full: 10.
