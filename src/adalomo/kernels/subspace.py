@@ -2,12 +2,13 @@
 z <- Q(s z) on a k x k matrix s (k = r + oversample), ``iters`` times, for a batch of such problems at once.
 
 In torch each step is a cuSOLVER QR of a k x r matrix, a few hundred microseconds of launches and small kernels
-whatever the size; a refresh takes 32 of them per matrix, most of its time. Here one program holds s and z in
-registers and runs every step: the product in fp32, then the QR's Q by Householder
-reflections, LAPACK's convention (``geqrf`` + ``orgqr``: beta = -sign(alpha) ||x||, a zero column gives tau = 0
-and e_j), so that the result is torch's to rounding, rank-deficient s included. Programs of a batch run side by
-side, so refreshing many matrices costs about as much as one. k up to ``MAX_K`` (the tile must fit registers);
-callers use torch above it.
+whatever the size; a refresh takes 32 of them per matrix, most of its time. Here one program runs every step of
+one problem, its working k x r matrix in registers: the product in fp32, then the QR's Q by Householder
+reflections with LAPACK's conventions (``geqrf`` + ``orgqr``: beta = -sign(alpha) ||x||, a zero column gives
+tau = 0 and e_j), so that the result is torch's to rounding, rank-deficient s included. The steps are sequential
+(a reduction or two per column), so a launch is latency-bound; programs of a batch run side by side, and
+refreshing many matrices costs about as much as one. k up to ``MAX_K`` (the tile must fit registers); callers use
+torch above it.
 """
 
 from __future__ import annotations
