@@ -45,6 +45,8 @@ __all__ = [
     "init_momentum_state",
     "momentum_state_numel",
     "orthonormal_basis",
+    "range_sketch",
+    "leading_subspaces",
     "project",
     "lift",
     "full_momentum_",
