@@ -457,22 +457,28 @@ _MOMENTUM_BLOCK = 1024
 _FINISH_BLOCK = 256
 
 
-def _refresh_gradient(gc, flags, scale, out: torch.Tensor) -> torch.Tensor:
-    """A refreshing chunk's gradient in fp32, scaled, zero where not finite (the momentum kernel skips M then, and
-    the write skips p), made in its lift's place ``out``."""
-    g32 = out.copy_(gc)
+def _chunk_grad(g: torch.Tensor, ch) -> torch.Tensor:
+    """The chunk ``ch``'s part of the (matrix) gradient ``g``."""
+    return g if ch.rows == _WHOLE and ch.cols == _WHOLE else g[ch.rows, ch.cols]
+
+
+def _refresh_gradient(gc, scale, out: torch.Tensor | None = None, not_finite: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """A refreshing chunk's gradient in fp32, scaled, all zero where it is not finite (``not_finite``: a 0-d device
+    flag, by default the copy's own sum's; the momentum kernel then skips M, the write skips p and the new basis is
+    not taken), in ``out`` or a new tensor (never the gradient itself, which the waves still read)."""
+    g32 = gc.to(torch.float32, copy=True) if out is None else out.copy_(gc)
     if scale is not None:
         g32.mul_(scale)
-    return g32.masked_fill_(flags[0] == 0, 0.0)
+    return g32.masked_fill_(~torch.isfinite(g32.sum()) if not_finite is None else not_finite, 0.0)
 
 
 def _new_bases(plan, gs, states, bases, scale) -> dict:
     """At a basis refresh, the new basis of every low-rank chunk of the call, {(wave, chunk row): P}, made before any
     wave runs: each chunk's range sketch (``sketch`` of its basis function) from its own fp32 copy of the gradient,
-    made and dropped one at a time, then the small problems of equal size solved together, all of the call's at
-    once (``momentum.leading_subspaces``: one launch of ``subspace.orthogonal_iteration``, whose time hardly depends
-    on how many). A basis function without ``sketch`` (svd) runs whole. The copy is zeroed where the gradient is
-    not finite, as the wave's own copy is; the new basis is then not taken (``refresh_basis_``'s ``ok``)."""
+    made and dropped one at a time (``_refresh_gradient``), then the small problems of equal size solved together,
+    all of the call's at once (``momentum.leading_subspaces``: one launch of ``subspace.orthogonal_iteration``,
+    whose time hardly depends on how many). A basis function without ``sketch`` (svd) runs whole."""
     out: dict = {}
     sketches: dict = {}
     for w, wave in enumerate(plan.waves):
@@ -480,11 +486,8 @@ def _new_bases(plan, gs, states, bases, scale) -> dict:
             i, ch = c.tensor, c.ch
             if c.lift < 0 or bases[i] is None:
                 continue
-            gc = gs[i] if ch.rows == _WHOLE and ch.cols == _WHOLE else gs[i][ch.rows, ch.cols]
-            g32 = gc.to(torch.float32, copy=True)  # never the gradient itself, which the waves still read
-            if scale is not None:
-                g32.mul_(scale)
-            g32.masked_fill_(~torch.isfinite(g32.sum()), 0.0)
+            gc = _chunk_grad(gs[i], ch)
+            g32 = _refresh_gradient(gc, scale)
             basis, r = bases[i](c.index), states[i][ch.prefix + "proj"].shape[1]
             side = "left" if gc.shape[0] <= gc.shape[1] else "right"
             if hasattr(basis, "sketch"):
@@ -930,11 +933,11 @@ def adapm_update_many_(ps, gs, states, chunks_list, *, flags: torch.Tensor, ts, 
         for c in wave.chunks:
             if c.lift >= 0:
                 i, ch = c.tensor, c.ch
-                gc = gs[i] if ch.rows == _WHOLE and ch.cols == _WHOLE else gs[i][ch.rows, ch.cols]
+                gc = _chunk_grad(gs[i], ch)
                 out = buf[c.lift:c.lift + gc.numel()].view(gc.shape)
                 P_new = fresh.get((w, c.row))
                 if P_new is not None:
-                    _refresh_gradient(gc, flags[i], scale if has_scale else None, out)
+                    _refresh_gradient(gc, scale if has_scale else None, out, flags[i][0] == 0)
                 _low_rank(gc, states[i], ch, b1, ts[i], flags[i], P_new, fill, scale if has_scale else None, mid,
                           plan.keys, c.slot, out)
         if has_usq:

@@ -85,7 +85,7 @@ def orthogonal_iteration(s: torch.Tensor, z: torch.Tensor, iters: int) -> torch.
                          f"(..., k, r) with r <= k")
     if k > MAX_K or s.dtype != torch.float32 or z.dtype != torch.float32:
         return None
-    out = z.contiguous().clone()
+    out = z.clone(memory_format=torch.contiguous_format)
     s = s.contiguous()
     batch = out.numel() // (k * r) if r else 0
     if batch == 0 or iters <= 0:
